@@ -1,0 +1,3 @@
+from sdtrain.cli import main
+
+main()

@@ -1,0 +1,103 @@
+"""The `sdtrain` command. Thin: parse arguments, call one function, print its result.
+
+Exit codes: 0 success; 2 bad input (nothing launched); 1 a run that failed; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+
+from sdtrain.errors import UserInputError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sdtrain")
+def cli() -> None:
+    """Distributed training launcher and job runner for PyTorch."""
+
+
+@cli.command()
+@click.argument("recipe")
+@click.option("--nproc-per-node", type=int, help="Workers on this node (default: recipe launch.nproc_per_node).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. train.steps=50.")
+@click.option("--run-dir", help="Run directory (default: runs/<recipe name>).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe, batch arithmetic, placement and commands; launch nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as one JSON object.")
+def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json) -> None:
+    """Train with RECIPE (a YAML file) on this machine's workers."""
+    from sdtrain.launch.failures import read_reports
+    from sdtrain.launch.job import plan_job, prepare_run_dir
+    from sdtrain.launch.report import print_failure, print_plan
+    from sdtrain.launch.supervise import Supervisor
+
+    if as_json and not dry_run:
+        raise UserInputError("--json goes with --dry-run (a real run writes metrics.jsonl instead)")
+    job = plan_job(recipe, list(overrides), nproc_per_node, run_dir)
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps(job.as_dict(), indent=2))
+        else:
+            print_plan(console, job)
+        return
+    moved = prepare_run_dir(job)
+    if moved:
+        console.print(f"[yellow]{job.run_dir} held an earlier run: moved it to {moved}[/]")
+    resume = f", resuming from {job.resume_from}" if job.resume_from else ""
+    console.print(
+        f"[bold]sdtrain[/]: {job.recipe.name}: {job.plan.world_size} worker(s), backend {job.plan.backend}, "
+        f"{job.batch.explain()}{resume}\n  run dir {job.run_dir}"
+    )
+    outcome = Supervisor(job.plan.commands).run()
+    if outcome.ok:
+        console.print(f"[green]done[/] in {outcome.wall_s:.1f} s: {job.run_dir}")
+        return
+    if outcome.interrupted:
+        err_console.print(f"[yellow]interrupted ({outcome.interrupted.name}): every worker stopped[/]")
+        sys.exit(130)
+    print_failure(err_console, read_reports(job.run_dir / "failures"))
+    err_console.print(f"[red]run failed[/] after {outcome.wall_s:.1f} s; per-rank logs in {job.run_dir / 'logs'}")
+    sys.exit(1)
+
+
+@cli.command()
+def env() -> None:
+    """Versions of torch, CUDA, NCCL and gloo, and what this machine can run."""
+    from sdtrain.environment import describe_environment
+
+    for key, value in describe_environment().items():
+        console.print(f"[bold]{key}[/]: {value}")
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.argument("out")
+def export(checkpoint, out) -> None:
+    """Write the model weights of a (sharded) CHECKPOINT to OUT.safetensors."""
+    from sdtrain.train.export import export_safetensors
+
+    count = export_safetensors(checkpoint, out)
+    console.print(f"wrote {count} tensors to {out}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except UserInputError as exc:
+        err_console.print(f"[bold red]error[/]: {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""`sdtrain env`: what this machine has and can run."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+import sdtrain
+
+
+def describe_environment() -> dict[str, str]:
+    import torch
+    import torch.distributed as dist
+
+    info = {
+        "sdtrain": sdtrain.__version__,
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "platform": platform.platform(),
+        "cpu cores": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "not built with CUDA",
+        "gpus": str(torch.cuda.device_count()) if torch.cuda.is_available() else "none",
+        "gloo": "available" if dist.is_gloo_available() else "missing",
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() and dist.is_nccl_available() else "not available",
+        "bf16": "yes" if (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) else "no",
+    }
+    if torch.cuda.is_available():
+        info["devices"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        info["default launch"] = f"{torch.cuda.device_count()} worker(s) per node on NCCL"
+    else:
+        info["default launch"] = "1 worker per node on gloo (set launch.nproc_per_node for more)"
+    return info

@@ -1,0 +1,127 @@
+"""`sdtrain launch`: check everything, prepare the run directory, start the nodes, report.
+
+Everything a user can get wrong (recipe, batch arithmetic, data, resume target) is checked
+here, before a single process starts; each such error is a UserInputError (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+from sdtrain.batch import BatchPlan, derive_batch
+from sdtrain.errors import CheckpointError, UserInputError
+from sdtrain.launch.plan import LaunchPlan, local_plan, resolve_backend, resolve_nproc
+from sdtrain.launch.runners import local_commands
+from sdtrain.recipe import Recipe, load_recipe
+from sdtrain.train.checkpoint_layout import checkpoint_dir, latest_checkpoint, read_info
+from sdtrain.train.sources import check_source
+
+
+@dataclass
+class Job:
+    recipe: Recipe
+    plan: LaunchPlan
+    batch: BatchPlan
+    run_dir: Path
+    resume_from: Path | None
+    data_summary: str
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.recipe.name,
+            "world_size": self.plan.world_size,
+            "master_addr": self.plan.master_addr,
+            "master_port": self.plan.master_port,
+            "backend": self.plan.backend,
+            "run_dir": str(self.run_dir),
+            "resume_from": str(self.resume_from) if self.resume_from else None,
+            "data": self.data_summary,
+            "nodes": [
+                {"host": n.host, "slots": list(n.slots), "node_rank": n.node_rank, "command": cmd}
+                for n, cmd in zip(self.plan.nodes, self.plan.commands)
+            ],
+            "placement": self.plan.placement(),
+            "batch": self.batch.as_dict(),
+            "recipe": self.recipe.model_dump(mode="json"),
+        }
+
+
+def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None, run_dir: str | None) -> Job:
+    """Everything `launch` will do, decided and checked, with no side effects."""
+    recipe = load_recipe(recipe_path, overrides)
+    nproc = nproc_per_node if nproc_per_node is not None else resolve_nproc(recipe.launch.nproc_per_node, recipe.launch.backend)
+    if nproc < 1:
+        raise UserInputError(f"--nproc-per-node {nproc}: need at least one worker")
+    plan = local_plan(nproc, resolve_backend(recipe.launch.backend), recipe.launch.master_port, uuid.uuid4().hex[:12])
+    train = recipe.train
+    batch = derive_batch(train.global_batch_size, train.micro_batch_size, train.grad_accum_steps, plan.world_size)
+    recipe = _with_batch(recipe, batch, nproc)
+    if recipe.log.tensorboard and find_spec("tensorboard") is None:
+        raise UserInputError("log.tensorboard is on but tensorboard is not installed: pip install 'sdtrain[tensorboard]'")
+    data_summary = check_source(recipe.data, recipe.model.seq_len, recipe.model.vocab_size)
+    run_path = Path(run_dir or Path("runs") / recipe.name).absolute()
+    resume_from = resolve_resume(recipe, run_path)
+    plan.commands = local_commands(
+        plan, str(run_path), json.dumps(recipe.model_dump(mode="json")), str(resume_from or "")
+    )
+    return Job(recipe, plan, batch, run_path, resume_from, data_summary)
+
+
+def _with_batch(recipe: Recipe, batch: BatchPlan, nproc: int) -> Recipe:
+    """The recipe as it will run: derived batch sizes and the worker count filled in."""
+    resolved = recipe.model_copy(deep=True)
+    resolved.train.global_batch_size = batch.global_batch
+    resolved.train.micro_batch_size = batch.micro_batch
+    resolved.train.grad_accum_steps = batch.grad_accum
+    resolved.launch.nproc_per_node = nproc
+    return resolved
+
+
+def resolve_resume(recipe: Recipe, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from, checked against the recipe; None to start fresh."""
+    resume = recipe.train.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            return None
+    else:
+        path = Path(resume).absolute()
+        if not path.exists():
+            raise CheckpointError(f"train.resume {resume} does not exist; give a checkpoints/step_<N> folder, a run directory, 'auto' or 'never'")
+        if (checkpoint_dir(path) / "latest").exists():
+            path = latest_checkpoint(path) or path
+    info = read_info(path)
+    wanted = recipe.model.model_dump(exclude={"dropout"})
+    saved = {k: v for k, v in info["model"].items() if k != "dropout"}
+    if saved != wanted:
+        diff = ", ".join(f"{k}: checkpoint {saved.get(k)} vs recipe {wanted.get(k)}" for k in wanted if saved.get(k) != wanted.get(k))
+        raise CheckpointError(f"checkpoint {path} holds a different model ({diff}); resume needs the same model shape")
+    if info["step"] >= recipe.train.steps:
+        raise CheckpointError(
+            f"checkpoint {path} is at step {info['step']} and train.steps is {recipe.train.steps}: "
+            f"nothing left to train; raise train.steps (e.g. --set train.steps={info['step'] * 2})"
+        )
+    return path
+
+
+def prepare_run_dir(job: Job) -> Path | None:
+    """Create the run directory and write the resolved recipe. A fresh run never overwrites
+    an earlier one: that is moved aside first. Returns where it went, if anywhere."""
+    run_dir, moved = job.run_dir, None
+    continuing = job.resume_from is not None and run_dir in job.resume_from.parents
+    if run_dir.exists() and any(run_dir.iterdir()) and not continuing:
+        moved = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        os.rename(run_dir, moved)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    for stale in (run_dir / "failures").glob("node*.json"):
+        stale.unlink()
+    (run_dir / "recipe.yaml").write_text(job.recipe.to_yaml())
+    return moved

@@ -1,0 +1,3 @@
+from sdtrain.model.gpt import GPT, GPTConfig, count_params, flops_per_token
+
+__all__ = ["GPT", "GPTConfig", "count_params", "flops_per_token"]

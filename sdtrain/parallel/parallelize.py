@@ -1,0 +1,22 @@
+"""Apply the recipe's strategies to a plain model from outside, in a fixed order
+(as torchtitan does): activation checkpointing -> torch.compile -> data parallel."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from sdtrain.parallel.data_parallel import apply_data_parallel
+from sdtrain.parallel.mesh import DistEnv
+
+
+def parallelize(model: nn.Module, recipe, env: DistEnv) -> nn.Module:
+    if recipe.train.activation_checkpointing:
+        # Recompute each block's activations in backward instead of keeping them.
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = checkpoint_wrapper(block)
+    if recipe.train.compile:
+        for block in model.blocks:
+            block.compile()
+    return apply_data_parallel(model, env)

@@ -1,0 +1,223 @@
+"""YAML recipe -> validated Recipe.
+
+Every section forbids unknown keys, so a typo is an error naming its dotted path and the
+closest real key, never a silently ignored setting. `--set a.b=c` overrides are applied to
+the raw YAML before validation, so they get exactly the same checks.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sdtrain.errors import RecipeError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    n_layers: int = Field(4, ge=1)
+    d_model: int = Field(128, ge=8)
+    n_heads: int = Field(4, ge=1)
+    seq_len: int = Field(128, ge=2)
+    vocab_size: int = Field(256, ge=2)
+    mlp_ratio: int = Field(4, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}; "
+                f"pick n_heads from {_divisors(self.d_model)}"
+            )
+        return self
+
+
+class DataConfig(Section):
+    # "stdlib" is the embedded corpus (this Python's standard library sources, no download);
+    # anything else is a path: a text file, a folder of them, a .jsonl file, or a
+    # nanoGPT-style folder / file of uint16 tokens (.bin).
+    source: str = "stdlib"
+    format: Literal["auto", "text", "jsonl", "bin"] = "auto"
+    tokenizer: Optional[str] = None  # None: bytes (vocab 256); else a tokenizer.json path
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    max_bytes: int = Field(16 * 2**20, ge=1024)  # cap on text read from stdlib / folders
+
+
+class TrainConfig(Section):
+    steps: int = Field(100, ge=1)
+    seed: int = Field(1337, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    global_batch_size: Optional[int] = Field(None, ge=1)
+    micro_batch_size: Optional[int] = Field(None, ge=1)
+    grad_accum_steps: Optional[int] = Field(None, ge=1)
+    lr: float = Field(6e-4, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
+    resume: str = "never"  # never | auto | path to a checkpoint directory
+    compile: bool = False
+    activation_checkpointing: bool = False
+    eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end
+    eval_batches: int = Field(4, ge=1)
+    peak_flops: Optional[float] = Field(None, gt=0.0)  # per device, for MFU where unknown
+
+    @model_validator(mode="after")
+    def _warmup_fits(self):
+        if self.warmup_steps > self.steps:
+            raise ValueError(
+                f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}; "
+                "lower warmup_steps or raise steps"
+            )
+        return self
+
+
+class ParallelConfig(Section):
+    zero_stage: int = Field(0, ge=0, le=3)
+
+    @model_validator(mode="after")
+    def _implemented(self):
+        if self.zero_stage != 0:
+            raise ValueError(
+                f"zero_stage {self.zero_stage} is not available in this version of sdtrain; "
+                "use zero_stage: 0 (data parallel)"
+            )
+        return self
+
+
+class LaunchSection(Section):
+    nproc_per_node: Union[int, Literal["auto"]] = "auto"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    master_port: Optional[int] = Field(None, ge=1024, le=65535)  # None: a free port
+    timeout_s: int = Field(300, ge=10)  # collective timeout: how long a hang may last
+
+    @model_validator(mode="after")
+    def _positive_procs(self):
+        if isinstance(self.nproc_per_node, int) and self.nproc_per_node < 1:
+            raise ValueError("nproc_per_node must be at least 1 (or 'auto')")
+        return self
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0)  # 0: only at the end
+    keep: int = Field(2, ge=1)
+    at_end: bool = True
+
+
+class LogConfig(Section):
+    every: int = Field(10, ge=1)
+    tensorboard: bool = False
+
+
+class Recipe(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    launch: LaunchSection = LaunchSection()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; RecipeError says what is wrong and where."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist (pass the path to a .yaml recipe)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_recipe(raw, source=str(path))
+
+
+def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: " + "; ".join(_explain(err) for err in exc.errors())) from None
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one `dotted.key=value` to the raw recipe; the value is parsed as YAML."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {override!r} must look like dotted.key=value, e.g. train.steps=50")
+    parts = key.split(".")
+    _check_path(parts)
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text else ""
+
+
+def _check_path(parts: list[str]) -> None:
+    model: type[BaseModel] = Recipe
+    for depth, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[: depth + 1])
+            raise RecipeError(f"--set {where}: unknown key{_suggest(part, fields)}")
+        annotation = fields[part].annotation
+        if depth < len(parts) - 1:
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                raise RecipeError(f"--set {'.'.join(parts)}: {part} is a value, not a section")
+            model = annotation
+
+
+def _explain(err: dict) -> str:
+    loc = [str(p) for p in err["loc"]]
+    where = ".".join(loc) or "recipe"
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {where}{_suggest(loc[-1], _fields_at(loc[:-1]))}"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] != "value_error" and "input" in err:
+        message += f" (got {err['input']!r})"
+    return f"{where}: {message}"
+
+
+def _fields_at(loc: list[str]) -> dict:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        annotation = model.model_fields.get(part)
+        if annotation is None or not isinstance(annotation.annotation, type):
+            return {}
+        model = annotation.annotation
+        if not issubclass(model, BaseModel):
+            return {}
+    return model.model_fields
+
+
+def _suggest(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (known keys: {', '.join(candidates)})" if candidates else ""
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0 and d <= 64]
+

@@ -1,0 +1,153 @@
+"""The training loop: micro-batches, accumulation, clipping, LR schedule, eval, checkpoints.
+
+Loss semantics: every micro-batch loss is a mean over its tokens and is divided by the
+number of micro-batches per rank; data parallelism averages over ranks. The gradient is
+therefore that of the mean loss over the whole global batch, whatever the split, which is
+what makes a 4-rank run comparable to a 1-rank run step by step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from sdtrain.batch import BatchPlan
+from sdtrain.parallel.data_parallel import grad_sync
+from sdtrain.parallel.mesh import DistEnv
+from sdtrain.train.checkpoint import Checkpointer
+from sdtrain.train.data import Batches
+from sdtrain.train.metrics import MetricsLog, memory_gib, peak_memory_gib
+from sdtrain.train.optim import lr_at, set_lr
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    last_step: int
+    final_loss: float = float("nan")
+    eval_losses: list = field(default_factory=list)  # (step, loss)
+    tokens_per_s: float = 0.0
+    train_s: float = 0.0
+    checkpoint: str | None = None
+
+
+class Trainer:
+    def __init__(
+        self,
+        recipe,
+        env: DistEnv,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        plan: BatchPlan,
+        train_batches: Batches,
+        val_batches: Batches,
+        checkpointer: Checkpointer,
+        flops_per_token: float,
+        peak_flops: float | None,
+    ):
+        self.recipe, self.env, self.model, self.optimizer, self.plan = recipe, env, model, optimizer, plan
+        self.train_batches, self.val_batches = train_batches, val_batches
+        self.checkpointer = checkpointer
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        precision = recipe.train.precision
+        self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
+        self.tokens_per_step = plan.global_batch * recipe.model.seq_len
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on global batch `step`; returns (rank-mean loss, grad norm)."""
+        self.model.train()
+        set_lr(self.optimizer, lr_at(step, self.recipe.train))
+        loss_sum = torch.zeros((), device=self.env.device)
+        accum = self.plan.grad_accum
+        for i, (inputs, targets) in enumerate(self.train_batches.micro_batches(step, self.env.dp_rank, self.env.device)):
+            with grad_sync(self.model, sync=i == accum - 1), self.autocast():
+                _, loss = self.model(inputs, targets)
+                self.scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.recipe.train.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / accum, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.env.device)
+        n = 0
+        for index in range(self.recipe.train.eval_batches):
+            for inputs, targets in self.val_batches.micro_batches(index, self.env.dp_rank, self.env.device):
+                with self.autocast():
+                    _, loss = self.model(inputs, targets)
+                total += loss.float()
+                n += 1
+        return self.mean_over_ranks(total / n)
+
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        value = value.detach().float().clone()
+        if self.env.dp_size > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.AVG, group=self.env.dp_group)
+        return value.item()
+
+    def fit(self, first_step: int, log: MetricsLog | None) -> TrainResult:
+        train, ckpt = self.recipe.train, self.recipe.checkpoint
+        result = TrainResult(last_step=first_step)
+        world_peak = (self.peak_flops or 0.0) * self.env.world_size
+        interval_start, interval_steps = time.perf_counter(), 0
+        for step in range(first_step, train.steps):
+            loss, grad_norm = self.train_step(step)
+            done = step + 1
+            interval_steps += 1
+            record = None
+            if done % self.recipe.log.every == 0 or done == train.steps:
+                loss_value = self.mean_over_ranks(loss)  # also waits for the step to finish
+                elapsed = time.perf_counter() - interval_start
+                tokens_per_s = interval_steps * self.tokens_per_step / elapsed
+                record = {
+                    "step": done,
+                    "loss": loss_value,
+                    "lr": lr_at(step, train),
+                    "grad_norm": grad_norm.item(),
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": self.flops_per_token * tokens_per_s / world_peak if world_peak else None,
+                    "mem_gib": memory_gib(self.env.device),
+                }
+                result.final_loss = loss_value
+                result.train_s += elapsed
+                interval_start, interval_steps = time.perf_counter(), 0
+            paused = time.perf_counter()  # eval and checkpoint time is not training throughput
+            if (train.eval_every and done % train.eval_every == 0) or done == train.steps:
+                eval_loss = self.evaluate()
+                result.eval_losses.append((done, eval_loss))
+                record = {**(record or {"step": done}), "eval_loss": eval_loss}
+            if record is not None and log is not None:
+                log.log(record)
+            if (ckpt.every and done % ckpt.every == 0) or (ckpt.at_end and done == train.steps):
+                shape = self.recipe.model.model_dump()
+                result.checkpoint = str(self.checkpointer.save(done, self.model, self.optimizer, self.scaler, shape))
+            interval_start += time.perf_counter() - paused
+            result.last_step = done
+        steps_run = result.last_step - first_step
+        result.tokens_per_s = steps_run * self.tokens_per_step / result.train_s if result.train_s else 0.0
+        return result
+
+    def peak_memory_per_rank(self) -> list[float]:
+        mine = torch.tensor([peak_memory_gib(self.env.device)], device=self.env.device)
+        gathered = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
+        dist.all_gather(gathered, mine)
+        return [round(t.item(), 3) for t in gathered]

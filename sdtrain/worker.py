@@ -1,0 +1,133 @@
+"""Worker entry point: one process per device, started by the node agent.
+
+It joins the process group, builds data, model, strategy and optimizer from the recipe,
+restores a checkpoint if asked, and runs the Trainer. Its stdout and stderr go to
+`logs/rank<N>.log`; rank 0 also draws the console (progress bar and summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from sdtrain.batch import derive_batch
+from sdtrain.model import GPT, GPTConfig, flops_per_token
+from sdtrain.parallel.mesh import init_distributed
+from sdtrain.parallel.parallelize import parallelize
+from sdtrain.recipe import validate_recipe
+from sdtrain.train.checkpoint import Checkpointer
+from sdtrain.train.data import TRAIN, VAL, Batches
+from sdtrain.train.metrics import MetricsLog, peak_flops, summary_table
+from sdtrain.train.optim import build_optimizer
+from sdtrain.train.sources import load_corpus
+
+
+def redirect_output_to_log(run_dir: Path, rank: int) -> Console:
+    """Send this process's stdout/stderr (Python and C++ alike) to logs/rank<N>.log and
+    return a console on the original stdout for rank 0's progress display."""
+    console_fd = os.dup(1)
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_fd = os.open(log_dir / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    return Console(file=os.fdopen(console_fd, "w", buffering=1), highlight=False)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="sdtrain worker (started by `sdtrain launch`)")
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--recipe-json", required=True, help="the resolved recipe, as JSON")
+    parser.add_argument("--resume-from", default="", help="checkpoint directory to continue from")
+    return parser.parse_args(argv)
+
+
+@record  # writes the traceback where the node agent finds it, for the root-cause report
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    rank = int(os.environ["RANK"])
+    console = redirect_output_to_log(args.run_dir, rank)
+    recipe = validate_recipe(json.loads(args.recipe_json), source="--recipe-json")
+    print(f"rank {rank}: pid {os.getpid()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+
+    env = init_distributed(recipe.launch.backend, recipe.launch.timeout_s)
+    plan = derive_batch(
+        recipe.train.global_batch_size, recipe.train.micro_batch_size, recipe.train.grad_accum_steps, env.dp_size
+    )
+    corpus = load_corpus(recipe.data, recipe.model.seq_len)
+    print(f"rank {rank}: data {corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
+    train_batches = Batches(corpus.train, recipe.model.seq_len, recipe.train.seed, plan, TRAIN)
+    val_batches = Batches(corpus.val, recipe.model.seq_len, recipe.train.seed, plan, VAL)
+
+    torch.manual_seed(recipe.train.seed)  # same initial weights on every rank
+    model_config = GPTConfig(**recipe.model.model_dump())
+    model = GPT(model_config).to(env.device)
+    print(f"rank {rank}: model {model.num_params():,} parameters")
+    model = parallelize(model, recipe, env)
+    optimizer = build_optimizer(model, recipe.train, env.device)
+    torch.manual_seed(recipe.train.seed + 1 + rank)  # per-rank dropout streams
+
+    from sdtrain.train.trainer import Trainer  # after the process group: keeps import errors attributable
+
+    trainer = Trainer(
+        recipe,
+        env,
+        model,
+        optimizer,
+        plan,
+        train_batches,
+        val_batches,
+        Checkpointer(args.run_dir, recipe.checkpoint.keep, env),
+        flops_per_token(model_config),
+        peak_flops(env.device, recipe.train.precision, recipe.train.peak_flops),
+    )
+    first_step = 0
+    if args.resume_from:
+        first_step = trainer.checkpointer.load(Path(args.resume_from), model, optimizer, trainer.scaler)
+        print(f"rank {rank}: resumed from {args.resume_from} at step {first_step}")
+
+    log = None
+    if env.is_main:
+        log = MetricsLog(args.run_dir, console, recipe.train.steps, first_step, recipe.log.tensorboard)
+    try:
+        result = trainer.fit(first_step, log)
+    finally:
+        if log is not None:
+            log.close()
+    peak_mem = trainer.peak_memory_per_rank()
+    if env.is_main:
+        summary = {
+            "name": recipe.name,
+            "steps": result.last_step,
+            "world_size": env.world_size,
+            "final_loss": result.final_loss,
+            "eval_losses": result.eval_losses,
+            "tokens_per_s": result.tokens_per_s,
+            "mfu": trainer.flops_per_token * result.tokens_per_s / (trainer.peak_flops * env.world_size)
+            if trainer.peak_flops
+            else None,
+            "peak_mem_gib": peak_mem,
+            "train_s": result.train_s,
+            "checkpoint": result.checkpoint,
+        }
+        (args.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        console.print(summary_table(summary))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
