@@ -67,6 +67,28 @@ def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json) -> None
 
 
 @cli.command()
+@click.argument("recipe", default="recipes/quickstart.yaml")
+@click.option("--strategies", default="single,ddp", show_default=True, help="Comma-separated: single, ddp.")
+@click.option("--peers", default="", help="Comma-separated peers run in the same invocation: torch.")
+@click.option("--nproc", default=2, show_default=True, help="Workers for the multi-process strategies.")
+@click.option("--steps", default=30, show_default=True, help="Steps per run (the first 5 are warm-up).")
+@click.option("--repeats", default=2, show_default=True, help="Alternating rounds; each entry keeps its best.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key.")
+@click.option("--json", "json_file", help="Also write the results to this JSON file.")
+def bench(recipe, strategies, peers, nproc, steps, repeats, overrides, json_file) -> None:
+    """Measure strategies (and peers) on RECIPE side by side: tokens/s, MFU, memory, ratios."""
+    from sdtrain.bench.run import run_bench
+    from sdtrain.bench.table import bench_table
+
+    split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
+    results = run_bench(recipe, split(strategies), split(peers), nproc, steps, repeats, list(overrides))
+    console.print(bench_table(results))
+    if json_file:
+        with open(json_file, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+@cli.command()
 def env() -> None:
     """Versions of torch, CUDA, NCCL and gloo, and what this machine can run."""
     from sdtrain.environment import describe_environment

@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--run-id", default="")
     p.add_argument("--recipe-json", required=True)
     p.add_argument("--resume-from", default="")
+    p.add_argument("--report-to-stderr", action="store_true",
+                   help="also print the failure report as one line (for launchers that read remote output)")
     return p.parse_args(argv)
 
 
@@ -47,8 +49,9 @@ def threads_per_worker(nproc: int) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # torch's agent logs every step of its life at WARNING; the launcher reports what matters.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    # torch's agent logs every step of its life, and each failure as it sees it; the
+    # launcher reports what matters once, with the root cause.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(args.nproc)))
     config = LaunchConfig(
         min_nodes=args.nnodes,
@@ -78,7 +81,8 @@ def main(argv=None) -> int:
     except ChildFailedError as exc:
         report = failure_report(exc, args)
         write_report(report, args.run_dir / "failures" / f"node{args.node_rank}.json")
-        print(REPORT_PREFIX + json.dumps(report), file=sys.stderr, flush=True)
+        if args.report_to_stderr:
+            print(REPORT_PREFIX + json.dumps(report), file=sys.stderr, flush=True)
         return 1
     except SignalException as exc:
         # The launcher forwards SIGINT/SIGTERM; torch's agent has already stopped the workers.

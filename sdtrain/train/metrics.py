@@ -101,6 +101,13 @@ class MetricsLog:
         else:
             self.console.print(f"step {record['step']}: {status}", highlight=False)
 
+    def note(self, text: str) -> None:
+        """A line for the console only (metrics.jsonl keeps one schema per row)."""
+        if self.progress is not None:
+            self.progress.console.print(text, highlight=False)
+        else:
+            self.console.print(text, highlight=False)
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()

@@ -93,7 +93,7 @@ def _read_texts(cfg, fmt: str):
     if fmt == "jsonl":
         yield from _read_jsonl(path)
         return
-    files = _walk_sorted(path, suffix=None) if path.is_dir() else [path]
+    files = list(_walk_sorted(path, suffix=None)) if path.is_dir() else [path]
     if not files:
         raise DataError(f"data.source {path} is an empty folder; put text files in it")
     yield from _read_files(files, cfg.max_bytes)

@@ -9,6 +9,7 @@ what makes a 4-rank run comparable to a 1-rank run step by step.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +36,14 @@ class TrainResult:
     tokens_per_s: float = 0.0
     train_s: float = 0.0
     checkpoint: str | None = None
+
+
+def inject_fault(rank: int, step: int) -> None:
+    """SDTRAIN_INJECT_FAULT=RANK:STEP makes that rank raise at that step: a drill for the
+    failure handling of a cluster setup (and of sdtrain's own tests)."""
+    fault = os.environ.get("SDTRAIN_INJECT_FAULT")
+    if fault and fault == f"{rank}:{step}":
+        raise RuntimeError(f"fault injected by SDTRAIN_INJECT_FAULT={fault}")
 
 
 class Trainer:
@@ -68,6 +77,7 @@ class Trainer:
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on global batch `step`; returns (rank-mean loss, grad norm)."""
+        inject_fault(self.env.rank, step)
         self.model.train()
         set_lr(self.optimizer, lr_at(step, self.recipe.train))
         loss_sum = torch.zeros((), device=self.env.device)
@@ -107,14 +117,18 @@ class Trainer:
     def fit(self, first_step: int, log: MetricsLog | None) -> TrainResult:
         train, ckpt = self.recipe.train, self.recipe.checkpoint
         result = TrainResult(last_step=first_step)
+        if first_step == 0 and train.eval_every:
+            result.eval_losses.append((0, self.evaluate()))  # the baseline the run improves on
+            if log is not None:
+                log.note(f"step 0: eval {result.eval_losses[0][1]:.4f} (before training)")
         world_peak = (self.peak_flops or 0.0) * self.env.world_size
         interval_start, interval_steps = time.perf_counter(), 0
         for step in range(first_step, train.steps):
             loss, grad_norm = self.train_step(step)
             done = step + 1
             interval_steps += 1
-            record = None
-            if done % self.recipe.log.every == 0 or done == train.steps:
+            eval_now = (train.eval_every and done % train.eval_every == 0) or done == train.steps
+            if eval_now or done % self.recipe.log.every == 0:
                 loss_value = self.mean_over_ranks(loss)  # also waits for the step to finish
                 elapsed = time.perf_counter() - interval_start
                 tokens_per_s = interval_steps * self.tokens_per_step / elapsed
@@ -129,18 +143,16 @@ class Trainer:
                 }
                 result.final_loss = loss_value
                 result.train_s += elapsed
-                interval_start, interval_steps = time.perf_counter(), 0
-            paused = time.perf_counter()  # eval and checkpoint time is not training throughput
-            if (train.eval_every and done % train.eval_every == 0) or done == train.steps:
-                eval_loss = self.evaluate()
-                result.eval_losses.append((done, eval_loss))
-                record = {**(record or {"step": done}), "eval_loss": eval_loss}
-            if record is not None and log is not None:
-                log.log(record)
+                if eval_now:
+                    record["eval_loss"] = self.evaluate()
+                    result.eval_losses.append((done, record["eval_loss"]))
+                if log is not None:
+                    log.log(record)
+                interval_start, interval_steps = time.perf_counter(), 0  # eval time is not throughput
             if (ckpt.every and done % ckpt.every == 0) or (ckpt.at_end and done == train.steps):
-                shape = self.recipe.model.model_dump()
-                result.checkpoint = str(self.checkpointer.save(done, self.model, self.optimizer, self.scaler, shape))
-            interval_start += time.perf_counter() - paused
+                paused = time.perf_counter()  # neither is checkpoint time
+                result.checkpoint = str(self.checkpointer.save(done, self.model, self.optimizer, self.scaler, self.recipe.model.model_dump()))
+                interval_start += time.perf_counter() - paused
             result.last_step = done
         steps_run = result.last_step - first_step
         result.tokens_per_s = steps_run * self.tokens_per_step / result.train_s if result.train_s else 0.0

@@ -1,0 +1,35 @@
+# `make run` and `make test` are the two commands in the README: each sets up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sdtrain-installed
+
+.PHONY: setup run test test-slow bench clean
+
+setup: $(STAMP)
+
+# Where no NVIDIA GPU is visible, put the CPU build of torch in place before anything asks
+# for torch, so the range in pyproject.toml is already satisfied and pip never downloads a
+# multi-GB CUDA build. With a GPU, pip's normal torch (CUDA) comes in through pyproject.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
+	  $(PY) -m pip install -q --no-index torch==2.13.0 2>/dev/null \
+	  || $(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/sdtrain launch recipes/quickstart.yaml
+
+test: setup
+	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+bench: setup
+	$(VENV)/bin/sdtrain bench recipes/quickstart.yaml --peers torch
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,59 @@
+"""Shared helpers: tiny recipes, and running the real `sdtrain` command in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small enough that a multi-process run takes seconds on 2 cores, big enough to be a real GPT.
+TINY = {
+    "name": "tiny",
+    "model": {"n_layers": 2, "d_model": 32, "n_heads": 2, "seq_len": 32, "vocab_size": 256},
+    "data": {"source": "stdlib", "max_bytes": 262144},
+    "train": {"steps": 10, "global_batch_size": 8, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 2, "eval_batches": 1},
+    "launch": {"nproc_per_node": 1},
+    "checkpoint": {"at_end": False},
+    "log": {"every": 1},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    def write(extra: dict | None = None, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(merge(TINY, extra or {})))
+        return path
+
+    return write
+
+
+def sdtrain(*args, cwd=None, timeout=300, env=None, **popen) -> subprocess.CompletedProcess:
+    """Run the real CLI as a user would (a fresh Python process)."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "sdtrain", *map(str, args)],
+        cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=full_env, **popen,
+    )
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in metrics(run_dir) if "loss" in m]

@@ -1,0 +1,155 @@
+"""Checkpoints: resume continues the same trajectory bitwise, saves are atomic, bad
+checkpoints are refused with exit 2, loading never unpickles arbitrary objects."""
+
+import io
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import metrics, sdtrain
+from sdtrain.errors import CheckpointError
+from sdtrain.model import GPT, GPTConfig
+from sdtrain.train.safe_reader import SafeFileSystemReader, _MetadataUnpickler
+
+RESUMABLE = {"train": {"steps": 10}, "launch": {"nproc_per_node": 2}, "checkpoint": {"every": 5, "keep": 3, "at_end": True}}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """10 uninterrupted steps at world size 2, checkpoints at steps 5 and 10."""
+    import yaml
+
+    from conftest import TINY, merge
+
+    tmp = tmp_path_factory.mktemp("full")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(merge(TINY, RESUMABLE)))
+    result = sdtrain("launch", recipe, "--run-dir", tmp / "run")
+    assert result.returncode == 0, result.stderr
+    return recipe, tmp / "run"
+
+
+def crashed_copy(run_dir, dest):
+    """The run as a crash right after step 5's checkpoint would have left it."""
+    shutil.copytree(run_dir, dest)
+    shutil.rmtree(dest / "checkpoints" / "step_10")
+    (dest / "checkpoints" / "latest").write_text("step_5")
+    return dest
+
+
+def test_checkpoint_layout(full_run):
+    _, run_dir = full_run
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_10"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_10", "step_5"]
+    info = json.loads((ckpts / "step_10" / "sdtrain.json").read_text())
+    assert info["step"] == 10 and info["world_size"] == 2 and info["model"]["d_model"] == 32
+    assert {"rank0.extra.pt", "rank1.extra.pt", ".metadata"} <= {p.name for p in (ckpts / "step_10").iterdir()}
+
+
+def test_resume_is_bitwise_equal_to_uninterrupted(full_run, tmp_path):
+    recipe, run_dir = full_run
+    resumed = crashed_copy(run_dir, tmp_path / "resumed")
+    result = sdtrain("launch", recipe, "--run-dir", resumed, "--set", "train.resume=auto")
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stdout
+    expected = [(m["step"], m["loss"], m["grad_norm"]) for m in metrics(run_dir)]
+    got = [(m["step"], m["loss"], m["grad_norm"]) for m in metrics(resumed)]
+    assert got == expected  # bitwise: fp32 on CPU, same data position, same optimizer state
+
+
+def test_resume_survives_a_crash_mid_save(full_run, tmp_path):
+    """A save that died half-way leaves only a .partial folder; latest still names step 5."""
+    recipe, run_dir = full_run
+    resumed = crashed_copy(run_dir, tmp_path / "resumed")
+    partial = resumed / "checkpoints" / "step_10.partial"
+    shutil.copytree(run_dir / "checkpoints" / "step_10", partial)
+    (partial / "__0_0.distcp").write_bytes(b"torn write")
+    result = sdtrain("launch", recipe, "--run-dir", resumed, "--set", "train.resume=auto")
+    assert result.returncode == 0, result.stderr
+    assert metrics(resumed)[-1]["loss"] == metrics(run_dir)[-1]["loss"]
+    assert not partial.exists()
+
+
+def test_resume_on_a_different_world_size(full_run, tmp_path):
+    recipe, run_dir = full_run
+    resumed = crashed_copy(run_dir, tmp_path / "resumed")
+    result = sdtrain("launch", recipe, "--run-dir", resumed, "--set", "train.resume=auto",
+                     "--nproc-per-node", 1)
+    assert result.returncode == 0, result.stderr
+    for a, b in zip(metrics(run_dir), metrics(resumed)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "tamper, override, expected",
+    [
+        (None, "train.resume=/does/not/exist", "does not exist"),
+        (None, "model.d_model=64", "holds a different model (d_model: checkpoint 32 vs recipe 64)"),
+        (None, "train.steps=5", "is at step 5 and train.steps is 5: nothing left to train"),
+        ("rm-info", None, "is not an sdtrain checkpoint"),
+        ("garble-info", None, "is damaged"),
+    ],
+)
+def test_bad_resume_target_exits_2(full_run, tmp_path, tamper, override, expected):
+    recipe, run_dir = full_run
+    resumed = crashed_copy(run_dir, tmp_path / "resumed")
+    info = resumed / "checkpoints" / "step_5" / "sdtrain.json"
+    if tamper == "rm-info":
+        info.unlink()
+    elif tamper == "garble-info":
+        info.write_text("{not json")
+    target = resumed / "checkpoints" / "step_5"
+    args = ["--set", f"train.resume={target}"] if override is None or not override.startswith("train.resume") else []
+    if override:
+        args += ["--set", override]
+    result = sdtrain("launch", recipe, "--run-dir", tmp_path / "new", *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected in result.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_crafted_metadata_is_not_unpickled(full_run, tmp_path):
+    _, run_dir = full_run
+    evil = tmp_path / "evil"
+    shutil.copytree(run_dir / "checkpoints" / "step_5", evil)
+    marker = tmp_path / "pwned"
+    (evil / ".metadata").write_bytes(pickle.dumps(_Exploit(str(marker))))
+    with pytest.raises(CheckpointError, match="not checkpoint metadata"):
+        SafeFileSystemReader(evil).read_metadata()
+    assert not marker.exists()
+    with pytest.raises(CheckpointError):
+        _MetadataUnpickler(io.BytesIO(pickle.dumps(os.system))).load()
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_export_safetensors_loads_into_the_model(full_run, tmp_path):
+    _, run_dir = full_run
+    out = tmp_path / "model.safetensors"
+    result = sdtrain("export", run_dir, out)
+    assert result.returncode == 0, result.stderr
+    weights = load_file(out)
+    model = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, seq_len=32, vocab_size=256))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected  # tied to tok_emb.weight, stored once
+    torch.manual_seed(1337)  # the recipe's seed: the weights the run started from
+    initial = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, seq_len=32, vocab_size=256))
+    text = torch.frombuffer(bytearray(b"def main():\n    return 0\n" * 3), dtype=torch.uint8).long()[:33]
+    trained_loss = model(text[None, :-1], text[None, 1:])[1]
+    initial_loss = initial(text[None, :-1], text[None, 1:])[1]
+    assert trained_loss < initial_loss - 0.5  # the exported weights are the trained ones
+
+    assert sdtrain("export", tmp_path / "nope", out).returncode == 2
+    assert sdtrain("export", run_dir, tmp_path / "model.bin").returncode == 2

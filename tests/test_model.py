@@ -1,0 +1,58 @@
+"""The GPT: shapes, exact parameter count, FLOPs formula, causality, tied head."""
+
+import pytest
+import torch
+
+from sdtrain.model import GPT, GPTConfig, count_params, flops_per_token
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_parameter_count_is_exact(bias):
+    cfg = GPTConfig(n_layers=3, d_model=48, n_heads=4, seq_len=16, vocab_size=100, bias=bias)
+    model = GPT(cfg)
+    d, L, V, T = 48, 3, 100, 16
+    # per block: qkv 3d²+3d, proj d²+d, fc 4d²+4d, proj 4d²+d, two LayerNorms 2d+2d (no bias: 2d)
+    by_hand = V * d + T * d + L * (12 * d * d + (13 * d if bias else 2 * d)) + (2 * d if bias else d)
+    assert model.num_params() == count_params(cfg) == by_hand
+    assert model.num_params(include_position_embedding=False) == by_hand - T * d
+
+
+def test_gpt2_small_size():
+    # GPT-2 small (124M): the shape everyone knows, as a check on the count.
+    cfg = GPTConfig(n_layers=12, d_model=768, n_heads=12, seq_len=1024, vocab_size=50257)
+    assert count_params(cfg) == 124_439_808
+    n = count_params(cfg) - 1024 * 768
+    assert flops_per_token(cfg) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_forward_shapes_and_loss():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, seq_len=16, vocab_size=64))
+    idx = torch.randint(0, 64, (3, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 16, 64)
+    assert abs(loss.item() - torch.log(torch.tensor(64.0)).item()) < 0.5  # near uniform at init
+    logits, loss = model(idx[:, :5])
+    assert logits.shape == (3, 5, 64) and loss is None
+    with pytest.raises(ValueError, match="longer than seq_len"):
+        model(torch.randint(0, 64, (1, 17)))
+
+
+def test_attention_is_causal():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, seq_len=16, vocab_size=64)).eval()
+    idx = torch.randint(0, 64, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 64
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.allclose(a[0, :10], b[0, :10], atol=1e-6)
+    assert not torch.allclose(a[0, 10:], b[0, 10:])
+
+
+def test_output_head_is_tied_to_embedding():
+    model = GPT(GPTConfig(n_layers=1, d_model=16, n_heads=2, seq_len=8, vocab_size=32))
+    assert model.lm_head.weight is model.tok_emb.weight
+    _, loss = model(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8)))
+    loss.backward()
+    assert model.tok_emb.weight.grad is not None

@@ -1,0 +1,108 @@
+"""Recipe validation: typos, types, ranges, overrides and batch arithmetic, all exit 2."""
+
+import pytest
+
+from conftest import sdtrain
+from sdtrain.batch import derive_batch
+from sdtrain.errors import RecipeError
+from sdtrain.recipe import load_recipe
+
+
+def test_defaults_and_overrides(write_recipe):
+    recipe = load_recipe(write_recipe(), ["train.steps=7", "train.precision=bf16", "model.bias=false"])
+    assert recipe.train.steps == 7 and recipe.train.precision == "bf16" and recipe.model.bias is False
+    assert recipe.model.n_layers == 2  # from the file
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ({"train": {"stpes": 5}}, "unknown key train.stpes (did you mean 'steps'?)"),
+        ({"modle": {"n_layers": 2}}, "unknown key modle (did you mean 'model'?)"),
+        ({"model": {"n_layer": 2}}, "unknown key model.n_layer (did you mean 'n_layers'?)"),
+        ({"train": {"steps": "many"}}, "train.steps: Input should be a valid integer"),
+        ({"train": {"steps": 0}}, "train.steps: Input should be greater than or equal to 1"),
+        ({"train": {"precision": "fp8"}}, "train.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+        ({"model": {"d_model": 30, "n_heads": 4}}, "d_model 30 is not divisible by n_heads 4"),
+        ({"parallel": {"zero_stage": 5}}, "parallel.zero_stage: Input should be less than or equal to 3"),
+        ({"train": {"warmup_steps": 50}}, "warmup_steps 50 exceeds steps 10"),
+    ],
+)
+def test_bad_recipe_is_refused_with_its_path(write_recipe, extra, expected):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe(extra))
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lrr=0.1", "--set train.lrr: unknown key (did you mean 'lr'?)"),
+        ("trian.lr=0.1", "--set trian: unknown key (did you mean 'train'?)"),
+        ("train.lr", "must look like dotted.key=value"),
+        ("train.lr.x=1", "lr is a value, not a section"),
+        ("train.lr=-1", "train.lr: Input should be greater than 0"),
+    ],
+)
+def test_bad_override_is_refused(write_recipe, override, expected):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe(), [override])
+    assert expected in str(err.value)
+
+
+def test_batch_any_two_determine_the_third():
+    assert derive_batch(32, 4, None, 2).grad_accum == 4
+    assert derive_batch(32, None, 2, 2).micro_batch == 8
+    assert derive_batch(None, 4, 3, 2).global_batch == 24
+    assert derive_batch(32, None, None, 4).as_dict() == {"global": 32, "micro": 8, "grad_accum": 1, "data_parallel": 4}
+    assert derive_batch(24, 3, 4, 2).per_rank == 12
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ((30, 4, None, 2), "global_batch_size 30 is not divisible by micro_batch_size 4 x data_parallel 2 = 8; "
+                           "with micro_batch_size 4 use global_batch_size 24 or 32; "
+                           "or keep global_batch_size 30 with micro_batch_size in [1, 3, 5, 15]"),
+        ((32, 4, 2, 2), "global_batch_size 32 != micro_batch_size 4 x grad_accum_steps 2 x data_parallel 2 = 16"),
+        ((10, None, 3, 2), "global_batch_size 10 is not divisible by grad_accum_steps 3 x data_parallel 2 = 6"),
+        ((None, None, 2, 2), "set global_batch_size or micro_batch_size"),
+        ((9, 3, None, 2), "global_batch_size must be a multiple of data_parallel 2"),
+    ],
+)
+def test_inconsistent_batch_shows_the_arithmetic(args, expected):
+    with pytest.raises(RecipeError) as err:
+        derive_batch(*args)
+    assert expected in str(err.value)
+
+
+def test_cli_exits_2_and_launches_nothing(write_recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    result = sdtrain("launch", write_recipe({"train": {"stpes": 3}}), "--run-dir", run_dir)
+    assert result.returncode == 2
+    assert "did you mean 'steps'" in result.stderr
+    assert not run_dir.exists()
+
+    result = sdtrain("launch", write_recipe(), "--nproc-per-node", "3", "--run-dir", run_dir)
+    assert result.returncode == 2
+    assert "global_batch_size 8 is not divisible by micro_batch_size 2 x data_parallel 3 = 6" in result.stderr
+    assert not run_dir.exists()
+
+    result = sdtrain("launch", tmp_path / "missing.yaml")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+    result = sdtrain("launch", write_recipe(), "--set", "train.steps=abc", "--run-dir", run_dir)
+    assert result.returncode == 2 and "train.steps: Input should be a valid integer" in result.stderr
+
+    result = sdtrain("launch", write_recipe(), "--json")
+    assert result.returncode == 2 and "--json goes with --dry-run" in result.stderr
+
+
+def test_not_yaml_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(bad)
