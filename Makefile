@@ -9,12 +9,18 @@ setup: $(STAMP)
 
 # Where no NVIDIA GPU is visible, put the CPU build of torch in place before anything asks
 # for torch, so the range in pyproject.toml is already satisfied and pip never downloads a
-# multi-GB CUDA build. With a GPU, pip's normal torch (CUDA) comes in through pyproject.
+# multi-GB CUDA build. A CPU wheel pip can find locally (--find-links) is taken first, its
+# dependencies from the index; else PyTorch's CPU index. With a GPU, pip's normal (CUDA)
+# torch comes in through pyproject.toml.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
-	  $(PY) -m pip install -q --no-index torch==2.13.0 2>/dev/null \
-	  || $(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
+	  if $(PY) -m pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null; then \
+	    $(PY) -m pip install -q torch==2.13.0; \
+	  else \
+	    $(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+	      --extra-index-url https://pypi.org/simple; \
+	  fi; \
 	fi
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
