@@ -10,6 +10,7 @@ import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from sdtrain.errors import UserInputError
 
@@ -112,7 +113,7 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except UserInputError as exc:
-        err_console.print(f"[bold red]error[/]: {exc}", highlight=False)
+        err_console.print(f"[bold red]error[/]: {escape(str(exc))}", highlight=False)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)

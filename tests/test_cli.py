@@ -62,3 +62,20 @@ def test_help_lists_commands():
     for command in ("launch", "bench", "env", "export"):
         assert command in result.stdout
     assert (REPO / "recipes" / "quickstart.yaml").is_file()
+
+
+def test_every_shipped_recipe_validates(tmp_path):
+    for recipe in sorted((REPO / "recipes").glob("*.yaml")):
+        result = sdtrain("launch", recipe, "--dry-run", "--json", "--nproc-per-node", 2, "--run-dir", tmp_path / recipe.stem)
+        assert result.returncode == 0, f"{recipe.name}: {result.stderr}"
+
+
+def test_tensorboard_missing_is_bad_input(write_recipe, tmp_path):
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    result = sdtrain("launch", write_recipe({"log": {"tensorboard": True}}), "--run-dir", tmp_path / "run")
+    assert result.returncode == 2 and "pip install 'sdtrain[tensorboard]'" in result.stderr
