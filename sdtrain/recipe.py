@@ -85,17 +85,16 @@ class TrainConfig(Section):
         return self
 
 
+class ZeroConfig(Section):
+    reduce_bucket_mb: float = Field(25.0, gt=0.0)  # stages 1/2: gradient bucket size
+    overlap_comm: bool = True  # stages 2/3: reduce-scatter while backward goes on
+    prefetch_blocks: int = Field(1, ge=0)  # stage 3: blocks gathered ahead of the one running
+    persistence_threshold: int = Field(0, ge=0)  # stage 3: parameters smaller than this stay whole
+
+
 class ParallelConfig(Section):
     zero_stage: int = Field(0, ge=0, le=3)
-
-    @model_validator(mode="after")
-    def _implemented(self):
-        if self.zero_stage != 0:
-            raise ValueError(
-                f"zero_stage {self.zero_stage} is not available in this version of sdtrain; "
-                "use zero_stage: 0 (data parallel)"
-            )
-        return self
+    zero: ZeroConfig = ZeroConfig()
 
 
 class LaunchSection(Section):
@@ -131,6 +130,22 @@ class Recipe(Section):
     launch: LaunchSection = LaunchSection()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _strategy_options_compatible(self):
+        stage, train = self.parallel.zero_stage, self.train
+        if stage >= 1 and train.precision == "fp16":
+            raise ValueError(
+                f"parallel.zero_stage {stage} with train.precision fp16: ZeRO keeps bf16 or fp32 "
+                "weights (no loss scaling across shards); use precision bf16, or zero_stage 0"
+            )
+        if stage == 3 and train.compile:
+            raise ValueError(
+                "parallel.zero_stage 3 with train.compile: stage 3 gathers and frees each block's "
+                "weights in hooks around it, which torch.compile cannot trace; use zero_stage 2, "
+                "or compile: false"
+            )
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -26,8 +26,8 @@ from sdtrain.recipe import validate_recipe
 from sdtrain.train.checkpoint import Checkpointer
 from sdtrain.train.data import TRAIN, VAL, Batches
 from sdtrain.train.metrics import MetricsLog, peak_flops, summary_table
-from sdtrain.train.optim import build_optimizer
 from sdtrain.train.sources import load_corpus
+from sdtrain.train.trainer import Trainer
 
 
 def redirect_output_to_log(run_dir: Path, rank: int) -> Console:
@@ -76,17 +76,13 @@ def main(argv=None) -> None:
     model_config = GPTConfig(**recipe.model.model_dump())
     model = GPT(model_config).to(env.device)
     print(f"rank {rank}: model {model.num_params():,} parameters")
-    model = parallelize(model, recipe, env)
-    optimizer = build_optimizer(model, recipe.train, env.device)
+    strategy = parallelize(model, recipe, env)
     torch.manual_seed(recipe.train.seed + 1 + rank)  # per-rank dropout streams
-
-    from sdtrain.train.trainer import Trainer  # after the process group: keeps import errors attributable
 
     trainer = Trainer(
         recipe,
         env,
-        model,
-        optimizer,
+        strategy,
         plan,
         train_batches,
         val_batches,
@@ -96,7 +92,7 @@ def main(argv=None) -> None:
     )
     first_step = 0
     if args.resume_from:
-        first_step = trainer.checkpointer.load(Path(args.resume_from), model, optimizer, trainer.scaler)
+        first_step = trainer.checkpointer.load(Path(args.resume_from), strategy)
         print(f"rank {rank}: resumed from {args.resume_from} at step {first_step}")
 
     log = None
@@ -108,6 +104,7 @@ def main(argv=None) -> None:
         if log is not None:
             log.close()
     peak_mem = trainer.peak_memory_per_rank()
+    state_bytes = trainer.state_bytes_per_rank()
     if env.is_main:
         summary = {
             "name": recipe.name,
@@ -120,6 +117,8 @@ def main(argv=None) -> None:
             if trainer.peak_flops
             else None,
             "peak_mem_gib": peak_mem,
+            "model_state_bytes": state_bytes,
+            "zero_stage": recipe.parallel.zero_stage,
             "train_s": result.train_s,
             "checkpoint": result.checkpoint,
         }

@@ -25,6 +25,7 @@ def test_defaults_and_overrides(write_recipe):
         ({"train": {"precision": "fp8"}}, "train.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
         ({"model": {"d_model": 30, "n_heads": 4}}, "d_model 30 is not divisible by n_heads 4"),
         ({"parallel": {"zero_stage": 5}}, "parallel.zero_stage: Input should be less than or equal to 3"),
+        ({"parallel": {"zero": {"overlap": True}}}, "unknown key parallel.zero.overlap (did you mean 'overlap_comm'?)"),
         ({"train": {"warmup_steps": 50}}, "warmup_steps 50 exceeds steps 10"),
     ],
 )

@@ -1,29 +1,87 @@
-"""ZeRO stage 0: plain data parallelism with DDP semantics (every rank holds everything,
-gradients are all-reduced as an average in buckets that overlap backward)."""
+"""ZeRO stage 0: plain data parallelism with DDP semantics. Every rank holds all weights,
+gradients and optimizer state; gradients are averaged by DDP in buckets that overlap
+backward. fp16 gets dynamic loss scaling here (the ZeRO stages run bf16 or fp32)."""
 
 from __future__ import annotations
 
 import contextlib
 
+import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sdtrain.parallel.mesh import DistEnv
+from sdtrain.parallel.strategy import ADAM_MOMENTS, Strategy, base_name, decays, init_adam_state, tensor_bytes
 
 
-def apply_data_parallel(model: nn.Module, env: DistEnv) -> nn.Module:
-    if env.dp_size == 1:
-        return model  # nothing to average; skip the wrapper and its hooks
-    return DistributedDataParallel(
-        model,
-        device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-        process_group=env.dp_group,
-        gradient_as_bucket_view=True,  # grads live in the buckets: one copy fewer
-    )
+class DataParallel(Strategy):
+    def __init__(self, model: nn.Module, train, env: DistEnv):
+        self.env = env
+        self.plain = model
+        if env.dp_size > 1:
+            model = DistributedDataParallel(
+                model,
+                device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                process_group=env.dp_group,
+                gradient_as_bucket_view=True,  # grads live in the buckets: one copy fewer
+            )
+        self.model = model
+        self.named = [(base_name(n), p) for n, p in self.plain.named_parameters()]
+        params = [p for _, p in self.named]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for p in params if decays(p)], "weight_decay": train.weight_decay},
+             {"params": [p for p in params if not decays(p)], "weight_decay": 0.0}],
+            lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps, fused=env.device.type == "cuda",
+        )
+        for p in params:
+            init_adam_state(self.optimizer, p, {m: torch.zeros_like(p) for m in ADAM_MOMENTS})
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=train.precision == "fp16")
 
+    def micro_batch(self, is_last: bool):
+        """Skip DDP's all-reduce on every micro-batch but the last of a step."""
+        if is_last or not isinstance(self.model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
-def grad_sync(model: nn.Module, sync: bool):
-    """Skip the all-reduce on every micro-batch but the last of a step."""
-    if sync or not isinstance(model, DistributedDataParallel):
-        return contextlib.nullcontext()
-    return model.no_sync()
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, lr: float, grad_clip: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.plain.parameters(), grad_clip or float("inf"), foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        # Keep the gradient tensors (with DDP they are views of its buckets, which stay
+        # allocated anyway): the memory is then visible to state_bytes().
+        self.optimizer.zero_grad(set_to_none=False)
+        return norm
+
+    def checkpoint_state(self) -> dict:
+        state = self.optimizer.state
+        first = self.named[0][1]
+        return {
+            "model": dict(self.named),
+            "optim": {**{m: {n: state[p][m] for n, p in self.named} for m in ADAM_MOMENTS},
+                      "step": state[first]["step"]},
+        }
+
+    def after_load(self) -> None:
+        step = self.optimizer.state[self.named[0][1]]["step"]
+        for _, p in self.named:
+            self.optimizer.state[p]["step"] = step.clone()
+
+    def extra_state(self) -> dict:
+        return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def state_bytes(self) -> dict[str, int]:
+        params = [p for _, p in self.named]
+        optim = [t for p in params for t in self.optimizer.state[p].values() if t.dim() > 0]
+        return {"params": tensor_bytes(params), "grads": tensor_bytes(p.grad for p in params),
+                "optimizer": tensor_bytes(optim)}

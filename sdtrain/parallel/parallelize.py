@@ -1,17 +1,17 @@
 """Apply the recipe's strategies to a plain model from outside, in a fixed order
-(as torchtitan does): activation checkpointing -> torch.compile -> data parallel."""
+(as torchtitan does): activation checkpointing -> torch.compile -> data parallel / ZeRO."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from sdtrain.parallel.data_parallel import apply_data_parallel
+from sdtrain.parallel.data_parallel import DataParallel
 from sdtrain.parallel.mesh import DistEnv
+from sdtrain.parallel.strategy import Strategy
 
 
-def parallelize(model: nn.Module, recipe, env: DistEnv) -> nn.Module:
+def parallelize(model: nn.Module, recipe, env: DistEnv) -> Strategy:
     if recipe.train.activation_checkpointing:
         # Recompute each block's activations in backward instead of keeping them.
         for i, block in enumerate(model.blocks):
@@ -19,4 +19,8 @@ def parallelize(model: nn.Module, recipe, env: DistEnv) -> nn.Module:
     if recipe.train.compile:
         for block in model.blocks:
             block.compile()
-    return apply_data_parallel(model, env)
+    if recipe.parallel.zero_stage == 0:
+        return DataParallel(model, recipe.train, env)
+    from sdtrain.parallel.zero import Zero
+
+    return Zero(model, recipe, env)

@@ -1,8 +1,9 @@
 """Sharded, atomic, reshardable checkpoints through torch.distributed.checkpoint (DCP).
 
 Layout of `checkpoints/step_<N>/`:
-  .metadata, __<rank>_*.distcp   model + optimizer, keyed by parameter name (DCP), so a
-                                 checkpoint loads on another world size or strategy
+  .metadata, __<rank>_*.distcp   weights and Adam moments keyed by parameter name, whole or
+                                 as ShardedTensors (ZeRO): DCP reshards on load, so a
+                                 checkpoint loads on another world size or ZeRO stage
   rank<R>.extra.pt               this rank's RNG state and loss-scaler state (tensors and
                                  numbers only: loaded weights-only)
   sdtrain.json                   step, model shape and world size, readable without torch
@@ -23,9 +24,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sdtrain.parallel.mesh import DistEnv
+from sdtrain.parallel.strategy import Strategy
 from sdtrain.train.checkpoint_layout import INFO, LATEST, checkpoint_dir, read_info
 from sdtrain.train.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 
@@ -36,16 +37,15 @@ class Checkpointer:
         self.keep = keep
         self.env = env
 
-    def save(self, step: int, model, optimizer, scaler, model_shape: dict) -> Path:
+    def save(self, step: int, strategy: Strategy, model_shape: dict) -> Path:
         final = self.root / f"step_{step}"
         partial = self.root / f"step_{step}.partial"
         if self.env.is_main:
             shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier crash
             partial.mkdir(parents=True)
         dist.barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial)
-        torch.save(_extra_state(scaler), partial / f"rank{self.env.rank}.extra.pt")
+        dcp.save(strategy.checkpoint_state(), checkpoint_id=partial)
+        torch.save({**_rng_state(), **strategy.extra_state()}, partial / f"rank{self.env.rank}.extra.pt")
         dist.barrier()
         if self.env.is_main:
             info = {"step": step, "model": model_shape, "world_size": self.env.world_size, "time": time.time()}
@@ -58,16 +58,16 @@ class Checkpointer:
         dist.barrier()
         return final
 
-    def load(self, path: Path, model, optimizer, scaler) -> int:
-        """Restore model, optimizer, scaler and RNG in place; return the step to continue at."""
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    def load(self, path: Path, strategy: Strategy) -> int:
+        """Restore weights, optimizer, scaler and RNG in place; return the step to continue at."""
+        dcp.load(strategy.checkpoint_state(), storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+        strategy.after_load()
         info = read_info(path)
         extra_file = path / f"rank{self.env.rank}.extra.pt"
         if info["world_size"] == self.env.world_size and extra_file.exists():
-            _restore_extra(torch.load(extra_file, weights_only=True), scaler)
+            extra = torch.load(extra_file, weights_only=True)
+            _restore_rng(extra)
+            strategy.load_extra_state(extra)
         return int(info["step"])
 
     def _prune(self, keep_name: str) -> None:
@@ -80,21 +80,17 @@ class Checkpointer:
                 shutil.rmtree(old)
 
 
-def _extra_state(scaler) -> dict:
+def _rng_state() -> dict:
     extra = {"rng_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         extra["rng_cuda"] = torch.cuda.get_rng_state()
-    if scaler is not None and scaler.is_enabled():
-        extra["scaler"] = scaler.state_dict()
     return extra
 
 
-def _restore_extra(extra: dict, scaler) -> None:
+def _restore_rng(extra: dict) -> None:
     torch.set_rng_state(extra["rng_cpu"])
     if "rng_cuda" in extra and torch.cuda.is_available():
         torch.cuda.set_rng_state(extra["rng_cuda"])
-    if "scaler" in extra and scaler is not None:
-        scaler.load_state_dict(extra["scaler"])
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from sdtrain.batch import BatchPlan
-from sdtrain.parallel.data_parallel import grad_sync
 from sdtrain.parallel.mesh import DistEnv
+from sdtrain.parallel.strategy import Strategy
 from sdtrain.train.checkpoint import Checkpointer
 from sdtrain.train.data import Batches
 from sdtrain.train.metrics import MetricsLog, memory_gib, peak_memory_gib
-from sdtrain.train.optim import lr_at, set_lr
+from sdtrain.train.schedule import lr_at
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -51,8 +50,7 @@ class Trainer:
         self,
         recipe,
         env: DistEnv,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        strategy: Strategy,
         plan: BatchPlan,
         train_batches: Batches,
         val_batches: Batches,
@@ -60,14 +58,13 @@ class Trainer:
         flops_per_token: float,
         peak_flops: float | None,
     ):
-        self.recipe, self.env, self.model, self.optimizer, self.plan = recipe, env, model, optimizer, plan
+        self.recipe, self.env, self.strategy, self.plan = recipe, env, strategy, plan
+        self.model = strategy.model
         self.train_batches, self.val_batches = train_batches, val_batches
         self.checkpointer = checkpointer
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        precision = recipe.train.precision
-        self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
-        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
+        self.autocast_dtype = AUTOCAST_DTYPES.get(recipe.train.precision)
+        self.state_bytes: dict[str, int] = {}
         self.tokens_per_step = plan.global_batch * recipe.model.seq_len
 
     def autocast(self):
@@ -79,20 +76,17 @@ class Trainer:
         """One optimizer step on global batch `step`; returns (rank-mean loss, grad norm)."""
         inject_fault(self.env.rank, step)
         self.model.train()
-        set_lr(self.optimizer, lr_at(step, self.recipe.train))
         loss_sum = torch.zeros((), device=self.env.device)
         accum = self.plan.grad_accum
         for i, (inputs, targets) in enumerate(self.train_batches.micro_batches(step, self.env.dp_rank, self.env.device)):
-            with grad_sync(self.model, sync=i == accum - 1), self.autocast():
-                _, loss = self.model(inputs, targets)
-                self.scaler.scale(loss / accum).backward()
+            with self.strategy.micro_batch(is_last=i == accum - 1):
+                with self.autocast():
+                    _, loss = self.model(inputs, targets)
+                self.strategy.backward(loss / accum)
             loss_sum += loss.detach()
-        self.scaler.unscale_(self.optimizer)
-        clip = self.recipe.train.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.strategy.step(lr_at(step, self.recipe.train), self.recipe.train.grad_clip)
+        if not self.state_bytes:  # first step done: every piece of model state now exists
+            self.state_bytes = self.strategy.state_bytes()
         return loss_sum / accum, grad_norm
 
     @torch.no_grad()
@@ -140,23 +134,33 @@ class Trainer:
                     "tokens_per_s": tokens_per_s,
                     "mfu": self.flops_per_token * tokens_per_s / world_peak if world_peak else None,
                     "mem_gib": memory_gib(self.env.device),
+                    "comm_bytes": sum(self.strategy.comm_bytes().values()) // interval_steps,
                 }
                 result.final_loss = loss_value
                 result.train_s += elapsed
                 if eval_now:
                     record["eval_loss"] = self.evaluate()
                     result.eval_losses.append((done, record["eval_loss"]))
+                    self.strategy.comm_bytes()  # eval's gathers are not a training step's traffic
                 if log is not None:
                     log.log(record)
                 interval_start, interval_steps = time.perf_counter(), 0  # eval time is not throughput
             if (ckpt.every and done % ckpt.every == 0) or (ckpt.at_end and done == train.steps):
                 paused = time.perf_counter()  # neither is checkpoint time
-                result.checkpoint = str(self.checkpointer.save(done, self.model, self.optimizer, self.scaler, self.recipe.model.model_dump()))
+                result.checkpoint = str(self.checkpointer.save(done, self.strategy, self.recipe.model.model_dump()))
                 interval_start += time.perf_counter() - paused
             result.last_step = done
         steps_run = result.last_step - first_step
         result.tokens_per_s = steps_run * self.tokens_per_step / result.train_s if result.train_s else 0.0
         return result
+
+    def state_bytes_per_rank(self) -> list[dict[str, int]]:
+        """Every rank's model-state bytes (params, grads, optimizer), as counted after step 1."""
+        keys = ("params", "grads", "optimizer")
+        mine = torch.tensor([float(self.state_bytes.get(k, 0)) for k in keys], dtype=torch.float64, device=self.env.device)
+        gathered = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
+        dist.all_gather(gathered, mine)
+        return [{k: int(v) for k, v in zip(keys, t.tolist())} for t in gathered]
 
     def peak_memory_per_rank(self) -> list[float]:
         mine = torch.tensor([peak_memory_gib(self.env.device)], device=self.env.device)

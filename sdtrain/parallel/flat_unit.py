@@ -1,0 +1,128 @@
+"""A FlatUnit: a group of parameters laid end to end in one flat buffer, sharded evenly.
+
+The buffer is padded to a multiple of the data-parallel size N; rank r owns elements
+[r*S, (r+1)*S), S = padded / N. Parameters become views into the full buffer, so a single
+all-gather restores all of them and a single reduce-scatter shards all their gradients:
+no per-parameter collectives. Matrices come first and vectors after, so the rank's shard
+splits into at most two runs, one with weight decay and one without.
+
+For checkpoints, a rank's shard of a parameter is a flat range, which is cut into at most
+three rectangles (partial first row, whole rows, partial last row); those rectangles are
+the shards of a ShardedTensor keyed by the parameter's name, which is what lets DCP load
+it on any other world size or ZeRO stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
+from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    param: nn.Parameter
+    offset: int  # in the full flat buffer
+    shape: torch.Size
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+class FlatUnit:
+    def __init__(self, name: str, named_params: list[tuple[str, nn.Parameter]], world: int, rank: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.name, self.world, self.rank = name, world, rank
+        ordered = sorted(named_params, key=lambda item: item[1].dim() < 2)  # stable: matrices first
+        self.entries: list[Entry] = []
+        offset = 0
+        for fqn, param in ordered:
+            if param.dim() > 2:
+                raise ValueError(f"{fqn}: ZeRO sharding supports parameters of at most 2 dims, got {tuple(param.shape)}")
+            self.entries.append(Entry(fqn, param, offset, param.shape))
+            offset += param.numel()
+        self.numel = offset
+        self.decay_numel = sum(e.numel for e in self.entries if e.param.dim() >= 2)
+        self.shard_size = -(-self.numel // world)  # ceil
+        self.padded = self.shard_size * world
+        self.full = torch.zeros(self.padded, dtype=dtype, device=device)
+        with torch.no_grad():
+            for e in self.entries:
+                self.full[e.offset : e.offset + e.numel].copy_(e.param.detach().reshape(-1))
+        self.bind_params()
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [e.param for e in self.entries]
+
+    @property
+    def shard_start(self) -> int:
+        return self.rank * self.shard_size
+
+    def own_slice(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of a full-size flat tensor (a view)."""
+        return tensor[self.shard_start : self.shard_start + self.shard_size]
+
+    def bind_params(self) -> None:
+        """Point every parameter at its place in the full buffer."""
+        for e in self.entries:
+            e.param.data = self.full[e.offset : e.offset + e.numel].view(e.shape)
+
+    def decay_split(self) -> tuple[slice, slice]:
+        """The parts of this rank's shard with and without weight decay."""
+        boundary = min(max(self.decay_numel - self.shard_start, 0), self.shard_size)
+        return slice(0, boundary), slice(boundary, self.shard_size)
+
+    # --- checkpoints -----------------------------------------------------------------
+
+    def sharded(self, local: torch.Tensor, process_group) -> dict[str, ShardedTensor]:
+        """Each parameter's part of `local` (a tensor laid out like this rank's shard) as a
+        ShardedTensor of the parameter's full shape, for DCP to save or load in place."""
+        out = {}
+        for e in self.entries:
+            shards_md = [ShardMetadata(list(off), list(size), f"rank:{r}/{local.device.type}")
+                         for r in range(self.world) for off, size, _ in self._pieces(e, r)]
+            local_shards = [
+                Shard(local[start : start + size[0] * (size[1] if len(size) > 1 else 1)].view(size),
+                      ShardMetadata(list(off), list(size), f"rank:{self.rank}/{local.device.type}"))
+                for off, size, start in self._pieces(e, self.rank)
+            ]
+            md = ShardedTensorMetadata(shards_md, e.shape, TensorProperties(dtype=local.dtype))
+            out[e.name] = ShardedTensor._init_from_local_shards_and_global_metadata(
+                local_shards, md, process_group=process_group
+            )
+        return out
+
+    def _pieces(self, e: Entry, rank: int):
+        """Rectangles (offsets, sizes, start in the rank's shard) of e owned by `rank`."""
+        lo = max(e.offset, rank * self.shard_size)
+        hi = min(e.offset + e.numel, (rank + 1) * self.shard_size)
+        if lo >= hi:
+            return []
+        a, b, base = lo - e.offset, hi - e.offset, lo - rank * self.shard_size
+        if len(e.shape) == 1:
+            return [((a,), (b - a,), base)]
+        cols = e.shape[1]
+        pieces = []
+        row, col = divmod(a, cols)
+        if col:  # partial first row
+            end = min(cols, col + (b - a))
+            pieces.append(((row, col), (1, end - col), base))
+            base += end - col
+            a += end - col
+            row += 1
+        full_rows = (b - a) // cols
+        if full_rows:
+            pieces.append(((row, 0), (full_rows, cols), base))
+            base += full_rows * cols
+            a += full_rows * cols
+            row += full_rows
+        if b > a:  # partial last row
+            pieces.append(((row, 0), (1, b - a), base))
+        return pieces

@@ -1,0 +1,244 @@
+"""ZeRO stages 1, 2 and 3 on flat buffers and three collectives.
+
+Stage 1  optimizer state (fp32 master weights, Adam moments) is sharded: each rank updates
+         its shard, then the new weights are all-gathered. Gradients accumulate whole on
+         every rank and are reduce-scattered once per step.
+Stage 2  gradients are sharded too: as soon as backward has produced every gradient of a
+         bucket, the bucket is reduce-scattered (asynchronously, overlapping the rest of
+         backward when `overlap_comm`) into this rank's shard and the full gradients freed.
+         Once per micro-batch.
+Stage 3  weights are sharded too: each Transformer block's weights exist whole only from
+         just before its forward until just after (and again for its backward), gathered
+         by the hooks in zero3.py, which also prefetch the next block.
+
+Under bf16 the model computes in bf16 weights and gradients while fp32 master shards take
+the update, which gives the ZeRO paper's model-state bytes per rank with K = 12:
+stage 1: 4Ψ + 12Ψ/N, stage 2: 2Ψ + 14Ψ/N, stage 3: 16Ψ/N. Under fp32 the weights are their
+own master (K = 8): stage 1: 8Ψ + 8Ψ/N, stage 2: 4Ψ + 12Ψ/N, stage 3: 16Ψ/N.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from sdtrain.parallel.comm import Comm
+from sdtrain.parallel.flat_unit import FlatUnit
+from sdtrain.parallel.mesh import DistEnv
+from sdtrain.parallel.strategy import ADAM_MOMENTS, Strategy, base_name, clip_coefficient, init_adam_state, tensor_bytes
+from sdtrain.parallel.zero3 import ParamGatherer
+
+
+class Zero(Strategy):
+    def __init__(self, model: nn.Module, recipe, env: DistEnv):
+        self.stage = recipe.parallel.zero_stage
+        cfg, train = recipe.parallel.zero, recipe.train
+        self.env, self.model = env, model
+        self.param_dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
+        self.comm = Comm(env.dp_group, overlap=cfg.overlap_comm)
+        self.units = self._build_units(model, cfg)
+        self.owner = {p: unit for unit in self.units for p in unit.params}
+        model.to(self.param_dtype)  # buffers, if any; the weights were re-homed by the units
+        for unit in self.units:
+            self._shard_state(unit)
+        self.optimizer = self._build_optimizer(train)
+        self.pending: list = []  # in-flight reduce-scatters: (work, result, unit)
+        if self.stage >= 2:
+            for p in self.owner:
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self.gatherer = None
+        if self.stage == 3:
+            self.gatherer = ParamGatherer(model, self.block_units, self.root_unit, self.comm, cfg.prefetch_blocks)
+
+    # --- construction ------------------------------------------------------------------
+
+    def _build_units(self, model: nn.Module, cfg) -> list[FlatUnit]:
+        """Stage 3: one unit per Transformer block, plus one for everything else (embeddings,
+        final norm), last. Stages 1/2: buckets of about reduce_bucket_mb, in reverse order of
+        definition, which is roughly the order backward produces gradients."""
+        named = [(base_name(n), p) for n, p in model.named_parameters()]
+        make = lambda name, params: FlatUnit(name, params, self.env.dp_size, self.env.dp_rank,  # noqa: E731
+                                             torch.float32, self.env.device)
+        if self.stage == 3:
+            # Parameters under the persistence threshold (norms, biases) stay whole in one
+            # unit of their own: gathering them per block would cost more than it saves.
+            persistent = [(n, p) for n, p in named if p.numel() < cfg.persistence_threshold]
+            kept = {p for _, p in persistent}
+            self.block_units, in_blocks = [], set()
+            for i, block in enumerate(model.blocks):
+                params = [(base_name(f"blocks.{i}.{n}"), p) for n, p in block.named_parameters() if p not in kept]
+                in_blocks.update(p for _, p in params)
+                self.block_units.append(make(f"blocks.{i}", params) if params else None)
+            rest = [(n, p) for n, p in named if p not in in_blocks and p not in kept]
+            self.root_unit = make("root", rest) if rest else None
+            self.persistent_unit = make("persistent", persistent) if persistent else None
+            return [u for u in (*self.block_units, self.root_unit, self.persistent_unit) if u is not None]
+        limit = cfg.reduce_bucket_mb * 2**20 / torch.finfo(self.param_dtype).bits * 8
+        units, bucket, size = [], [], 0
+        for name, p in reversed(named):
+            bucket.append((name, p))
+            size += p.numel()
+            if size >= limit:
+                units.append(make(f"bucket{len(units)}", bucket))
+                bucket, size = [], 0
+        if bucket:
+            units.append(make(f"bucket{len(units)}", bucket))
+        return units
+
+    def _shard_state(self, unit: FlatUnit) -> None:
+        """Give the unit its master shard, weights in the compute dtype, and gradient space."""
+        separate_master = self.param_dtype != torch.float32
+        unit.master = unit.own_slice(unit.full).clone() if separate_master else None
+        unit.full = unit.full.to(self.param_dtype)
+        if self.stage == 3:
+            unit.shard = unit.own_slice(unit.full).clone()
+            if unit.master is None:
+                unit.master = unit.shard  # fp32: the shard is its own master
+        elif unit.master is None:
+            unit.master = unit.own_slice(unit.full)  # fp32 stage 1/2: update in place
+        unit.bind_params()
+        unit.grad_shard = torch.zeros(unit.shard_size, dtype=self.param_dtype, device=self.env.device)
+        unit.grad_full = None
+        unit.waiting = len(unit.entries)
+        if self.stage == 1:  # whole gradients, accumulated in place across micro-batches
+            unit.grad_full = torch.zeros(unit.padded, dtype=self.param_dtype, device=self.env.device)
+            for e in unit.entries:
+                e.param.grad = unit.grad_full[e.offset : e.offset + e.numel].view(e.shape)
+        if self.stage == 3 and unit.name != "persistent":
+            unit.full.untyped_storage().resize_(0)  # whole weights only while a block runs
+
+    def _build_optimizer(self, train) -> torch.optim.AdamW:
+        decay, no_decay = [], []
+        for unit in self.units:
+            with_decay, without = unit.decay_split()
+            unit.views = [(unit.master[with_decay], with_decay), (unit.master[without], without)]
+            unit.moments = {m: torch.zeros_like(unit.master) for m in ADAM_MOMENTS}
+            for view, part in unit.views:
+                if view.numel():
+                    (decay if part is with_decay else no_decay).append(view)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps, fused=self.env.device.type == "cuda",
+        )
+        for unit in self.units:  # Adam moments are views of one flat tensor per unit
+            for view, part in unit.views:
+                if view.numel():
+                    init_adam_state(optimizer, view, {m: t[part] for m, t in unit.moments.items()})
+        return optimizer
+
+    # --- backward ----------------------------------------------------------------------
+
+    def _on_grad_ready(self, param: nn.Parameter) -> None:
+        """Stage 2/3: move a finished gradient into its bucket; reduce-scatter a full bucket."""
+        unit = self.owner[param]
+        if unit.grad_full is None:
+            unit.grad_full = torch.zeros(unit.padded, dtype=self.param_dtype, device=self.env.device)
+        e = next(e for e in unit.entries if e.param is param)
+        unit.grad_full[e.offset : e.offset + e.numel].copy_(param.grad.reshape(-1))
+        param.grad = None
+        unit.waiting -= 1
+        if unit.waiting == 0:
+            self._reduce_scatter(unit)
+
+    def _reduce_scatter(self, unit: FlatUnit) -> None:
+        result = torch.empty(unit.shard_size, dtype=self.param_dtype, device=self.env.device)
+        work = self.comm.reduce_scatter(result, unit.grad_full, async_op=self.comm.overlap)
+        self.pending.append((work, result, unit))
+        if self.gatherer is not None:
+            self.gatherer.free(unit)  # its backward is done: the whole weights can go
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        if self.stage == 1:
+            return  # gradients accumulate whole; reduced once, in step()
+        for unit in self.units:  # parameters that got no gradient this time count as zero
+            if 0 < unit.waiting < len(unit.entries):
+                unit.waiting = 0
+                self._reduce_scatter(unit)
+        self._drain()
+
+    def _drain(self) -> None:
+        for work, result, unit in self.pending:
+            if work is not None:
+                work.wait()
+            unit.grad_shard += result
+            unit.grad_full = None
+            unit.waiting = len(unit.entries)
+        self.pending.clear()
+
+    # --- step --------------------------------------------------------------------------
+
+    def step(self, lr: float, grad_clip: float) -> torch.Tensor:
+        if self.stage == 1:
+            for unit in self.units:
+                self._reduce_scatter(unit)
+            for work, result, unit in self.pending:
+                if work is not None:
+                    work.wait()
+                unit.grad_shard.copy_(result)
+            self.pending.clear()
+        grads = [u.grad_shard.float() if self.param_dtype != torch.float32 else u.grad_shard for u in self.units]
+        squares = torch.stack([g.pow(2).sum() for g in grads]).sum().reshape(1)
+        norm = self.comm.all_reduce_sum(squares).sqrt()[0]
+        if grad_clip:
+            coef = clip_coefficient(norm, grad_clip)
+            for g in grads:
+                g.mul_(coef)
+        for unit, grad in zip(self.units, grads):
+            for view, part in unit.views:
+                view.grad = grad[part]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self._publish_weights()
+        for unit in self.units:
+            unit.grad_shard.zero_()
+            if unit.grad_full is not None and self.stage == 1:
+                unit.grad_full.zero_()
+            for view, _ in unit.views:
+                view.grad = None
+        return norm
+
+    def after_load(self) -> None:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        step = self.optimizer.state[params[0]]["step"]
+        for p in params[1:]:  # every optimizer view takes the loaded step count
+            self.optimizer.state[p]["step"] = step.clone()
+        self._publish_weights()
+
+    def _publish_weights(self) -> None:
+        """New master weights -> the weights forward reads (cast, and all-gathered for 1/2)."""
+        works = []
+        for unit in self.units:
+            local = unit.shard if self.stage == 3 else unit.own_slice(unit.full)
+            if local.data_ptr() != unit.master.data_ptr():
+                local.copy_(unit.master)
+            if self.stage < 3:
+                works.append(self.comm.all_gather(unit.full, local.clone(), async_op=True))
+        for work in works:
+            work.wait()
+
+    # --- checkpoints and accounting ----------------------------------------------------
+
+    def checkpoint_state(self) -> dict:
+        group = self.env.dp_group
+        model, moments = {}, {m: {} for m in ADAM_MOMENTS}
+        for unit in self.units:
+            model.update(unit.sharded(unit.master, group))
+            for m in ADAM_MOMENTS:
+                moments[m].update(unit.sharded(unit.moments[m], group))
+        first = self.optimizer.param_groups[0]["params"][0]
+        return {"model": model, "optim": {**moments, "step": self.optimizer.state[first]["step"]}}
+
+    def state_bytes(self) -> dict[str, int]:
+        if self.stage == 3:
+            params = [u.shard for u in self.units] + [u.full for u in self.units if u.name == "persistent"]
+        else:
+            params = [u.full for u in self.units]
+        grads = [u.grad_full if self.stage == 1 else u.grad_shard for u in self.units]
+        separate = [u.master for u in self.units if self.param_dtype != torch.float32]
+        optim = separate + [t for u in self.units for t in u.moments.values()]
+        return {"params": tensor_bytes(params), "grads": tensor_bytes(grads), "optimizer": tensor_bytes(optim)}
+
+    def comm_bytes(self) -> dict[str, int]:
+        return self.comm.take_bytes()

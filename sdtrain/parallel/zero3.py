@@ -1,0 +1,84 @@
+"""ZeRO-3 weight gathering: whole weights exist only around the block that needs them.
+
+Forward:  before block i, gather it (waiting for its prefetch) and start gathering blocks
+          i+1..i+k; after block i, free it and hook its output so that, in backward, the
+          block is gathered again just before its gradients are computed.
+Backward: the output hook of block i gathers it and prefetches blocks i-1..i-k; once all
+          of a block's gradients are reduce-scattered, the block is freed (zero.py).
+The root unit (embeddings, final norm, tied output head) is used at both ends of the
+model: it is gathered when the model's forward starts and freed after its gradients.
+
+Freeing resizes the flat buffer's storage to zero; gathering resizes it back and fills it.
+Parameters stay views of that storage, so tensors autograd saved in forward see the data
+again in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from sdtrain.parallel.comm import Comm
+from sdtrain.parallel.flat_unit import FlatUnit
+
+
+class ParamGatherer:
+    def __init__(self, model: nn.Module, blocks: list[FlatUnit | None], root: FlatUnit | None, comm: Comm, prefetch: int):
+        self.blocks, self.root, self.comm, self.prefetch = blocks, root, comm, prefetch
+        self.in_flight: dict[int, object] = {}  # id(unit) -> async work
+        model.register_forward_pre_hook(lambda module, args: self.gather(self.root))
+        model.register_forward_hook(self._after_model)
+        for i, block in enumerate(model.blocks):
+            block.register_forward_pre_hook(lambda module, args, i=i: self._before_block(i))
+            block.register_forward_hook(lambda module, args, output, i=i: self._after_block(i, output))
+
+    # --- gather / free -----------------------------------------------------------------
+
+    def gathered(self, unit: FlatUnit) -> bool:
+        return unit.full.untyped_storage().nbytes() > 0
+
+    def gather(self, unit: FlatUnit | None, async_op: bool = False) -> None:
+        if unit is None:
+            return
+        work = self.in_flight.get(id(unit))
+        if work is not None:
+            if not async_op:
+                work.wait()
+                del self.in_flight[id(unit)]
+            return
+        if self.gathered(unit):
+            return
+        unit.full.untyped_storage().resize_(unit.padded * unit.full.element_size())
+        work = self.comm.all_gather(unit.full, unit.shard, async_op=async_op)
+        if async_op:
+            self.in_flight[id(unit)] = work
+
+    def free(self, unit: FlatUnit) -> None:
+        if unit.name == "persistent" or not self.gathered(unit):
+            return
+        work = self.in_flight.pop(id(unit), None)
+        if work is not None:
+            work.wait()  # never free a buffer a collective is still writing into
+        unit.full.untyped_storage().resize_(0)
+
+    # --- hooks -------------------------------------------------------------------------
+
+    def _before_block(self, i: int) -> None:
+        self.gather(self.blocks[i])
+        for j in range(i + 1, min(i + 1 + self.prefetch, len(self.blocks))):
+            self.gather(self.blocks[j], async_op=True)
+
+    def _after_block(self, i: int, output) -> None:
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(lambda grad, i=i: self._before_block_backward(i))
+        if self.blocks[i] is not None:
+            self.free(self.blocks[i])
+
+    def _before_block_backward(self, i: int) -> None:
+        self.gather(self.blocks[i])
+        for j in range(i - 1, max(i - 1 - self.prefetch, -1), -1):
+            self.gather(self.blocks[j], async_op=True)
+
+    def _after_model(self, module, args, output) -> None:
+        if not torch.is_grad_enabled() and self.root is not None:
+            self.free(self.root)  # evaluation: no backward will need it
