@@ -24,23 +24,47 @@ def cli() -> None:
     """Distributed training launcher and job runner for PyTorch."""
 
 
+def multi_node_options(command):
+    """The DeepSpeed launcher's flags (its spellings with underscores work too)."""
+    options = [
+        click.option("-H", "--hostfile", help="Hostfile: 'HOST slots=N' lines, in rank order (DeepSpeed's format)."),
+        click.option("-i", "--include", default="", help="Only these hosts/slots: HOST[:SLOT,SLOT][@HOST...]."),
+        click.option("-e", "--exclude", default="", help="All but these hosts/slots: HOST[:SLOT,SLOT][@HOST...]."),
+        click.option("--num-nodes", "--num_nodes", "num_nodes", type=int, help="Use the first N hosts."),
+        click.option("--num-gpus", "--num_gpus", "num_gpus", type=int, help="Use the first N slots of each host."),
+        click.option("--launcher", type=click.Choice(["local", "ssh", "pdsh", "slurm", "mpirun"]),
+                     help="How nodes are started (default: local, or ssh with a hostfile)."),
+        click.option("--master-addr", "--master_addr", "master_addr", help="Rendezvous address (default: the first host)."),
+        click.option("--master-port", "--master_port", "master_port", type=click.IntRange(1024, 65535),
+                     help="Rendezvous port (default: recipe launch.master_port, a free port, or 29500 on a remote master)."),
+        click.option("--ssh-port", "--ssh_port", "ssh_port", type=click.IntRange(1, 65535), help="ssh port of the hosts."),
+        click.option("--ssh-options", default="", metavar="'OPTS'", help="Extra ssh arguments, e.g. '-i ~/.ssh/id_train'."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.argument("recipe")
 @click.option("--nproc-per-node", type=int, help="Workers on this node (default: recipe launch.nproc_per_node).")
+@multi_node_options
+@click.option("--node-rank", "--node_rank", "node_rank", type=int,
+              help="Run only node R of the plan here (every node starts its own launcher, e.g. on Kubernetes).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. train.steps=50.")
 @click.option("--run-dir", help="Run directory (default: runs/<recipe name>).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved recipe, batch arithmetic, placement and commands; launch nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as one JSON object.")
-def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json) -> None:
-    """Train with RECIPE (a YAML file) on this machine's workers."""
-    from sdtrain.launch.failures import read_reports
+def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json, **placement) -> None:
+    """Train with RECIPE (a YAML file) on this machine's workers, or on the hosts of a hostfile."""
     from sdtrain.launch.job import plan_job, prepare_run_dir
+    from sdtrain.launch.placement import LaunchRequest
     from sdtrain.launch.report import print_failure, print_plan
     from sdtrain.launch.supervise import Supervisor
 
     if as_json and not dry_run:
         raise UserInputError("--json goes with --dry-run (a real run writes metrics.jsonl instead)")
-    job = plan_job(recipe, list(overrides), nproc_per_node, run_dir)
+    job = plan_job(recipe, list(overrides), nproc_per_node, run_dir, LaunchRequest(**placement))
     if dry_run:
         if as_json:
             click.echo(json.dumps(job.as_dict(), indent=2))
@@ -51,18 +75,20 @@ def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json) -> None
     if moved:
         console.print(f"[yellow]{job.run_dir} held an earlier run: moved it to {moved}[/]")
     resume = f", resuming from {job.resume_from}" if job.resume_from else ""
+    nodes = f" on {len(job.plan.nodes)} nodes ({job.plan.launcher})" if len(job.plan.nodes) > 1 else ""
     console.print(
-        f"[bold]sdtrain[/]: {job.recipe.name}: {job.plan.world_size} worker(s), backend {job.plan.backend}, "
+        f"[bold]sdtrain[/]: {job.recipe.name}: {job.plan.world_size} worker(s){nodes}, backend {job.plan.backend}, "
         f"{job.batch.explain()}{resume}\n  run dir {job.run_dir}"
     )
-    outcome = Supervisor(job.plan.commands).run()
+    remote = dict(labels=job.labels(), stop_by=job.stop_by, run_dir=job.run_dir) if job.remote else {}
+    outcome = Supervisor(job.commands_here(), **remote).run()
     if outcome.ok:
         console.print(f"[green]done[/] in {outcome.wall_s:.1f} s: {job.run_dir}")
         return
     if outcome.interrupted:
         err_console.print(f"[yellow]interrupted ({outcome.interrupted.name}): every worker stopped[/]")
         sys.exit(130)
-    print_failure(err_console, read_reports(job.run_dir / "failures"))
+    print_failure(err_console, job, outcome)
     err_console.print(f"[red]run failed[/] after {outcome.wall_s:.1f} s; per-rank logs in {job.run_dir / 'logs'}")
     sys.exit(1)
 

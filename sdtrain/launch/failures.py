@@ -60,3 +60,16 @@ def read_reports(folder: Path) -> list[dict]:
     if not folder.is_dir():
         return []
     return [json.loads(p.read_text()) for p in sorted(folder.glob("node*.json"))]
+
+
+def merge_reports(from_files: list[dict], from_streams: list[dict], hosts: dict[int, str] | None = None) -> list[dict]:
+    """One report per node: the run directory's (shared filesystem) and the ones read from
+    the nodes' stderr are the same reports; a node's failures are named by the host the
+    plan gave it (the node's own hostname kept beside)."""
+    by_node = {report["node_rank"]: report for report in [*from_files, *from_streams]}
+    if hosts:
+        for report in by_node.values():
+            for failure in report["failures"]:
+                failure.setdefault("hostname", failure["host"])
+                failure["host"] = hosts.get(report["node_rank"], failure["host"])
+    return [by_node[rank] for rank in sorted(by_node)]

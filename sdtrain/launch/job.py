@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
+import shlex
+import sys
 import uuid
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -16,8 +17,11 @@ from pathlib import Path
 
 from sdtrain.batch import BatchPlan, derive_batch
 from sdtrain.errors import CheckpointError, UserInputError
-from sdtrain.launch.plan import LaunchPlan, local_plan, resolve_backend, resolve_nproc
-from sdtrain.launch.runners import local_commands
+from sdtrain.launch.exports import exported_environment
+from sdtrain.launch.placement import LaunchRequest, build_plan
+from sdtrain.launch.plan import LaunchPlan, resolve_backend, resolve_nproc
+from sdtrain.launch.rundir import move_aside, write_marker
+from sdtrain.launch.runners import STOP_BY, RemoteSetup, local_commands, remote_commands
 from sdtrain.recipe import Recipe, load_recipe
 from sdtrain.train.checkpoint_layout import checkpoint_dir, latest_checkpoint, read_info
 from sdtrain.train.sources import check_source
@@ -31,10 +35,29 @@ class Job:
     run_dir: Path
     resume_from: Path | None
     data_summary: str
+    node_rank: int | None = None  # --node-rank: only this node of the plan runs here
+
+    @property
+    def remote(self) -> bool:
+        return self.plan.launcher != "local"
+
+    @property
+    def stop_by(self) -> str:
+        return STOP_BY[self.plan.launcher]
+
+    def commands_here(self) -> list[list[str]]:
+        """What this launcher starts: every node's command, or the one of --node-rank."""
+        if self.node_rank is None:
+            return self.plan.commands
+        return [self.plan.commands[self.node_rank]]
+
+    def labels(self) -> list[str]:
+        return [f"node {n.node_rank} {n.host}" for n in self.plan.nodes]
 
     def as_dict(self) -> dict:
         return {
             "name": self.recipe.name,
+            "launcher": self.plan.launcher,
             "world_size": self.plan.world_size,
             "master_addr": self.plan.master_addr,
             "master_port": self.plan.master_port,
@@ -52,25 +75,48 @@ class Job:
         }
 
 
-def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None, run_dir: str | None) -> Job:
+def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None, run_dir: str | None,
+             request: LaunchRequest | None = None) -> Job:
     """Everything `launch` will do, decided and checked, with no side effects."""
+    request = request or LaunchRequest()
     recipe = load_recipe(recipe_path, overrides)
-    nproc = nproc_per_node if nproc_per_node is not None else resolve_nproc(recipe.launch.nproc_per_node, recipe.launch.backend)
-    if nproc < 1:
-        raise UserInputError(f"--nproc-per-node {nproc}: need at least one worker")
-    plan = local_plan(nproc, resolve_backend(recipe.launch.backend), recipe.launch.master_port, uuid.uuid4().hex[:12])
+    nproc = 0  # with a hostfile, its slots say how many workers each host runs
+    if not request.hostfile:
+        nproc = nproc_per_node if nproc_per_node is not None else resolve_nproc(recipe.launch.nproc_per_node, recipe.launch.backend)
+        if nproc < 1:
+            raise UserInputError(f"--nproc-per-node {nproc}: need at least one worker")
+    plan, launcher = build_plan(request, nproc, nproc_per_node is not None, recipe.launch.backend,
+                                recipe.launch.master_port, uuid.uuid4().hex[:12], dict(os.environ))
+    # "auto" is decided where the workers run: here for a local launch, on each node otherwise.
+    plan.backend = resolve_backend(recipe.launch.backend) if launcher == "local" else recipe.launch.backend
     train = recipe.train
     batch = derive_batch(train.global_batch_size, train.micro_batch_size, train.grad_accum_steps, plan.world_size)
-    recipe = _with_batch(recipe, batch, nproc)
+    recipe = _with_batch(recipe, batch, max(len(node.slots) for node in plan.nodes))
     if recipe.log.tensorboard and find_spec("tensorboard") is None:
         raise UserInputError("log.tensorboard is on but tensorboard is not installed: pip install 'sdtrain[tensorboard]'")
     data_summary = check_source(recipe.data, recipe.model.seq_len, recipe.model.vocab_size)
     run_path = Path(run_dir or Path("runs") / recipe.name).absolute()
     resume_from = resolve_resume(recipe, run_path)
-    plan.commands = local_commands(
-        plan, str(run_path), json.dumps(recipe.model_dump(mode="json")), str(resume_from or "")
+    args = (plan, str(run_path), json.dumps(recipe.model_dump(mode="json")), str(resume_from or ""))
+    plan.commands = local_commands(*args) if launcher == "local" else remote_commands(*args, remote_setup(request))
+    return Job(recipe, plan, batch, run_path, resume_from, data_summary, request.node_rank)
+
+
+def remote_setup(request: LaunchRequest) -> RemoteSetup:
+    """Remote nodes run this interpreter in this directory, with the exported environment."""
+    try:
+        ssh_options = tuple(shlex.split(request.ssh_options))
+    except ValueError as exc:
+        raise UserInputError(f"--ssh-options {request.ssh_options!r}: {exc}") from None
+    return RemoteSetup(
+        cwd=os.getcwd(),
+        python=sys.executable,
+        env=exported_environment(dict(os.environ), Path.cwd(), Path.home()),
+        ssh_port=request.ssh_port,
+        ssh_options=ssh_options,
+        run_as_root=os.geteuid() == 0,
+        pdsh_ssh_args=os.environ.get("PDSH_SSH_ARGS_APPEND", ""),
     )
-    return Job(recipe, plan, batch, run_path, resume_from, data_summary)
 
 
 def _with_batch(recipe: Recipe, batch: BatchPlan, nproc: int) -> Recipe:
@@ -114,14 +160,18 @@ def resolve_resume(recipe: Recipe, run_dir: Path) -> Path | None:
 
 def prepare_run_dir(job: Job) -> Path | None:
     """Create the run directory and write the resolved recipe. A fresh run never overwrites
-    an earlier one: that is moved aside first. Returns where it went, if anywhere."""
+    an earlier one: that is moved aside first. Returns where it went, if anywhere.
+    Under --node-rank only node 0 prepares: the others may share the directory."""
     run_dir, moved = job.run_dir, None
+    if job.node_rank:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        return None
     continuing = job.resume_from is not None and run_dir in job.resume_from.parents
-    if run_dir.exists() and any(run_dir.iterdir()) and not continuing:
-        moved = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-        os.rename(run_dir, moved)
+    if not continuing:
+        moved = move_aside(run_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     for stale in (run_dir / "failures").glob("node*.json"):
         stale.unlink()
     (run_dir / "recipe.yaml").write_text(job.recipe.to_yaml())
+    write_marker(run_dir, job.plan.run_id)
     return moved

@@ -4,7 +4,12 @@ One agent runs on every node (started by the launcher directly, or over ssh/pdsh
 mpirun). It hands worker management to torch's elastic agent — rendezvous, RANK /
 LOCAL_RANK / WORLD_SIZE / MASTER_* for each worker, monitoring, and stopping every local
 worker as soon as one fails — and adds what the launcher needs on top: a thread budget
-per worker and a failure report naming the failing rank, its exit and its traceback.
+per worker, the node's devices (its hostfile slots), and a failure report naming the
+failing rank, its exit and its traceback.
+
+Started on a remote node (`--remote`), it also: prints the failure report to stderr for
+the launcher; stops its workers when the launcher is gone (lifeline.py); and where it does
+not share the launcher's run directory, sends its logs back at the end (rundir.py).
 """
 
 from __future__ import annotations
@@ -13,16 +18,24 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import uuid
 from pathlib import Path
 
+import psutil
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from sdtrain.launch.collect import encode_files
 from sdtrain.launch.failures import REPORT_PREFIX, describe_exit, log_tail, root_cause, write_report
+from sdtrain.launch.lifeline import start_lifeline
+from sdtrain.launch.rundir import files_to_send, is_shared, move_aside, needs_shared_dir
+
+LIFELINE_GRACE_S = 8.0  # after the launcher is gone: SIGTERM first, everything killed after this
 
 
 def parse_args(argv=None):
@@ -36,9 +49,57 @@ def parse_args(argv=None):
     p.add_argument("--run-id", default="")
     p.add_argument("--recipe-json", required=True)
     p.add_argument("--resume-from", default="")
+    p.add_argument("--slots", default="", help="comma-separated device ids of this node's workers (CUDA_VISIBLE_DEVICES)")
     p.add_argument("--report-to-stderr", action="store_true",
                    help="also print the failure report as one line (for launchers that read remote output)")
+    p.add_argument("--remote", action="store_true",
+                   help="started on another node: report to stderr, stop when the launcher is gone, send logs back")
+    p.add_argument("--stop-on-stdin-eof", action="store_true", help="(ssh) end of stdin asks this node to stop")
     return p.parse_args(argv)
+
+
+def restrict_devices(slots: str) -> None:
+    """Give this node's workers exactly its slots. Slots index the devices this agent may
+    see: an existing CUDA_VISIBLE_DEVICES is narrowed, never widened."""
+    if not slots:
+        return
+    ids = slots.split(",")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        available = [d.strip() for d in visible.split(",") if d.strip()]
+        ids = [available[int(i)] if int(i) < len(available) else i for i in ids]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+
+
+def say(message: str) -> None:
+    """stderr may be a closed pipe on a remote node whose launcher is gone."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def stop_when_launcher_is_gone(watch_stdin: bool) -> None:
+    """SIGTERM to ourselves (torch's agent then stops the workers); if anything of this
+    node is still alive LIFELINE_GRACE_S later, kill it and leave."""
+
+    def on_lost(reason: str) -> None:
+        say(f"sdtrain node: {reason}: stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+        last_resort = threading.Timer(LIFELINE_GRACE_S, kill_everything)
+        last_resort.daemon = True  # a node that stopped in time exits without waiting for it
+        last_resort.start()
+
+    start_lifeline(on_lost, watch_stdin)
+
+
+def kill_everything() -> None:
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    os._exit(128 + signal.SIGTERM)
 
 
 def threads_per_worker(nproc: int) -> int:
@@ -49,6 +110,29 @@ def threads_per_worker(nproc: int) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    shared = True
+    if args.remote:
+        stop_when_launcher_is_gone(args.stop_on_stdin_eof)
+        shared = is_shared(args.run_dir, args.run_id)
+        if not shared:
+            why = needs_shared_dir(json.loads(args.recipe_json), args.resume_from)
+            if why and args.nnodes > 1:
+                say(f"sdtrain node {args.node_rank} ({socket.gethostname()}): the run directory {args.run_dir} is not "
+                    f"the launcher's here (no shared filesystem), and {why}: every rank must write into one directory. "
+                    "Put --run-dir on a shared filesystem, or run without checkpoints "
+                    "(--set checkpoint.at_end=false, checkpoint.every 0).")
+                return 2
+            move_aside(args.run_dir)
+    restrict_devices(args.slots)
+    try:
+        return run_workers(args)
+    finally:
+        if not shared:
+            for line in encode_files(args.run_dir, files_to_send(args.run_dir)):
+                say(line)
+
+
+def run_workers(args) -> int:
     # torch's agent logs every step of its life, and each failure as it sees it; the
     # launcher reports what matters once, with the root cause.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -81,12 +165,12 @@ def main(argv=None) -> int:
     except ChildFailedError as exc:
         report = failure_report(exc, args)
         write_report(report, args.run_dir / "failures" / f"node{args.node_rank}.json")
-        if args.report_to_stderr:
-            print(REPORT_PREFIX + json.dumps(report), file=sys.stderr, flush=True)
+        if args.report_to_stderr or args.remote:
+            say(REPORT_PREFIX + json.dumps(report))
         return 1
     except SignalException as exc:
         # The launcher forwards SIGINT/SIGTERM; torch's agent has already stopped the workers.
-        print(f"sdtrain node {args.node_rank}: stopped by {exc.sigval.name}", file=sys.stderr, flush=True)
+        say(f"sdtrain node {args.node_rank}: stopped by {exc.sigval.name}")
         return 128 + int(exc.sigval)
     return 0
 

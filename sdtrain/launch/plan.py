@@ -27,6 +27,7 @@ class LaunchPlan:
     master_port: int
     backend: str
     run_id: str
+    launcher: str = "local"  # the runner that starts the node agents (runners.py)
     commands: list[list[str]] = field(default_factory=list)  # one argv per node, filled by a runner
 
     @property
@@ -45,16 +46,6 @@ class LaunchPlan:
                 )
                 rank += 1
         return rows
-
-
-def local_plan(nproc: int, backend: str, master_port: int | None, run_id: str) -> LaunchPlan:
-    return LaunchPlan(
-        nodes=[Node("localhost", tuple(range(nproc)), 0)],
-        master_addr="127.0.0.1",
-        master_port=master_port or free_port(),
-        backend=backend,
-        run_id=run_id,
-    )
 
 
 def resolve_nproc(requested, backend: str) -> int:

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from sdtrain.launch.failures import root_cause
+from sdtrain.launch.failures import merge_reports, read_reports, root_cause
 
 
 def print_plan(console: Console, job) -> None:
@@ -20,7 +20,8 @@ def print_plan(console: Console, job) -> None:
     console.print(f"[bold]batch[/]: {batch.explain()}  ({batch.global_batch * job.recipe.model.seq_len:,} tokens per step)")
     console.print(f"[bold]data[/]: {job.data_summary}")
     console.print(f"[bold]run dir[/]: {job.run_dir}" + (f"  (resuming from {job.resume_from})" if job.resume_from else ""))
-    table = Table(title=f"placement: world size {plan.world_size}, master {plan.master_addr}:{plan.master_port}, backend {plan.backend}")
+    table = Table(title=f"placement: world size {plan.world_size}, master {plan.master_addr}:{plan.master_port}, "
+                        f"backend {plan.backend}, runner {plan.launcher}")
     for column in ("host", "local rank", "global rank", "device", "pipeline stage", "expert group"):
         table.add_column(column)
     for row in plan.placement():
@@ -32,10 +33,30 @@ def print_plan(console: Console, job) -> None:
         console.print(shlex.join(argv), soft_wrap=True, highlight=False, markup=False)
 
 
-def print_failure(console: Console, reports: list[dict]) -> None:
+# A node whose runner ended with this code, and no failure report, most likely failed here.
+_EXIT_HINTS = {
+    255: "ssh could not connect or log in: `ssh HOST true` must work without a password prompt "
+         "(sdtrain preflight --hostfile F checks every host)",
+    127: "a command was not found on the node: the launcher's Python must exist at the same path on every node",
+    126: "a command could not be run on the node (permissions?)",
+}
+
+
+def print_failure(console: Console, job, outcome) -> None:
+    hosts = {n.node_rank: n.host for n in job.plan.nodes} if job.remote else None
+    reports = merge_reports(read_reports(job.run_dir / "failures"), outcome.reports, hosts)
+    reported = {report["node_rank"] for report in reports}
+    silent = [(node, code, tail) for i, (node, code, tail) in enumerate(_node_outcomes(job, outcome))
+              if i in outcome.failed_first and node.node_rank not in reported]
+    for node, code, tail in silent:
+        hint = _EXIT_HINTS.get(code, "its last lines say why")
+        body = "\n".join(tail) or "(no output)"
+        title = f"node {node.node_rank} ({node.host}) failed before any rank reported: exit code {code}"
+        console.print(Panel(Text(f"{hint}\n\n{body}"), title=escape(title), title_align="left", border_style="red"))
     failures = [f for report in reports for f in report["failures"]]
     if not failures:
-        console.print("[bold red]the job failed[/] but no rank left a report; see the logs/ folder of the run directory")
+        if not silent:
+            console.print("[bold red]the job failed[/] but no rank left a report; see the logs/ folder of the run directory")
         return
     cause = root_cause(failures)
     # A Python traceback says it all; a rank killed by a signal left none, its log may say more.
@@ -49,3 +70,10 @@ def print_failure(console: Console, reports: list[dict]) -> None:
         first_line = (f["error"] or "").strip().splitlines()[:1]
         line = f"  also stopped: rank {f['rank']} on {f['host']} {f['exit']}" + (f": {first_line[0]}" if first_line else "")
         console.print(line, markup=False, highlight=False)
+
+
+def _node_outcomes(job, outcome):
+    """(node, exit code of its command, last stderr lines) for the nodes started here."""
+    nodes = job.plan.nodes if job.node_rank is None else [job.plan.nodes[job.node_rank]]
+    tails = outcome.stderr_tails or [[] for _ in nodes]
+    return list(zip(nodes, outcome.exit_codes, tails))

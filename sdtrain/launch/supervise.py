@@ -7,20 +7,34 @@ Guarantees the launcher gives:
 - no process of the job outlives the launcher: every descendant seen while the job ran is
   remembered (by pid and start time) and killed at the end if still alive. Nothing else
   is touched.
+
+For remote nodes (ssh, pdsh, srun, mpirun) the commands run here are the runners; how a
+node is asked to stop depends on the runner (runners.STOP_BY), and each node's stderr is
+read here: failure reports and files sent back are picked out of it (the run directory
+need not be shared), everything else is echoed with the node's name in front.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
+import json
 import signal
 import subprocess
+import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 
+from sdtrain.launch.collect import FileReceiver
+from sdtrain.launch.failures import REPORT_PREFIX
+
 TEARDOWN_GRACE_S = 10.0
 POLL_S = 0.2
+TAIL_LINES = 20
 
 
 @dataclass
@@ -28,6 +42,9 @@ class JobOutcome:
     exit_codes: list[int | None]
     interrupted: signal.Signals | None
     wall_s: float
+    reports: list[dict] = field(default_factory=list)  # failure reports read from the nodes' stderr
+    stderr_tails: list[list[str]] = field(default_factory=list)  # last stderr lines of each remote command
+    failed_first: list[int] = field(default_factory=list)  # commands that failed before any was asked to stop
 
     @property
     def ok(self) -> bool:
@@ -36,7 +53,7 @@ class JobOutcome:
 
 def _die_with_parent() -> None:
     """Runs in the child before exec: if the launcher is killed outright (SIGKILL, OOM),
-    the kernel sends the node agent SIGTERM, and it stops its workers."""
+    the kernel sends the node agent (or its runner) SIGTERM, and it stops its workers."""
     PR_SET_PDEATHSIG = 1
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -45,28 +62,72 @@ def _die_with_parent() -> None:
 
 
 class Supervisor:
-    def __init__(self, commands: list[list[str]], env: dict[str, str] | None = None):
+    def __init__(self, commands: list[list[str]], env: dict[str, str] | None = None,
+                 labels: list[str] | None = None, stop_by: str = "signal", run_dir: Path | None = None):
+        """`labels` (one per command) marks the commands as remote runners whose stderr is read."""
         self.commands = commands
         self.env = env
+        self.labels = labels
+        self.stop_by = stop_by
+        self.receiver = FileReceiver(run_dir) if run_dir is not None else None
         self.procs: list[subprocess.Popen] = []
+        self.readers: list[threading.Thread] = []
+        self.reports: list[dict] = []
+        self.reported: set[int] = set()  # commands whose node sent its failure report: it is stopping already
+        self.tails: list[collections.deque] = []
         self.seen: dict[int, psutil.Process] = {}
         self.interrupted: signal.Signals | None = None
+        self.failed_first: list[int] = []
 
     def run(self) -> JobOutcome:
         start = time.monotonic()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            for argv in self.commands:
-                # Own session: the terminal's Ctrl-C reaches the launcher only, which forwards it.
-                self.procs.append(
-                    subprocess.Popen(argv, env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
-                )
+            for index, argv in enumerate(self.commands):
+                self.procs.append(self._start(index, argv))
             self._wait()
         finally:
             self._teardown()
+            for reader in self.readers:
+                reader.join(timeout=5)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        return JobOutcome([p.poll() for p in self.procs], self.interrupted, time.monotonic() - start)
+        return JobOutcome([p.poll() for p in self.procs], self.interrupted, time.monotonic() - start,
+                          list(self.reports), [list(t) for t in self.tails], self.failed_first)
+
+    def _start(self, index: int, argv: list[str]) -> subprocess.Popen:
+        # Own session: the terminal's Ctrl-C reaches the launcher only, which forwards it.
+        if self.labels is None:
+            return subprocess.Popen(argv, env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
+        # Remote: never let a runner read the terminal; ssh keeps an open stdin as the stop line.
+        stdin = subprocess.PIPE if self.stop_by == "close-stdin" else subprocess.DEVNULL
+        proc = subprocess.Popen(argv, env=self.env, stdin=stdin, stderr=subprocess.PIPE,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+        tail = collections.deque(maxlen=TAIL_LINES)
+        self.tails.append(tail)
+        reader = threading.Thread(target=self._read_stderr, args=(index, proc, tail), daemon=True)
+        reader.start()
+        self.readers.append(reader)
+        return proc
+
+    def _read_stderr(self, index: int, proc: subprocess.Popen, tail: collections.deque) -> None:
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            at = line.find(REPORT_PREFIX)
+            if at >= 0:
+                try:
+                    self.reports.append(json.loads(line[at + len(REPORT_PREFIX):]))
+                    self.reported.add(index)
+                    continue
+                except json.JSONDecodeError:
+                    pass
+            if self.receiver is not None and self.receiver.feed(line):
+                continue
+            tail.append(line)
+            try:
+                print(f"[{self.labels[index]}] {line}", file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
 
     def _on_signal(self, signum, frame) -> None:
         self.interrupted = signal.Signals(signum)
@@ -75,7 +136,8 @@ class Supervisor:
         while True:
             self._remember_descendants()
             codes = [p.poll() for p in self.procs]
-            if self.interrupted or any(code not in (None, 0) for code in codes):
+            self.failed_first = [i for i, code in enumerate(codes) if code not in (None, 0)]
+            if self.interrupted or self.failed_first:
                 return
             if all(code == 0 for code in codes):
                 return
@@ -91,12 +153,14 @@ class Supervisor:
                 continue
 
     def _teardown(self) -> None:
-        """Ask every node agent to stop, then kill whatever of the job is left."""
+        """Ask every node to stop, then kill whatever of the job is left here."""
         self._remember_descendants()
         sig = signal.SIGINT if self.interrupted == signal.SIGINT else signal.SIGTERM
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(sig)
+        for index, proc in enumerate(self.procs):
+            # A node that reported its failure is stopping on its own; signalling its runner
+            # in the middle of that only adds noise (OpenMPI's mpirun even crashes).
+            if proc.poll() is None and index not in self.reported:
+                self._ask_to_stop(proc, sig)
         deadline = time.monotonic() + TEARDOWN_GRACE_S
         while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
             self._remember_descendants()
@@ -111,6 +175,27 @@ class Supervisor:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.wait(timeout=5)
+
+    def _ask_to_stop(self, proc: subprocess.Popen, sig: signal.Signals) -> None:
+        if self.stop_by == "close-stdin" and proc.stdin is not None:
+            proc.stdin.close()  # ssh carries the end of file to the node agent, then waits for it
+            return
+        family = []  # found before the signal: once pdsh is gone its ssh has another parent
+        if self.stop_by == "signal-tree":
+            family = [p for p in self.seen.values() if p.pid != proc.pid and _descends_from(p, proc.pid)]
+        proc.send_signal(sig)
+        for p in family:
+            try:
+                p.send_signal(sig)  # psutil checks pid and start time
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _descends_from(p: psutil.Process, ancestor: int) -> bool:
+    try:
+        return _alive(p) and any(parent.pid == ancestor for parent in p.parents())
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _alive(p: psutil.Process) -> bool:

@@ -1,0 +1,155 @@
+"""DeepSpeed-compatible hostfiles and resource filters.
+
+A hostfile lists `HOST slots=N` lines; `#` starts a comment, blank lines are ignored, and
+file order is rank order. The filters follow DeepSpeed's launcher so that existing files
+and commands behave the same:
+
+- `--include` / `--exclude` take `HOST[:SLOT,SLOT...][@HOST...]`: include keeps only the
+  named hosts (all their slots, or the listed ones); exclude drops the named slots, or the
+  whole host when no slot is named. They are mutually exclusive.
+- `--num-nodes N` keeps the first N hosts, `--num-gpus N` the first N slots of each host;
+  neither goes together with include/exclude.
+
+Where DeepSpeed would carry on with a surprise (a slot count past the hostfile's, a filter
+that leaves nothing), these refuse with an error that names the line or the filter.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from sdtrain.errors import UserInputError
+
+# host -> the local slot (device) ids its workers use, in local-rank order; insertion order is rank order
+Resources = dict[str, list[int]]
+
+_LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S*)$")
+
+
+class HostfileError(UserInputError):
+    pass
+
+
+def read_hostfile(path: str | Path) -> dict[str, int]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise HostfileError(f"cannot read hostfile {path}: {exc.strerror}") from None
+    return parse_hostfile(text, str(path))
+
+
+def parse_hostfile(text: str, source: str = "hostfile") -> dict[str, int]:
+    """host -> slot count, in file order."""
+    hosts: dict[str, int] = {}
+    first_seen: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{source} line {number}: {raw.strip()!r}"
+        match = _LINE.match(line)
+        if not match:
+            raise HostfileError(f"{where}: expected 'HOST slots=N' (e.g. 'worker-1 slots=8')")
+        host, slots = match["host"], match["slots"]
+        if not slots.isdigit() or int(slots) < 1:
+            raise HostfileError(f"{where}: slots must be a positive integer, got {slots!r}")
+        if host in hosts:
+            raise HostfileError(f"{where}: host {host} is already listed on line {first_seen[host]}")
+        hosts[host], first_seen[host] = int(slots), number
+    if not hosts:
+        raise HostfileError(f"{source} lists no hosts: add lines like 'worker-1 slots=8'")
+    return hosts
+
+
+def parse_filter(spec: str, flag: str) -> dict[str, list[int]]:
+    """`a@b:0,2` -> {"a": [], "b": [0, 2]} (an empty list means every slot)."""
+    nodes: dict[str, list[int]] = {}
+    for part in spec.split("@"):
+        host, _, slot_text = part.partition(":")
+        if not host:
+            raise HostfileError(f"{flag} {spec!r}: empty host name in {part!r}; the form is HOST[:SLOT,SLOT][@HOST...]")
+        slots = nodes.setdefault(host, [])
+        if ":" in part:
+            for slot in slot_text.split(","):
+                if not slot.strip().isdigit():
+                    raise HostfileError(f"{flag} {spec!r}: slot {slot!r} of host {host} is not a non-negative integer")
+                if int(slot) not in slots:
+                    slots.append(int(slot))
+    return nodes
+
+
+def select_resources(hosts: dict[str, int], include: str = "", exclude: str = "",
+                     num_nodes: int | None = None, num_gpus: int | None = None) -> Resources:
+    """Apply DeepSpeed's filters to a hostfile: host -> slots to use, in hostfile order."""
+    if include and exclude:
+        raise HostfileError("--include and --exclude are mutually exclusive: give one of them")
+    if (include or exclude) and (num_nodes is not None or num_gpus is not None):
+        raise HostfileError("--num-nodes / --num-gpus do not go with --include / --exclude: give one kind of filter")
+    pool: Resources = {host: list(range(count)) for host, count in hosts.items()}
+    flag, spec = ("--include", include) if include else ("--exclude", exclude)
+    if spec:
+        pool = _filter(pool, parse_filter(spec, flag), flag, spec, keep=bool(include))
+    if num_nodes is not None:
+        if num_nodes < 1 or num_nodes > len(pool):
+            raise HostfileError(f"--num-nodes {num_nodes}: the hostfile has {len(pool)} host(s); give 1..{len(pool)}")
+        pool = dict(list(pool.items())[:num_nodes])
+    if num_gpus is not None:
+        short = [f"{host} ({len(slots)})" for host, slots in pool.items() if len(slots) < num_gpus]
+        if num_gpus < 1 or short:
+            raise HostfileError(f"--num-gpus {num_gpus}: needs 1..slots per host; too few slots on {', '.join(short) or 'none'}")
+        pool = {host: slots[:num_gpus] for host, slots in pool.items()}
+    return pool
+
+
+def _filter(pool: Resources, wanted: dict[str, list[int]], flag: str, spec: str, keep: bool) -> Resources:
+    for host, slots in wanted.items():
+        if host not in pool:
+            raise HostfileError(f"{flag} {spec!r}: host {host} is not in the hostfile (hosts: {', '.join(pool)})")
+        unknown = [s for s in slots if s not in pool[host]]
+        if unknown:
+            raise HostfileError(
+                f"{flag} {spec!r}: host {host} has slots {_span(pool[host])}, no slot {', '.join(map(str, unknown))}"
+            )
+    chosen: Resources = {}
+    for host, slots in pool.items():  # hostfile order, whatever order the filter named them in
+        named = wanted.get(host)
+        if keep and named is not None:
+            chosen[host] = sorted(named) or slots
+        elif not keep and named is None:
+            chosen[host] = slots
+        elif not keep and named:
+            chosen[host] = [s for s in slots if s not in named]
+    chosen = {host: slots for host, slots in chosen.items() if slots}
+    if not chosen:
+        raise HostfileError(f"{flag} {spec!r} leaves no slot to run on")
+    return chosen
+
+
+def _span(slots: list[int]) -> str:
+    return f"{slots[0]}..{slots[-1]}" if len(slots) > 1 else str(slots[0])
+
+
+def expand_hostlist(text: str) -> list[str]:
+    """Slurm's compact host list (`gpu[01-03,7],login1`) -> names, in order."""
+    hosts, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            hosts.extend(_expand_one(text[start:i]))
+            start = i + 1
+    return [h for h in hosts if h]
+
+
+def _expand_one(item: str) -> list[str]:
+    match = re.match(r"^(.*?)\[([^\]]*)\](.*)$", item)
+    if not match:
+        return [item]
+    prefix, ranges, rest = match.groups()
+    names = []
+    for part in ranges.split(","):
+        low, _, high = part.partition("-")
+        for n in range(int(low), int(high or low) + 1):
+            names.append(f"{prefix}{n:0{len(low)}d}")
+    return [name + tail for name in names for tail in _expand_one(rest)]

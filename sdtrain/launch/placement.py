@@ -1,0 +1,141 @@
+"""From the command line to the launch plan: which hosts, which slots, which runner.
+
+- No hostfile: this machine, `nproc` workers (the local launch), narrowed by --include /
+  --exclude / --num-gpus as DeepSpeed does for `localhost`.
+- A hostfile: its hosts in file order, filtered (hostfile.py). The runner defaults to ssh,
+  or to local when the only host left is this machine.
+- `--launcher slurm` inside an allocation needs no hostfile: the hosts are the allocation's
+  (SLURM_JOB_NODELIST) with `nproc` slots each.
+- `--node-rank R`: every node starts its own launcher (Kubernetes, or by hand); this one
+  runs node R of the plan locally, and the master port must be fixed in advance.
+
+The master is the first host unless --master-addr says otherwise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+import psutil
+
+from sdtrain.errors import UserInputError
+from sdtrain.launch.hostfile import Resources, expand_hostlist, read_hostfile, select_resources
+from sdtrain.launch.plan import LaunchPlan, Node, free_port
+from sdtrain.launch.runners import RUNNERS
+
+DEFAULT_MASTER_PORT = 29500  # torch's; used where the port cannot be checked free from here
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """What the command line asked for, before any of it is checked."""
+
+    hostfile: str | None = None
+    include: str = ""
+    exclude: str = ""
+    num_nodes: int | None = None
+    num_gpus: int | None = None
+    launcher: str | None = None  # None: local without a hostfile, else ssh (or local for this machine alone)
+    master_addr: str | None = None
+    master_port: int | None = None
+    node_rank: int | None = None  # run only this node of the plan, here
+    ssh_port: int | None = None
+    ssh_options: str = ""  # extra ssh arguments, split like a shell would
+
+    @property
+    def filters(self) -> dict:
+        return {"include": self.include, "exclude": self.exclude, "num_nodes": self.num_nodes, "num_gpus": self.num_gpus}
+
+
+def build_plan(request: LaunchRequest, nproc: int, nproc_given: bool, backend: str,
+               recipe_port: int | None, run_id: str, environ: dict[str, str]) -> tuple[LaunchPlan, str]:
+    """The plan and the runner that will start it; UserInputError for anything inconsistent."""
+    if request.launcher is not None and request.launcher not in RUNNERS:
+        raise UserInputError(f"--launcher {request.launcher}: choose one of {', '.join(RUNNERS)}")
+    launcher = request.launcher
+    if request.hostfile:
+        if nproc_given:
+            raise UserInputError("--nproc-per-node does not go with --hostfile: the hostfile's slots say how many "
+                                 "workers each host runs (--num-gpus N takes the first N of each)")
+        resources = select_resources(read_hostfile(request.hostfile), **request.filters)
+        if launcher == "slurm":
+            _check_in_allocation(resources, environ)
+    elif launcher == "slurm":
+        resources = select_resources(dict.fromkeys(allocation_hosts(environ), nproc), **request.filters)
+    elif launcher in ("ssh", "pdsh", "mpirun"):
+        raise UserInputError(f"--launcher {launcher} needs --hostfile (lines of 'HOST slots=N')")
+    else:
+        resources = _local_resources(nproc, request)
+    if request.node_rank is not None:
+        if not 0 <= request.node_rank < len(resources):
+            raise UserInputError(f"--node-rank {request.node_rank}: the plan has {len(resources)} node(s); give 0..{len(resources) - 1}")
+        if launcher not in (None, "local"):
+            raise UserInputError(f"--node-rank runs one node here, without a runner; drop --launcher {launcher}")
+        launcher = "local"
+    elif launcher is None:
+        launcher = "local" if not request.hostfile or _only_this_machine(resources) else "ssh"
+    elif launcher == "local" and not _only_this_machine(resources):
+        raise UserInputError(f"--launcher local runs on this machine only, and the plan has hosts {', '.join(resources)}; "
+                             "use --launcher ssh (or pdsh, slurm, mpirun)")
+    nodes = [Node(host, tuple(slots), rank) for rank, (host, slots) in enumerate(resources.items())]
+    master_addr = request.master_addr or ("127.0.0.1" if not request.hostfile and launcher == "local" else nodes[0].host)
+    if request.master_addr is None and len(nodes) > 1 and is_loopback(master_addr) \
+            and not all(is_this_machine(node.host) for node in nodes):
+        raise UserInputError(f"the master is the first host, {master_addr}, a loopback address the other hosts cannot "
+                             "reach: list the first host by a name or address the others can reach, or give --master-addr")
+    port = request.master_port or recipe_port
+    if port is None:
+        fixed = request.node_rank is not None or not is_this_machine(master_addr)
+        port = DEFAULT_MASTER_PORT if fixed else free_port()
+    return LaunchPlan(nodes, master_addr, port, backend, run_id, launcher=launcher), launcher
+
+
+def _local_resources(nproc: int, request: LaunchRequest) -> Resources:
+    """DeepSpeed without a hostfile: one host, `localhost`, with `nproc` slots; --num-gpus
+    sets the worker count outright (there is no slot count to check it against)."""
+    if request.num_nodes not in (None, 1):
+        raise UserInputError(f"--num-nodes {request.num_nodes} needs a hostfile that lists the nodes (--hostfile)")
+    count = request.num_gpus or nproc
+    return select_resources({"localhost": count}, include=request.include, exclude=request.exclude)
+
+
+def allocation_hosts(environ: dict[str, str]) -> list[str]:
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not environ.get("SLURM_JOB_ID") or not nodelist:
+        raise UserInputError("--launcher slurm runs inside a Slurm allocation (no SLURM_JOB_ID here): "
+                             "salloc -N2 sdtrain launch ... --launcher slurm, or sbatch launcher/slurm.sbatch")
+    return expand_hostlist(nodelist)
+
+
+def _check_in_allocation(resources: Resources, environ: dict[str, str]) -> None:
+    allocated = allocation_hosts(environ)
+    outside = [host for host in resources if host not in allocated]
+    if outside:
+        raise UserInputError(f"hosts {', '.join(outside)} are not in this Slurm allocation (nodes: {', '.join(allocated)})")
+
+
+def _only_this_machine(resources: Resources) -> bool:
+    return len(resources) == 1 and is_this_machine(next(iter(resources)))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_this_machine(host: str) -> bool:
+    """True if `host` names this machine: a loopback address, or one of its interfaces."""
+    if is_loopback(host) or host in (socket.gethostname(), socket.getfqdn()):
+        return True
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, UnicodeError):
+        return False
+    own = {a.address.split("%")[0] for nic in psutil.net_if_addrs().values() for a in nic}
+    return any(is_loopback(a) or a in own for a in addresses)
