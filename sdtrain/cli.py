@@ -95,24 +95,63 @@ def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json, **place
 
 @cli.command()
 @click.argument("recipe", default="recipes/quickstart.yaml")
-@click.option("--strategies", default="single,ddp", show_default=True, help="Comma-separated: single, ddp.")
-@click.option("--peers", default="", help="Comma-separated peers run in the same invocation: torch.")
-@click.option("--nproc", default=2, show_default=True, help="Workers for the multi-process strategies.")
+@click.option("--strategies", default="single,ddp", show_default=True,
+              help="Comma-separated: single, ddp (= zero0), zero0, zero1, zero2, zero3.")
+@click.option("--peers", default="", help="Comma-separated, run in the same invocation: torch, fsdp2, deepspeed.")
+@click.option("--nproc", default="2", show_default=True, help="Worker counts to measure at, e.g. 2,4.")
 @click.option("--steps", default=30, show_default=True, help="Steps per run (the first 5 are warm-up).")
 @click.option("--repeats", default=2, show_default=True, help="Alternating rounds; each entry keeps its best.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key.")
 @click.option("--json", "json_file", help="Also write the results to this JSON file.")
 def bench(recipe, strategies, peers, nproc, steps, repeats, overrides, json_file) -> None:
-    """Measure strategies (and peers) on RECIPE side by side: tokens/s, MFU, memory, ratios."""
+    """Measure strategies (and peers) on RECIPE side by side: tokens/s, memory, traffic, ratios."""
     from sdtrain.bench.run import run_bench
     from sdtrain.bench.table import bench_table
 
     split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
-    results = run_bench(recipe, split(strategies), split(peers), nproc, steps, repeats, list(overrides))
+    try:
+        worlds = [int(n) for n in split(nproc)]
+    except ValueError:
+        raise UserInputError(f"--nproc {nproc!r}: give worker counts like 2 or 2,4") from None
+    if not worlds or min(worlds) < 1:
+        raise UserInputError(f"--nproc {nproc!r}: give worker counts like 2 or 2,4")
+    results = run_bench(recipe, split(strategies), split(peers), worlds, steps, repeats, list(overrides))
     console.print(bench_table(results))
+    for note in results["notes"]:
+        console.print(f"note: {note}", markup=False)
     if json_file:
         with open(json_file, "w") as f:
             json.dump(results, f, indent=2)
+
+
+@cli.command()
+@click.argument("recipe", required=False)
+@click.option("--params", help="Parameter count instead of a recipe: 7.5e9, 7.5B, 350M, 124000000.")
+@click.option("--gpus", type=click.IntRange(min=1), required=True, help="Data-parallel devices.")
+@click.option("--precision", type=click.Choice(["mixed", "fp32"]), default="mixed", show_default=True,
+              help="mixed: bf16/fp16 weights + fp32 Adam (K=12); fp32: K=8.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def estimate(recipe, params, gpus, precision, as_json) -> None:
+    """Model-state memory per device for ZeRO stages 0-3 (ZeRO paper, Figure 1)."""
+    from sdtrain.parallel.memory import parse_count, per_device_bytes
+
+    if (recipe is None) == (params is None):
+        raise UserInputError("estimate needs a RECIPE or --params N (one of them)")
+    if recipe is not None:
+        from sdtrain.model.size import count_params
+        from sdtrain.recipe import load_recipe
+
+        params = count_params(load_recipe(recipe).model)
+    else:
+        params = parse_count(params)
+    per_device = per_device_bytes(params, gpus, precision)
+    if as_json:
+        click.echo(json.dumps({"params": params, "gpus": gpus, "precision": precision,
+                               "per_device_bytes": {str(k): round(v) for k, v in per_device.items()}}))
+        return
+    console.print(f"{params:,} parameters on {gpus} device(s), {precision} precision: model state per device")
+    for stage, size in per_device.items():
+        console.print(f"  ZeRO stage {stage}: {size / 1e9:8.2f} GB")
 
 
 @cli.command()

@@ -19,8 +19,8 @@ def test_bench_strategies_and_torch_peer(write_recipe, tmp_path):
         assert row["tokens_per_s"] > 0
     # A ratio measured side by side; on a shared 2-core machine it moves, so only a sanity
     # bound here (the closing note of each change reports the measured value).
-    assert 0.5 < rows["ddp"]["ratio_vs_torch_ddp"] < 2.0
-    assert "vs torch DDP" in result.stdout
+    assert 0.5 < rows["ddp"]["vs_torch-ddp"] < 2.0
+    assert "torch-ddp" in result.stdout
 
 
 def test_bench_bad_input_exits_2(write_recipe):

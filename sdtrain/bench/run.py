@@ -1,15 +1,16 @@
 """`sdtrain bench`: strategies and peers measured side by side, in one invocation.
 
 Each strategy is a real `sdtrain launch` of the recipe (fresh processes, the same code path
-a user runs); each peer is its own plain implementation of the same model and batch.
-Throughput is the median over logging intervals after the first (warm-up) one, and each
-entry keeps its best of `repeats` alternating rounds, since a shared machine's noise only
-ever slows a run down. The headline number is a ratio measured in the same run, never an
-absolute time.
+a user runs); each peer is its own implementation of the same model and batch (plain DDP,
+FSDP2, DeepSpeed ZeRO). Throughput is the median over logging intervals after the first
+(warm-up) one, and each entry keeps its best of `repeats` alternating rounds, since a
+shared machine's noise only ever slows a run down. The headline numbers are ratios
+measured in the same run, never absolute times.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -19,20 +20,27 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdtrain.batch import derive_batch
 from sdtrain.errors import UserInputError
 from sdtrain.launch.node import threads_per_worker
 from sdtrain.recipe import load_recipe
 
 INTERVAL = 5  # steps per throughput sample
+STAGES = {"single": 0, "ddp": 0, "zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
+PEERS = ("torch", "fsdp2", "deepspeed")
 
 
 @dataclass
 class Entry:
     name: str
-    world_size: int
+    world: int
     kind: str  # "sdtrain" or "peer"
+    stage: int  # the ZeRO stage it is, or is compared with
+    argv: list[str]  # what to run; {out} is replaced by a fresh path per round
     samples: list[float] = field(default_factory=list)  # tokens/s per round
     peak_mem_gib: list[float] = field(default_factory=list)
+    state_bytes: list[int] | None = None
+    comm_bytes: int | None = None
     mfu: float | None = None
 
     @property
@@ -40,67 +48,67 @@ class Entry:
         return max(self.samples) if self.samples else 0.0
 
 
-def strategy_settings(name: str, nproc: int) -> tuple[int, list[str]]:
-    """(world size, recipe overrides) for a strategy name."""
-    if name == "single":
-        return 1, ["parallel.zero_stage=0"]
-    if name in ("ddp", "zero0"):
-        return nproc, ["parallel.zero_stage=0"]
-    raise UserInputError(f"--strategies: unknown strategy {name!r}; available: single, ddp")
-
-
-def run_bench(recipe_path: str, strategies: list[str], peers: list[str], nproc: int, steps: int,
+def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds: list[int], steps: int,
               repeats: int, overrides: list[str]) -> dict:
     if steps < 3 * INTERVAL:
         raise UserInputError(f"--steps {steps}: need at least {3 * INTERVAL} for a warm-up interval and samples")
+    for name in strategies:
+        if name not in STAGES:
+            raise UserInputError(f"--strategies: unknown strategy {name!r}; available: {', '.join(STAGES)}")
     for peer in peers:
-        if peer != "torch":
-            raise UserInputError(f"--peers: unknown peer {peer!r}; available: torch")
-    plans = {name: strategy_settings(name, nproc) for name in strategies}
+        if peer not in PEERS:
+            raise UserInputError(f"--peers: unknown peer {peer!r}; available: {', '.join(PEERS)}")
     base = [*overrides, f"train.steps={steps}", f"log.every={INTERVAL}", "train.eval_every=0",
             "checkpoint.at_end=false", "checkpoint.every=0"]
-    # Validate every variant up front: a bad recipe fails before the first run, not after.
-    resolved = {name: load_recipe(recipe_path, [*base, *extra]) for name, (_, extra) in plans.items()}
-    entries = {name: Entry(name, world, "sdtrain") for name, (world, _) in plans.items()}
-    if "torch" in peers:
-        entries["torch-ddp"] = Entry("torch-ddp", nproc, "peer")
+    recipe = load_recipe(recipe_path, base)  # a bad recipe fails before the first run
+    notes = []
+    entries = []
+    for world in worlds:
+        for name in strategies:
+            w = 1 if name == "single" else world
+            if name == "single" and world != worlds[0]:
+                continue
+            load_recipe(recipe_path, [*base, f"parallel.zero_stage={STAGES[name]}"])
+            entries.append(_sdtrain_entry(name, w, recipe_path, base))
+        entries += _peer_entries(recipe, peers, strategies, world, notes)
     with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
         for round_index in range(repeats):
-            for name, (world, extra) in plans.items():
-                _measure_sdtrain(entries[name], recipe_path, [*base, *extra], world, Path(tmp) / f"{name}-{round_index}")
-                if name == "ddp" and "torch" in peers:
-                    _measure_torch_peer(entries["torch-ddp"], resolved[name], world, Path(tmp) / f"peer-{round_index}.json")
-            if "torch" in peers and "ddp" not in plans:
-                _measure_torch_peer(entries["torch-ddp"], resolved[next(iter(plans))], nproc, Path(tmp) / f"peer-{round_index}.json")
-    return _report(entries, resolved[next(iter(plans))], steps, repeats)
+            for i, entry in enumerate(entries):
+                _measure(entry, Path(tmp) / f"{i}-{round_index}")
+    return _report(entries, recipe, steps, repeats, notes)
 
 
-def _measure_sdtrain(entry: Entry, recipe_path: str, overrides: list[str], world: int, run_dir: Path) -> None:
-    args = [sys.executable, "-m", "sdtrain", "launch", recipe_path, "--nproc-per-node", str(world),
-            "--run-dir", str(run_dir)]
-    for override in overrides:
-        args += ["--set", override]
-    _run(args, f"sdtrain {entry.name}", _thread_env(world))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    entry.samples.append(statistics.median(r["tokens_per_s"] for r in rows[1:]))
-    entry.peak_mem_gib = json.loads((run_dir / "summary.json").read_text())["peak_mem_gib"]
-    entry.mfu = rows[-1]["mfu"]
+def _sdtrain_entry(name: str, world: int, recipe_path: str, base: list[str]) -> Entry:
+    argv = [sys.executable, "-m", "sdtrain", "launch", recipe_path, "--nproc-per-node", str(world), "--run-dir", "{out}"]
+    for override in [*base, f"parallel.zero_stage={STAGES[name]}"]:
+        argv += ["--set", override]
+    return Entry(f"{name}" if world == 1 else f"{name}", world, "sdtrain", STAGES[name], argv)
 
 
-def _measure_torch_peer(entry: Entry, recipe, world: int, out: Path) -> None:
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-            "-m", "sdtrain.bench.peer_ddp", "--recipe-json", json.dumps(recipe_for_world(recipe, world)),
-            "--out", str(out), "--interval", str(INTERVAL)]
-    _run(args, "torch DDP peer", _thread_env(world))
-    result = json.loads(out.read_text())
-    entry.samples.append(statistics.median(result["tokens_per_s"][1:]))
-    entry.peak_mem_gib = result["peak_mem_gib"]
+def _peer_entries(recipe, peers: list[str], strategies: list[str], world: int, notes: list[str]) -> list[Entry]:
+    stages = sorted({STAGES[s] for s in strategies if s != "single"})
+    wanted = []
+    if "torch" in peers:
+        wanted.append(("torch-ddp", "peer_ddp", "", 0))
+    if "fsdp2" in peers:
+        wanted += [("fsdp2-keep", "peer_fsdp2", "keep", 2), ("fsdp2-reshard", "peer_fsdp2", "reshard", 3)]
+    if "deepspeed" in peers:
+        if importlib.util.find_spec("deepspeed") is None:
+            notes.append("deepspeed: not installed, skipped (DS_BUILD_OPS=0 pip install deepspeed --no-build-isolation)")
+        else:
+            wanted += [(f"deepspeed-z{s}", "peer_deepspeed", str(s), s) for s in stages]
+    recipe_json = json.dumps(recipe_for_world(recipe, world))
+    return [
+        Entry(name, world, "peer", stage,
+              [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+               "-m", f"sdtrain.bench.{module}", "--recipe-json", recipe_json, "--out", "{out}",
+               "--interval", str(INTERVAL), "--option", option])
+        for name, module, option, stage in wanted
+    ]
 
 
 def recipe_for_world(recipe, world: int) -> dict:
-    """The recipe with its batch split resolved for `world` ranks, as the peer needs it."""
-    from sdtrain.batch import derive_batch
-
+    """The recipe with its batch split resolved for `world` ranks, as a peer needs it."""
     t = recipe.train
     plan = derive_batch(t.global_batch_size, t.micro_batch_size, t.grad_accum_steps, world)
     data = recipe.model_dump(mode="json")
@@ -109,27 +117,42 @@ def recipe_for_world(recipe, world: int) -> dict:
     return data
 
 
-def _thread_env(world: int) -> dict:
-    # The same thread budget for sdtrain and its peer, whatever each launcher defaults to.
-    return {**os.environ, "OMP_NUM_THREADS": str(threads_per_worker(world))}
-
-
-def _run(args: list[str], what: str, env: dict) -> None:
-    result = subprocess.run(args, capture_output=True, text=True, env=env)
+def _measure(entry: Entry, out: Path) -> None:
+    argv = [str(out) if arg == "{out}" else arg for arg in entry.argv]
+    # The same thread budget for sdtrain and its peers, whatever each launcher defaults to.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_worker(entry.world))}
+    result = subprocess.run(argv, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
-        raise RuntimeError(f"{what} failed (exit {result.returncode}):\n{tail}")
+        raise RuntimeError(f"bench entry {entry.name} (world {entry.world}) failed (exit {result.returncode}):\n{tail}")
+    if entry.kind == "sdtrain":
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((out / "summary.json").read_text())
+        entry.samples.append(statistics.median(r["tokens_per_s"] for r in rows[1:]))
+        entry.peak_mem_gib = summary["peak_mem_gib"]
+        entry.state_bytes = [sum(s.values()) for s in summary["model_state_bytes"]]
+        entry.comm_bytes = rows[-1].get("comm_bytes")
+        entry.mfu = rows[-1]["mfu"]
+    else:
+        result = json.loads(out.read_text())
+        entry.samples.append(statistics.median(result["tokens_per_s"][1:]))
+        entry.peak_mem_gib = result["peak_mem_gib"]
 
 
-def _report(entries: dict[str, Entry], recipe, steps: int, repeats: int) -> dict:
-    peer = entries.get("torch-ddp")
+def _report(entries: list[Entry], recipe, steps: int, repeats: int, notes: list[str]) -> dict:
     rows = []
-    for entry in entries.values():
-        row = {"name": entry.name, "kind": entry.kind, "world_size": entry.world_size,
+    plan_tokens = {e.world: recipe_for_world(recipe, e.world)["train"]["global_batch_size"] * recipe.model.seq_len
+                   for e in entries}
+    for entry in entries:
+        row = {"name": entry.name, "kind": entry.kind, "world_size": entry.world, "zero_stage": entry.stage,
                "tokens_per_s": round(entry.tokens_per_s, 1), "rounds": [round(s, 1) for s in entry.samples],
-               "mfu": entry.mfu, "peak_mem_gib": entry.peak_mem_gib}
-        if peer is not None and entry.kind == "sdtrain" and entry.world_size == peer.world_size and peer.tokens_per_s:
-            row["ratio_vs_torch_ddp"] = round(entry.tokens_per_s / peer.tokens_per_s, 3)
+               "step_s": round(plan_tokens[entry.world] / entry.tokens_per_s, 4) if entry.tokens_per_s else None,
+               "mfu": entry.mfu, "peak_mem_gib": entry.peak_mem_gib, "model_state_bytes": entry.state_bytes,
+               "comm_bytes_per_step": entry.comm_bytes}
+        if entry.kind == "sdtrain":
+            for peer in entries:
+                if peer.kind == "peer" and peer.world == entry.world and peer.stage == entry.stage and peer.tokens_per_s:
+                    row[f"vs_{peer.name}"] = round(entry.tokens_per_s / peer.tokens_per_s, 3)
         rows.append(row)
-    return {"recipe": recipe.name, "model": recipe.model.model_dump(), "steps": steps, "repeats": repeats,
-            "results": rows}
+    return {"recipe": recipe.name, "model": recipe.model.model_dump(), "precision": recipe.train.precision,
+            "steps": steps, "repeats": repeats, "results": rows, "notes": notes}

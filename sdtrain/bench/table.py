@@ -6,18 +6,24 @@ from rich.table import Table
 
 
 def bench_table(results: dict) -> Table:
-    table = Table(title=f"sdtrain bench: {results['recipe']}, {results['steps']} steps, best of {results['repeats']}")
-    for column in ("run", "world", "tokens/s", "rounds", "MFU", "peak RSS / rank (GiB)", "vs torch DDP"):
-        table.add_column(column, justify="right" if column != "run" else "left")
+    title = (f"sdtrain bench: {results['recipe']}, {results['precision']}, {results['steps']} steps, "
+             f"best of {results['repeats']}")
+    table = Table(title=title)
+    columns = ("run", "world", "step s", "tokens/s", "peak RSS/rank GiB", "model state/rank MiB", "comm/step MiB", "ratios")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("run", "ratios") else "right")
     for row in results["results"]:
-        ratio = row.get("ratio_vs_torch_ddp")
+        ratios = ", ".join(f"{k.removeprefix('vs_')} {v:.2f}" for k, v in row.items() if k.startswith("vs_"))
+        state = row["model_state_bytes"]
+        comm = row["comm_bytes_per_step"]
         table.add_row(
             row["name"] + (" (peer)" if row["kind"] == "peer" else ""),
             str(row["world_size"]),
+            f"{row['step_s']:.3f}" if row["step_s"] else "-",
             f"{row['tokens_per_s']:,.0f}",
-            ", ".join(f"{s:,.0f}" for s in row["rounds"]),
-            f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-",
             ", ".join(f"{m:.2f}" for m in row["peak_mem_gib"]),
-            f"{ratio:.3f}" if ratio is not None else "",
+            f"{max(state) / 2**20:.1f}" if state else "-",
+            f"{comm / 2**20:.1f}" if comm is not None else "-",
+            ratios,
         )
     return table

@@ -8,6 +8,7 @@ import contextlib
 
 import torch
 import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from sdtrain.parallel.mesh import DistEnv
@@ -25,6 +26,8 @@ class DataParallel(Strategy):
                 process_group=env.dp_group,
                 gradient_as_bucket_view=True,  # grads live in the buckets: one copy fewer
             )
+            model.register_comm_hook(self, _counting_allreduce)
+        self.comm_counted = 0
         self.model = model
         self.named = [(base_name(n), p) for n, p in self.plain.named_parameters()]
         params = [p for _, p in self.named]
@@ -80,8 +83,19 @@ class DataParallel(Strategy):
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
+    def comm_bytes(self) -> dict[str, int]:
+        counted, self.comm_counted = self.comm_counted, 0
+        return {"all_reduce": counted}
+
     def state_bytes(self) -> dict[str, int]:
         params = [p for _, p in self.named]
         optim = [t for p in params for t in self.optimizer.state[p].values() if t.dim() > 0]
         return {"params": tensor_bytes(params), "grads": tensor_bytes(p.grad for p in params),
                 "optimizer": tensor_bytes(optim)}
+
+
+def _counting_allreduce(strategy: DataParallel, bucket):
+    """DDP's own all-reduce of a gradient bucket, with its bytes counted."""
+    tensor = bucket.buffer()
+    strategy.comm_counted += tensor.numel() * tensor.element_size()
+    return default_hooks.allreduce_hook(strategy.env.dp_group, bucket)

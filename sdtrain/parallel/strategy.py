@@ -18,9 +18,8 @@ ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 def base_name(name: str) -> str:
     """A parameter's name in the plain model, whatever wrappers were applied around it."""
-    for wrapper in ("module.", "_checkpoint_wrapped_module.", "_orig_mod."):
-        name = name.replace(wrapper, "")
-    return name
+    name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+    return name.removeprefix("module.")  # DDP
 
 
 def decays(param: torch.Tensor) -> bool:

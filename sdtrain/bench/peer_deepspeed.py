@@ -1,0 +1,53 @@
+"""Peer: DeepSpeed ZeRO at `--option STAGE` (0-3), with torch's AdamW as the client
+optimizer (no DeepSpeed op to compile), started by torchrun on gloo."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from sdtrain.bench.peer_common import build_model, micro_batches, parse_args, timed_loop
+
+
+def main() -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    args, recipe = parse_args()
+    t = recipe["train"]
+    stage = int(args.option or 0)
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = build_model(recipe)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=(t["beta1"], t["beta2"]),
+                                  weight_decay=t["weight_decay"])
+    config = {
+        "train_micro_batch_size_per_gpu": t["micro_batch_size"],
+        "gradient_accumulation_steps": t["grad_accum_steps"],
+        "gradient_clipping": t["grad_clip"],
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage, "overlap_comm": True,
+                              "reduce_bucket_size": int(recipe["parallel"]["zero"]["reduce_bucket_mb"] * 2**20),
+                              "stage3_prefetch_bucket_size": 0 if stage < 3 else 5e7},
+        "bf16": {"enabled": t["precision"] == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    generator = torch.Generator().manual_seed(t["seed"] + dist.get_rank())
+
+    def train_step(step):
+        for inputs, targets in micro_batches(recipe, generator):
+            logits, _ = engine(inputs)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+        return loss
+
+    timed_loop(recipe, args, train_step)
+
+
+if __name__ == "__main__":
+    main()

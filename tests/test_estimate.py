@@ -1,0 +1,37 @@
+"""`sdtrain estimate`: the ZeRO paper's Figure 1 numbers, from the command line."""
+
+import json
+
+import pytest
+
+from conftest import REPO, sdtrain
+from sdtrain.model import GPT, GPTConfig
+
+
+def estimate(*args):
+    result = sdtrain("estimate", *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_reproduces_zero_paper_figure_1():
+    """7.5B parameters, 64 GPUs, K = 12: 120 GB, 31.4 GB, 16.6 GB, 1.9 GB."""
+    out = estimate("--params", "7.5B", "--gpus", 64)
+    assert out["params"] == 7_500_000_000 and out["gpus"] == 64
+    gb = {stage: round(b / 1e9, 1) for stage, b in out["per_device_bytes"].items()}
+    assert gb == {"0": 120.0, "1": 31.4, "2": 16.6, "3": 1.9}
+
+
+def test_fp32_variant_and_recipe_input():
+    out = estimate("--params", "1000", "--gpus", 4, "--precision", "fp32")
+    assert out["per_device_bytes"] == {"0": 16000, "1": 10000, "2": 7000, "3": 4000}
+    out = estimate(REPO / "recipes" / "gpt2-124m.yaml", "--gpus", 8)
+    model = GPT(GPTConfig(n_layers=12, d_model=768, n_heads=12, seq_len=1024, vocab_size=50304, bias=False))
+    assert out["params"] == model.num_params()
+    assert out["per_device_bytes"]["0"] == 16 * model.num_params()
+
+
+@pytest.mark.parametrize("args", [("--gpus", 8), ("--params", "lots", "--gpus", 8), ("--params", "1B", "--gpus", 0),
+                                  ("--params", "1B"), (REPO / "recipes" / "quickstart.yaml", "--params", "1B", "--gpus", 2)])
+def test_bad_input_exits_2(args):
+    assert sdtrain("estimate", *args).returncode == 2
