@@ -136,7 +136,9 @@ class Supervisor:
         while True:
             self._remember_descendants()
             codes = [p.poll() for p in self.procs]
-            self.failed_first = [i for i, code in enumerate(codes) if code not in (None, 0)]
+            # A failure report is the earliest sign: runners such as mpirun take seconds to
+            # exit after their node agent did.
+            self.failed_first = sorted({i for i, code in enumerate(codes) if code not in (None, 0)} | self.reported)
             if self.interrupted or self.failed_first:
                 return
             if all(code == 0 for code in codes):

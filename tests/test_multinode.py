@@ -1,0 +1,224 @@
+"""Multi-node launches through real runners: two "nodes", 127.0.0.1 and 127.0.0.2, reached
+through a real sshd (ssh, pdsh, mpirun) or a real two-node Slurm on this machine.
+
+Every run is checked against the single-process run of the same recipe, and the fail-fast
+figures are measured: a worker on the second node killed mid-run ends every process of the
+job on every node within 10 s, the launcher exits 1 and names host, rank, exit and log.
+
+The ssh tests (and pdsh's run where pdsh is installed) are part of `make test`; the rest
+are `slow` and run with `make test-multinode`, which first installs the programs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+
+from cluster import HOSTS, program, running_slurm, running_sshd
+from conftest import REPO, TINY, losses, merge, metrics, sdtrain
+
+pytestmark = pytest.mark.multinode
+REL_TOL = 1e-5
+SHORT = merge(TINY, {"train": {"steps": 6}})
+LONG = merge(TINY, {"train": {"steps": 5000}})
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    with running_sshd(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The single-process run every multi-node run must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    recipe = write(tmp, SHORT)
+    result = sdtrain("launch", recipe, "--nproc-per-node", 1, "--run-dir", tmp / "run")
+    assert result.returncode == 0, result.stderr
+    return losses(tmp / "run")
+
+
+def write(folder, recipe) -> str:
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def hostfile(folder, hosts=HOSTS, slots=2) -> str:
+    path = folder / "hostfile"
+    path.write_text("# two loopback nodes\n" + "".join(f"{h} slots={slots}\n" for h in hosts))
+    return str(path)
+
+
+def ssh_args(sshd, folder, launcher="ssh", hosts=HOSTS) -> list[str]:
+    return ["--hostfile", hostfile(folder, hosts), "--launcher", launcher,
+            "--ssh-port", str(sshd.port), "--ssh-options", sshd.options]
+
+
+def check_matches(reference, run_dir, world_size=4):
+    got = losses(run_dir)
+    assert len(got) == len(reference)
+    for step, (a, b) in enumerate(zip(reference, got), 1):
+        assert abs(a - b) <= REL_TOL * abs(a), f"step {step}: 1 process {a} vs {world_size} ranks on 2 nodes {b}"
+    for rank in range(world_size):
+        assert f"rank {rank}: model" in (run_dir / "logs" / f"rank{rank}.log").read_text()
+    assert (run_dir / "summary.json").read_text().count(f'"world_size": {world_size}') == 1
+
+
+def job_processes(run_dir):
+    """Every process of the job on every node (all nodes are this machine)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = p.info["cmdline"] or []
+        if p.pid != os.getpid() and any(str(run_dir) in arg for arg in cmdline):
+            found.append(p)
+    return found
+
+
+def start(args, run_dir, prefix=(), env=None):
+    return subprocess.Popen([*prefix, sys.executable, "-m", "sdtrain", "launch", *map(str, args), "--run-dir", str(run_dir)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def wait_for_steps(launcher, run_dir, steps=3, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= steps:
+            return
+        if launcher.poll() is not None:
+            pytest.fail(f"the launcher ended before training: {launcher.communicate()}")
+        time.sleep(0.2)
+    launcher.kill()
+    pytest.fail(f"no training step within {timeout} s: {launcher.communicate()}")
+
+
+def worker(run_dir, rank):
+    for p in job_processes(run_dir):
+        try:
+            if "sdtrain.worker" in " ".join(p.cmdline()) and p.environ().get("RANK") == str(rank):
+                return p
+        except psutil.NoSuchProcess:
+            continue
+    pytest.fail(f"no worker with rank {rank}")
+
+
+def kill_rank_and_check_fail_fast(launcher, run_dir, rank=3, host=HOSTS[1]):
+    """The fail-fast figures: every process of the job on every node gone within 10 s,
+    exit 1, and the root cause named with host, rank, exit and the rank's last log lines."""
+    wait_for_steps(launcher, run_dir)
+    procs = job_processes(run_dir)
+    victim = worker(run_dir, rank)
+    killed_at = time.monotonic()
+    victim.kill()
+    out, err = launcher.communicate(timeout=60)
+    exited_after = time.monotonic() - killed_at
+    gone, alive = psutil.wait_procs(procs, timeout=max(0.1, 10 - (time.monotonic() - killed_at)))
+    all_gone_after = time.monotonic() - killed_at
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"left behind: {[(p.pid, p.cmdline()[:4]) for p in alive]}"
+    assert launcher.returncode == 1, out + err
+    assert exited_after < 10 and all_gone_after < 10, f"launcher exit {exited_after:.1f} s, all gone {all_gone_after:.1f} s"
+    assert f"root cause: rank {rank} on {host}" in err and "killed by SIGKILL" in err, err
+    assert f"pid {victim.pid}" in err and f"rank {rank}: model" in err  # the last lines of its log
+    assert not job_processes(run_dir)
+    print(f"\nteardown after killing rank {rank} on {host}: launcher exit {exited_after:.2f} s, "
+          f"every process gone {all_gone_after:.2f} s")
+
+
+@pytest.mark.parametrize("launcher", ["ssh", "pdsh"])
+def test_two_nodes_match_one_process(sshd, reference, tmp_path, launcher):
+    if launcher == "pdsh":
+        program("pdsh", "pdsh")
+    run_dir = tmp_path / "run"
+    result = sdtrain("launch", write(tmp_path, SHORT), *ssh_args(sshd, tmp_path, launcher), "--run-dir", run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"4 worker(s) on 2 nodes ({launcher})" in result.stdout
+    check_matches(reference, run_dir)
+
+
+def test_ssh_killed_worker_on_second_node_stops_every_node(sshd, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = start([write(tmp_path, LONG), *ssh_args(sshd, tmp_path)], run_dir)
+    kill_rank_and_check_fail_fast(launcher, run_dir)
+
+
+def test_ssh_ctrl_c_reaches_every_node(sshd, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = start([write(tmp_path, LONG), *ssh_args(sshd, tmp_path)], run_dir)
+    wait_for_steps(launcher, run_dir)
+    procs = job_processes(run_dir)
+    assert len([p for p in procs if "sdtrain.worker" in " ".join(p.cmdline())]) == 4
+    launcher.send_signal(signal.SIGINT)
+    out, err = launcher.communicate(timeout=30)
+    assert launcher.returncode == 130, out + err
+    assert "interrupted (SIGINT)" in err
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_unreachable_node_is_named_and_the_others_stop(sshd, tmp_path):
+    """127.0.0.3 has no sshd: ssh fails (255), and the launcher says so, not 'exit 1'."""
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    result = sdtrain("launch", write(tmp_path, LONG), *ssh_args(sshd, tmp_path, hosts=("127.0.0.1", "127.0.0.3")),
+                     "--run-dir", run_dir, timeout=60)
+    assert result.returncode == 1
+    err = " ".join(result.stderr.split())
+    assert "node 1 (127.0.0.3) failed before any rank reported: exit code 255" in err
+    assert "ssh could not connect" in err and "Connection refused" in err
+    assert time.monotonic() - started < 30
+    assert not job_processes(run_dir)
+
+
+@pytest.mark.slow
+def test_pdsh_killed_worker_on_second_node_stops_every_node(sshd, tmp_path):
+    program("pdsh", "pdsh")
+    run_dir = tmp_path / "run"
+    launcher = start([write(tmp_path, LONG), *ssh_args(sshd, tmp_path, "pdsh")], run_dir)
+    kill_rank_and_check_fail_fast(launcher, run_dir)
+
+
+@pytest.mark.slow
+def test_mpirun_two_nodes(sshd, reference, tmp_path):
+    program("mpirun", "openmpi-bin")
+    run_dir = tmp_path / "run"
+    result = sdtrain("launch", write(tmp_path, SHORT), *ssh_args(sshd, tmp_path, "mpirun"), "--run-dir", run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    check_matches(reference, run_dir)
+    run_dir = tmp_path / "killed"
+    launcher = start([write(tmp_path, LONG), *ssh_args(sshd, tmp_path, "mpirun")], run_dir)
+    kill_rank_and_check_fail_fast(launcher, run_dir)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    with running_slurm(tmp_path_factory.mktemp("slurm")) as env:
+        yield env
+
+
+@pytest.mark.slow
+def test_slurm_allocation_two_nodes(slurm, reference, tmp_path):
+    """salloc -N2 around `sdtrain launch --launcher slurm`: no hostfile, the allocation's
+    nodes n1 and n2 (both this machine, hence --master-addr)."""
+    run_dir = tmp_path / "run"
+    args = [write(tmp_path, SHORT), "--launcher", "slurm", "--nproc-per-node", 2, "--master-addr", "127.0.0.1"]
+    result = subprocess.run(["salloc", "-N2", sys.executable, "-m", "sdtrain", "launch", *map(str, args), "--run-dir", str(run_dir)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env=slurm)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 worker(s) on 2 nodes (slurm)" in result.stdout
+    check_matches(reference, run_dir)
+    assert [m["step"] for m in metrics(run_dir)] == list(range(1, len(reference) + 1))
+    run_dir = tmp_path / "killed"
+    args[0] = write(tmp_path, LONG)
+    launcher = start(args, run_dir, prefix=("salloc", "-N2"), env=slurm)
+    kill_rank_and_check_fail_fast(launcher, run_dir, host="n2")
