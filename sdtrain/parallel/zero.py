@@ -37,7 +37,7 @@ class Zero(Strategy):
         self.param_dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
         self.comm = Comm(env.dp_group, overlap=cfg.overlap_comm)
         self.units = self._build_units(model, cfg)
-        self.owner = {p: unit for unit in self.units for p in unit.params}
+        self.owner = {e.param: (unit, e) for unit in self.units for e in unit.entries}
         model.to(self.param_dtype)  # buffers, if any; the weights were re-homed by the units
         for unit in self.units:
             self._shard_state(unit)
@@ -130,10 +130,9 @@ class Zero(Strategy):
 
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         """Stage 2/3: move a finished gradient into its bucket; reduce-scatter a full bucket."""
-        unit = self.owner[param]
+        unit, e = self.owner[param]
         if unit.grad_full is None:
             unit.grad_full = torch.zeros(unit.padded, dtype=self.param_dtype, device=self.env.device)
-        e = next(e for e in unit.entries if e.param is param)
         unit.grad_full[e.offset : e.offset + e.numel].copy_(param.grad.reshape(-1))
         param.grad = None
         unit.waiting -= 1
