@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdtrain-installed
 
-.PHONY: setup run test test-slow bench clean
+.PHONY: setup run test test-slow test-multinode bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow
+
+# Every multi-node test (ssh, pdsh, Slurm, OpenMPI), after installing what is missing.
+test-multinode: setup
+	.ci/install-multinode --all
+	$(PY) -m pytest -m multinode
 
 bench: setup
 	$(VENV)/bin/sdtrain bench recipes/quickstart.yaml --peers torch

@@ -24,16 +24,15 @@ def cli() -> None:
     """Distributed training launcher and job runner for PyTorch."""
 
 
-def multi_node_options(command):
-    """The DeepSpeed launcher's flags (its spellings with underscores work too)."""
+def host_options(command):
+    """Which hosts and slots, and how to reach them: DeepSpeed's flags (its spellings with
+    underscores work too)."""
     options = [
         click.option("-H", "--hostfile", help="Hostfile: 'HOST slots=N' lines, in rank order (DeepSpeed's format)."),
         click.option("-i", "--include", default="", help="Only these hosts/slots: HOST[:SLOT,SLOT][@HOST...]."),
         click.option("-e", "--exclude", default="", help="All but these hosts/slots: HOST[:SLOT,SLOT][@HOST...]."),
         click.option("--num-nodes", "--num_nodes", "num_nodes", type=int, help="Use the first N hosts."),
         click.option("--num-gpus", "--num_gpus", "num_gpus", type=int, help="Use the first N slots of each host."),
-        click.option("--launcher", type=click.Choice(["local", "ssh", "pdsh", "slurm", "mpirun"]),
-                     help="How nodes are started (default: local, or ssh with a hostfile)."),
         click.option("--master-addr", "--master_addr", "master_addr", help="Rendezvous address (default: the first host)."),
         click.option("--master-port", "--master_port", "master_port", type=click.IntRange(1024, 65535),
                      help="Rendezvous port (default: recipe launch.master_port, a free port, or 29500 on a remote master)."),
@@ -48,7 +47,9 @@ def multi_node_options(command):
 @cli.command()
 @click.argument("recipe")
 @click.option("--nproc-per-node", type=int, help="Workers on this node (default: recipe launch.nproc_per_node).")
-@multi_node_options
+@host_options
+@click.option("--launcher", type=click.Choice(["local", "ssh", "pdsh", "slurm", "mpirun"]),
+              help="How nodes are started (default: local, or ssh with a hostfile).")
 @click.option("--node-rank", "--node_rank", "node_rank", type=int,
               help="Run only node R of the plan here (every node starts its own launcher, e.g. on Kubernetes).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. train.steps=50.")
@@ -91,6 +92,27 @@ def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json, **place
     print_failure(err_console, job, outcome)
     err_console.print(f"[red]run failed[/] after {outcome.wall_s:.1f} s; per-rank logs in {job.run_dir / 'logs'}")
     sys.exit(1)
+
+
+@cli.command()
+@host_options
+def preflight(**hosts) -> None:
+    """Check every host of --hostfile before a launch: ssh, versions, devices, master port and address."""
+    from sdtrain.launch.job import remote_setup
+    from sdtrain.launch.placement import LaunchRequest
+    from sdtrain.launch.preflight import preflight_table, run_preflight
+
+    if not hosts["hostfile"]:
+        raise UserInputError("preflight checks the hosts of a hostfile: give --hostfile F")
+    request = LaunchRequest(**hosts)
+    reports = run_preflight(request, remote_setup(request))
+    console.print(preflight_table(reports))
+    hints = [(r.node.host, hint) for r in reports for hint in r.hints]
+    for host, hint in hints:
+        console.print(f"[red]✗[/] {host}: {hint}", highlight=False)
+    if hints or any(r.failed for r in reports):
+        sys.exit(1)
+    console.print(f"[green]all {len(reports)} host(s) ready[/]")
 
 
 @cli.command()

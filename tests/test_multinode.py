@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -222,3 +223,23 @@ def test_slurm_allocation_two_nodes(slurm, reference, tmp_path):
     args[0] = write(tmp_path, LONG)
     launcher = start(args, run_dir, prefix=("salloc", "-N2"), env=slurm)
     kill_rank_and_check_fail_fast(launcher, run_dir, host="n2")
+
+
+def test_preflight_all_hosts_ready(sshd, tmp_path):
+    result = sdtrain("preflight", "--hostfile", hostfile(tmp_path), "--ssh-port", sshd.port, "--ssh-options", sshd.options)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all 2 host(s) ready" in result.stdout and "✗" not in result.stdout
+    assert result.stdout.count("✓ reachable") == 2 and "(lo)" in result.stdout
+
+
+def test_preflight_names_every_failure_with_a_hint(sshd, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = sdtrain("preflight", "--hostfile", hostfile(tmp_path, ("127.0.0.1", "127.0.0.3")), "--master-port", port,
+                         "--ssh-port", sshd.port, "--ssh-options", sshd.options)
+    assert result.returncode == 1
+    out = " ".join(result.stdout.split())
+    assert f"✗ {port} in use" in out and "✗ 127.0.0.1: master port: stop what listens there" in out
+    assert "✗ 127.0.0.3: ssh: `ssh -F /dev/null" in out and "must work without a password prompt" in out
