@@ -9,6 +9,7 @@ ratio measures the framework, not a different network.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -17,6 +18,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from sdtrain.model import GPT, GPTConfig
 
@@ -63,3 +65,26 @@ def timed_loop(recipe, args, train_step: Callable[[int], torch.Tensor], extra: C
         with open(args.out, "w") as f:
             json.dump({"tokens_per_s": samples, "peak_mem_gib": [round(p.item(), 3) for p in peaks],
                        "omp_threads": os.environ.get("OMP_NUM_THREADS"), **extra()}, f)
+
+
+def train_plain(model, recipe, args, sync: Callable[[bool], object] = lambda last: contextlib.nullcontext()) -> None:
+    """The loop the plain-PyTorch peers share: micro-batches (gradient sync only on the last
+    one, through `sync`), global-norm clipping, AdamW; timed by timed_loop."""
+    t = recipe["train"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=(t["beta1"], t["beta2"]),
+                                  weight_decay=t["weight_decay"])
+    generator = torch.Generator().manual_seed(t["seed"] + dist.get_rank())
+    accum = t["grad_accum_steps"]
+
+    def train_step(step):
+        for i, (inputs, targets) in enumerate(micro_batches(recipe, generator)):
+            with sync(i == accum - 1):
+                logits, _ = model(inputs)
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+                (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"] or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    timed_loop(recipe, args, train_step)

@@ -73,7 +73,7 @@ class Zero(Strategy):
             self.root_unit = make("root", rest) if rest else None
             self.persistent_unit = make("persistent", persistent) if persistent else None
             return [u for u in (*self.block_units, self.root_unit, self.persistent_unit) if u is not None]
-        limit = cfg.reduce_bucket_mb * 2**20 / torch.finfo(self.param_dtype).bits * 8
+        limit = cfg.reduce_bucket_mb * 2**20 / (torch.finfo(self.param_dtype).bits // 8)  # elements
         units, bucket, size = [], [], 0
         for name, p in reversed(named):
             bucket.append((name, p))
@@ -206,13 +206,15 @@ class Zero(Strategy):
         self._publish_weights()
 
     def _publish_weights(self) -> None:
-        """New master weights -> the weights forward reads (cast, and all-gathered for 1/2)."""
+        """New master weights -> the weights forward reads: cast into the local shard, then
+        all-gathered where whole weights are kept (stages 1/2, stage 3's persistent unit);
+        stage 3 blocks gather theirs when they next run."""
         works = []
         for unit in self.units:
             local = unit.shard if self.stage == 3 else unit.own_slice(unit.full)
             if local.data_ptr() != unit.master.data_ptr():
                 local.copy_(unit.master)
-            if self.stage < 3:
+            if self.stage < 3 or unit.name == "persistent":
                 works.append(self.comm.all_gather(unit.full, local.clone(), async_op=True))
         for work in works:
             work.wait()
