@@ -24,6 +24,7 @@ import yaml
 
 from cluster import HOSTS, program, running_slurm, running_sshd
 from conftest import REPO, TINY, losses, merge, metrics, sdtrain
+from sdtrain.launch.plan import free_port
 
 pytestmark = pytest.mark.multinode
 REL_TOL = 1e-5
@@ -243,3 +244,44 @@ def test_preflight_names_every_failure_with_a_hint(sshd, tmp_path):
     out = " ".join(result.stdout.split())
     assert f"✗ {port} in use" in out and "✗ 127.0.0.1: master port: stop what listens there" in out
     assert "✗ 127.0.0.3: ssh: `ssh -F /dev/null" in out and "must work without a password prompt" in out
+
+
+def test_every_node_its_own_launcher_with_node_rank(reference, tmp_path):
+    """The Kubernetes way (launcher/kubernetes.yaml): no runner, each node starts
+    `sdtrain launch --hostfile F --node-rank R` itself; they meet at the master port."""
+    run_dir, port = tmp_path / "run", free_port()
+    args = [write(tmp_path, SHORT), "--hostfile", hostfile(tmp_path), "--master-port", port]
+    nodes = [start([*args, "--node-rank", rank], run_dir) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    check_matches(reference, run_dir)
+
+
+@pytest.mark.slow
+def test_slurm_batch_script(slurm, reference, tmp_path):
+    """launcher/slurm.sbatch as a cluster admin would submit it (no GPUs here: overridden)."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        ["sbatch", "--wait", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path / 'job.out'}",
+         "launcher/slurm.sbatch", write(tmp_path, SHORT), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--run-dir", str(run_dir)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=slurm)
+    assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "job.out").read_text()
+    assert "4 worker(s) on 2 nodes (slurm)" in (tmp_path / "job.out").read_text()
+    check_matches(reference, run_dir)
+
+
+def test_cluster_files_are_valid():
+    """launcher/: the batch script parses, the manifest's recipe and hostfile validate."""
+    from sdtrain.launch.hostfile import parse_hostfile
+    from sdtrain.recipe import validate_recipe
+
+    assert subprocess.run(["bash", "-n", str(REPO / "launcher" / "slurm.sbatch")]).returncode == 0
+    docs = list(yaml.safe_load_all((REPO / "launcher" / "kubernetes.yaml").read_text()))
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert list(parse_hostfile(config["hostfile"])) == ["sdtrain-0.sdtrain", "sdtrain-1.sdtrain"]
+    validate_recipe(yaml.safe_load(config["recipe.yaml"]), source="launcher/kubernetes.yaml")
+    job = next(d for d in docs if d["kind"] == "Job")["spec"]
+    assert job["completionMode"] == "Indexed" and job["backoffLimit"] == 0 and job["completions"] == 2
+    for name in ("example", "loopback"):
+        parse_hostfile((REPO / "hostfiles" / name).read_text())

@@ -161,13 +161,14 @@ def resolve_resume(recipe: Recipe, run_dir: Path) -> Path | None:
 def prepare_run_dir(job: Job) -> Path | None:
     """Create the run directory and write the resolved recipe. A fresh run never overwrites
     an earlier one: that is moved aside first. Returns where it went, if anywhere.
-    Under --node-rank only node 0 prepares: the others may share the directory."""
+    Under --node-rank every node prepares for itself, at the same time, maybe in one shared
+    directory: nothing is moved (a job needs a run directory of its own), node 0 writes."""
     run_dir, moved = job.run_dir, None
-    if job.node_rank:
+    if job.node_rank is not None:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        return None
-    continuing = job.resume_from is not None and run_dir in job.resume_from.parents
-    if not continuing:
+        if job.node_rank > 0:
+            return None
+    elif not (job.resume_from is not None and run_dir in job.resume_from.parents):
         moved = move_aside(run_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     for stale in (run_dir / "failures").glob("node*.json"):

@@ -14,6 +14,7 @@ The master is the first host unless --master-addr says otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -89,6 +90,9 @@ def build_plan(request: LaunchRequest, nproc: int, nproc_given: bool, backend: s
     if port is None:
         fixed = request.node_rank is not None or not is_this_machine(master_addr)
         port = DEFAULT_MASTER_PORT if fixed else free_port()
+    if request.node_rank is not None:
+        # Torch's rendezvous keys its store by run id, so every node's launcher must derive the same one.
+        run_id = hashlib.sha1(f"{master_addr}:{port}:{','.join(resources)}".encode()).hexdigest()[:12]
     return LaunchPlan(nodes, master_addr, port, backend, run_id, launcher=launcher), launcher
 
 
