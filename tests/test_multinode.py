@@ -5,8 +5,8 @@ Every run is checked against the single-process run of the same recipe, and the 
 figures are measured: a worker on the second node killed mid-run ends every process of the
 job on every node within 10 s, the launcher exits 1 and names host, rank, exit and log.
 
-The ssh tests (and pdsh's run where pdsh is installed) are part of `make test`; the rest
-are `slow` and run with `make test-multinode`, which first installs the programs.
+The ssh tests are part of `make test`; pdsh, Slurm and mpirun are `slow` and run with
+`make test-multinode`, which first installs the programs.
 """
 
 from __future__ import annotations
@@ -137,15 +137,16 @@ def kill_rank_and_check_fail_fast(launcher, run_dir, rank=3, host=HOSTS[1]):
           f"every process gone {all_gone_after:.2f} s")
 
 
-@pytest.mark.parametrize("launcher", ["ssh", "pdsh"])
-def test_two_nodes_match_one_process(sshd, reference, tmp_path, launcher):
-    if launcher == "pdsh":
-        program("pdsh", "pdsh")
+def run_two_nodes(sshd, reference, tmp_path, launcher):
     run_dir = tmp_path / "run"
     result = sdtrain("launch", write(tmp_path, SHORT), *ssh_args(sshd, tmp_path, launcher), "--run-dir", run_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"4 worker(s) on 2 nodes ({launcher})" in result.stdout
     check_matches(reference, run_dir)
+
+
+def test_ssh_two_nodes_match_one_process(sshd, reference, tmp_path):
+    run_two_nodes(sshd, reference, tmp_path, "ssh")
 
 
 def test_ssh_killed_worker_on_second_node_stops_every_node(sshd, tmp_path):
@@ -182,50 +183,6 @@ def test_unreachable_node_is_named_and_the_others_stop(sshd, tmp_path):
     assert not job_processes(run_dir)
 
 
-@pytest.mark.slow
-def test_pdsh_killed_worker_on_second_node_stops_every_node(sshd, tmp_path):
-    program("pdsh", "pdsh")
-    run_dir = tmp_path / "run"
-    launcher = start([write(tmp_path, LONG), *ssh_args(sshd, tmp_path, "pdsh")], run_dir)
-    kill_rank_and_check_fail_fast(launcher, run_dir)
-
-
-@pytest.mark.slow
-def test_mpirun_two_nodes(sshd, reference, tmp_path):
-    program("mpirun", "openmpi-bin")
-    run_dir = tmp_path / "run"
-    result = sdtrain("launch", write(tmp_path, SHORT), *ssh_args(sshd, tmp_path, "mpirun"), "--run-dir", run_dir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    check_matches(reference, run_dir)
-    run_dir = tmp_path / "killed"
-    launcher = start([write(tmp_path, LONG), *ssh_args(sshd, tmp_path, "mpirun")], run_dir)
-    kill_rank_and_check_fail_fast(launcher, run_dir)
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    with running_slurm(tmp_path_factory.mktemp("slurm")) as env:
-        yield env
-
-
-@pytest.mark.slow
-def test_slurm_allocation_two_nodes(slurm, reference, tmp_path):
-    """salloc -N2 around `sdtrain launch --launcher slurm`: no hostfile, the allocation's
-    nodes n1 and n2 (both this machine, hence --master-addr)."""
-    run_dir = tmp_path / "run"
-    args = [write(tmp_path, SHORT), "--launcher", "slurm", "--nproc-per-node", 2, "--master-addr", "127.0.0.1"]
-    result = subprocess.run(["salloc", "-N2", sys.executable, "-m", "sdtrain", "launch", *map(str, args), "--run-dir", str(run_dir)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300, env=slurm)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 worker(s) on 2 nodes (slurm)" in result.stdout
-    check_matches(reference, run_dir)
-    assert [m["step"] for m in metrics(run_dir)] == list(range(1, len(reference) + 1))
-    run_dir = tmp_path / "killed"
-    args[0] = write(tmp_path, LONG)
-    launcher = start(args, run_dir, prefix=("salloc", "-N2"), env=slurm)
-    kill_rank_and_check_fail_fast(launcher, run_dir, host="n2")
-
-
 def test_preflight_all_hosts_ready(sshd, tmp_path):
     result = sdtrain("preflight", "--hostfile", hostfile(tmp_path), "--ssh-port", sshd.port, "--ssh-options", sshd.options)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -257,20 +214,6 @@ def test_every_node_its_own_launcher_with_node_rank(reference, tmp_path):
     check_matches(reference, run_dir)
 
 
-@pytest.mark.slow
-def test_slurm_batch_script(slurm, reference, tmp_path):
-    """launcher/slurm.sbatch as a cluster admin would submit it (no GPUs here: overridden)."""
-    run_dir = tmp_path / "run"
-    result = subprocess.run(
-        ["sbatch", "--wait", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path / 'job.out'}",
-         "launcher/slurm.sbatch", write(tmp_path, SHORT), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--run-dir", str(run_dir)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=slurm)
-    assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "job.out").read_text()
-    assert "4 worker(s) on 2 nodes (slurm)" in (tmp_path / "job.out").read_text()
-    check_matches(reference, run_dir)
-
-
 def test_cluster_files_are_valid():
     """launcher/: the batch script parses, the manifest's recipe and hostfile validate."""
     from sdtrain.launch.hostfile import parse_hostfile
@@ -285,3 +228,60 @@ def test_cluster_files_are_valid():
     assert job["completionMode"] == "Indexed" and job["backoffLimit"] == 0 and job["completions"] == 2
     for name in ("example", "loopback"):
         parse_hostfile((REPO / "hostfiles" / name).read_text())
+
+
+
+@pytest.mark.slow
+def test_pdsh_two_nodes(sshd, reference, tmp_path):
+    program("pdsh", "pdsh")
+    run_two_nodes(sshd, reference, tmp_path, "pdsh")
+    run_dir = tmp_path / "killed"
+    launcher = start([write(tmp_path, LONG), *ssh_args(sshd, tmp_path, "pdsh")], run_dir)
+    kill_rank_and_check_fail_fast(launcher, run_dir)
+
+
+@pytest.mark.slow
+def test_mpirun_two_nodes(sshd, reference, tmp_path):
+    program("mpirun", "openmpi-bin")
+    run_two_nodes(sshd, reference, tmp_path, "mpirun")
+    run_dir = tmp_path / "killed"
+    launcher = start([write(tmp_path, LONG), *ssh_args(sshd, tmp_path, "mpirun")], run_dir)
+    kill_rank_and_check_fail_fast(launcher, run_dir)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    with running_slurm(tmp_path_factory.mktemp("slurm")) as env:
+        yield env
+
+
+@pytest.mark.slow
+def test_slurm_allocation_two_nodes(slurm, reference, tmp_path):
+    """salloc -N2 around `sdtrain launch --launcher slurm`: no hostfile, the allocation's
+    nodes n1 and n2 (both this machine, hence --master-addr)."""
+    run_dir = tmp_path / "run"
+    args = [write(tmp_path, SHORT), "--launcher", "slurm", "--nproc-per-node", 2, "--master-addr", "127.0.0.1"]
+    result = subprocess.run(["salloc", "-N2", sys.executable, "-m", "sdtrain", "launch", *map(str, args), "--run-dir", str(run_dir)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env=slurm)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 worker(s) on 2 nodes (slurm)" in result.stdout
+    check_matches(reference, run_dir)
+    assert [m["step"] for m in metrics(run_dir)] == list(range(1, len(reference) + 1))
+    run_dir = tmp_path / "killed"
+    args[0] = write(tmp_path, LONG)
+    launcher = start(args, run_dir, prefix=("salloc", "-N2"), env=slurm)
+    kill_rank_and_check_fail_fast(launcher, run_dir, host="n2")
+
+
+@pytest.mark.slow
+def test_slurm_batch_script(slurm, reference, tmp_path):
+    """launcher/slurm.sbatch as a cluster admin would submit it (no GPUs here: overridden)."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        ["sbatch", "--wait", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path / 'job.out'}",
+         "launcher/slurm.sbatch", write(tmp_path, SHORT), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--run-dir", str(run_dir)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=slurm)
+    assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "job.out").read_text()
+    assert "4 worker(s) on 2 nodes (slurm)" in (tmp_path / "job.out").read_text()
+    check_matches(reference, run_dir)

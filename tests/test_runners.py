@@ -141,7 +141,7 @@ def test_plans(tmp_path):
     assert launcher == "ssh" and plan.master_addr == "w0" and plan.master_port == DEFAULT_MASTER_PORT
     assert [(n.host, n.slots, n.node_rank) for n in plan.nodes] == [("w0", (0, 1), 0), ("w1", (0, 1), 1)]
     plan, launcher = plan_for(tmp_path, "localhost slots=2\n")  # this machine alone: no ssh needed
-    assert launcher == "local" and plan.master_addr == "localhost" and plan.master_port != DEFAULT_MASTER_PORT
+    assert launcher == "local" and plan.master_addr == "127.0.0.1" and plan.master_port != DEFAULT_MASTER_PORT
     plan, launcher = plan_for(tmp_path, "127.0.0.1 slots=2\n127.0.0.2 slots=2\n")
     assert launcher == "ssh" and plan.master_addr == "127.0.0.1" and plan.master_port != DEFAULT_MASTER_PORT
     plan, _ = plan_for(tmp_path, "w0 slots=4\nw1 slots=4\n", launcher="pdsh", master_addr="10.0.0.1",

@@ -81,7 +81,8 @@ def build_plan(request: LaunchRequest, nproc: int, nproc_given: bool, backend: s
         raise UserInputError(f"--launcher local runs on this machine only, and the plan has hosts {', '.join(resources)}; "
                              "use --launcher ssh (or pdsh, slurm, mpirun)")
     nodes = [Node(host, tuple(slots), rank) for rank, (host, slots) in enumerate(resources.items())]
-    master_addr = request.master_addr or ("127.0.0.1" if not request.hostfile and launcher == "local" else nodes[0].host)
+    # One node on this machine (the local runner) meets on loopback, whatever the host is called.
+    master_addr = request.master_addr or ("127.0.0.1" if launcher == "local" and request.node_rank is None else nodes[0].host)
     if request.master_addr is None and len(nodes) > 1 and is_loopback(master_addr) \
             and not all(is_this_machine(node.host) for node in nodes):
         raise UserInputError(f"the master is the first host, {master_addr}, a loopback address the other hosts cannot "
