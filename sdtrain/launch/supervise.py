@@ -73,7 +73,7 @@ class Supervisor:
         self.procs: list[subprocess.Popen] = []
         self.readers: list[threading.Thread] = []
         self.reports: list[dict] = []
-        self.reported: set[int] = set()  # commands whose node sent its failure report: it is stopping already
+        self.reported: list[int] = []  # commands whose node sent its failure report: it is stopping already
         self.tails: list[collections.deque] = []
         self.seen: dict[int, psutil.Process] = {}
         self.interrupted: signal.Signals | None = None
@@ -117,7 +117,7 @@ class Supervisor:
             if at >= 0:
                 try:
                     self.reports.append(json.loads(line[at + len(REPORT_PREFIX):]))
-                    self.reported.add(index)
+                    self.reported.append(index)  # a list: read while reader threads append
                     continue
                 except json.JSONDecodeError:
                     pass
@@ -138,7 +138,7 @@ class Supervisor:
             codes = [p.poll() for p in self.procs]
             # A failure report is the earliest sign: runners such as mpirun take seconds to
             # exit after their node agent did.
-            self.failed_first = sorted({i for i, code in enumerate(codes) if code not in (None, 0)} | self.reported)
+            self.failed_first = sorted({i for i, code in enumerate(codes) if code not in (None, 0)} | set(self.reported[:]))
             if self.interrupted or self.failed_first:
                 return
             if all(code == 0 for code in codes):
