@@ -134,8 +134,10 @@ def main(argv=None) -> int:
 
 def run_workers(args) -> int:
     # torch's agent logs every step of its life, and each failure as it sees it; the
-    # launcher reports what matters once, with the root cause.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # launcher reports what matters once, with the root cause. Each of its loggers has a
+    # level of its own (LOGLEVEL), so the parent's is not enough.
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(args.nproc)))
     config = LaunchConfig(
         min_nodes=args.nnodes,
