@@ -169,6 +169,18 @@ def test_ssh_ctrl_c_reaches_every_node(sshd, tmp_path):
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
 
 
+def test_env_file_reaches_the_nodes_and_a_raising_rank_is_named(sshd, tmp_path):
+    """.sdtrain_env in the working directory (the nodes cd there too) makes rank 2, on the
+    second node, raise at step 3: its traceback comes back as the root cause."""
+    (tmp_path / ".sdtrain_env").write_text("# fault drill\nexport SDTRAIN_INJECT_FAULT='2:3'\n")
+    result = sdtrain("launch", write(tmp_path, LONG), *ssh_args(sshd, tmp_path), "--run-dir", tmp_path / "run",
+                     cwd=tmp_path, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "root cause: rank 2 on 127.0.0.2" in result.stderr and "exit code 1" in result.stderr
+    assert "RuntimeError: fault injected by SDTRAIN_INJECT_FAULT=2:3" in result.stderr and "in train_step" in result.stderr
+    assert not job_processes(tmp_path / "run")
+
+
 def test_unreachable_node_is_named_and_the_others_stop(sshd, tmp_path):
     """127.0.0.3 has no sshd: ssh fails (255), and the launcher says so, not 'exit 1'."""
     run_dir = tmp_path / "run"
