@@ -242,23 +242,14 @@ def test_cluster_files_are_valid():
         parse_hostfile((REPO / "hostfiles" / name).read_text())
 
 
-
 @pytest.mark.slow
-def test_pdsh_two_nodes(sshd, reference, tmp_path):
-    program("pdsh", "pdsh")
-    run_two_nodes(sshd, reference, tmp_path, "pdsh")
+@pytest.mark.parametrize("launcher, package", [("pdsh", "pdsh"), ("mpirun", "openmpi-bin")])
+def test_pdsh_and_mpirun_two_nodes(sshd, reference, tmp_path, launcher, package):
+    """Both reach 127.0.0.2 through the test sshd: pdsh with -R ssh, OpenMPI's mpirun with its rsh agent."""
+    program(launcher, package)
+    run_two_nodes(sshd, reference, tmp_path, launcher)
     run_dir = tmp_path / "killed"
-    launcher = start([write(tmp_path, LONG), *ssh_args(sshd, tmp_path, "pdsh")], run_dir)
-    kill_rank_and_check_fail_fast(launcher, run_dir)
-
-
-@pytest.mark.slow
-def test_mpirun_two_nodes(sshd, reference, tmp_path):
-    program("mpirun", "openmpi-bin")
-    run_two_nodes(sshd, reference, tmp_path, "mpirun")
-    run_dir = tmp_path / "killed"
-    launcher = start([write(tmp_path, LONG), *ssh_args(sshd, tmp_path, "mpirun")], run_dir)
-    kill_rank_and_check_fail_fast(launcher, run_dir)
+    kill_rank_and_check_fail_fast(start([write(tmp_path, LONG), *ssh_args(sshd, tmp_path, launcher)], run_dir), run_dir)
 
 
 @pytest.fixture(scope="module")
