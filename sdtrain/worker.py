@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from rich.console import Console
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from sdtrain.batch import derive_batch
 from sdtrain.model import GPT, GPTConfig, flops_per_token
-from sdtrain.parallel.mesh import init_distributed
+from sdtrain.parallel.mesh import init_distributed, leave_process_group
 from sdtrain.parallel.parallelize import parallelize
 from sdtrain.recipe import validate_recipe
 from sdtrain.train.checkpoint import Checkpointer
@@ -124,8 +123,7 @@ def main(argv=None) -> None:
         }
         (args.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         console.print(summary_table(summary))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -88,3 +88,4 @@ def train_plain(model, recipe, args, sync: Callable[[bool], object] = lambda las
         return loss
 
     timed_loop(recipe, args, train_step)
+

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from sdtrain.bench.peer_common import build_model, parse_args, train_plain
+from sdtrain.parallel.mesh import leave_process_group
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
     else:
         model = DistributedDataParallel(model, gradient_as_bucket_view=True)
         train_plain(model, recipe, args, sync=lambda last: contextlib.nullcontext() if last else model.no_sync())
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from sdtrain.bench.peer_common import build_model, micro_batches, parse_args, timed_loop
+from sdtrain.parallel.mesh import leave_process_group
 
 
 def main() -> None:
@@ -47,6 +48,7 @@ def main() -> None:
         return loss
 
     timed_loop(recipe, args, train_step)
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from sdtrain.bench.peer_common import build_model, parse_args, train_plain
+from sdtrain.parallel.mesh import leave_process_group
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
         return contextlib.nullcontext()
 
     train_plain(model, recipe, args, sync=sync)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,13 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from sdtrain.launch.collect import encode_files
-from sdtrain.launch.failures import REPORT_PREFIX, describe_exit, log_tail, root_cause, write_report
+from sdtrain.launch.failures import (
+    REPORT_PREFIX,
+    describe_exit,
+    log_tail,
+    root_cause,
+    write_report,
+)
 from sdtrain.launch.lifeline import start_lifeline
 from sdtrain.launch.rundir import files_to_send, is_shared, move_aside, needs_shared_dir
 

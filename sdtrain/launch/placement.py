@@ -22,7 +22,12 @@ from dataclasses import dataclass
 import psutil
 
 from sdtrain.errors import UserInputError
-from sdtrain.launch.hostfile import Resources, expand_hostlist, read_hostfile, select_resources
+from sdtrain.launch.hostfile import (
+    Resources,
+    expand_hostlist,
+    read_hostfile,
+    select_resources,
+)
 from sdtrain.launch.plan import LaunchPlan, Node, free_port
 from sdtrain.launch.runners import RUNNERS
 

@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from rich.table import Table
 
 from sdtrain.launch.hostfile import read_hostfile, select_resources
-from sdtrain.launch.placement import DEFAULT_MASTER_PORT, LaunchRequest, is_loopback, is_this_machine
+from sdtrain.launch.placement import (
+    DEFAULT_MASTER_PORT,
+    LaunchRequest,
+    is_loopback,
+    is_this_machine,
+)
 from sdtrain.launch.plan import Node
 from sdtrain.launch.probe import torch_version
 from sdtrain.launch.runners import RemoteSetup, ssh_command

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shlex
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.syntax import Syntax
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 

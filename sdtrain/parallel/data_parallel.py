@@ -12,7 +12,14 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from sdtrain.parallel.mesh import DistEnv
-from sdtrain.parallel.strategy import ADAM_MOMENTS, Strategy, base_name, decays, init_adam_state, tensor_bytes
+from sdtrain.parallel.strategy import (
+    ADAM_MOMENTS,
+    Strategy,
+    base_name,
+    decays,
+    init_adam_state,
+    tensor_bytes,
+)
 
 
 class DataParallel(Strategy):

@@ -19,7 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.distributed._shard.metadata import ShardMetadata
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
+from torch.distributed._shard.sharded_tensor import (
+    Shard,
+    ShardedTensor,
+    ShardedTensorMetadata,
+)
 from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
 
 

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import torch.nn as nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    checkpoint_wrapper,
+)
 
 from sdtrain.parallel.data_parallel import DataParallel
 from sdtrain.parallel.mesh import DistEnv

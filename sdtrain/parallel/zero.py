@@ -25,7 +25,14 @@ import torch.nn as nn
 from sdtrain.parallel.comm import Comm
 from sdtrain.parallel.flat_unit import FlatUnit
 from sdtrain.parallel.mesh import DistEnv
-from sdtrain.parallel.strategy import ADAM_MOMENTS, Strategy, base_name, clip_coefficient, init_adam_state, tensor_bytes
+from sdtrain.parallel.strategy import (
+    ADAM_MOMENTS,
+    Strategy,
+    base_name,
+    clip_coefficient,
+    init_adam_state,
+    tensor_bytes,
+)
 from sdtrain.parallel.zero3 import ParamGatherer
 
 

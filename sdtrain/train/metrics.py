@@ -13,7 +13,13 @@ from pathlib import Path
 import psutil
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 # Dense peak FLOP/s per device at the precision a run trains in (vendor datasheets, no sparsity).
@@ -130,7 +136,9 @@ def _status(record: dict) -> str:
 
 
 def _tensorboard(run_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter  # optional extra, checked before launch
+    from torch.utils.tensorboard import (
+        SummaryWriter,  # optional extra, checked before launch
+    )
 
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
