@@ -88,4 +88,3 @@ def train_plain(model, recipe, args, sync: Callable[[bool], object] = lambda las
         return loss
 
     timed_loop(recipe, args, train_step)
-
