@@ -168,21 +168,18 @@ class Zero(Strategy):
             if work is not None:
                 work.wait()
             unit.grad_shard += result
-            unit.grad_full = None
+            if self.stage >= 2:
+                unit.grad_full = None  # stage 1 keeps its whole-gradient buffer for the next step
             unit.waiting = len(unit.entries)
         self.pending.clear()
 
     # --- step --------------------------------------------------------------------------
 
     def step(self, lr: float, grad_clip: float) -> torch.Tensor:
-        if self.stage == 1:
+        if self.stage == 1:  # the step's one reduction of the whole accumulated gradients
             for unit in self.units:
                 self._reduce_scatter(unit)
-            for work, result, unit in self.pending:
-                if work is not None:
-                    work.wait()
-                unit.grad_shard.copy_(result)
-            self.pending.clear()
+            self._drain()
         grads = [u.grad_shard.float() if self.param_dtype != torch.float32 else u.grad_shard for u in self.units]
         squares = torch.stack([g.pow(2).sum() for g in grads]).sum().reshape(1)
         norm = self.comm.all_reduce_sum(squares).sqrt()[0]
@@ -199,7 +196,7 @@ class Zero(Strategy):
         self._publish_weights()
         for unit in self.units:
             unit.grad_shard.zero_()
-            if unit.grad_full is not None and self.stage == 1:
+            if self.stage == 1:
                 unit.grad_full.zero_()
             for view, _ in unit.views:
                 view.grad = None
