@@ -112,9 +112,7 @@ def main(argv=None) -> None:
             "final_loss": result.final_loss,
             "eval_losses": result.eval_losses,
             "tokens_per_s": result.tokens_per_s,
-            "mfu": trainer.flops_per_token * result.tokens_per_s / (trainer.peak_flops * env.world_size)
-            if trainer.peak_flops
-            else None,
+            "mfu": trainer.mfu(result.tokens_per_s),
             "peak_mem_gib": peak_mem,
             "model_state_bytes": state_bytes,
             "zero_stage": recipe.parallel.zero_stage,

@@ -61,15 +61,15 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
     base = [*overrides, f"train.steps={steps}", f"log.every={INTERVAL}", "train.eval_every=0",
             "checkpoint.at_end=false", "checkpoint.every=0"]
     recipe = load_recipe(recipe_path, base)  # a bad recipe fails before the first run
+    for stage in {STAGES[name] for name in strategies}:  # and so does a stage it cannot run
+        load_recipe(recipe_path, [*base, f"parallel.zero_stage={stage}"])
     notes = []
     entries = []
     for world in worlds:
         for name in strategies:
-            w = 1 if name == "single" else world
             if name == "single" and world != worlds[0]:
-                continue
-            load_recipe(recipe_path, [*base, f"parallel.zero_stage={STAGES[name]}"])
-            entries.append(_sdtrain_entry(name, w, recipe_path, base))
+                continue  # one process is one process, whatever --nproc says
+            entries.append(_sdtrain_entry(name, 1 if name == "single" else world, recipe_path, base))
         entries += _peer_entries(recipe, peers, strategies, world, notes)
     with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
         for round_index in range(repeats):
@@ -84,7 +84,7 @@ def _sdtrain_entry(name: str, world: int, recipe_path: str, base: list[str]) -> 
     argv = [sys.executable, "-m", "sdtrain", "launch", recipe_path, "--nproc-per-node", str(world), "--run-dir", "{out}"]
     for override in [*base, f"parallel.zero_stage={STAGES[name]}"]:
         argv += ["--set", override]
-    return Entry(f"{name}" if world == 1 else f"{name}", world, "sdtrain", STAGES[name], argv)
+    return Entry(name, world, "sdtrain", STAGES[name], argv)
 
 
 def _peer_entries(recipe, peers: list[str], strategies: list[str], world: int, notes: list[str]) -> list[Entry]:

@@ -115,7 +115,6 @@ class Trainer:
             result.eval_losses.append((0, self.evaluate()))  # the baseline the run improves on
             if log is not None:
                 log.note(f"step 0: eval {result.eval_losses[0][1]:.4f} (before training)")
-        world_peak = (self.peak_flops or 0.0) * self.env.world_size
         interval_start, interval_steps = time.perf_counter(), 0
         for step in range(first_step, train.steps):
             loss, grad_norm = self.train_step(step)
@@ -132,7 +131,7 @@ class Trainer:
                     "lr": lr_at(step, train),
                     "grad_norm": grad_norm.item(),
                     "tokens_per_s": tokens_per_s,
-                    "mfu": self.flops_per_token * tokens_per_s / world_peak if world_peak else None,
+                    "mfu": self.mfu(tokens_per_s),
                     "mem_gib": memory_gib(self.env.device),
                     "comm_bytes": sum(self.strategy.comm_bytes().values()) // interval_steps,
                 }
@@ -154,16 +153,24 @@ class Trainer:
         result.tokens_per_s = steps_run * self.tokens_per_step / result.train_s if result.train_s else 0.0
         return result
 
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilization of the whole job, or None where no peak is known."""
+        if not self.peak_flops:
+            return None
+        return self.flops_per_token * tokens_per_s / (self.peak_flops * self.env.world_size)
+
     def state_bytes_per_rank(self) -> list[dict[str, int]]:
         """Every rank's model-state bytes (params, grads, optimizer), as counted after step 1."""
         keys = ("params", "grads", "optimizer")
-        mine = torch.tensor([float(self.state_bytes.get(k, 0)) for k in keys], dtype=torch.float64, device=self.env.device)
-        gathered = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
-        dist.all_gather(gathered, mine)
-        return [{k: int(v) for k, v in zip(keys, t.tolist())} for t in gathered]
+        rows = self._from_every_rank([float(self.state_bytes.get(k, 0)) for k in keys])
+        return [{k: int(v) for k, v in zip(keys, row)} for row in rows]
 
     def peak_memory_per_rank(self) -> list[float]:
-        mine = torch.tensor([peak_memory_gib(self.env.device)], device=self.env.device)
+        return [round(row[0], 3) for row in self._from_every_rank([peak_memory_gib(self.env.device)])]
+
+    def _from_every_rank(self, values: list[float]) -> list[list[float]]:
+        """All ranks' `values`, in rank order (float64: byte counts stay exact)."""
+        mine = torch.tensor(values, dtype=torch.float64, device=self.env.device)
         gathered = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
         dist.all_gather(gathered, mine)
-        return [round(t.item(), 3) for t in gathered]
+        return [t.tolist() for t in gathered]
