@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -124,5 +125,21 @@ def main(argv=None) -> None:
     leave_process_group()
 
 
+def run() -> None:
+    """Run the worker; a failure leaves like a success does, without interpreter
+    finalization (see leave_process_group): @record has already written the traceback for
+    the node agent, and finalizing with a live gloo group can turn exit code 1 into a
+    SIGABRT that hides the real root cause."""
+    try:
+        main()
+    except BaseException as error:  # noqa: BLE001 - every failure must keep its exit code
+        if isinstance(error, SystemExit) and not error.code:
+            os._exit(0)
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(error.code if isinstance(error, SystemExit) and isinstance(error.code, int) else 1)
+
+
 if __name__ == "__main__":
-    main()
+    run()
