@@ -25,7 +25,7 @@ from sdtrain.parallel.parallelize import parallelize
 from sdtrain.recipe import validate_recipe
 from sdtrain.train.checkpoint import Checkpointer
 from sdtrain.train.data import TRAIN, VAL, Batches
-from sdtrain.train.metrics import MetricsLog, peak_flops, summary_table
+from sdtrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, summary_table
 from sdtrain.train.sources import load_corpus
 from sdtrain.train.trainer import Trainer
 
@@ -72,11 +72,15 @@ def main(argv=None) -> None:
     train_batches = Batches(corpus.train, recipe.model.seq_len, recipe.train.seed, plan, TRAIN)
     val_batches = Batches(corpus.val, recipe.model.seq_len, recipe.train.seed, plan, VAL)
 
-    torch.manual_seed(recipe.train.seed)  # same initial weights on every rank
     model_config = GPTConfig(**recipe.model.model_dump())
-    model = GPT(model_config).to(env.device)
+    # Under ZeRO the strategy makes the weights, unit by unit, already sharded at stage 3;
+    # the model starts on the meta device so that no rank ever holds all of them at once.
+    with torch.device("meta" if recipe.parallel.zero_stage else env.device):
+        model = GPT(model_config, seed=recipe.train.seed)  # the same first weights on every rank
     print(f"rank {rank}: model {model.num_params():,} parameters")
     strategy = parallelize(model, recipe, env)
+    setup_mem = peak_memory_gib(env.device)  # weights and optimizer state made, nothing run yet
+    print(f"rank {rank}: peak memory after setup {setup_mem:.3f} GiB")
     torch.manual_seed(recipe.train.seed + 1 + rank)  # per-rank dropout streams
 
     trainer = Trainer(
@@ -104,6 +108,7 @@ def main(argv=None) -> None:
         if log is not None:
             log.close()
     peak_mem = trainer.peak_memory_per_rank()
+    setup_mem = trainer.peak_memory_per_rank(setup_mem)
     state_bytes = trainer.state_bytes_per_rank()
     if env.is_main:
         summary = {
@@ -115,6 +120,7 @@ def main(argv=None) -> None:
             "tokens_per_s": result.tokens_per_s,
             "mfu": trainer.mfu(result.tokens_per_s),
             "peak_mem_gib": peak_mem,
+            "setup_mem_gib": setup_mem,
             "model_state_bytes": state_bytes,
             "zero_stage": recipe.parallel.zero_stage,
             "train_s": result.train_s,

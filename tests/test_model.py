@@ -56,3 +56,24 @@ def test_output_head_is_tied_to_embedding():
     _, loss = model(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8)))
     loss.backward()
     assert model.tok_emb.weight.grad is not None
+
+
+def test_first_weights_depend_only_on_seed_and_name():
+    # What lets ZeRO make the weights unit by unit out of a meta-device model and still
+    # start from exactly the weights a whole model gets.
+    cfg = GPTConfig(n_layers=2, d_model=32, n_heads=2, seq_len=16, vocab_size=64)
+    whole = dict(GPT(cfg, seed=7).named_parameters())
+    with torch.device("meta"):
+        meta = GPT(cfg, seed=7)
+    assert all(p.is_meta for p in meta.parameters())
+    for name in reversed(list(whole)):  # any order, one at a time
+        made = torch.empty_like(whole[name])
+        meta.initial_value(name, made)
+        assert torch.equal(made, whole[name]), name
+    other = dict(GPT(cfg, seed=8).named_parameters())
+    assert not torch.equal(other["blocks.0.mlp.fc.weight"], whole["blocks.0.mlp.fc.weight"])
+    assert not torch.equal(whole["blocks.0.mlp.fc.weight"], whole["blocks.1.mlp.fc.weight"])
+    # GPT-2's scheme: N(0, 0.02), residual projections / sqrt(2L), LayerNorms 1 and 0.
+    assert abs(whole["blocks.0.mlp.fc.weight"].std().item() - 0.02) < 0.002
+    assert abs(whole["blocks.0.mlp.proj.weight"].std().item() - 0.01) < 0.001
+    assert torch.equal(whole["ln_f.weight"], torch.ones(32)) and not whole["ln_f.bias"].any()

@@ -34,8 +34,7 @@ def parse_args():
 
 
 def build_model(recipe) -> GPT:
-    torch.manual_seed(recipe["train"]["seed"])
-    return GPT(GPTConfig(**recipe["model"]))
+    return GPT(GPTConfig(**recipe["model"]), seed=recipe["train"]["seed"])
 
 
 def micro_batches(recipe, generator: torch.Generator):

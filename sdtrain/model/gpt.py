@@ -8,6 +8,7 @@ which picks the flash / memory-efficient kernel on CUDA.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +72,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, seed: int = 0):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.seed = cfg, seed
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
@@ -81,19 +82,31 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied: one matrix to embed and to predict
-        self.apply(self._init_weights)
-        # GPT-2: scale residual projections by 1/sqrt(2 * n_layers) so the stream's variance
-        # does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        self.layer_norms = {name for name, m in self.named_modules() if isinstance(m, nn.LayerNorm)}
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if not p.is_meta:  # on the meta device the weights are made later, in pieces
+                    self.initial_value(name, p)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def initial_value(self, name: str, out: torch.Tensor) -> None:
+        """Write parameter `name`'s first value into `out`.
+
+        Each weight draws from its own generator, seeded by (seed, name): its first value
+        depends neither on the order nor on the place in which weights are made (here whole,
+        or by ZeRO one flat unit at a time out of a meta-device model), so every strategy
+        starts from the same weights."""
+        module, _, kind = name.rpartition(".")
+        if module in self.layer_norms:
+            out.fill_(1.0 if kind == "weight" else 0.0)
+        elif kind == "bias":
+            out.zero_()
+        else:
+            # GPT-2: residual projections get std / sqrt(2 * n_layers) so that the residual
+            # stream's variance does not grow with depth.
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith("proj.weight") else 0.02
+            # (The CPU generator keeps only 32 bits of a seed, hence one 32-bit hash of both.)
+            generator = torch.Generator(out.device).manual_seed(zlib.crc32(f"{self.seed}/{name}".encode()))
+            out.normal_(0.0, std, generator=generator)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Logits for every position; with targets, also the mean cross-entropy over tokens."""

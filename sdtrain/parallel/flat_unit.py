@@ -14,6 +14,7 @@ it on any other world size or ZeRO stage.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,25 +41,43 @@ class Entry:
 
 
 class FlatUnit:
+    """`initial_value(name, out)` makes the first value of a parameter that is still on the
+    meta device, straight into its place in the buffer; such a parameter is replaced by a
+    real one (see `replaced`), since a meta tensor cannot take real data in place."""
+
     def __init__(self, name: str, named_params: list[tuple[str, nn.Parameter]], world: int, rank: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device,
+                 initial_value: Callable[[str, torch.Tensor], None] | None = None):
         self.name, self.world, self.rank = name, world, rank
         ordered = sorted(named_params, key=lambda item: item[1].dim() < 2)  # stable: matrices first
-        self.entries: list[Entry] = []
-        offset = 0
+        layout, offset = [], 0
         for fqn, param in ordered:
             if param.dim() > 2:
                 raise ValueError(f"{fqn}: ZeRO sharding supports parameters of at most 2 dims, got {tuple(param.shape)}")
-            self.entries.append(Entry(fqn, param, offset, param.shape))
+            layout.append((fqn, param, offset))
             offset += param.numel()
         self.numel = offset
-        self.decay_numel = sum(e.numel for e in self.entries if e.param.dim() >= 2)
         self.shard_size = -(-self.numel // world)  # ceil
         self.padded = self.shard_size * world
         self.full = torch.zeros(self.padded, dtype=dtype, device=device)
+        self.entries: list[Entry] = []
+        self.replaced: dict[nn.Parameter, nn.Parameter] = {}  # meta parameter -> real one
         with torch.no_grad():
-            for e in self.entries:
-                self.full[e.offset : e.offset + e.numel].copy_(e.param.detach().reshape(-1))
+            for fqn, param, offset in layout:
+                place = self.full[offset : offset + param.numel()].view(param.shape)
+                if param.is_meta:
+                    if initial_value is None:
+                        raise ValueError(f"{fqn} is on the meta device and nothing makes its first value")
+                    initial_value(fqn, place)
+                    # An empty parameter, pointed at its place by bind_params: `.data` keeps the
+                    # parameter's own version counter, which the collectives writing into the
+                    # buffer must not bump (autograd would call its saved weights modified).
+                    real = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=param.requires_grad)
+                    self.replaced[param] = param = real
+                else:
+                    place.copy_(param.detach())
+                self.entries.append(Entry(fqn, param, offset, place.shape))
+        self.decay_numel = sum(e.numel for e in self.entries if len(e.shape) >= 2)
         self.bind_params()
 
     @property
@@ -130,3 +149,13 @@ class FlatUnit:
         if b > a:  # partial last row
             pieces.append(((row, 0), (1, b - a), base))
         return pieces
+
+
+def replace_parameters(model: nn.Module, replaced: dict[nn.Parameter, nn.Parameter]) -> None:
+    """Swap parameters everywhere `model` holds them (a tied weight sits in two modules)."""
+    if not replaced:
+        return
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param in replaced:
+                module._parameters[key] = replaced[param]

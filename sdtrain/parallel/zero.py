@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from sdtrain.parallel.comm import Comm
-from sdtrain.parallel.flat_unit import FlatUnit
+from sdtrain.parallel.flat_unit import FlatUnit, replace_parameters
 from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.strategy import (
     ADAM_MOMENTS,
@@ -36,6 +36,12 @@ from sdtrain.parallel.strategy import (
 from sdtrain.parallel.zero3 import ParamGatherer
 
 
+# Stages 2/3: reduce-scatters that may run at once behind backward, each holding a unit's
+# whole gradients. Two keep the network busy while the next unit's gradients are copied
+# in; more would only keep more whole gradients alive (the model's, at worst).
+MAX_REDUCE_SCATTERS_IN_FLIGHT = 2
+
+
 class Zero(Strategy):
     def __init__(self, model: nn.Module, recipe, env: DistEnv):
         self.stage = recipe.parallel.zero_stage
@@ -46,8 +52,6 @@ class Zero(Strategy):
         self.units = self._build_units(model, cfg)
         self.owner = {e.param: (unit, e) for unit in self.units for e in unit.entries}
         model.to(self.param_dtype)  # buffers, if any; the weights were re-homed by the units
-        for unit in self.units:
-            self._shard_state(unit)
         self.optimizer = self._build_optimizer(train)
         self.pending: list = []  # in-flight reduce-scatters: (work, result, unit)
         if self.stage >= 2:
@@ -62,10 +66,21 @@ class Zero(Strategy):
     def _build_units(self, model: nn.Module, cfg) -> list[FlatUnit]:
         """Stage 3: one unit per Transformer block, plus one for everything else (embeddings,
         final norm), last. Stages 1/2: buckets of about reduce_bucket_mb, in reverse order of
-        definition, which is roughly the order backward produces gradients."""
+        definition, which is roughly the order backward produces gradients.
+
+        Each unit is sharded as soon as it is made, so with a meta-device model (whose
+        weights the units make) stage 3 never holds more than one unit whole: a model
+        larger than one device's memory can start."""
         named = [(base_name(n), p) for n, p in model.named_parameters()]
-        make = lambda name, params: FlatUnit(name, params, self.env.dp_size, self.env.dp_rank,  # noqa: E731
-                                             torch.float32, self.env.device)
+        initial_value = getattr(model, "initial_value", None)
+
+        def make(name: str, params: list) -> FlatUnit:
+            unit = FlatUnit(name, params, self.env.dp_size, self.env.dp_rank, torch.float32, self.env.device,
+                            initial_value)
+            replace_parameters(model, unit.replaced)
+            self._shard_state(unit)
+            return unit
+
         if self.stage == 3:
             # Parameters under the persistence threshold (norms, biases) stay whole in one
             # unit of their own: gathering them per block would cost more than it saves.
@@ -152,6 +167,11 @@ class Zero(Strategy):
         self.pending.append((work, result, unit))
         if self.gatherer is not None:
             self.gatherer.free(unit)  # its backward is done: the whole weights can go
+        if self.stage >= 2:
+            # Finish the oldest ones now, so that whole gradients exist for only a few
+            # units at a time instead of for the whole model until backward ends.
+            while len(self.pending) > MAX_REDUCE_SCATTERS_IN_FLIGHT:
+                self._finish(*self.pending.pop(0))
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -164,14 +184,17 @@ class Zero(Strategy):
         self._drain()
 
     def _drain(self) -> None:
-        for work, result, unit in self.pending:
-            if work is not None:
-                work.wait()
-            unit.grad_shard += result
-            if self.stage >= 2:
-                unit.grad_full = None  # stage 1 keeps its whole-gradient buffer for the next step
-            unit.waiting = len(unit.entries)
+        for pending in self.pending:
+            self._finish(*pending)
         self.pending.clear()
+
+    def _finish(self, work, result: torch.Tensor, unit: FlatUnit) -> None:
+        if work is not None:
+            work.wait()
+        unit.grad_shard += result
+        if self.stage >= 2:
+            unit.grad_full = None  # stage 1 keeps its whole-gradient buffer for the next step
+        unit.waiting = len(unit.entries)
 
     # --- step --------------------------------------------------------------------------
 
@@ -232,7 +255,7 @@ class Zero(Strategy):
             model.update(unit.sharded(unit.master, group))
             for m in ADAM_MOMENTS:
                 moments[m].update(unit.sharded(unit.moments[m], group))
-        first = self.optimizer.param_groups[0]["params"][0]
+        first = next(p for group in self.optimizer.param_groups for p in group["params"])
         return {"model": model, "optim": {**moments, "step": self.optimizer.state[first]["step"]}}
 
     def state_bytes(self) -> dict[str, int]:

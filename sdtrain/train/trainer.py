@@ -165,8 +165,10 @@ class Trainer:
         rows = self._from_every_rank([float(self.state_bytes.get(k, 0)) for k in keys])
         return [{k: int(v) for k, v in zip(keys, row)} for row in rows]
 
-    def peak_memory_per_rank(self) -> list[float]:
-        return [round(row[0], 3) for row in self._from_every_rank([peak_memory_gib(self.env.device)])]
+    def peak_memory_per_rank(self, gib: float | None = None) -> list[float]:
+        """Every rank's peak memory in GiB: so far, or as it measured `gib` earlier."""
+        mine = peak_memory_gib(self.env.device) if gib is None else gib
+        return [round(row[0], 3) for row in self._from_every_rank([mine])]
 
     def _from_every_rank(self, values: list[float]) -> list[list[float]]:
         """All ranks' `values`, in rank order (float64: byte counts stay exact)."""
