@@ -16,7 +16,10 @@ def test_quickstart_end_to_end(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     evals = [loss for _, loss in summary["eval_losses"]]
     assert summary["eval_losses"][0][0] == 0 and len(evals) == 4  # before training, then every 100 steps
-    assert abs(evals[0] - math.log(256)) < 0.2  # an untrained model guesses bytes uniformly
+    # Untrained: close to guessing bytes uniformly (ln 256 = 5.55). A bit below it, since the
+    # tied head already favours repeating the current byte, which text often does (measured
+    # 5.27-5.35 depending on the initial weights); a trained model is near 2.
+    assert 4.8 < evals[0] < math.log(256) + 0.1, evals
     assert evals == sorted(evals, reverse=True), evals  # eval loss falls at every evaluation
     assert evals[-1] < evals[1] - 0.15 and evals[-1] < 2.3, evals  # and keeps falling past step 100
     rows = metrics(run)
