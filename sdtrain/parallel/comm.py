@@ -17,6 +17,11 @@ class Comm:
     def __init__(self, group, overlap: bool = True):
         self.group = group
         self.overlap = overlap
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        # gloo has no reduce-scatter of its own: its reduce_scatter_tensor clones the input
+        # and all-reduces the clone. Doing that all-reduce in place is the same traffic
+        # without the copy (measured: 1.5x the buffer in temporaries, and slower).
+        self.reduce_scatter_by_all_reduce = dist.get_backend(group) == "gloo"
         self.bytes = defaultdict(int)  # per collective kind, since the last reset
 
     def all_gather(self, full: torch.Tensor, shard: torch.Tensor, async_op: bool = False):
@@ -24,10 +29,19 @@ class Comm:
         self.bytes["all_gather"] += full.numel() * full.element_size()
         return dist.all_gather_into_tensor(full, shard, group=self.group, async_op=async_op)
 
-    def reduce_scatter(self, shard: torch.Tensor, full: torch.Tensor, async_op: bool = False):
-        """shard <- this rank's chunk of the average of every rank's full."""
+    def reduce_scatter(self, full: torch.Tensor, async_op: bool = False) -> tuple[object, torch.Tensor]:
+        """This rank's chunk of the average of every rank's `full`, as (work, chunk); the
+        chunk is ready once work (None when synchronous) has been waited for. On gloo the
+        chunk is a view of `full`, which the in-place all-reduce overwrites. Counted as
+        the reduce-scatter it is, whichever way the backend moves it."""
         self.bytes["reduce_scatter"] += full.numel() * full.element_size()
-        return dist.reduce_scatter_tensor(shard, full, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
+        chunk_size = full.numel() // self.world
+        if self.reduce_scatter_by_all_reduce:
+            work = dist.all_reduce(full, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
+            return work, full[self.rank * chunk_size : (self.rank + 1) * chunk_size]
+        chunk = torch.empty(chunk_size, dtype=full.dtype, device=full.device)
+        work = dist.reduce_scatter_tensor(chunk, full, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
+        return work, chunk
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         self.bytes["all_reduce"] += tensor.numel() * tensor.element_size()

@@ -162,8 +162,7 @@ class Zero(Strategy):
             self._reduce_scatter(unit)
 
     def _reduce_scatter(self, unit: FlatUnit) -> None:
-        result = torch.empty(unit.shard_size, dtype=self.param_dtype, device=self.env.device)
-        work = self.comm.reduce_scatter(result, unit.grad_full, async_op=self.comm.overlap)
+        work, result = self.comm.reduce_scatter(unit.grad_full, async_op=self.comm.overlap)
         self.pending.append((work, result, unit))
         if self.gatherer is not None:
             self.gatherer.free(unit)  # its backward is done: the whole weights can go
