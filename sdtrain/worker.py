@@ -108,7 +108,7 @@ def main(argv=None) -> None:
         if log is not None:
             log.close()
     peak_mem = trainer.peak_memory_per_rank()
-    setup_mem = trainer.peak_memory_per_rank(setup_mem)
+    setup_mem_per_rank = trainer.peak_memory_per_rank(setup_mem)
     state_bytes = trainer.state_bytes_per_rank()
     if env.is_main:
         summary = {
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
             "tokens_per_s": result.tokens_per_s,
             "mfu": trainer.mfu(result.tokens_per_s),
             "peak_mem_gib": peak_mem,
-            "setup_mem_gib": setup_mem,
+            "setup_mem_gib": setup_mem_per_rank,
             "model_state_bytes": state_bytes,
             "zero_stage": recipe.parallel.zero_stage,
             "train_s": result.train_s,
