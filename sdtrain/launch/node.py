@@ -39,6 +39,7 @@ from sdtrain.launch.failures import (
     write_report,
 )
 from sdtrain.launch.lifeline import start_lifeline
+from sdtrain.launch.listen import MasterBindError, keep_collectives_on_loopback, register_backend
 from sdtrain.launch.rundir import files_to_send, is_shared, move_aside, needs_shared_dir
 
 LIFELINE_GRACE_S = 8.0  # after the launcher is gone: SIGTERM first, everything killed after this
@@ -145,12 +146,13 @@ def run_workers(args) -> int:
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(args.nproc)))
+    keep_collectives_on_loopback(args.master_addr)
     config = LaunchConfig(
         min_nodes=args.nnodes,
         max_nodes=args.nnodes,
         nproc_per_node=args.nproc,
         run_id=args.run_id or uuid.uuid4().hex,
-        rdzv_backend="static",
+        rdzv_backend=register_backend(),  # torch's static rendezvous, listening on the master address only
         rdzv_endpoint=f"{args.master_addr}:{args.master_port}",
         rdzv_configs={"rank": args.node_rank, "timeout": 300},
         max_restarts=0,
@@ -175,6 +177,9 @@ def run_workers(args) -> int:
         write_report(report, args.run_dir / "failures" / f"node{args.node_rank}.json")
         if args.report_to_stderr or args.remote:
             say(REPORT_PREFIX + json.dumps(report))
+        return 1
+    except MasterBindError as exc:
+        say(f"sdtrain node {args.node_rank}: {exc}")
         return 1
     except SignalException as exc:
         # The launcher forwards SIGINT/SIGTERM; torch's agent has already stopped the workers.
