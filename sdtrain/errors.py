@@ -1,5 +1,7 @@
 """Errors a user can fix: every one of them ends the command with exit code 2."""
 
+EXCERPT_CHARS = 80  # a message quotes the input, never a megabyte of it
+
 
 class UserInputError(Exception):
     """Bad recipe, hostfile, flag, data or checkpoint; the message says what and how to fix it."""
@@ -17,3 +19,20 @@ class DataError(UserInputError):
 
 class CheckpointError(UserInputError):
     pass
+
+
+def excerpt(value, limit: int = EXCERPT_CHARS) -> str:
+    """repr() of user input, cut to `limit` characters so an error message stays readable."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def decode_utf8(data: bytes, source: str, error: type[UserInputError] = UserInputError) -> str:
+    """Text of a file that must be UTF-8; `error` names the file, line and byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise error(
+            f"{source} line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
+        ) from None

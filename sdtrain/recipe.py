@@ -8,17 +8,23 @@ the raw YAML before validation, so they get exactly the same checks.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sdtrain.errors import RecipeError
+from sdtrain.errors import RecipeError, decode_utf8, excerpt
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything near this is a mistake
+MAX_RECIPE_NODES = 10_000  # values after YAML aliases are expanded: refuses "billion laughs"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `steps: true` or `lr: "fast"` is an error, not 1 or a crash later; finite:
+    # `lr: .inf` is refused here rather than turning the first step into NaN.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -54,7 +60,7 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     steps: int = Field(100, ge=1)
-    seed: int = Field(1337, ge=0)
+    seed: int = Field(1337, ge=0, le=2**63 - 1)  # torch takes 64-bit seeds; rank offsets are added
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     global_batch_size: Optional[int] = Field(None, ge=1)
     micro_batch_size: Optional[int] = Field(None, ge=1)
@@ -122,7 +128,7 @@ class LogConfig(Section):
 
 
 class Recipe(Section):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)  # a folder name
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
@@ -151,15 +157,57 @@ class Recipe(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-4` as a string (it wants `3.0e-4`); a recipe means a number."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str):
+    """Safe YAML (data only, never objects), bounded in what its aliases expand to."""
+    try:
+        value = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source} is not valid YAML: {exc}") from None
+    if _expanded_size(value, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
+        raise RecipeError(
+            f"{source} expands to more than {MAX_RECIPE_NODES:,} values (YAML aliases nested into "
+            "each other?); a recipe is a few dozen keys: write them out"
+        )
+    return value
+
+
+def _expanded_size(value, limit: int) -> int:
+    """How many values `value` holds with every alias written out, counting stops past `limit`."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return count
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; RecipeError says what is wrong and where."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist (pass the path to a .yaml recipe)")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {path} is {path.stat().st_size:,} bytes; a recipe is YAML of at most {MAX_RECIPE_BYTES:,}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
+    raw = parse_yaml(decode_utf8(data, f"recipe {path}", RecipeError), f"recipe {path}") or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
@@ -178,7 +226,7 @@ def apply_override(raw: dict, override: str) -> None:
     """Apply one `dotted.key=value` to the raw recipe; the value is parsed as YAML."""
     key, sep, text = override.partition("=")
     if not sep or not key:
-        raise RecipeError(f"--set {override!r} must look like dotted.key=value, e.g. train.steps=50")
+        raise RecipeError(f"--set {excerpt(override)} must look like dotted.key=value, e.g. train.steps=50")
     parts = key.split(".")
     _check_path(parts)
     node = raw
@@ -186,7 +234,7 @@ def apply_override(raw: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"--set {key}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text else ""
+    node[parts[-1]] = parse_yaml(text, f"--set {key}") if text else ""
 
 
 def _check_path(parts: list[str]) -> None:
@@ -210,7 +258,7 @@ def _explain(err: dict) -> str:
         return f"unknown key {where}{_suggest(loc[-1], _fields_at(loc[:-1]))}"
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] != "value_error" and "input" in err:
-        message += f" (got {err['input']!r})"
+        message += f" (got {excerpt(err['input'])})"
     return f"{where}: {message}"
 
 

@@ -102,7 +102,7 @@ def test_tokenizer_json(tmp_path):
     [
         (lambda p: str(p / "nothing-here"), "does not exist"),
         (lambda p: (p / "empty").mkdir() or str(p / "empty"), "empty folder"),
-        (lambda p: (p / "short.txt").write_text("tiny") and str(p / "short.txt"), "only 4 bytes of text"),
+        (lambda p: (p / "short.txt").write_text("tiny") and str(p / "short.txt"), "4 tokens is too little for seq_len 32"),
         (lambda p: (p / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n') and str(p / "bad.jsonl"), "bad.jsonl:2: each line needs a \"text\" string field"),
         (lambda p: (p / "broken.jsonl").write_text('{"text": "ok"}\n{nope\n') and str(p / "broken.jsonl"), "broken.jsonl:2: not valid JSON"),
         (lambda p: (p / "odd.bin").write_bytes(b"abc") and str(p / "odd.bin"), "odd size"),

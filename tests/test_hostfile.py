@@ -27,10 +27,18 @@ def test_file_order_is_rank_order_and_comments_are_skipped():
     ("worker-0\n", "hf line 1: 'worker-0': expected 'HOST slots=N'"),
     ("worker-0 slots=4 gpus=2\n", "hf line 1: 'worker-0 slots=4 gpus=2': expected 'HOST slots=N'"),
     ("worker-0 slot=4\n", "expected 'HOST slots=N'"),
-    ("\n\nworker-0 slots=0\n", "hf line 3: 'worker-0 slots=0': slots must be a positive integer, got '0'"),
-    ("worker-0 slots=-1\n", "slots must be a positive integer, got '-1'"),
-    ("worker-0 slots=two\n", "slots must be a positive integer, got 'two'"),
-    ("worker-0 slots=\n", "slots must be a positive integer, got ''"),
+    ("\n\nworker-0 slots=0\n", "hf line 3: 'worker-0 slots=0': slots must be an integer from 1 to 1024, got '0'"),
+    ("worker-0 slots=-1\n", "slots must be an integer from 1 to 1024, got '-1'"),
+    ("worker-0 slots=two\n", "slots must be an integer from 1 to 1024, got 'two'"),
+    ("worker-0 slots=\n", "slots must be an integer from 1 to 1024, got ''"),
+    ("worker-0 slots=99999999999999999999999999\n", "from 1 to 1024"),
+    ("worker-0 slots=\u0664\n", "from 1 to 1024"),  # a digit, but not an ASCII one
+    ("-oProxyCommand=x slots=1\n", "is not a plain host name"),
+    ("gpu[1-2] slots=1\n", "is not a plain host name"),
+    ("a,b slots=1\n", "is not a plain host name"),
+    ("user@host slots=1\n", "is not a plain host name"),
+    ("host\x00x slots=1\n", "is not a plain host name"),
+    ("x" * 5000 + " slots=1\n", "..."),  # the message quotes a bounded excerpt
     ("# nothing\n\n", "hf lists no hosts"),
 ])
 def test_bad_hostfile_names_the_line(text, message):

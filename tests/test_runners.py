@@ -39,8 +39,8 @@ def test_agent_argv_names_node_rank_master_and_slots():
 def test_ssh_argv():
     argv = ssh_command(PLAN.nodes[1], agent(), SETUP)
     assert argv[:5] == ["ssh", "-i", "/k", "-p", "2222"]  # the user's options first: ssh keeps the first value
-    assert argv[5:-2] == list(SSH_DEFAULTS) and "BatchMode=yes" in argv
-    assert argv[-2] == "w1"
+    assert argv[5:-3] == list(SSH_DEFAULTS) and "BatchMode=yes" in argv
+    assert argv[-3:-1] == ["--", "w1"]  # no host name can be taken for an option
     assert argv[-1].startswith("cd '/work dir' && exec env NCCL_DEBUG=INFO 'SDTRAIN_X=a b'\"'\"'c' /venv/bin/python -m")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sdtrain.errors import UserInputError
+from sdtrain.errors import UserInputError, decode_utf8, excerpt
 
 EXPORTED_PREFIXES = ("NCCL_", "PYTHON", "CUDA_", "OMP_", "SDTRAIN_")
 NOT_EXPORTED = {"CUDA_VISIBLE_DEVICES"}
@@ -37,7 +37,11 @@ def find_env_file(cwd: Path, home: Path) -> Path | None:
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    return parse_env_file(path.read_text(), str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserInputError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_env_file(decode_utf8(data, str(path)), str(path))
 
 
 def parse_env_file(text: str, source: str = ENV_FILE) -> dict[str, str]:
@@ -48,7 +52,7 @@ def parse_env_file(text: str, source: str = ENV_FILE) -> dict[str, str]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        where = f"{source} line {number}: {raw.strip()!r}"
+        where = f"{source} line {number}: {excerpt(raw.strip())}"
         if line.startswith("export "):
             line = line[len("export "):].lstrip()
         key, eq, value = line.partition("=")

@@ -19,12 +19,26 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sdtrain.errors import UserInputError
+from sdtrain.errors import UserInputError, decode_utf8, excerpt
 
 # host -> the local slot (device) ids its workers use, in local-rank order; insertion order is rank order
 Resources = dict[str, list[int]]
 
 _LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S*)$")
+# A host name reaches ssh, pdsh, srun and mpirun as an argument: letters, digits, dots,
+# dashes and underscores only, never a leading dash (an option to them) and none of the
+# characters of pdsh's and Slurm's host-list syntax (`,`, `[`, `]`) or our filters' (`@`, `:`).
+_HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+MAX_SLOTS = 1024  # per host; a slot is a device
+
+
+def check_host(host: str, where: str) -> str:
+    if len(host) > 253 or not _HOST.match(host):
+        raise HostfileError(
+            f"{where}: host name {excerpt(host)} is not a plain host name or address (letters, digits, '.', "
+            "'-', '_', not starting with '-'); use the name ssh knows it by, or an alias from ~/.ssh/config"
+        )
+    return host
 
 
 class HostfileError(UserInputError):
@@ -34,10 +48,10 @@ class HostfileError(UserInputError):
 def read_hostfile(path: str | Path) -> dict[str, int]:
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise HostfileError(f"cannot read hostfile {path}: {exc.strerror}") from None
-    return parse_hostfile(text, str(path))
+    return parse_hostfile(decode_utf8(data, f"hostfile {path}", HostfileError), str(path))
 
 
 def parse_hostfile(text: str, source: str = "hostfile") -> dict[str, int]:
@@ -48,13 +62,13 @@ def parse_hostfile(text: str, source: str = "hostfile") -> dict[str, int]:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        where = f"{source} line {number}: {raw.strip()!r}"
+        where = f"{source} line {number}: {excerpt(raw.strip())}"
         match = _LINE.match(line)
         if not match:
             raise HostfileError(f"{where}: expected 'HOST slots=N' (e.g. 'worker-1 slots=8')")
-        host, slots = match["host"], match["slots"]
-        if not slots.isdigit() or int(slots) < 1:
-            raise HostfileError(f"{where}: slots must be a positive integer, got {slots!r}")
+        host, slots = check_host(match["host"], where), match["slots"]
+        if not (slots.isascii() and slots.isdigit()) or not 1 <= int(slots) <= MAX_SLOTS:
+            raise HostfileError(f"{where}: slots must be an integer from 1 to {MAX_SLOTS}, got {excerpt(slots)}")
         if host in hosts:
             raise HostfileError(f"{where}: host {host} is already listed on line {first_seen[host]}")
         hosts[host], first_seen[host] = int(slots), number
@@ -69,12 +83,12 @@ def parse_filter(spec: str, flag: str) -> dict[str, list[int]]:
     for part in spec.split("@"):
         host, _, slot_text = part.partition(":")
         if not host:
-            raise HostfileError(f"{flag} {spec!r}: empty host name in {part!r}; the form is HOST[:SLOT,SLOT][@HOST...]")
+            raise HostfileError(f"{flag} {excerpt(spec)}: empty host name in {excerpt(part)}; the form is HOST[:SLOT,SLOT][@HOST...]")
         slots = nodes.setdefault(host, [])
         if ":" in part:
             for slot in slot_text.split(","):
-                if not slot.strip().isdigit():
-                    raise HostfileError(f"{flag} {spec!r}: slot {slot!r} of host {host} is not a non-negative integer")
+                if not (slot.strip().isascii() and slot.strip().isdigit()):
+                    raise HostfileError(f"{flag} {excerpt(spec)}: slot {excerpt(slot)} of host {host} is not a non-negative integer")
                 if int(slot) not in slots:
                     slots.append(int(slot))
     return nodes
@@ -106,11 +120,11 @@ def select_resources(hosts: dict[str, int], include: str = "", exclude: str = ""
 def _filter(pool: Resources, wanted: dict[str, list[int]], flag: str, spec: str, keep: bool) -> Resources:
     for host, slots in wanted.items():
         if host not in pool:
-            raise HostfileError(f"{flag} {spec!r}: host {host} is not in the hostfile (hosts: {', '.join(pool)})")
+            raise HostfileError(f"{flag} {excerpt(spec)}: host {host} is not in the hostfile (hosts: {', '.join(pool)})")
         unknown = [s for s in slots if s not in pool[host]]
         if unknown:
             raise HostfileError(
-                f"{flag} {spec!r}: host {host} has slots {_span(pool[host])}, no slot {', '.join(map(str, unknown))}"
+                f"{flag} {excerpt(spec)}: host {host} has slots {_span(pool[host])}, no slot {', '.join(map(str, unknown))}"
             )
     chosen: Resources = {}
     for host, slots in pool.items():  # hostfile order, whatever order the filter named them in
@@ -123,7 +137,7 @@ def _filter(pool: Resources, wanted: dict[str, list[int]], flag: str, spec: str,
             chosen[host] = [s for s in slots if s not in named]
     chosen = {host: slots for host, slots in chosen.items() if slots}
     if not chosen:
-        raise HostfileError(f"{flag} {spec!r} leaves no slot to run on")
+        raise HostfileError(f"{flag} {excerpt(spec)} leaves no slot to run on")
     return chosen
 
 

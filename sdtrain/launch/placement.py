@@ -21,9 +21,11 @@ from dataclasses import dataclass
 
 import psutil
 
-from sdtrain.errors import UserInputError
+from sdtrain.errors import UserInputError, excerpt
 from sdtrain.launch.hostfile import (
+    MAX_SLOTS,
     Resources,
+    check_host,
     expand_hostlist,
     read_hostfile,
     select_resources,
@@ -86,6 +88,8 @@ def build_plan(request: LaunchRequest, nproc: int, nproc_given: bool, backend: s
         raise UserInputError(f"--launcher local runs on this machine only, and the plan has hosts {', '.join(resources)}; "
                              "use --launcher ssh (or pdsh, slurm, mpirun)")
     nodes = [Node(host, tuple(slots), rank) for rank, (host, slots) in enumerate(resources.items())]
+    if request.master_addr is not None:
+        _check_master_addr(request.master_addr)
     # One node on this machine (the local runner) meets on loopback, whatever the host is called.
     master_addr = request.master_addr or ("127.0.0.1" if launcher == "local" and request.node_rank is None else nodes[0].host)
     if request.master_addr is None and len(nodes) > 1 and is_loopback(master_addr) \
@@ -108,6 +112,9 @@ def _local_resources(nproc: int, request: LaunchRequest) -> Resources:
     if request.num_nodes not in (None, 1):
         raise UserInputError(f"--num-nodes {request.num_nodes} needs a hostfile that lists the nodes (--hostfile)")
     count = request.num_gpus or nproc
+    if count > MAX_SLOTS:
+        raise UserInputError(f"{count} workers on one machine: at most {MAX_SLOTS} (one per device); "
+                             "use a hostfile to spread a job over machines")
     return select_resources({"localhost": count}, include=request.include, exclude=request.exclude)
 
 
@@ -116,7 +123,18 @@ def allocation_hosts(environ: dict[str, str]) -> list[str]:
     if not environ.get("SLURM_JOB_ID") or not nodelist:
         raise UserInputError("--launcher slurm runs inside a Slurm allocation (no SLURM_JOB_ID here): "
                              "salloc -N2 sdtrain launch ... --launcher slurm, or sbatch launcher/slurm.sbatch")
-    return expand_hostlist(nodelist)
+    try:
+        return [check_host(host, "SLURM_JOB_NODELIST") for host in expand_hostlist(nodelist)]
+    except ValueError:
+        raise UserInputError(f"SLURM_JOB_NODELIST {excerpt(nodelist)} is not a Slurm host list") from None
+
+
+def _check_master_addr(addr: str) -> None:
+    """The master address becomes an argument of every node's command: a host name or an IP address."""
+    try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        check_host(addr, "--master-addr")
 
 
 def _check_in_allocation(resources: Resources, environ: dict[str, str]) -> None:

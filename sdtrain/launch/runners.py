@@ -7,7 +7,7 @@ Every node runs the same node agent with its node rank, the master address and p
 its slots; the runners differ only in how they get it there:
 
     local   PYTHON -m sdtrain.launch.node ...            (this machine)
-    ssh     ssh [OPTIONS] HOST 'cd CWD && exec env K=V... PYTHON -m sdtrain.launch.node ...'
+    ssh     ssh [OPTIONS] -- HOST 'cd CWD && exec env K=V... PYTHON -m sdtrain.launch.node ...'
     pdsh    env PDSH_SSH_ARGS_APPEND=... pdsh -S -N -R ssh -w HOST '<the same>'
     slurm   srun --nodes=1 --ntasks=1 --nodelist=HOST --overlap --chdir=CWD env K=V... PYTHON -m ...
     mpirun  mpirun -n 1 --host HOST --bind-to none --wdir CWD env K=V... PYTHON -m ...
@@ -85,7 +85,8 @@ def remote_commands(plan: LaunchPlan, run_dir: str, recipe_json: str, resume_fro
 
 
 def ssh_command(node: Node, agent: list[str], setup: RemoteSetup) -> list[str]:
-    return ["ssh", *ssh_words(setup), node.host, remote_shell(agent, setup)]
+    # `--`: whatever the host is called, ssh reads it as the host, never as an option.
+    return ["ssh", *ssh_words(setup), "--", node.host, remote_shell(agent, setup)]
 
 
 def pdsh_command(node: Node, agent: list[str], setup: RemoteSetup) -> list[str]:

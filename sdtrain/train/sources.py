@@ -6,6 +6,7 @@ or empty data set is an exit-2 error and not a crash on every rank.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sysconfig
@@ -45,22 +46,20 @@ def load_corpus(cfg, seq_len: int) -> Corpus:
 
 
 def check_source(cfg, seq_len: int, vocab_size: int) -> str:
-    """Cheap checks the launcher runs before starting workers; returns a one-line summary."""
-    fmt = detect_format(cfg)
-    if fmt == "bin":
-        corpus = _load_bin(Path(cfg.source), cfg.val_fraction, seq_len)
+    """The launcher's check before it starts workers; returns a one-line summary. It reads
+    the corpus exactly as every worker will (load_corpus, bounded by max_bytes), so data the
+    launcher accepts is data no worker refuses."""
+    corpus = load_corpus(cfg, seq_len)
+    if detect_format(cfg) == "bin":
         vocab = int(max(corpus.train.max(), corpus.val.max())) + 1
     else:
-        size = sum(len(t) for t in _read_texts(cfg, fmt))
-        if size < 2 * (seq_len + 1):
-            raise DataError(f"data.source {cfg.source}: only {size} bytes of text; need more than {2 * (seq_len + 1)}")
         vocab = _load_tokenizer(cfg.tokenizer).get_vocab_size() if cfg.tokenizer else BYTE_VOCAB
     if vocab > vocab_size:
         raise DataError(
             f"data.source {cfg.source} has token ids up to {vocab - 1} but model.vocab_size is "
             f"{vocab_size}; set model.vocab_size to at least {vocab}"
         )
-    return f"{_name(cfg)} ({fmt})"
+    return corpus.description
 
 
 def detect_format(cfg) -> str:
@@ -86,12 +85,14 @@ def _name(cfg) -> str:
 
 
 def _read_texts(cfg, fmt: str):
+    """The texts of the source, `max_bytes` of UTF-8 at most: never more is read from disk."""
     if cfg.source == STDLIB:
-        yield from _read_files(_stdlib_files(), cfg.max_bytes)
+        # Python's own test suite holds files in other encodings on purpose: replace, not refuse.
+        yield from _read_files(_stdlib_files(), cfg.max_bytes, errors="replace")
         return
     path = Path(cfg.source)
     if fmt == "jsonl":
-        yield from _read_jsonl(path)
+        yield from _read_jsonl(path, cfg.max_bytes)
         return
     files = list(_walk_sorted(path, suffix=None)) if path.is_dir() else [path]
     if not files:
@@ -99,20 +100,35 @@ def _read_texts(cfg, fmt: str):
     yield from _read_files(files, cfg.max_bytes)
 
 
-def _read_files(files, max_bytes: int):
-    total = 0
+def _read_files(files, max_bytes: int, errors: str = "strict"):
+    left = max_bytes
     for file in files:
-        text = Path(file).read_bytes()[: max_bytes - total].decode("utf-8", "replace")
-        if text:
-            yield text
-        total += len(text)
-        if total >= max_bytes:
+        try:
+            with open(file, "rb") as f:
+                data = f.read(left)
+        except OSError as exc:
+            raise DataError(f"cannot read {file}: {exc.strerror}") from None
+        if data:
+            yield _decode(data, str(file), errors, cut=len(data) == left)
+        left -= len(data)
+        if left <= 0:
             return
 
 
-def _read_jsonl(path: Path):
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
+def _read_jsonl(path: Path, max_bytes: int):
+    """The "text" field of each record, until the texts add up to max_bytes. A line is read
+    up to a bound too: a single multi-gigabyte line is an error, not a hang."""
+    line_cap = 4 * max_bytes + 2**20  # JSON escapes take up to 6 bytes a character; most take 1
+    left = max_bytes
+    with path.open("rb") as f:
+        for number in itertools.count(1):
+            raw = f.readline(line_cap)
+            if not raw:
+                return
+            if len(raw) == line_cap and not raw.endswith(b"\n"):
+                raise DataError(f"{path}:{number}: the line is longer than {line_cap:,} bytes; split it into several "
+                                "records, or raise data.max_bytes")
+            line = _decode(raw, str(path), "strict", line=number)
             if not line.strip():
                 continue
             try:
@@ -121,7 +137,23 @@ def _read_jsonl(path: Path):
                 raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise DataError(f'{path}:{number}: each line needs a "text" string field')
-            yield record["text"]
+            text = record["text"].encode("utf-8", "replace")[:left]
+            yield _decode(text, str(path), "replace")
+            left -= len(text)
+            if left <= 0:
+                return
+
+
+def _decode(data: bytes, source: str, errors: str, cut: bool = False, line: int | None = None) -> str:
+    """UTF-8 text of `data`; a character cut in two by max_bytes at the end is dropped."""
+    try:
+        return data.decode("utf-8", errors)
+    except UnicodeDecodeError as exc:
+        if cut and exc.end == len(data) and exc.reason == "unexpected end of data":
+            return data[: exc.start].decode("utf-8")
+        at = line if line is not None else data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{source} line {at} is not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                        "convert the file to UTF-8 (e.g. iconv -t utf-8)") from None
 
 
 def _stdlib_files():
@@ -162,7 +194,14 @@ def _memmap(path: Path) -> np.ndarray:
 
 
 def _split(tokens: np.ndarray, val_fraction: float, seq_len: int, description: str) -> Corpus:
-    n_val = max(int(len(tokens) * val_fraction), seq_len + 2)
+    """Hold out the tail for validation: at least one window (seq_len + 2 tokens) on each side."""
+    window = seq_len + 2
+    if len(tokens) < 2 * window:
+        raise DataError(
+            f"{description}: {len(tokens):,} tokens is too little for seq_len {seq_len}: a training and a "
+            f"validation window need 2 x (seq_len + 2) = {2 * window:,}; add data or lower model.seq_len"
+        )
+    n_val = max(int(len(tokens) * val_fraction), window)
     train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
     _check_length(train, seq_len, description)
     return Corpus(train, val, description)
@@ -171,7 +210,7 @@ def _split(tokens: np.ndarray, val_fraction: float, seq_len: int, description: s
 def _check_length(tokens: np.ndarray, seq_len: int, what) -> None:
     if len(tokens) < seq_len + 2:
         raise DataError(
-            f"{what}: {len(tokens)} tokens is too little for seq_len {seq_len}; "
+            f"{what}: {len(tokens):,} tokens is too little for seq_len {seq_len} (one window is seq_len + 2); "
             "add data or lower model.seq_len"
         )
 
