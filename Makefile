@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdtrain-installed
+TORCH_CPU_VERSION ?= 2.13.0
 
 .PHONY: setup run test test-slow test-multinode bench clean
 
@@ -10,17 +11,16 @@ setup: $(STAMP)
 # Where no NVIDIA GPU is visible, put the CPU build of torch in place before anything asks
 # for torch, so the range in pyproject.toml is already satisfied and pip never downloads a
 # multi-GB CUDA build. A CPU wheel pip can find locally (--find-links) is taken first, its
-# dependencies from the index; else PyTorch's CPU index. With a GPU, pip's normal (CUDA)
-# torch comes in through pyproject.toml.
+# dependencies from the index. Otherwise pip installs torch from whatever index its own
+# configuration names (pip.conf, or PIP_INDEX_URL / PIP_EXTRA_INDEX_URL: point one at
+# PyTorch's CPU wheel index to get the small build). With a GPU, pip's normal (CUDA) torch
+# comes in through pyproject.toml.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
-	  if $(PY) -m pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null; then \
-	    $(PY) -m pip install -q torch==2.13.0; \
-	  else \
-	    $(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
-	      --extra-index-url https://pypi.org/simple; \
-	  fi; \
+	  $(PY) -m pip install -q --no-index --no-deps torch==$(TORCH_CPU_VERSION) 2>/dev/null || \
+	    echo "setup: no local CPU wheel of torch; installing torch from pip's configured index"; \
+	  $(PY) -m pip install -q torch==$(TORCH_CPU_VERSION); \
 	fi
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
