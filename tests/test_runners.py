@@ -205,7 +205,7 @@ def test_dry_run_text_shows_the_runner_commands(write_recipe, tmp_path):
 
 @pytest.mark.parametrize("hostfile, args, message", [
     ("a slots=2\na slots=1\n", [], "line 2: 'a slots=1': host a is already listed on line 1"),
-    ("a slots=x\n", [], "line 1: 'a slots=x': slots must be a positive integer"),
+    ("a slots=x\n", [], "line 1: 'a slots=x': slots must be an integer from 1 to 1024"),
     ("a slots=2\nb slots=2\n", ["--include", "c"], "--include 'c': host c is not in the hostfile"),
     ("a slots=2\nb slots=2\n", ["-i", "a", "-e", "b"], "mutually exclusive"),
     ("a slots=2\nb slots=2\n", ["--exclude", "a@b"], "leaves no slot"),
