@@ -9,13 +9,24 @@ from __future__ import annotations
 
 def count_params(cfg) -> int:
     """Closed form of GPT.num_params(), for planning without building the model."""
-    d, L, hidden = cfg.d_model, cfg.n_layers, cfg.mlp_ratio * cfg.d_model
-    b = 1 if cfg.bias else 0
+    return embedding_params(cfg) + cfg.n_layers * block_params(cfg) + final_norm_params(cfg)
+
+
+def block_params(cfg) -> int:
+    d, hidden, b = cfg.d_model, cfg.mlp_ratio * cfg.d_model, 1 if cfg.bias else 0
     attn = d * 3 * d + b * 3 * d + d * d + b * d
     mlp = d * hidden + b * hidden + hidden * d + b * d
     norms = 2 * (d + b * d)
-    block = attn + mlp + norms
-    return cfg.vocab_size * d + cfg.seq_len * d + L * block + (d + b * d)
+    return attn + mlp + norms
+
+
+def embedding_params(cfg) -> int:
+    """Token and position embeddings (the token one is also the tied output head)."""
+    return cfg.vocab_size * cfg.d_model + cfg.seq_len * cfg.d_model
+
+
+def final_norm_params(cfg) -> int:
+    return cfg.d_model * (2 if cfg.bias else 1)
 
 
 def flops_per_token(cfg) -> float:

@@ -104,22 +104,22 @@ class FlatUnit:
 
     # --- checkpoints -----------------------------------------------------------------
 
-    def sharded(self, local: torch.Tensor, process_group) -> dict[str, ShardedTensor]:
+    def sharded(self, local: torch.Tensor, global_ranks: list[int]) -> dict[str, ShardedTensor]:
         """Each parameter's part of `local` (a tensor laid out like this rank's shard) as a
-        ShardedTensor of the parameter's full shape, for DCP to save or load in place."""
+        ShardedTensor of the parameter's full shape, for DCP to save or load in place.
+        Placements name global ranks (`global_ranks[r]` holds shard r): the unit is sharded
+        over one stage's data-parallel group, but a checkpoint is written by the whole job."""
         out = {}
         for e in self.entries:
-            shards_md = [ShardMetadata(list(off), list(size), f"rank:{r}/{local.device.type}")
+            shards_md = [ShardMetadata(list(off), list(size), f"rank:{global_ranks[r]}/{local.device.type}")
                          for r in range(self.world) for off, size, _ in self._pieces(e, r)]
             local_shards = [
                 Shard(local[start : start + size[0] * (size[1] if len(size) > 1 else 1)].view(size),
-                      ShardMetadata(list(off), list(size), f"rank:{self.rank}/{local.device.type}"))
+                      ShardMetadata(list(off), list(size), f"rank:{global_ranks[self.rank]}/{local.device.type}"))
                 for off, size, start in self._pieces(e, self.rank)
             ]
             md = ShardedTensorMetadata(shards_md, e.shape, TensorProperties(dtype=local.dtype))
-            out[e.name] = ShardedTensor._init_from_local_shards_and_global_metadata(
-                local_shards, md, process_group=process_group
-            )
+            out[e.name] = ShardedTensor._init_from_local_shards_and_global_metadata(local_shards, md)
         return out
 
     def _pieces(self, e: Entry, rank: int):

@@ -248,12 +248,12 @@ class Zero(Strategy):
     # --- checkpoints and accounting ----------------------------------------------------
 
     def checkpoint_state(self) -> dict:
-        group = self.env.dp_group
+        ranks = self.env.dims.stage_ranks(self.env.stage)  # the global rank of each shard's owner
         model, moments = {}, {m: {} for m in ADAM_MOMENTS}
         for unit in self.units:
-            model.update(unit.sharded(unit.master, group))
+            model.update(unit.sharded(unit.master, ranks))
             for m in ADAM_MOMENTS:
-                moments[m].update(unit.sharded(unit.moments[m], group))
+                moments[m].update(unit.sharded(unit.moments[m], ranks))
         first = next(p for group in self.optimizer.param_groups for p in group["params"])
         return {"model": model, "optim": {**moments, "step": self.optimizer.state[first]["step"]}}
 
