@@ -1,0 +1,1 @@
+"""Migration from other tools' configurations to sdtrain recipes (torch-free)."""
