@@ -115,7 +115,22 @@ def preflight(**hosts) -> None:
     console.print(f"[green]all {len(reports)} host(s) ready[/]")
 
 
-@cli.command()
+class BenchGroup(click.Group):
+    """`sdtrain bench comm ...` is the collective bench; anything else is the strategy bench,
+    as it always was (`sdtrain bench [RECIPE] [options]`), so no existing command changes."""
+
+    def parse_args(self, ctx, args):
+        if not args or args[0] not in self.commands:
+            args = ["strategies", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=BenchGroup)
+def bench() -> None:
+    """Measure: strategies and peers on a recipe (`sdtrain bench [RECIPE]`), or collectives (`sdtrain bench comm`)."""
+
+
+@bench.command("strategies")
 @click.argument("recipe", default="recipes/quickstart.yaml")
 @click.option("--strategies", default="single,ddp", show_default=True,
               help="Comma-separated: single, ddp (= zero0), zero0, zero1, zero2, zero3.")
@@ -125,8 +140,9 @@ def preflight(**hosts) -> None:
 @click.option("--repeats", default=2, show_default=True, help="Alternating rounds; each entry keeps its best.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key.")
 @click.option("--json", "json_file", help="Also write the results to this JSON file.")
-def bench(recipe, strategies, peers, nproc, steps, repeats, overrides, json_file) -> None:
-    """Measure strategies (and peers) on RECIPE side by side: tokens/s, memory, traffic, ratios."""
+def bench_strategies(recipe, strategies, peers, nproc, steps, repeats, overrides, json_file) -> None:
+    """Measure strategies (and peers) on RECIPE side by side: tokens/s, memory, traffic, ratios.
+    (`sdtrain bench comm --help`: the collective-communication bench.)"""
     from sdtrain.bench.run import run_bench
     from sdtrain.bench.table import bench_table
 
@@ -144,6 +160,47 @@ def bench(recipe, strategies, peers, nproc, steps, repeats, overrides, json_file
     if json_file:
         with open(json_file, "w") as f:
             json.dump(results, f, indent=2)
+
+
+@bench.command("comm")
+@click.option("--nproc", type=click.IntRange(min=1), help="Workers on this machine (default: one per GPU, else 2).")
+@host_options
+@click.option("--launcher", type=click.Choice(["local", "ssh", "pdsh", "slurm", "mpirun"]),
+              help="How nodes are started (default: local, or ssh with a hostfile).")
+@click.option("--backend", type=click.Choice(["auto", "gloo", "nccl"]), default="auto", show_default=True,
+              help="auto: NCCL on GPUs, gloo on CPU.")
+@click.option("--ops", default="all", show_default=True, help="Comma-separated: " + ", ".join(
+    ["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send_recv"]) + ", or all.")
+@click.option("--sizes", default="1K..64M:4", show_default=True,
+              help="Bytes per rank's buffer: 1K,64M or ranges 1K..1G (x2 steps), 1K..1G:4 (x4 steps).")
+@click.option("--iters", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Timed runs per loop; 0: enough to move about 256 MB, 5 to 100.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed loops; the best is kept.")
+@click.option("--json", "json_file", help="Also write the results to this JSON file.")
+def bench_comm(nproc, launcher, backend, ops, sizes, iters, repeats, json_file, **hosts) -> None:
+    """Time and check collectives (as nccl-tests: algorithm and bus bandwidth) on the job's hosts."""
+    from sdtrain.bench.comm import CommBenchFailed, run_comm_bench
+    from sdtrain.bench.comm_spec import parse_ops, parse_sizes
+    from sdtrain.bench.comm_table import comm_table, verdict
+    from sdtrain.launch.placement import LaunchRequest
+
+    op_list, size_list = parse_ops(ops), parse_sizes(sizes)  # bad input: exit 2 before anything starts
+    try:
+        result = run_comm_bench(LaunchRequest(launcher=launcher, **hosts), nproc, backend, op_list, size_list, iters, repeats)
+    except CommBenchFailed as exc:
+        err_console.print(f"[red]comm bench failed[/]: {escape(str(exc))}", highlight=False)
+        sys.exit(exc.exit_code)
+    console.print(comm_table(result))
+    summary = verdict(result)
+    if summary:
+        console.print(summary, markup=False, highlight=False)
+    if json_file:
+        with open(json_file, "w") as f:
+            json.dump(result, f, indent=2)
+    wrong = [f"{row['op']} {row['bytes']} bytes" for row in result["results"] if not row["correct"]]
+    if wrong:
+        err_console.print(f"[red]wrong results[/]: {escape(', '.join(wrong))}", highlight=False)
+        sys.exit(1)
 
 
 @cli.command()
