@@ -13,6 +13,8 @@ import re
 import signal
 from pathlib import Path
 
+from sdtrain.launch.disk import describe, write_whole
+
 REPORT_PREFIX = "SDTRAIN_FAILURE_REPORT "
 
 _SYMPTOMS = re.compile(
@@ -52,14 +54,54 @@ def log_tail(path: Path, lines: int = 20) -> str:
 
 
 def write_report(report: dict, path: Path) -> None:
+    """Whole or not at all: a full disk must not leave an empty report for the launcher."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+    write_whole(path, json.dumps(report, indent=2))
 
 
-def read_reports(folder: Path) -> list[dict]:
-    if not folder.is_dir():
-        return []
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("node*.json"))]
+def read_reports(folder: Path) -> tuple[list[dict], list[str]]:
+    """The reports in `folder`, and a note for each one that cannot be used: the launcher
+    still prints what the others (and the nodes' stderr) say."""
+    reports, notes = [], []
+    for path in sorted(folder.glob("node*.json")) if folder.is_dir() else []:
+        try:
+            reports.append(checked_report(json.loads(path.read_bytes())))
+        except OSError as exc:
+            notes.append(f"the failure report {path} cannot be read: {describe(exc)}")
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            notes.append(f"the failure report {path} is broken ({exc}); a full disk leaves reports like that")
+    return reports, notes
+
+
+# What a failure must hold to be reported; the text fields may be missing (a node agent of
+# another version) and are then empty.
+_NUMBERS = {"rank": int, "exitcode": int, "timestamp": (int, float)}
+_TEXTS = ("host", "exit", "error", "traceback", "log_tail")
+
+
+def checked_report(report) -> dict:
+    """`report` if it has the shape node agents write, with missing texts filled in;
+    ValueError saying what is wrong otherwise (it came from another machine, or a disk)."""
+    if not isinstance(report, dict) or not _is(report.get("node_rank"), int):
+        raise ValueError("not an object with an integer node_rank")
+    failures = report.get("failures")
+    if not isinstance(failures, list) or not failures or not all(isinstance(f, dict) for f in failures):
+        raise ValueError("no list of failures")
+    for failure in failures:
+        for key, kind in _NUMBERS.items():
+            if not _is(failure.get(key), kind):
+                raise ValueError(f"a failure without a number for {key!r}")
+        for key in _TEXTS:
+            if not isinstance(failure.setdefault(key, ""), str):
+                raise ValueError(f"a failure whose {key!r} is not text")
+        failure["exit"] = failure["exit"] or describe_exit(failure["exitcode"])
+        failure.setdefault("local_rank", "?")
+        failure.setdefault("pid", "?")
+    return report
+
+
+def _is(value, kind) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def merge_reports(from_files: list[dict], from_streams: list[dict], hosts: dict[int, str] | None = None) -> list[dict]:

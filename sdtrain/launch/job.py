@@ -20,7 +20,7 @@ from sdtrain.errors import CheckpointError, UserInputError
 from sdtrain.launch.exports import exported_environment
 from sdtrain.launch.placement import LaunchRequest, build_plan
 from sdtrain.launch.plan import LaunchPlan, resolve_backend, resolve_nproc
-from sdtrain.launch.rundir import move_aside, write_marker
+from sdtrain.launch.rundir import MARKER, check_run_dir, prepare
 from sdtrain.launch.runners import STOP_BY, RemoteSetup, local_commands, remote_commands
 from sdtrain.recipe import Recipe, load_recipe
 from sdtrain.train.checkpoint_layout import checkpoint_dir, latest_checkpoint, read_info
@@ -40,6 +40,10 @@ class Job:
     @property
     def remote(self) -> bool:
         return self.plan.launcher != "local"
+
+    @property
+    def moves_earlier_run(self) -> bool:
+        return moves_earlier_run(self.node_rank, self.resume_from, self.run_dir)
 
     @property
     def stop_by(self) -> str:
@@ -97,6 +101,7 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
     data_summary = check_source(recipe.data, recipe.model.seq_len, recipe.model.vocab_size)
     run_path = Path(run_dir or Path("runs") / recipe.name).absolute()
     resume_from = resolve_resume(recipe, run_path)
+    check_run_dir(run_path, moves_earlier_run(request.node_rank, resume_from, run_path))
     args = (plan, str(run_path), json.dumps(recipe.model_dump(mode="json")), str(resume_from or ""))
     plan.commands = local_commands(*args) if launcher == "local" else remote_commands(*args, remote_setup(request))
     return Job(recipe, plan, batch, run_path, resume_from, data_summary, request.node_rank)
@@ -158,21 +163,16 @@ def resolve_resume(recipe: Recipe, run_dir: Path) -> Path | None:
     return path
 
 
+def moves_earlier_run(node_rank: int | None, resume_from: Path | None, run_dir: Path) -> bool:
+    """A fresh run moves an earlier one aside; not a resume from inside it, and not under
+    --node-rank, where every node prepares for itself, at the same time, maybe in one shared
+    directory (a job needs a run directory of its own)."""
+    return node_rank is None and not (resume_from is not None and run_dir in resume_from.parents)
+
+
 def prepare_run_dir(job: Job) -> Path | None:
-    """Create the run directory and write the resolved recipe. A fresh run never overwrites
-    an earlier one: that is moved aside first. Returns where it went, if anywhere.
-    Under --node-rank every node prepares for itself, at the same time, maybe in one shared
-    directory: nothing is moved (a job needs a run directory of its own), node 0 writes."""
-    run_dir, moved = job.run_dir, None
-    if job.node_rank is not None:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        if job.node_rank > 0:
-            return None
-    elif not (job.resume_from is not None and run_dir in job.resume_from.parents):
-        moved = move_aside(run_dir)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    for stale in (run_dir / "failures").glob("node*.json"):
-        stale.unlink()
-    (run_dir / "recipe.yaml").write_text(job.recipe.to_yaml())
-    write_marker(run_dir, job.plan.run_id)
-    return moved
+    """Create the run directory and write the resolved recipe (under --node-rank, node 0
+    writes). A fresh run never overwrites an earlier one: that is moved aside first.
+    Returns where it went, if anywhere."""
+    files = {"recipe.yaml": job.recipe.to_yaml(), MARKER: job.plan.run_id + "\n"}
+    return prepare(job.run_dir, files, job.moves_earlier_run, write=job.node_rank in (None, 0))

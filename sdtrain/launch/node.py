@@ -30,7 +30,9 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from sdtrain.errors import UserInputError
 from sdtrain.launch.collect import encode_files
+from sdtrain.launch.disk import describe
 from sdtrain.launch.failures import (
     REPORT_PREFIX,
     describe_exit,
@@ -129,7 +131,14 @@ def main(argv=None) -> int:
                     "Put --run-dir on a shared filesystem, or run without checkpoints "
                     "(--set checkpoint.at_end=false, checkpoint.every 0).")
                 return 2
-            move_aside(args.run_dir)
+            try:
+                move_aside(args.run_dir)
+            except UserInputError as exc:
+                say(f"sdtrain node {args.node_rank} ({socket.gethostname()}): {exc}")
+                return 2
+            except OSError as exc:
+                say(f"sdtrain node {args.node_rank} ({socket.gethostname()}): cannot move the earlier run aside: {describe(exc)}")
+                return 2
     restrict_devices(args.slots)
     try:
         return run_workers(args)
@@ -174,9 +183,15 @@ def run_workers(args) -> int:
         elastic_launch(config, entrypoint=sys.executable)(*worker_args)
     except ChildFailedError as exc:
         report = failure_report(exc, args)
-        write_report(report, args.run_dir / "failures" / f"node{args.node_rank}.json")
         if args.report_to_stderr or args.remote:
-            say(REPORT_PREFIX + json.dumps(report))
+            say(REPORT_PREFIX + json.dumps(report))  # first: it reaches the launcher even if the disk is full
+        try:
+            write_report(report, args.run_dir / "failures" / f"node{args.node_rank}.json")
+        except OSError as error:
+            cause = root_cause(report["failures"])
+            what = (cause["error"] or "").strip().splitlines()[-1:] or [""]
+            say(f"sdtrain node {args.node_rank}: cannot write its failure report: {describe(error)}. "
+                f"Root cause here: rank {cause['rank']} {cause['exit']}" + (f": {what[0]}" if what[0] else ""))
         return 1
     except MasterBindError as exc:
         say(f"sdtrain node {args.node_rank}: {exc}")

@@ -11,6 +11,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
+from sdtrain.launch.disk import DISK_ERRORS, describe, unwritable
 from sdtrain.launch.failures import merge_reports, read_reports, root_cause
 
 
@@ -43,19 +44,31 @@ _EXIT_HINTS = {
 
 
 def print_failure(console: Console, job, outcome) -> None:
+    # Every process that writes there fails when the run directory cannot be written; the
+    # directory itself says why in one line, which no traceback of theirs puts first.
+    disk = unwritable(job.run_dir)
+    disk = disk if disk is not None and disk.errno in DISK_ERRORS else None
+    if disk is not None:
+        console.print(Panel(Text(f"{describe(disk)}\n{DISK_ERRORS[disk.errno]}"), border_style="red", title_align="left",
+                            title=escape(f"cause: the run directory {job.run_dir} cannot be written")))
+    from_files, notes = read_reports(job.run_dir / "failures")
+    for note in notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
     hosts = {n.node_rank: n.host for n in job.plan.nodes} if job.remote else None
-    reports = merge_reports(read_reports(job.run_dir / "failures"), outcome.reports, hosts)
+    reports = merge_reports(from_files, outcome.reports, hosts)
     reported = {report["node_rank"] for report in reports}
     silent = [(node, code, tail) for i, (node, code, tail) in enumerate(_node_outcomes(job, outcome))
               if i in outcome.failed_first and node.node_rank not in reported]
     for node, code, tail in silent:
+        if disk is not None and not tail:
+            continue  # a local node's output went to the terminal already; the disk says why
         hint = _EXIT_HINTS.get(code, "its last lines say why")
         body = "\n".join(tail) or "(no output)"
         title = f"node {node.node_rank} ({node.host}) failed before any rank reported: exit code {code}"
         console.print(Panel(Text(f"{hint}\n\n{body}"), title=escape(title), title_align="left", border_style="red"))
     failures = [f for report in reports for f in report["failures"]]
     if not failures:
-        if not silent:
+        if not (silent or disk):
             console.print("[bold red]the job failed[/] but no rank left a report; see the logs/ folder of the run directory")
         return
     cause = root_cause(failures)
@@ -63,7 +76,7 @@ def print_failure(console: Console, job, outcome) -> None:
     body = cause["traceback"] or cause["error"]
     if not body and cause["log_tail"]:
         body = f"(no traceback) last lines of logs/rank{cause['rank']}.log:\n" + cause["log_tail"]
-    title = f"root cause: rank {cause['rank']} on {cause['host']} (local rank {cause['local_rank']}, pid {cause['pid']}) {cause['exit']}"
+    title = f"{'first failure' if disk else 'root cause'}: rank {cause['rank']} on {cause['host']} (local rank {cause['local_rank']}, pid {cause['pid']}) {cause['exit']}"
     console.print(Panel(Text(body.strip() or "(no output)"), title=escape(title), title_align="left", border_style="red"))
     others = [f for f in failures if f is not cause]
     for f in sorted(others, key=lambda f: f["rank"]):
