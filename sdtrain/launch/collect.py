@@ -7,15 +7,20 @@ base64-encoded chunks short enough for any of them, one per line:
     SDTRAIN_FILE <relative path> <chunk index> <chunk count> <base64 data>
 
 The launcher picks these lines out of the stream and writes the files under its run
-directory once every chunk of a file has arrived.
+directory once every chunk of a file has arrived. Whatever a node sends, a line that
+does not hold a sound chunk, a file that arrives damaged, or one that cannot be written
+here becomes a note (`notes`), never an exception: the launcher must keep reading.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import zlib
 from pathlib import Path, PurePosixPath
 from typing import Iterator
+
+from sdtrain.launch.disk import describe
 
 FILE_PREFIX = "SDTRAIN_FILE "
 CHUNK = 12_000  # base64 characters per line: well under any line buffer on the way
@@ -39,11 +44,12 @@ class FileReceiver:
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
-        self.parts: dict[str, dict[int, str]] = {}
+        self.parts: dict[str, tuple[int, dict[int, str]]] = {}  # path -> (chunk count, chunks so far)
         self.written: list[Path] = []
+        self.notes: list[str] = []  # what was refused, for the launcher to print; it empties the list
 
     def feed(self, line: str) -> bool:
-        """True if the line was a file chunk (and is consumed)."""
+        """True if the line was meant as a file chunk: consumed, or refused with a note."""
         start = line.find(FILE_PREFIX)
         if start < 0:
             return False
@@ -51,18 +57,38 @@ class FileReceiver:
         if len(fields) != 4:
             return False
         relative, index, count, chunk = fields
-        parts = self.parts.setdefault(relative, {})
-        parts[int(index)] = chunk
-        if len(parts) == int(count):
-            self._write(relative, "".join(parts[i] for i in range(int(count))))
+        try:
+            index, count = int(index), int(count)
+        except ValueError:
+            self.notes.append(f"a file chunk line with chunk numbers {fields[1][:20]!r} {fields[2][:20]!r}: ignored")
+            return True
+        expected, parts = self.parts.setdefault(relative, (count, {}))
+        if not 0 <= index < count or count != expected:
+            self.notes.append(f"{relative[:200]}: chunk {index} of {count} does not fit (expected {expected} chunks): "
+                              "the file is not written")
             del self.parts[relative]
+            return True
+        parts[index] = chunk
+        if len(parts) == count:
+            del self.parts[relative]
+            self._write(relative, "".join(parts[i] for i in range(count)))
         return True
 
     def _write(self, relative: str, data: str) -> None:
         rel = PurePosixPath(relative)
         if rel.is_absolute() or ".." in rel.parts:
+            self.notes.append(f"{relative[:200]}: outside the run directory, not written")
             return  # never write outside the run directory, whatever a node sends
+        try:
+            content = zlib.decompress(base64.b64decode(data, validate=True))
+        except (binascii.Error, zlib.error, ValueError) as exc:
+            self.notes.append(f"{relative[:200]} arrived damaged ({exc}): not written")
+            return
         target = self.run_dir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(zlib.decompress(base64.b64decode(data)))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+        except OSError as exc:
+            self.notes.append(f"{relative[:200]} cannot be written here: {describe(exc)}")
+            return
         self.written.append(target)

@@ -44,6 +44,8 @@ _EXIT_HINTS = {
 
 
 def print_failure(console: Console, job, outcome) -> None:
+    for error in outcome.errors:
+        console.print(Panel(Text(error), title="the launcher stopped the job", title_align="left", border_style="red"))
     # Every process that writes there fails when the run directory cannot be written; the
     # directory itself says why in one line, which no traceback of theirs puts first.
     disk = unwritable(job.run_dir)
@@ -68,7 +70,7 @@ def print_failure(console: Console, job, outcome) -> None:
         console.print(Panel(Text(f"{hint}\n\n{body}"), title=escape(title), title_align="left", border_style="red"))
     failures = [f for report in reports for f in report["failures"]]
     if not failures:
-        if not (silent or disk):
+        if not (silent or outcome.errors or disk):
             console.print("[bold red]the job failed[/] but no rank left a report; see the logs/ folder of the run directory")
         return
     cause = root_cause(failures)

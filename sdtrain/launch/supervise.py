@@ -11,7 +11,9 @@ Guarantees the launcher gives:
 For remote nodes (ssh, pdsh, srun, mpirun) the commands run here are the runners; how a
 node is asked to stop depends on the runner (runners.STOP_BY), and each node's stderr is
 read here: failure reports and files sent back are picked out of it (the run directory
-need not be shared), everything else is echoed with the node's name in front.
+need not be shared), everything else is echoed with the node's name in front. A line that
+does not parse is echoed with a note; a reader that fails anyway stops the job, saying why
+(a launcher that stopped reading a node would otherwise wait for it forever).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 import psutil
 
 from sdtrain.launch.collect import FileReceiver
-from sdtrain.launch.failures import REPORT_PREFIX
+from sdtrain.launch.failures import REPORT_PREFIX, checked_report
 
 TEARDOWN_GRACE_S = 10.0
 POLL_S = 0.2
@@ -45,10 +47,11 @@ class JobOutcome:
     reports: list[dict] = field(default_factory=list)  # failure reports read from the nodes' stderr
     stderr_tails: list[list[str]] = field(default_factory=list)  # last stderr lines of each remote command
     failed_first: list[int] = field(default_factory=list)  # commands that failed before any was asked to stop
+    errors: list[str] = field(default_factory=list)  # why the launcher itself stopped the job
 
     @property
     def ok(self) -> bool:
-        return self.interrupted is None and all(code == 0 for code in self.exit_codes)
+        return self.interrupted is None and not self.errors and all(code == 0 for code in self.exit_codes)
 
 
 def _die_with_parent() -> None:
@@ -78,6 +81,7 @@ class Supervisor:
         self.seen: dict[int, psutil.Process] = {}
         self.interrupted: signal.Signals | None = None
         self.failed_first: list[int] = []
+        self.errors: list[str] = []
 
     def run(self) -> JobOutcome:
         start = time.monotonic()
@@ -93,7 +97,7 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return JobOutcome([p.poll() for p in self.procs], self.interrupted, time.monotonic() - start,
-                          list(self.reports), [list(t) for t in self.tails], self.failed_first)
+                          list(self.reports), [list(t) for t in self.tails], self.failed_first, list(self.errors))
 
     def _start(self, index: int, argv: list[str]) -> subprocess.Popen:
         # Own session: the terminal's Ctrl-C reaches the launcher only, which forwards it.
@@ -111,23 +115,34 @@ class Supervisor:
         return proc
 
     def _read_stderr(self, index: int, proc: subprocess.Popen, tail: collections.deque) -> None:
-        for raw in proc.stderr:
-            line = raw.decode(errors="replace").rstrip("\n")
-            at = line.find(REPORT_PREFIX)
-            if at >= 0:
-                try:
-                    self.reports.append(json.loads(line[at + len(REPORT_PREFIX):]))
-                    self.reported.append(index)  # a list: read while reader threads append
-                    continue
-                except json.JSONDecodeError:
-                    pass
-            if self.receiver is not None and self.receiver.feed(line):
-                continue
-            tail.append(line)
+        try:
+            for raw in proc.stderr:
+                self._read_line(index, raw.decode(errors="replace").rstrip("\n"), tail)
+        except Exception as exc:  # whatever it is, the job must not wait for a reader that is gone
+            self.errors.append(f"the launcher could not read the output of {self.labels[index]}: "
+                               f"{type(exc).__name__}: {exc}")
+
+    def _read_line(self, index: int, line: str, tail: collections.deque) -> None:
+        at = line.find(REPORT_PREFIX)
+        if at >= 0:
             try:
-                print(f"[{self.labels[index]}] {line}", file=sys.stderr, flush=True)
-            except (OSError, ValueError):
-                pass
+                self.reports.append(checked_report(json.loads(line[at + len(REPORT_PREFIX):])))
+                self.reported.append(index)  # a list: read while reader threads append
+                return
+            except (ValueError, RecursionError) as exc:
+                self._echo(index, f"(sdtrain: a failure report line that cannot be used, {exc}; shown as it came)")
+        if self.receiver is not None and self.receiver.feed(line):
+            while self.receiver.notes:
+                self._echo(index, f"(sdtrain: a file sent back: {self.receiver.notes.pop(0)})")
+            return
+        tail.append(line)
+        self._echo(index, line)
+
+    def _echo(self, index: int, line: str) -> None:
+        try:
+            print(f"[{self.labels[index]}] {line}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
 
     def _on_signal(self, signum, frame) -> None:
         self.interrupted = signal.Signals(signum)
@@ -139,7 +154,7 @@ class Supervisor:
             # A failure report is the earliest sign: runners such as mpirun take seconds to
             # exit after their node agent did.
             self.failed_first = sorted({i for i, code in enumerate(codes) if code not in (None, 0)} | set(self.reported[:]))
-            if self.interrupted or self.failed_first:
+            if self.interrupted or self.failed_first or self.errors:
                 return
             if all(code == 0 for code in codes):
                 return
