@@ -82,7 +82,7 @@ def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json, **place
         f"{job.batch.explain()}{resume}\n  run dir {job.run_dir}"
     )
     remote = dict(labels=job.labels(), stop_by=job.stop_by, run_dir=job.run_dir) if job.remote else {}
-    outcome = Supervisor(job.commands_here(), **remote).run()
+    outcome = Supervisor(job.commands_here(), env=job.environment(), **remote).run()
     if outcome.ok:
         console.print(f"[green]done[/] in {outcome.wall_s:.1f} s: {job.run_dir}")
         return

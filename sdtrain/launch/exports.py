@@ -1,10 +1,11 @@
-"""The environment remote nodes get: selected variables of the launcher, plus `.sdtrain_env`.
+"""The environment nodes get: selected variables of the launcher, plus `.sdtrain_env`.
 
 Variables whose names start with NCCL_, PYTHON, CUDA_, OMP_ or SDTRAIN_ travel to every
 node (CUDA_VISIBLE_DEVICES excepted: each node's slots decide its devices). A `.sdtrain_env`
 file in the working directory, else in the home directory, adds KEY=VALUE lines and wins
 over the launcher's environment. Values are plain strings here; the runners quote them for
-whatever shell they pass through.
+whatever shell they pass through. A local launch's node agent inherits the launcher's
+environment anyway, and gets `.sdtrain_env` on top, as remote nodes do.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ def exported_environment(environ: dict[str, str], cwd: Path, home: Path) -> dict
     if path is not None:
         env.update(read_env_file(path))
     return env
+
+
+def env_file_variables(cwd: Path, home: Path) -> dict[str, str]:
+    """`.sdtrain_env`'s variables alone (a local launch inherits the rest)."""
+    path = find_env_file(cwd, home)
+    return read_env_file(path) if path is not None else {}
 
 
 def find_env_file(cwd: Path, home: Path) -> Path | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sdtrain.batch import BatchPlan, derive_batch
 from sdtrain.errors import CheckpointError, UserInputError
-from sdtrain.launch.exports import exported_environment
+from sdtrain.launch.exports import env_file_variables, exported_environment
 from sdtrain.launch.placement import LaunchRequest, build_plan
 from sdtrain.launch.plan import LaunchPlan, resolve_backend, resolve_nproc
 from sdtrain.launch.rundir import MARKER, check_run_dir, prepare
@@ -54,6 +54,11 @@ class Job:
         if self.node_rank is None:
             return self.plan.commands
         return [self.plan.commands[self.node_rank]]
+
+    def environment(self) -> dict[str, str] | None:
+        """The environment of the node agents this launcher starts itself: its own, with
+        .sdtrain_env on top; None where there is nothing to add."""
+        return {**os.environ, **self.plan.env} if self.plan.env else None
 
     def labels(self) -> list[str]:
         return [f"node {n.node_rank} {n.host}" for n in self.plan.nodes]
@@ -104,6 +109,8 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
     check_run_dir(run_path, moves_earlier_run(request.node_rank, resume_from, run_path))
     args = (plan, str(run_path), json.dumps(recipe.model_dump(mode="json")), str(resume_from or ""))
     plan.commands = local_commands(*args) if launcher == "local" else remote_commands(*args, remote_setup(request))
+    if launcher == "local":
+        plan.env = env_file_variables(Path.cwd(), Path.home())
     return Job(recipe, plan, batch, run_path, resume_from, data_summary, request.node_rank)
 
 

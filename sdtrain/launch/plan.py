@@ -29,6 +29,9 @@ class LaunchPlan:
     run_id: str
     launcher: str = "local"  # the runner that starts the node agents (runners.py)
     commands: list[list[str]] = field(default_factory=list)  # one argv per node, filled by a runner
+    # Variables a local launch adds for the node agents it starts (.sdtrain_env's); remote
+    # nodes get theirs inside their command.
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def world_size(self) -> int:
