@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	    echo "setup: no local CPU wheel of torch; installing torch from pip's configured index"; \
 	  $(PY) -m pip install -q torch==$(TORCH_CPU_VERSION); \
 	fi
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,plot]"
 	touch $(STAMP)
 
 run: setup

@@ -140,7 +140,8 @@ def bench() -> None:
 @click.option("--repeats", default=2, show_default=True, help="Alternating rounds; each entry keeps its best.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key.")
 @click.option("--json", "json_file", help="Also write the results to this JSON file.")
-def bench_strategies(recipe, strategies, peers, nproc, steps, repeats, overrides, json_file) -> None:
+@click.option("--plot", "plot_file", metavar="FILE.png", help="Also draw the table as bars, peers beside each strategy.")
+def bench_strategies(recipe, strategies, peers, nproc, steps, repeats, overrides, json_file, plot_file) -> None:
     """Measure strategies (and peers) on RECIPE side by side: tokens/s, memory, traffic, ratios.
     (`sdtrain bench comm --help`: the collective-communication bench.)"""
     from sdtrain.bench.run import run_bench
@@ -153,6 +154,10 @@ def bench_strategies(recipe, strategies, peers, nproc, steps, repeats, overrides
         raise UserInputError(f"--nproc {nproc!r}: give worker counts like 2 or 2,4") from None
     if not worlds or min(worlds) < 1:
         raise UserInputError(f"--nproc {nproc!r}: give worker counts like 2 or 2,4")
+    if plot_file:
+        from sdtrain.plot.backend import figure_class
+
+        figure_class()  # no matplotlib: say so now, not after the whole bench has run
     results = run_bench(recipe, split(strategies), split(peers), worlds, steps, repeats, list(overrides))
     console.print(bench_table(results))
     for note in results["notes"]:
@@ -160,6 +165,12 @@ def bench_strategies(recipe, strategies, peers, nproc, steps, repeats, overrides
     if json_file:
         with open(json_file, "w") as f:
             json.dump(results, f, indent=2)
+    if plot_file:
+        from sdtrain.plot.backend import save
+        from sdtrain.plot.bench import bench_figure
+
+        save(bench_figure(results), plot_file)
+        console.print(f"plot: {escape(plot_file)}", highlight=False)
 
 
 @bench.command("comm")
@@ -177,7 +188,8 @@ def bench_strategies(recipe, strategies, peers, nproc, steps, repeats, overrides
               help="Timed runs per loop; 0: enough to move about 256 MB, 5 to 100.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed loops; the best is kept.")
 @click.option("--json", "json_file", help="Also write the results to this JSON file.")
-def bench_comm(nproc, launcher, backend, ops, sizes, iters, repeats, json_file, **hosts) -> None:
+@click.option("--plot", "plot_file", metavar="FILE.png", help="Also draw bus bandwidth against size, one line per op.")
+def bench_comm(nproc, launcher, backend, ops, sizes, iters, repeats, json_file, plot_file, **hosts) -> None:
     """Time and check collectives (as nccl-tests: algorithm and bus bandwidth) on the job's hosts."""
     from sdtrain.bench.comm import CommBenchFailed, run_comm_bench
     from sdtrain.bench.comm_spec import parse_ops, parse_sizes
@@ -185,6 +197,10 @@ def bench_comm(nproc, launcher, backend, ops, sizes, iters, repeats, json_file, 
     from sdtrain.launch.placement import LaunchRequest
 
     op_list, size_list = parse_ops(ops), parse_sizes(sizes)  # bad input: exit 2 before anything starts
+    if plot_file:
+        from sdtrain.plot.backend import figure_class
+
+        figure_class()  # no matplotlib: say so before the workers start
     try:
         result = run_comm_bench(LaunchRequest(launcher=launcher, **hosts), nproc, backend, op_list, size_list, iters, repeats)
     except CommBenchFailed as exc:
@@ -197,6 +213,12 @@ def bench_comm(nproc, launcher, backend, ops, sizes, iters, repeats, json_file, 
     if json_file:
         with open(json_file, "w") as f:
             json.dump(result, f, indent=2)
+    if plot_file:
+        from sdtrain.plot.backend import save
+        from sdtrain.plot.comm import comm_figure
+
+        save(comm_figure(result), plot_file)
+        console.print(f"plot: {escape(plot_file)}", highlight=False)
     wrong = [f"{row['op']} {row['bytes']} bytes" for row in result["results"] if not row["correct"]]
     if wrong:
         err_console.print(f"[red]wrong results[/]: {escape(', '.join(wrong))}", highlight=False)
@@ -251,6 +273,22 @@ def export(checkpoint, out) -> None:
 
     count = export_safetensors(checkpoint, out)
     console.print(f"wrote {count} tensors to {out}")
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR...")
+@click.option("--out", default="plot.png", show_default=True, help="The PNG (or .svg, .pdf) to write.")
+def plot(run_dirs, out) -> None:
+    """Loss, eval loss, tokens/s, memory and grad norm of one or more runs, overlaid by name."""
+    from sdtrain.plot.backend import save
+    from sdtrain.plot.run_data import load_runs
+    from sdtrain.plot.runs import notes, runs_figure
+
+    runs = load_runs(list(run_dirs))
+    save(runs_figure(runs), out)
+    for note in notes(runs):
+        err_console.print(f"note: {escape(note)}", highlight=False)
+    console.print(f"wrote {escape(out)}: {len(runs)} run(s)", highlight=False)
 
 
 @cli.command("import-deepspeed")

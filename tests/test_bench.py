@@ -8,7 +8,7 @@ from conftest import sdtrain
 def test_bench_strategies_and_torch_peer(write_recipe, tmp_path):
     out = tmp_path / "bench.json"
     result = sdtrain("bench", write_recipe(), "--peers", "torch", "--steps", 15, "--repeats", 1,
-                     "--json", out, timeout=600)
+                     "--json", out, "--plot", tmp_path / "bench.png", timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads(out.read_text())
     rows = {row["name"]: row for row in results["results"]}
@@ -21,6 +21,8 @@ def test_bench_strategies_and_torch_peer(write_recipe, tmp_path):
     # bound here (the closing note of each change reports the measured value).
     assert 0.5 < rows["ddp"]["vs_torch-ddp"] < 2.0
     assert "torch-ddp" in result.stdout
+    # --plot: the same table as bars (tests/test_plot.py checks the figure's bars and legend).
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_bad_input_exits_2(write_recipe):

@@ -31,10 +31,11 @@ def test_two_ranks_from_a_hostfile_all_ops_correct(tmp_path):
     hostfile.write_text("localhost slots=2\n")
     out = tmp_path / "comm.json"
     result = sdtrain("bench", "comm", "--hostfile", hostfile, "--sizes", "4K..4M:32", "--iters", 5, "--repeats", 3,
-                     "--json", out, timeout=600)
+                     "--json", out, "--plot", tmp_path / "comm.png", timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     check_result(json.loads(out.read_text()), 2, [4096, 131072, 4 * 2**20])
     assert "busbw" in result.stdout and "all_reduce 4M: bus bandwidth" in result.stdout
+    assert (tmp_path / "comm.png").read_bytes()[:4] == b"\x89PNG"  # the figure itself: tests/test_plot.py
 
 
 def test_four_ranks_all_ops_correct(tmp_path):
