@@ -44,12 +44,33 @@ def host_options(command):
     return command
 
 
+RUNNER_NAMES = ("local", "ssh", "pdsh", "slurm", "mpirun")
+# DeepSpeed's --launcher values: `openmpi` is our mpirun; the MPI flavours it starts with one
+# mpirun for every node have no runner here (sdtrain starts one node agent per node).
+DEEPSPEED_RUNNERS = {"openmpi": "mpirun"}
+DEEPSPEED_ONLY = ("mvapich", "mpich", "impi")
+
+
+def _runner(ctx, param, value):
+    if value is None or value in RUNNER_NAMES:
+        return value
+    if value in DEEPSPEED_RUNNERS:
+        return DEEPSPEED_RUNNERS[value]
+    if value in DEEPSPEED_ONLY:
+        raise click.BadParameter(f"{value} is a DeepSpeed runner sdtrain lacks: use ssh or pdsh (or mpirun for OpenMPI)")
+    raise click.BadParameter(f"{value!r}: choose one of {', '.join(RUNNER_NAMES)} (or DeepSpeed's openmpi = mpirun)")
+
+
+def launcher_option(command):
+    return click.option("--launcher", callback=_runner, metavar="|".join(RUNNER_NAMES),
+                        help="How nodes are started (default: local, or ssh with a hostfile); openmpi = mpirun.")(command)
+
+
 @cli.command()
 @click.argument("recipe")
 @click.option("--nproc-per-node", type=int, help="Workers on this node (default: recipe launch.nproc_per_node).")
 @host_options
-@click.option("--launcher", type=click.Choice(["local", "ssh", "pdsh", "slurm", "mpirun"]),
-              help="How nodes are started (default: local, or ssh with a hostfile).")
+@launcher_option
 @click.option("--node-rank", "--node_rank", "node_rank", type=int,
               help="Run only node R of the plan here (every node starts its own launcher, e.g. on Kubernetes).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. train.steps=50.")
@@ -176,8 +197,7 @@ def bench_strategies(recipe, strategies, peers, nproc, steps, repeats, overrides
 @bench.command("comm")
 @click.option("--nproc", type=click.IntRange(min=1), help="Workers on this machine (default: one per GPU, else 2).")
 @host_options
-@click.option("--launcher", type=click.Choice(["local", "ssh", "pdsh", "slurm", "mpirun"]),
-              help="How nodes are started (default: local, or ssh with a hostfile).")
+@launcher_option
 @click.option("--backend", type=click.Choice(["auto", "gloo", "nccl"]), default="auto", show_default=True,
               help="auto: NCCL on GPUs, gloo on CPU.")
 @click.option("--ops", default="all", show_default=True, help="Comma-separated: " + ", ".join(
