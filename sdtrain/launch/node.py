@@ -183,15 +183,15 @@ def run_workers(args) -> int:
         elastic_launch(config, entrypoint=sys.executable)(*worker_args)
     except ChildFailedError as exc:
         report = failure_report(exc, args)
-        if args.report_to_stderr or args.remote:
-            say(REPORT_PREFIX + json.dumps(report))  # first: it reaches the launcher even if the disk is full
         try:
             write_report(report, args.run_dir / "failures" / f"node{args.node_rank}.json")
-        except OSError as error:
+        except OSError as error:  # the report still goes to stderr below: a full disk must not lose it
             cause = root_cause(report["failures"])
             what = (cause["error"] or "").strip().splitlines()[-1:] or [""]
             say(f"sdtrain node {args.node_rank}: cannot write its failure report: {describe(error)}. "
                 f"Root cause here: rank {cause['rank']} {cause['exit']}" + (f": {what[0]}" if what[0] else ""))
+        if args.report_to_stderr or args.remote:
+            say(REPORT_PREFIX + json.dumps(report))
         return 1
     except MasterBindError as exc:
         say(f"sdtrain node {args.node_rank}: {exc}")
