@@ -10,7 +10,7 @@ agent store), so nothing else listens for it.
 
 A job whose master is a loopback address runs on this machine only, so its workers'
 collectives (gloo, NCCL's bootstrap) are kept on the loopback interface too, unless the
-user chose an interface.
+user chose an interface. Imported by the node agent only: it needs torch.
 """
 
 from __future__ import annotations
