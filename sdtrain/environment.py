@@ -30,4 +30,19 @@ def describe_environment() -> dict[str, str]:
         info["default launch"] = f"{torch.cuda.device_count()} worker(s) per node on NCCL"
     else:
         info["default launch"] = "1 worker per node on gloo (set launch.nproc_per_node for more)"
+    info.update(describe_peak(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+    return info
+
+
+def describe_peak(device) -> dict[str, str]:
+    """The measured matmul peak of one device and, on CUDA, the datasheet's beside it. A
+    training run on CPU still reports no MFU unless train.peak_flops is set: a CPU's matmul
+    rate is not a peak its workers share in any fixed way."""
+    from sdtrain.train.metrics import peak_flops
+    from sdtrain.train.peak import measure_peak_flops
+
+    info = {"peak matmul": measure_peak_flops(device).describe()}
+    if device.type == "cuda":
+        nominal = peak_flops(device, "bf16", None)
+        info["nominal bf16"] = f"{nominal / 1e12:.0f} TFLOP/s (datasheet)" if nominal else "not in the table"
     return info
