@@ -342,6 +342,28 @@ def import_deepspeed_command(config, out, lenient, overrides) -> None:
     console.print(f"wrote {escape(out)}; next: sdtrain launch {escape(out)} --dry-run", highlight=False)
 
 
+@cli.group()
+def checkpoint() -> None:
+    """Inspect checkpoints."""
+
+
+@checkpoint.command()
+@click.argument("path")
+def verify(path) -> None:
+    """Check every file of the checkpoint at PATH (a checkpoints/step_<N> folder or a run
+    directory): exit 0 if it is whole and safe to load, 2 naming each bad file if not."""
+    from sdtrain.train.checkpoint_verify import checkpoint_problems
+    from sdtrain.train.export import resolve_checkpoint
+
+    resolved = resolve_checkpoint(path)
+    problems = checkpoint_problems(resolved)
+    for problem in problems:
+        err_console.print(f"[red]✗[/] {escape(problem)}", highlight=False)
+    if problems:
+        sys.exit(2)
+    console.print(f"[green]verified[/]: {escape(str(resolved))}", highlight=False)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

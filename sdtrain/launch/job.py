@@ -23,7 +23,8 @@ from sdtrain.launch.plan import LaunchPlan, resolve_backend, resolve_nproc
 from sdtrain.launch.rundir import MARKER, check_run_dir, prepare
 from sdtrain.launch.runners import STOP_BY, RemoteSetup, local_commands, remote_commands
 from sdtrain.recipe import Recipe, load_recipe
-from sdtrain.train.checkpoint_layout import checkpoint_dir, latest_checkpoint, read_info
+from sdtrain.train.checkpoint_layout import checkpoint_dir, latest_checkpoint
+from sdtrain.train.checkpoint_verify import verify_checkpoint
 from sdtrain.train.sources import check_source
 
 
@@ -156,7 +157,7 @@ def resolve_resume(recipe: Recipe, run_dir: Path) -> Path | None:
             raise CheckpointError(f"train.resume {resume} does not exist; give a checkpoints/step_<N> folder, a run directory, 'auto' or 'never'")
         if (checkpoint_dir(path) / "latest").exists():
             path = latest_checkpoint(path) or path
-    info = read_info(path)
+    info = verify_checkpoint(path)  # whole, and safe to unpickle, before any worker loads it
     wanted = recipe.model.model_dump(exclude={"dropout"})
     saved = {k: v for k, v in info["model"].items() if k != "dropout"}
     if saved != wanted:

@@ -7,10 +7,12 @@ Layout of `checkpoints/step_<N>/`:
   rank<R>.extra.pt               this rank's RNG state and loss-scaler state (tensors and
                                  numbers only: loaded weights-only)
   sdtrain.json                   step, model shape and world size, readable without torch
+  manifest.json                  name, size and sha256 of every other file, written last
 `checkpoints/latest` holds the name of the newest complete checkpoint.
 
 A save writes into `step_<N>.partial/` and is renamed into place only after every rank
 finished, so a crash mid-save leaves the previous checkpoint and `latest` intact.
+checkpoint_verify.py checks a checkpoint against all of this before anything loads it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch.distributed.checkpoint as dcp
 from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.strategy import Strategy
 from sdtrain.train.checkpoint_layout import INFO, LATEST, checkpoint_dir, read_info
+from sdtrain.train.checkpoint_manifest import digests, write_manifest
 from sdtrain.train.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 
 
@@ -45,11 +48,17 @@ class Checkpointer:
             partial.mkdir(parents=True)
         dist.barrier()
         dcp.save(strategy.checkpoint_state(), checkpoint_id=partial)
-        torch.save({**_rng_state(), **strategy.extra_state()}, partial / f"rank{self.env.rank}.extra.pt")
-        dist.barrier()
+        extra = partial / f"rank{self.env.rank}.extra.pt"
+        torch.save({**_rng_state(), **strategy.extra_state()}, extra)
+        # Each rank hashes the files it wrote, all at once; the gather is also the barrier
+        # after which every rank's files are complete.
+        written = digests([extra, *sorted(partial.glob(f"__{self.env.rank}_*.distcp"))])
+        every_rank = [None] * self.env.world_size
+        dist.all_gather_object(every_rank, written)
         if self.env.is_main:
             info = {"step": step, "model": model_shape, "world_size": self.env.world_size, "time": time.time()}
             (partial / INFO).write_text(json.dumps(info, indent=2))
+            write_manifest(partial, {name: d for files in every_rank for name, d in files.items()})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from sdtrain.errors import CheckpointError
-from sdtrain.train.checkpoint_layout import checkpoint_dir, latest_checkpoint, read_info
+from sdtrain.train.checkpoint_layout import checkpoint_dir, latest_checkpoint
+from sdtrain.train.checkpoint_verify import verify_checkpoint
 from sdtrain.train.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 
 TIED = {"lm_head.weight": "tok_emb.weight"}  # saved once; a loader re-ties them
@@ -38,7 +39,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Full model tensors keyed by parameter name, and the checkpoint's sdtrain.json."""
     path = resolve_checkpoint(path)
-    info = read_info(path)
+    info = verify_checkpoint(path)  # whole, and its metadata safe, before anything is loaded
     reader = SafeFileSystemReader(path)
     metadata = reader.read_metadata()
     state = {

@@ -1,0 +1,147 @@
+"""Is a checkpoint whole, and safe to load? One check, made before anything loads one:
+by the launcher for a resume (before a worker starts), and by `sdtrain export`.
+
+A damaged checkpoint (a truncated shard, a broken `.metadata`, a missing file) would
+otherwise pass the launcher and fail inside every worker; a crafted one must be refused
+before any of it is unpickled. `checkpoint_problems` lists every problem (for a tool that
+reports them all, or that falls back to an earlier checkpoint); `verify_checkpoint`
+raises with the first.
+
+Torch-free at import, for the launcher: torch is imported only when a checkpoint is
+checked (its `.metadata` and extra files need it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdtrain.errors import CheckpointError
+from sdtrain.train.checkpoint_layout import read_info
+from sdtrain.train.checkpoint_manifest import manifest_problems
+
+METADATA = ".metadata"
+FIX = "use an earlier checkpoint (checkpoints/step_<N>), or start afresh with --set train.resume=never"
+MAX_WORLD_SIZE = 1 << 20  # sdtrain.json is input too: a world size bounds a loop below
+
+
+def verify_checkpoint(path: str | Path, checksums: bool = True) -> dict:
+    """The checkpoint's sdtrain.json if every file is whole; else CheckpointError naming
+    the first bad file."""
+    info = read_info(path)  # not a checkpoint at all: its own message says where to point
+    problems = checkpoint_problems(path, checksums)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise CheckpointError(f"checkpoint {path} cannot be used: {problems[0]}{more}; {FIX}")
+    return info
+
+
+def checkpoint_problems(path: str | Path, checksums: bool = True) -> list[str]:
+    """Every problem of the checkpoint at `path`, each naming its file; [] if it is whole.
+    `checksums` also compares sha256 with the manifest (~0.3 s per 100 MB on one core)."""
+    path = Path(path)
+    try:
+        info = read_info(path)
+    except CheckpointError as exc:
+        return [str(exc)]
+    problems = manifest_problems(path, checksums)
+    if not (path / METADATA).is_file():
+        return problems + [f"{path / METADATA} is missing"]
+    from sdtrain.train.safe_reader import read_metadata_file
+
+    try:
+        metadata = read_metadata_file(path / METADATA)
+    except CheckpointError as exc:
+        return problems + [str(exc)]
+    return problems + storage_problems(path, metadata) + extra_problems(path, int(info["world_size"]))
+
+
+def storage_problems(path: Path, metadata) -> list[str]:
+    """Every entry a tensor, every tensor chunk recorded, every record inside a file of
+    this checkpoint that is long enough for it."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
+    meta = path / METADATA
+    problems, needed = [], {}
+    try:
+        for index, where in metadata.storage_data.items():
+            if type(index) is not MetadataIndex or type(where) is not _StorageInfo:
+                return [f"{meta} is damaged (a storage record {type(index).__name__}: {type(where).__name__})"]
+            name, offset, length = where.relative_path, where.offset, where.length
+            if not _plain_file_name(name) or not all(type(n) is int and n >= 0 for n in (offset, length)):
+                problems.append(f"{meta} records {index.fqn!r:.80} at {name!r:.80}, bytes {offset!r:.20}+{length!r:.20}: "
+                                "not a place in a file of this checkpoint")
+            elif where.transform_descriptors:  # sdtrain writes none; each would be a decoder run on input
+                problems.append(f"{meta} records {index.fqn!r:.80} as transformed ({where.transform_descriptors!r:.80})")
+            else:
+                needed[name] = max(needed.get(name, 0), offset + length)
+        for name, end in sorted(needed.items()):
+            file = path / name
+            if not file.is_file():
+                problems.append(f"{file} is missing ({meta} records data in it)")
+            elif file.stat().st_size < end:
+                problems.append(f"{file} is truncated: {file.stat().st_size} bytes, {meta} records data up to byte {end}")
+        for fqn, entry in metadata.state_dict_metadata.items():
+            if type(fqn) is not str or type(entry) is not TensorStorageMetadata:
+                problems.append(f"{meta} holds {fqn!r:.80} as a {type(entry).__name__}: sdtrain checkpoints hold only "
+                                "tensors (anything else would be unpickled at load)")
+                continue
+            problems += _chunk_problems(meta, fqn, entry, metadata.storage_data)
+    except (AttributeError, TypeError, ValueError) as exc:  # fields of the wrong type
+        problems.append(f"{meta} is damaged ({type(exc).__name__}: {str(exc)[:120]})")
+    return problems
+
+
+def _chunk_problems(meta: Path, fqn: str, entry, storage_data: dict) -> list[str]:
+    """The chunks of a tensor cover it exactly, and each has its bytes recorded: so a loader
+    that allocates the tensor the metadata describes allocates no more than the files hold."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    covered, itemsize = 0, entry.properties.dtype.itemsize
+    for chunk in entry.chunks:
+        where = storage_data.get(MetadataIndex(fqn, chunk.offsets))
+        if where is None:
+            return [f"{meta} records no data for {fqn!r:.80} at offsets {tuple(chunk.offsets)}"]
+        if _numel(chunk.sizes) * itemsize > where.length:
+            return [f"{meta} records {fqn!r:.80} at offsets {tuple(chunk.offsets)} as larger than its stored bytes"]
+        covered += _numel(chunk.sizes)
+    if covered != _numel(entry.size):
+        return [f"{meta} records chunks of {fqn!r:.80} that do not cover its shape {tuple(entry.size)}"]
+    return []
+
+
+def _numel(shape) -> int:
+    numel = 1
+    for n in shape:
+        if type(n) is not int or n < 0:
+            raise ValueError(f"{n!r:.20} is not a dimension")
+        numel *= n
+    return numel
+
+
+def extra_problems(path: Path, world_size: int) -> list[str]:
+    """rank<R>.extra.pt of every rank that saved: present, and tensors and numbers only."""
+    import torch
+
+    if not 0 < world_size <= MAX_WORLD_SIZE:
+        return [f"{path / 'sdtrain.json'} records world_size {world_size}, which no run has"]
+    problems = []
+    for rank in range(world_size):
+        file = path / f"rank{rank}.extra.pt"
+        if not file.is_file():
+            problems.append(f"{file} is missing (the checkpoint was saved by {world_size} ranks)")
+            continue
+        try:
+            extra = torch.load(file, weights_only=True)  # never anything but tensors and numbers
+        except Exception as exc:  # noqa: BLE001 - damaged or crafted bytes fail in many ways
+            problems.append(f"{file} is damaged or holds more than tensors and numbers "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})")
+            continue
+        if not isinstance(extra, dict):
+            problems.append(f"{file} holds a {type(extra).__name__}, not this rank's state")
+    return problems
+
+
+def _plain_file_name(name) -> bool:
+    """A file directly in the checkpoint folder: no path, no way out of it."""
+    return type(name) is str and name not in ("", ".", "..") and Path(name).name == name and "\\" not in name
