@@ -287,11 +287,12 @@ def env() -> None:
 @cli.command()
 @click.argument("checkpoint")
 @click.argument("out")
-def export(checkpoint, out) -> None:
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def export(checkpoint, out, force) -> None:
     """Write the model weights of a (sharded) CHECKPOINT to OUT.safetensors."""
     from sdtrain.train.export import export_safetensors
 
-    count = export_safetensors(checkpoint, out)
+    count = export_safetensors(checkpoint, out, force)
     console.print(f"wrote {count} tensors to {out}")
 
 

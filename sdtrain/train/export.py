@@ -7,6 +7,7 @@ tensors, whatever world size or strategy wrote them.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -55,16 +56,40 @@ def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     return {key.removeprefix("model."): tensor for key, tensor in state.items()}, info
 
 
-def export_safetensors(checkpoint: str | Path, out: str | Path) -> int:
+def export_safetensors(checkpoint: str | Path, out: str | Path, force: bool = False) -> int:
+    out = check_output(out, force)  # before the checkpoint is read: a bad OUT costs nothing
     weights, info = load_model_weights(checkpoint)
     for tied, source in TIED.items():
         if tied in weights and source in weights and torch.equal(weights[tied], weights[source]):
             del weights[tied]
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise CheckpointError(f"{out}: the output file name must end in .safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "sdtrain_model": json.dumps(info["model"]), "step": str(info["step"]),
                 "tied": json.dumps(TIED)}
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out), metadata=metadata)
+    # Into a temporary file renamed over OUT at the end: a crash or a full disk leaves
+    # OUT as it was, never half a file.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return len(weights)
+
+
+def check_output(out: str | Path, force: bool) -> Path:
+    """OUT as export will write it; CheckpointError if it cannot or must not be written."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise CheckpointError(f"{out}: the output file name must end in .safetensors")
+    if out.is_dir():
+        raise CheckpointError(f"{out} is a directory; give a file name ending in .safetensors")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise CheckpointError(f"{out} already exists; pass --force to overwrite it, or choose another name")
+    parent = out.absolute().parent
+    while not parent.exists():  # export creates missing folders: the first existing one must take them
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {out}: {parent} is not a writable folder")
+    return out
