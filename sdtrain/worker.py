@@ -27,6 +27,7 @@ from sdtrain.train.checkpoint import Checkpointer
 from sdtrain.train.data import TRAIN, VAL, Batches
 from sdtrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, summary_table
 from sdtrain.train.sources import load_corpus
+from sdtrain.train.strict_json import dumps_strict
 from sdtrain.train.trainer import Trainer
 
 
@@ -126,7 +127,7 @@ def main(argv=None) -> None:
             "train_s": result.train_s,
             "checkpoint": result.checkpoint,
         }
-        (args.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (args.run_dir / "summary.json").write_text(dumps_strict(summary, indent=2))  # NaN: null, named
         console.print(summary_table(summary))
     leave_process_group()
 

@@ -22,6 +22,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from sdtrain.train.strict_json import dumps_strict
+
 # Dense peak FLOP/s per device at the precision a run trains in (vendor datasheets, no sparsity).
 PEAK_FLOPS = {
     "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
@@ -86,16 +88,26 @@ class MetricsLog:
             self.progress.start()
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines past the checkpoint so the file reads as one clean run."""
+        """On resume, drop lines past the checkpoint so the file reads as one clean run.
+        A line that is not a whole record (a crash mid-write leaves half a line) is dropped
+        with a note rather than ending the resume."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            record = _parse_record(line)
+            if record is None:
+                if line.strip():
+                    self.console.print(f"note: {self.path} line {number} is not a whole metrics record "
+                                       "(a crash mid-write?): dropped", highlight=False, markup=False)
+            elif record["step"] <= step:
+                kept.append(dumps_strict(record))
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
         record = {**record, "elapsed_s": round(time.perf_counter() - self.start, 3)}
         self.records.append(record)
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(dumps_strict(record) + "\n")  # a NaN loss is null plus "nonfinite": ["loss"]
         self.file.flush()
         if self.writer is not None:
             for key, value in record.items():
@@ -120,6 +132,14 @@ class MetricsLog:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _parse_record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and type(record.get("step")) is int else None
 
 
 def _status(record: dict) -> str:
