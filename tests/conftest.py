@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,26 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in metrics(run_dir) if "loss" in m]
+
+
+RESUMABLE = {"train": {"steps": 10}, "launch": {"nproc_per_node": 2}, "checkpoint": {"every": 5, "keep": 3, "at_end": True}}
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory):
+    """10 uninterrupted steps at world size 2, checkpoints at steps 5 and 10: one real run,
+    shared by every test of checkpoints (copy what you change)."""
+    tmp = tmp_path_factory.mktemp("full")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(merge(TINY, RESUMABLE)))
+    result = sdtrain("launch", recipe, "--run-dir", tmp / "run")
+    assert result.returncode == 0, result.stderr
+    return recipe, tmp / "run"
+
+
+def crashed_copy(run_dir: Path, dest: Path) -> Path:
+    """The run as a crash right after step 5's checkpoint would have left it."""
+    shutil.copytree(run_dir, dest)
+    shutil.rmtree(dest / "checkpoints" / "step_10")
+    (dest / "checkpoints" / "latest").write_text("step_5")
+    return dest

@@ -11,35 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import metrics, sdtrain
+from conftest import crashed_copy, metrics, sdtrain
 from sdtrain.errors import CheckpointError
 from sdtrain.model import GPT, GPTConfig
 from sdtrain.train.safe_reader import SafeFileSystemReader, _MetadataUnpickler
-
-RESUMABLE = {"train": {"steps": 10}, "launch": {"nproc_per_node": 2}, "checkpoint": {"every": 5, "keep": 3, "at_end": True}}
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-    """10 uninterrupted steps at world size 2, checkpoints at steps 5 and 10."""
-    import yaml
-
-    from conftest import TINY, merge
-
-    tmp = tmp_path_factory.mktemp("full")
-    recipe = tmp / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(merge(TINY, RESUMABLE)))
-    result = sdtrain("launch", recipe, "--run-dir", tmp / "run")
-    assert result.returncode == 0, result.stderr
-    return recipe, tmp / "run"
-
-
-def crashed_copy(run_dir, dest):
-    """The run as a crash right after step 5's checkpoint would have left it."""
-    shutil.copytree(run_dir, dest)
-    shutil.rmtree(dest / "checkpoints" / "step_10")
-    (dest / "checkpoints" / "latest").write_text("step_5")
-    return dest
 
 
 def test_checkpoint_layout(full_run):
