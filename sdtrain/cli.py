@@ -87,6 +87,8 @@ def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json, **place
     if as_json and not dry_run:
         raise UserInputError("--json goes with --dry-run (a real run writes metrics.jsonl instead)")
     job = plan_job(recipe, list(overrides), nproc_per_node, run_dir, LaunchRequest(**placement))
+    for warning in job.warnings:
+        err_console.print(f"[yellow]warning[/]: {escape(warning)}", highlight=False)
     if dry_run:
         if as_json:
             click.echo(json.dumps(job.as_dict(), indent=2))
@@ -95,23 +97,23 @@ def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json, **place
         return
     moved = prepare_run_dir(job)
     if moved:
-        console.print(f"[yellow]{job.run_dir} held an earlier run: moved it to {moved}[/]")
+        console.print(f"[yellow]{escape(str(job.run_dir))} held an earlier run: moved it to {escape(str(moved))}[/]")
     resume = f", resuming from {job.resume_from}" if job.resume_from else ""
     nodes = f" on {len(job.plan.nodes)} nodes ({job.plan.launcher})" if len(job.plan.nodes) > 1 else ""
     console.print(
         f"[bold]sdtrain[/]: {job.recipe.name}: {job.plan.world_size} worker(s){nodes}, backend {job.plan.backend}, "
-        f"{job.batch.explain()}{resume}\n  run dir {job.run_dir}"
+        + escape(f"{job.batch.explain()}{resume}\n  run dir {job.run_dir}")
     )
     remote = dict(labels=job.labels(), stop_by=job.stop_by, run_dir=job.run_dir) if job.remote else {}
     outcome = Supervisor(job.commands_here(), env=job.environment(), **remote).run()
     if outcome.ok:
-        console.print(f"[green]done[/] in {outcome.wall_s:.1f} s: {job.run_dir}")
+        console.print(f"[green]done[/] in {outcome.wall_s:.1f} s: {escape(str(job.run_dir))}")
         return
     if outcome.interrupted:
         err_console.print(f"[yellow]interrupted ({outcome.interrupted.name}): every worker stopped[/]")
         sys.exit(130)
     print_failure(err_console, job, outcome)
-    err_console.print(f"[red]run failed[/] after {outcome.wall_s:.1f} s; per-rank logs in {job.run_dir / 'logs'}")
+    err_console.print(f"[red]run failed[/] after {outcome.wall_s:.1f} s; per-rank logs in {escape(str(job.run_dir / 'logs'))}")
     sys.exit(1)
 
 
@@ -130,7 +132,7 @@ def preflight(**hosts) -> None:
     console.print(preflight_table(reports))
     hints = [(r.node.host, hint) for r in reports for hint in r.hints]
     for host, hint in hints:
-        console.print(f"[red]✗[/] {host}: {hint}", highlight=False)
+        console.print(f"[red]✗[/] {escape(f'{host}: {hint}')}", highlight=False)
     if hints or any(r.failed for r in reports):
         sys.exit(1)
     console.print(f"[green]all {len(reports)} host(s) ready[/]")
@@ -155,7 +157,8 @@ def bench() -> None:
 @click.argument("recipe", default="recipes/quickstart.yaml")
 @click.option("--strategies", default="single,ddp", show_default=True,
               help="Comma-separated: single, ddp (= zero0), zero0, zero1, zero2, zero3.")
-@click.option("--peers", default="", help="Comma-separated, run in the same invocation: torch, fsdp2, deepspeed.")
+@click.option("--peers", default="",
+              help="Comma-separated, run in the same invocation: torch, fsdp2, deepspeed; eager, compile (one device).")
 @click.option("--nproc", default="2", show_default=True, help="Worker counts to measure at, e.g. 2,4.")
 @click.option("--steps", default=30, show_default=True, help="Steps per run (the first 5 are warm-up).")
 @click.option("--repeats", default=2, show_default=True, help="Alternating rounds; each entry keeps its best.")
@@ -281,7 +284,7 @@ def env() -> None:
     from sdtrain.environment import describe_environment
 
     for key, value in describe_environment().items():
-        console.print(f"[bold]{key}[/]: {value}")
+        console.print(f"[bold]{key}[/]: {escape(str(value))}")
 
 
 @cli.command()
@@ -293,7 +296,7 @@ def export(checkpoint, out, force) -> None:
     from sdtrain.train.export import export_safetensors
 
     count = export_safetensors(checkpoint, out, force)
-    console.print(f"wrote {count} tensors to {out}")
+    console.print(f"wrote {count} tensors to {escape(out)}")
 
 
 @cli.command()
@@ -310,6 +313,45 @@ def plot(run_dirs, out) -> None:
     for note in notes(runs):
         err_console.print(f"note: {escape(note)}", highlight=False)
     console.print(f"wrote {escape(out)}: {len(runs)} run(s)", highlight=False)
+
+
+@cli.group("recipe", invoke_without_command=True)
+@click.option("--schema", is_flag=True, help="Print the recipe's JSON Schema (editors validate YAML recipes with it).")
+@click.option("--markdown", is_flag=True, help="Print the table of recipe keys (the README's), made from the schema.")
+@click.pass_context
+def recipe_group(ctx, schema, markdown) -> None:
+    """The recipe schema: every key, its type, default and meaning. `recipe show RECIPE` resolves one."""
+    if ctx.invoked_subcommand is not None:
+        if schema or markdown:
+            raise UserInputError("--schema and --markdown print the schema; they do not go with a subcommand")
+        return
+    if schema and markdown:
+        raise UserInputError("give --schema or --markdown, not both")
+    if schema:
+        from sdtrain.recipe import Recipe
+
+        click.echo(json.dumps({"$schema": "https://json-schema.org/draft/2020-12/schema", **Recipe.model_json_schema()},
+                              indent=2))
+    elif markdown:
+        from sdtrain.recipe_doc import markdown as key_table
+
+        click.echo(key_table(), nl=False)
+    else:
+        click.echo(ctx.get_help())
+
+
+@recipe_group.command("show")
+@click.argument("path", metavar="RECIPE")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. train.steps=50.")
+def recipe_show(path, overrides) -> None:
+    """Print RECIPE with every key, defaults filled in, as YAML (derived batch sizes: `launch --dry-run`)."""
+    from sdtrain.recipe import load_recipe
+
+    resolved = load_recipe(path, list(overrides))
+    click.echo(resolved.to_yaml(), nl=False)
+    train = resolved.train
+    if None in (train.global_batch_size, train.micro_batch_size, train.grad_accum_steps):
+        click.echo("# the batch sizes left null follow from the world size: `sdtrain launch RECIPE --dry-run` derives them")
 
 
 @cli.command("import-deepspeed")

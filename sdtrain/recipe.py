@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sdtrain.errors import RecipeError, decode_utf8, excerpt
+from sdtrain.parallel.partition import check_pipeline_layout
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything near this is a mistake
 MAX_RECIPE_NODES = 10_000  # values after YAML aliases are expanded: refuses "billion laughs"
@@ -28,14 +29,14 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    n_layers: int = Field(4, ge=1)
-    d_model: int = Field(128, ge=8)
-    n_heads: int = Field(4, ge=1)
-    seq_len: int = Field(128, ge=2)
-    vocab_size: int = Field(256, ge=2)
-    mlp_ratio: int = Field(4, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    bias: bool = True
+    n_layers: int = Field(4, ge=1, description="Transformer blocks")
+    d_model: int = Field(128, ge=8, description="width of the residual stream")
+    n_heads: int = Field(4, ge=1, description="attention heads; divides d_model")
+    seq_len: int = Field(128, ge=2, description="tokens per sample (the context length)")
+    vocab_size: int = Field(256, ge=2, description="token ids; 256 for the byte tokenizer")
+    mlp_ratio: int = Field(4, ge=1, description="MLP hidden width as a multiple of d_model")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
+    bias: bool = Field(True, description="biases in the linear layers and norms")
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -51,35 +52,55 @@ class DataConfig(Section):
     # "stdlib" is the embedded corpus (this Python's standard library sources, no download);
     # anything else is a path: a text file, a folder of them, a .jsonl file, or a
     # nanoGPT-style folder / file of uint16 tokens (.bin).
-    source: str = "stdlib"
-    format: Literal["auto", "text", "jsonl", "bin"] = "auto"
-    tokenizer: Optional[str] = None  # None: bytes (vocab 256); else a tokenizer.json path
-    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
-    max_bytes: int = Field(16 * 2**20, ge=1024)  # cap on text read from stdlib / folders
+    source: str = Field("stdlib", description=(
+        "`stdlib` (embedded corpus: this Python's standard library sources), a text file or folder, a `.jsonl` file "
+        '(`"text"` field), a `.bin` file or a nanoGPT folder (`train.bin`, `val.bin`, uint16)'))
+    format: Literal["auto", "text", "jsonl", "bin"] = Field("auto", description=(
+        "`auto` detects it from the source; `text`, `jsonl`, `bin` override"))
+    tokenizer: Optional[str] = Field(None, description=(
+        "null: bytes (vocab 256); else a `tokenizer.json` path (needs `pip install 'sdtrain[tokenizers]'`)"))
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="the held-out tail of the data, for eval")
+    max_bytes: int = Field(16 * 2**20, ge=1024, description="cap on text read from `stdlib` or a folder (16 MiB)")
 
 
 class TrainConfig(Section):
-    steps: int = Field(100, ge=1)
-    seed: int = Field(1337, ge=0, le=2**63 - 1)  # torch takes 64-bit seeds; rank offsets are added
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    global_batch_size: Optional[int] = Field(None, ge=1)
-    micro_batch_size: Optional[int] = Field(None, ge=1)
-    grad_accum_steps: Optional[int] = Field(None, ge=1)
-    lr: float = Field(6e-4, gt=0.0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    warmup_steps: int = Field(0, ge=0)
-    decay: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(0.1, ge=0.0)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.95, ge=0.0, lt=1.0)
-    eps: float = Field(1e-8, gt=0.0)
-    grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
-    resume: str = "never"  # never | auto | path to a checkpoint directory
-    compile: bool = False
-    activation_checkpointing: bool = False
-    eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end
-    eval_batches: int = Field(4, ge=1)
-    peak_flops: Optional[float] = Field(None, gt=0.0)  # per device, for MFU where unknown
+    steps: int = Field(100, ge=1, description="optimizer steps")
+    seed: int = Field(1337, ge=0, le=2**63 - 1, description=(  # torch takes 64-bit seeds; rank offsets are added
+        "first weights, sample order and dropout all follow from it"))
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
+        "`fp32`; `bf16` (autocast; bf16 weights with fp32 master under ZeRO); `fp16` (autocast with dynamic loss "
+        "scaling)"))
+    global_batch_size: Optional[int] = Field(None, ge=1, description=(
+        "samples per step; any two of global_batch_size, micro_batch_size, grad_accum_steps decide the third (global = "
+        "micro x grad_accum x data parallel)"))
+    micro_batch_size: Optional[int] = Field(None, ge=1, description="samples per forward and backward on one rank")
+    grad_accum_steps: Optional[int] = Field(None, ge=1, description=(
+        "micro-batches per step on each rank (under pipelining, the micro-batches of a step)"))
+    lr: float = Field(6e-4, gt=0.0, description="peak learning rate (AdamW)")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description=(
+        "the learning rate at the last step, as a fraction of lr"))
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from lr/(warmup_steps+1) up to lr")
+    decay: Literal["cosine", "linear", "constant"] = Field("cosine", description=(
+        "after warmup, down to min_lr_ratio x lr at the last step"))
+    weight_decay: float = Field(0.1, ge=0.0, description=(
+        "AdamW's decoupled weight decay, on weight matrices (not biases or norms)"))
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW's first-moment decay")
+    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW's second-moment decay")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW's epsilon")
+    grad_clip: float = Field(1.0, ge=0.0, description=(
+        "clip the global gradient norm (across all shards) to this; 0 disables"))
+    resume: str = Field("never", description=(
+        "`never`, `auto` (the run directory's latest checkpoint) or a checkpoint or run directory path"))
+    compile: bool = Field(False, description="torch.compile each block (not with ZeRO stage 3)")
+    activation_checkpointing: bool = Field(False, description=(
+        "recompute each block's activations in backward instead of keeping them"))
+    eval_every: int = Field(0, ge=0, description=(
+        "evaluate every N steps (and once before training); 0: only at the end"))
+    eval_batches: int = Field(4, ge=1, description="batches per evaluation")
+    peak_flops: Optional[float] = Field(None, gt=0.0, description=(
+        "per-device peak FLOP/s for MFU, where the device is not in sdtrain's table"))
+    loss_chunk_tokens: int = Field(1024, ge=0, description=(
+        "the output head and the loss go this many tokens at a time, never all the logits at once; 0: all at once"))
 
     @model_validator(mode="after")
     def _warmup_fits(self):
@@ -92,22 +113,49 @@ class TrainConfig(Section):
 
 
 class ZeroConfig(Section):
-    reduce_bucket_mb: float = Field(25.0, gt=0.0)  # stages 1/2: gradient bucket size
-    overlap_comm: bool = True  # stages 2/3: reduce-scatter while backward goes on
-    prefetch_blocks: int = Field(1, ge=0)  # stage 3: blocks gathered ahead of the one running
-    persistence_threshold: int = Field(0, ge=0)  # stage 3: parameters smaller than this stay whole
+    reduce_bucket_mb: float = Field(25.0, gt=0.0, description="stages 1/2: gradient bucket size in MB (2^20 bytes)")
+    overlap_comm: bool = Field(True, description="stages 2/3: reduce-scatter gradients while backward goes on")
+    prefetch_blocks: int = Field(1, ge=0, description="stage 3: blocks gathered ahead of the one running")
+    persistence_threshold: int = Field(0, ge=0, description=(
+        "stage 3: parameters with fewer elements than this stay whole on every rank"))
+
+
+class PipelineConfig(Section):
+    stages: int = Field(1, ge=1, description=(
+        "pipeline stages P; the micro-batches of a step are train.grad_accum_steps"))
+    schedule: Literal["gpipe", "1f1b", "interleaved", "zero_bubble"] = Field("1f1b", description=(
+        "the order of forward and backward micro-batches on each stage"))
+    virtual_stages: int = Field(1, ge=1, description="chunks of layers per rank (schedule `interleaved`)")
+    # uniform: the remainder of n_layers / (P x V) goes to the first stages; parameters:
+    # balance parameter counts (embeddings and head included); or layer counts per chunk.
+    partition: Union[Literal["uniform", "parameters"], list[int]] = Field("uniform", description=(
+        "layers per stage: `uniform`, `parameters` (balance parameter counts), or a list of layer counts per chunk"))
+
+    @model_validator(mode="after")
+    def _virtual_stages_go_with_interleaving(self):
+        if self.schedule == "interleaved" and self.virtual_stages < 2:
+            raise ValueError("schedule interleaved needs virtual_stages >= 2 (chunks of layers per rank); "
+                             "with one chunk per rank use schedule 1f1b")
+        if self.schedule != "interleaved" and self.virtual_stages > 1:
+            raise ValueError(f"virtual_stages {self.virtual_stages} goes with schedule interleaved, not {self.schedule}")
+        return self
 
 
 class ParallelConfig(Section):
-    zero_stage: int = Field(0, ge=0, le=3)
+    zero_stage: int = Field(0, ge=0, le=3, description=(
+        "0 data parallel; 1 shards optimizer state; 2 and gradients; 3 and weights"))
     zero: ZeroConfig = ZeroConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
 
 class LaunchSection(Section):
-    nproc_per_node: Union[int, Literal["auto"]] = "auto"
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    master_port: Optional[int] = Field(None, ge=1024, le=65535)  # None: a free port
-    timeout_s: int = Field(300, ge=10)  # collective timeout: how long a hang may last
+    nproc_per_node: Union[int, Literal["auto"]] = Field("auto", description=(
+        "workers per node; `auto`: one per GPU, or 1 on CPU"))
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="`auto`: NCCL on CUDA, gloo on CPU")
+    master_port: Optional[int] = Field(None, ge=1024, le=65535, description=(
+        "rendezvous port; null: a free port (29500 when the master is another machine)"))
+    timeout_s: int = Field(300, ge=10, description=(
+        "collective timeout: how long a hang may last before it fails the run"))
 
     @model_validator(mode="after")
     def _positive_procs(self):
@@ -117,18 +165,20 @@ class LaunchSection(Section):
 
 
 class CheckpointConfig(Section):
-    every: int = Field(0, ge=0)  # 0: only at the end
-    keep: int = Field(2, ge=1)
-    at_end: bool = True
+    every: int = Field(0, ge=0, description="save every N steps; 0: only at the end")
+    keep: int = Field(2, ge=1, description="checkpoints kept (older ones are removed)")
+    at_end: bool = Field(True, description="save after the last step")
 
 
 class LogConfig(Section):
-    every: int = Field(10, ge=1)
-    tensorboard: bool = False
+    every: int = Field(10, ge=1, description="write metrics every N steps")
+    tensorboard: bool = Field(False, description=(
+        "also write TensorBoard logs (needs `pip install 'sdtrain[tensorboard]'`)"))
 
 
 class Recipe(Section):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)  # a folder name
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128, description=(
+        "the run directory's name under `runs/`"))
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
@@ -151,6 +201,12 @@ class Recipe(Section):
                 "weights in hooks around it, which torch.compile cannot trace; use zero_stage 2, "
                 "or compile: false"
             )
+        pipeline = self.parallel.pipeline
+        if pipeline.stages > 1:
+            check_pipeline_layout(pipeline, self.model.n_layers)
+            if train.precision == "fp16":
+                raise ValueError("parallel.pipeline with train.precision fp16: a loss-scale overflow on one stage "
+                                 "would have to skip the step on all of them; use precision bf16")
         return self
 
     def to_yaml(self) -> str:

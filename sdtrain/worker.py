@@ -22,6 +22,7 @@ from sdtrain.batch import derive_batch
 from sdtrain.model import GPT, GPTConfig, flops_per_token
 from sdtrain.parallel.mesh import init_distributed, leave_process_group
 from sdtrain.parallel.parallelize import parallelize
+from sdtrain.parallel.partition import stage_layers
 from sdtrain.recipe import validate_recipe
 from sdtrain.train.checkpoint import Checkpointer
 from sdtrain.train.data import TRAIN, VAL, Batches
@@ -64,7 +65,7 @@ def main(argv=None) -> None:
     recipe = validate_recipe(json.loads(args.recipe_json), source="--recipe-json")
     print(f"rank {rank}: pid {os.getpid()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
 
-    env = init_distributed(recipe.launch.backend, recipe.launch.timeout_s)
+    env = init_distributed(recipe.launch.backend, recipe.launch.timeout_s, recipe.parallel.pipeline.stages)
     plan = derive_batch(
         recipe.train.global_batch_size, recipe.train.micro_batch_size, recipe.train.grad_accum_steps, env.dp_size
     )
@@ -77,9 +78,13 @@ def main(argv=None) -> None:
     # Under ZeRO the strategy makes the weights, unit by unit, already sharded at stage 3;
     # the model starts on the meta device so that no rank ever holds all of them at once.
     with torch.device("meta" if recipe.parallel.zero_stage else env.device):
-        model = GPT(model_config, seed=recipe.train.seed)  # the same first weights on every rank
+        # the same first weights on every rank
+        # A pipeline stage builds only its own blocks (and the embeddings / head if its).
+        layers, first, last = stage_layers(recipe.parallel.pipeline, recipe.model, env.stage)
+        model = GPT(model_config, seed=recipe.train.seed, loss_chunk_tokens=recipe.train.loss_chunk_tokens,
+                    layers=layers, first=first, last=last)
     print(f"rank {rank}: model {model.num_params():,} parameters")
-    strategy = parallelize(model, recipe, env)
+    strategy = parallelize(model, recipe, env, plan.grad_accum)
     setup_mem = peak_memory_gib(env.device)  # weights and optimizer state made, nothing run yet
     print(f"rank {rank}: peak memory after setup {setup_mem:.3f} GiB")
     torch.manual_seed(recipe.train.seed + 1 + rank)  # per-rank dropout streams

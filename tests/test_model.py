@@ -29,11 +29,11 @@ def test_forward_shapes_and_loss():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, seq_len=16, vocab_size=64))
     idx = torch.randint(0, 64, (3, 16))
-    logits, loss = model(idx, idx)
-    assert logits.shape == (3, 16, 64)
+    hidden = model(idx)
+    assert hidden.shape == (3, 16, 32) and model.logits(hidden).shape == (3, 16, 64)
+    loss = model.loss(hidden, idx)  # the loss is outside the forward
     assert abs(loss.item() - torch.log(torch.tensor(64.0)).item()) < 0.5  # near uniform at init
-    logits, loss = model(idx[:, :5])
-    assert logits.shape == (3, 5, 64) and loss is None
+    assert model.logits(model(idx[:, :5])).shape == (3, 5, 64)
     with pytest.raises(ValueError, match="longer than seq_len"):
         model(torch.randint(0, 64, (1, 17)))
 
@@ -44,8 +44,7 @@ def test_attention_is_causal():
     idx = torch.randint(0, 64, (1, 16))
     changed = idx.clone()
     changed[0, 10:] = (changed[0, 10:] + 1) % 64
-    a, _ = model(idx)
-    b, _ = model(changed)
+    a, b = model.logits(model(idx)), model.logits(model(changed))
     assert torch.allclose(a[0, :10], b[0, :10], atol=1e-6)
     assert not torch.allclose(a[0, 10:], b[0, 10:])
 
@@ -53,8 +52,7 @@ def test_attention_is_causal():
 def test_output_head_is_tied_to_embedding():
     model = GPT(GPTConfig(n_layers=1, d_model=16, n_heads=2, seq_len=8, vocab_size=32))
     assert model.lm_head.weight is model.tok_emb.weight
-    _, loss = model(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8)))
-    loss.backward()
+    model.loss(model(torch.randint(0, 32, (2, 8))), torch.randint(0, 32, (2, 8))).backward()
     assert model.tok_emb.weight.grad is not None
 
 

@@ -1,5 +1,6 @@
 """Peer: DeepSpeed ZeRO at `--option STAGE` (0-3), with torch's AdamW as the client
-optimizer (no DeepSpeed op to compile), started by torchrun on gloo."""
+optimizer (no DeepSpeed op to compile), started by torchrun on the recipe's device and
+backend (NCCL on GPUs, gloo on CPU)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,28 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from sdtrain.bench.peer_common import build_model, micro_batches, parse_args, timed_loop
+from sdtrain.bench.peer_common import (
+    build_model,
+    device_and_backend,
+    micro_batches,
+    parse_args,
+    timed_loop,
+)
 from sdtrain.parallel.mesh import leave_process_group
 
 
 def main() -> None:
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    args, recipe = parse_args()
+    device, backend = device_and_backend(recipe)
+    os.environ.setdefault("DS_ACCELERATOR", device.type)  # read when deepspeed is imported
     import deepspeed
 
-    args, recipe = parse_args()
     t = recipe["train"]
     stage = int(args.option or 0)
-    deepspeed.init_distributed(dist_backend="gloo")
-    model = build_model(recipe)
+    deepspeed.init_distributed(dist_backend=backend)
+    model = build_model(recipe, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=(t["beta1"], t["beta2"]),
-                                  weight_decay=t["weight_decay"])
+                                  weight_decay=t["weight_decay"], fused=device.type == "cuda")
     config = {
         "train_micro_batch_size_per_gpu": t["micro_batch_size"],
         "gradient_accumulation_steps": t["grad_accum_steps"],
@@ -40,14 +48,14 @@ def main() -> None:
     generator = torch.Generator().manual_seed(t["seed"] + dist.get_rank())
 
     def train_step(step):
-        for inputs, targets in micro_batches(recipe, generator):
-            logits, _ = engine(inputs)
+        for inputs, targets in micro_batches(recipe, generator, device):
+            logits = engine(inputs)
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
         return loss
 
-    timed_loop(recipe, args, train_step)
+    timed_loop(recipe, args, device, train_step)
     leave_process_group()
 
 

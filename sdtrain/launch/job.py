@@ -11,7 +11,7 @@ import os
 import shlex
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -22,6 +22,9 @@ from sdtrain.launch.placement import LaunchRequest, build_plan
 from sdtrain.launch.plan import LaunchPlan, resolve_backend, resolve_nproc
 from sdtrain.launch.rundir import MARKER, check_run_dir, prepare
 from sdtrain.launch.runners import STOP_BY, RemoteSetup, local_commands, remote_commands
+from sdtrain.parallel.dims import ParallelDims
+from sdtrain.parallel.memory import per_device_bytes
+from sdtrain.parallel.partition import check_schedule, describe_stages
 from sdtrain.recipe import Recipe, load_recipe
 from sdtrain.train.checkpoint_layout import checkpoint_dir, latest_checkpoint
 from sdtrain.train.checkpoint_verify import verify_checkpoint
@@ -37,6 +40,21 @@ class Job:
     resume_from: Path | None
     data_summary: str
     node_rank: int | None = None  # --node-rank: only this node of the plan runs here
+    warnings: list[str] = field(default_factory=list)  # allowed, but likely not what the user wants
+
+    @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims(self.plan.world_size, self.recipe.parallel.pipeline.stages)
+
+    def stages(self) -> list[dict]:
+        """Per pipeline stage: its layers, parameters, and model-state bytes per rank (the
+        ZeRO formulas over the stage's data-parallel group)."""
+        precision = "mixed" if self.recipe.train.precision == "bf16" else "fp32"
+        rows = describe_stages(self.recipe.parallel.pipeline, self.recipe.model)
+        for row in rows:
+            per_rank = per_device_bytes(row["params"], self.dims.dp, precision)
+            row["state_bytes_per_rank"] = round(per_rank[self.recipe.parallel.zero_stage])
+        return rows
 
     @property
     def remote(self) -> bool:
@@ -79,7 +97,9 @@ class Job:
                 {"host": n.host, "slots": list(n.slots), "node_rank": n.node_rank, "command": cmd}
                 for n, cmd in zip(self.plan.nodes, self.plan.commands)
             ],
-            "placement": self.plan.placement(),
+            "parallel": self.dims.as_dict(),
+            "stages": self.stages(),
+            "placement": self.plan.placement(self.dims),
             "batch": self.batch.as_dict(),
             "recipe": self.recipe.model_dump(mode="json"),
         }
@@ -100,7 +120,9 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
     # "auto" is decided where the workers run: here for a local launch, on each node otherwise.
     plan.backend = resolve_backend(recipe.launch.backend) if launcher == "local" else recipe.launch.backend
     train = recipe.train
-    batch = derive_batch(train.global_batch_size, train.micro_batch_size, train.grad_accum_steps, plan.world_size)
+    dims = ParallelDims(plan.world_size, recipe.parallel.pipeline.stages)
+    batch = derive_batch(train.global_batch_size, train.micro_batch_size, train.grad_accum_steps, dims.dp)
+    check_schedule(recipe.parallel.pipeline, batch.grad_accum)
     recipe = _with_batch(recipe, batch, max(len(node.slots) for node in plan.nodes))
     if recipe.log.tensorboard and find_spec("tensorboard") is None:
         raise UserInputError("log.tensorboard is on but tensorboard is not installed: pip install 'sdtrain[tensorboard]'")
@@ -112,7 +134,19 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
     plan.commands = local_commands(*args) if launcher == "local" else remote_commands(*args, remote_setup(request))
     if launcher == "local":
         plan.env = env_file_variables(Path.cwd(), Path.home())
-    return Job(recipe, plan, batch, run_path, resume_from, data_summary, request.node_rank)
+    return Job(recipe, plan, batch, run_path, resume_from, data_summary, request.node_rank,
+               oversubscription(plan, launcher))
+
+
+def oversubscription(plan: LaunchPlan, launcher: str) -> list[str]:
+    """CPU workers beyond this machine's cores take turns on them: allowed (a test of a big
+    layout on a laptop), but every step then costs that many times more."""
+    cores = os.cpu_count() or 1
+    here = sum(len(node.slots) for node in plan.nodes) if launcher == "local" else 0
+    if plan.backend != "gloo" or here <= cores:
+        return []
+    return [f"{here} CPU workers on {cores} cores: each worker gets one thread and they take turns, "
+            f"so a step takes about {here / cores:.0f}x longer than it would on {here} cores"]
 
 
 def remote_setup(request: LaunchRequest) -> RemoteSetup:

@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass, field
 
 from sdtrain.errors import UserInputError
+from sdtrain.parallel.dims import ParallelDims
 
 
 @dataclass(frozen=True)
@@ -37,16 +38,15 @@ class LaunchPlan:
     def world_size(self) -> int:
         return sum(len(node.slots) for node in self.nodes)
 
-    def placement(self) -> list[dict]:
-        """Every rank: where it runs. Pipeline stage and expert group are 0 until those
-        strategies are selected."""
+    def placement(self, dims: ParallelDims | None = None) -> list[dict]:
+        """Every rank: where it runs (node, local rank, device) and its coordinates in the
+        parallel layout (pipeline stage, data-parallel rank, expert group)."""
+        dims = dims or ParallelDims(self.world_size)
         rows, rank = [], 0
         for node in self.nodes:
             for local_rank, slot in enumerate(node.slots):
-                rows.append(
-                    {"host": node.host, "local_rank": local_rank, "rank": rank, "device": slot,
-                     "pipeline_stage": 0, "expert_group": 0}
-                )
+                rows.append({"host": node.host, "node_rank": node.node_rank, "local_rank": local_rank,
+                             "rank": rank, "device": slot, **dims.coordinates(rank)})
                 rank += 1
         return rows
 

@@ -18,20 +18,36 @@ from sdtrain.launch.failures import merge_reports, read_reports, root_cause
 def print_plan(console: Console, job) -> None:
     plan, batch = job.plan, job.batch
     console.print(Syntax(job.recipe.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
-    console.print(f"[bold]batch[/]: {batch.explain()}  ({batch.global_batch * job.recipe.model.seq_len:,} tokens per step)")
-    console.print(f"[bold]data[/]: {job.data_summary}")
-    console.print(f"[bold]run dir[/]: {job.run_dir}" + (f"  (resuming from {job.resume_from})" if job.resume_from else ""))
+    # Paths and data names are the user's: `[` in them must not be read as markup.
+    console.print("[bold]batch[/]: " + escape(f"{batch.explain()}  ({batch.global_batch * job.recipe.model.seq_len:,} tokens per step)"))
+    console.print("[bold]data[/]: " + escape(job.data_summary))
+    console.print("[bold]run dir[/]: " + escape(str(job.run_dir) + (f"  (resuming from {job.resume_from})" if job.resume_from else "")))
     table = Table(title=f"placement: world size {plan.world_size}, master {plan.master_addr}:{plan.master_port}, "
                         f"backend {plan.backend}, runner {plan.launcher}")
-    for column in ("host", "local rank", "global rank", "device", "pipeline stage", "expert group"):
+    for column in ("host", "node", "local rank", "global rank", "device", "pipeline stage", "dp rank", "expert group"):
         table.add_column(column)
-    for row in plan.placement():
-        table.add_row(row["host"], str(row["local_rank"]), str(row["rank"]), str(row["device"]),
-                      str(row["pipeline_stage"]), str(row["expert_group"]))
+    for row in plan.placement(job.dims):
+        table.add_row(*(str(row[key]) for key in ("host", "node_rank", "local_rank", "rank", "device",
+                                                  "pipeline_stage", "dp_rank", "expert_group")))
     console.print(table)
+    if job.dims.pp > 1:
+        print_stages(console, job)
     for node, argv in zip(plan.nodes, plan.commands):
         console.print(f"[bold]node {node.node_rank} ({node.host})[/]:")
         console.print(shlex.join(argv), soft_wrap=True, highlight=False, markup=False)
+
+
+def print_stages(console: Console, job) -> None:
+    pipeline = job.recipe.parallel.pipeline
+    table = Table(title=f"pipeline: {pipeline.stages} stages x {job.dims.dp} data-parallel, schedule {pipeline.schedule}"
+                        + (f", {pipeline.virtual_stages} virtual stages" if pipeline.virtual_stages > 1 else "")
+                        + f", {job.batch.grad_accum} micro-batches per step")
+    for column in ("stage", "layers", "parameters", "model state / rank"):
+        table.add_column(column)
+    for row in job.stages():
+        layers = ", ".join(f"{chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else str(chunk[0]) for chunk in row["layers"])
+        table.add_row(str(row["stage"]), layers, f"{row['params']:,}", f"{row['state_bytes_per_rank'] / 2**20:,.1f} MiB")
+    console.print(table)
 
 
 # A node whose runner ended with this code, and no failure report, most likely failed here.

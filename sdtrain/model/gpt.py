@@ -2,7 +2,9 @@
 
 Embeddings -> pre-LN blocks (causal self-attention, GELU MLP) -> final LayerNorm -> output
 head tied to the token embedding. Attention goes through scaled_dot_product_attention,
-which picks the flash / memory-efficient kernel on CUDA.
+which picks the flash / memory-efficient kernel on CUDA. The loss is computed outside the
+forward (HeadLoss): with `loss_chunk_tokens` the head and the loss go a chunk of tokens at a
+time (chunked_loss.py), never making all the logits. A GPT may be one pipeline stage's part.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from sdtrain.model.chunked_loss import chunked_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -71,17 +75,43 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
 
+class HeadLoss(nn.Module):
+    """The output head and the mean cross-entropy over tokens, outside the model's forward
+    (a pipeline's last stage computes it; a module, so a strategy can hook it). With
+    `chunk_tokens` the logits are made a chunk of tokens at a time, never all at once."""
+
+    def __init__(self, chunk_tokens: int = 0):
+        super().__init__()
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        hidden, targets = hidden.flatten(0, 1), targets.reshape(-1)
+        if self.chunk_tokens:
+            return chunked_cross_entropy(hidden, weight, targets, self.chunk_tokens)
+        return F.cross_entropy(F.linear(hidden, weight).float(), targets)
+
+
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig, seed: int = 0):
+    """The whole model, or one pipeline stage's part of it: the blocks of `layers` (global
+    indices, which stay their names: a checkpoint key is `blocks.7.…` wherever block 7 runs),
+    the embeddings if `first`, the final norm and output head if `last`. On a whole model the
+    head is the token embedding (tied); on a last stage without the embedding it is a copy,
+    kept equal to it by the pipeline."""
+
+    def __init__(self, cfg: GPTConfig, seed: int = 0, loss_chunk_tokens: int = 0,
+                 layers: list[int] | None = None, first: bool = True, last: bool = True):
         super().__init__()
         self.cfg, self.seed = cfg, seed
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        layers = range(cfg.n_layers) if layers is None else layers
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model) if first else None
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if first else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # tied: one matrix to embed and to predict
+        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in layers})
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias) if last else None
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if last else None
+        self.head_loss = HeadLoss(loss_chunk_tokens) if last else None
+        if first and last:
+            self.lm_head.weight = self.tok_emb.weight  # tied: one matrix to embed and to predict
         self.layer_norms = {name for name, m in self.named_modules() if isinstance(m, nn.LayerNorm)}
         with torch.no_grad():
             for name, p in self.named_parameters():
@@ -94,7 +124,10 @@ class GPT(nn.Module):
         Each weight draws from its own generator, seeded by (seed, name): its first value
         depends neither on the order nor on the place in which weights are made (here whole,
         or by ZeRO one flat unit at a time out of a meta-device model), so every strategy
-        starts from the same weights."""
+        starts from the same weights. A stage's own copy of the tied head starts as the
+        token embedding does."""
+        if name == "lm_head.weight":
+            name = "tok_emb.weight"
         module, _, kind = name.rpartition(".")
         if module in self.layer_norms:
             out.fill_(1.0 if kind == "weight" else 0.0)
@@ -108,22 +141,31 @@ class GPT(nn.Module):
             generator = torch.Generator(out.device).manual_seed(zlib.crc32(f"{self.seed}/{name}".encode()))
             out.normal_(0.0, std, generator=generator)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits for every position; with targets, also the mean cross-entropy over tokens."""
-        T = idx.size(1)
-        if T > self.cfg.seq_len:
-            raise ValueError(f"sequence of {T} tokens is longer than seq_len {self.cfg.seq_len}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
-        for block in self.blocks:
-            x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+    def forward(self, x: torch.Tensor, layers: list[str] | None = None) -> torch.Tensor:
+        """Token ids or hidden states in; hidden states out. `layers`: run only these blocks
+        (one pipeline chunk of the part): the embeddings run before block 0 and the final
+        norm after the last block, on the part that has them."""
+        embeds = self.tok_emb is not None and (layers is None or layers[0] == "0")
+        final = self.ln_f is not None and (layers is None or layers[-1] == str(self.cfg.n_layers - 1))
+        if embeds:
+            T = x.size(1)
+            if T > self.cfg.seq_len:
+                raise ValueError(f"sequence of {T} tokens is longer than seq_len {self.cfg.seq_len}")
+            x = self.drop(self.tok_emb(x) + self.pos_emb(torch.arange(T, device=x.device)))
+        for key in self.blocks if layers is None else layers:
+            x = self.blocks[key](x)
+        return self.ln_f(x) if final else x
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over tokens of the final hidden states."""
+        return self.head_loss(hidden, self.lm_head.weight, targets)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
 
     def num_params(self, include_position_embedding: bool = True) -> int:
         """Exact count of distinct parameters (the tied head is counted once)."""
         n = sum(p.numel() for p in self.parameters())
-        return n if include_position_embedding else n - self.pos_emb.weight.numel()
+        if include_position_embedding or self.pos_emb is None:
+            return n
+        return n - self.pos_emb.weight.numel()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
@@ -16,6 +17,7 @@ from sdtrain.parallel.strategy import (
     ADAM_MOMENTS,
     Strategy,
     base_name,
+    clip_coefficient,
     decays,
     init_adam_state,
     tensor_bytes,
@@ -25,8 +27,10 @@ from sdtrain.parallel.strategy import (
 class DataParallel(Strategy):
     def __init__(self, model: nn.Module, train, env: DistEnv):
         self.env = env
-        self.plain = model
-        if env.dp_size > 1:
+        # Under a pipeline, a stage's forward runs one chunk at a time, which DDP's reducer
+        # cannot follow: its replicas average their gradients once, in step().
+        self.average_in_step = env.dp_size > 1 and env.pp_size > 1
+        if env.dp_size > 1 and not self.average_in_step:
             model = DistributedDataParallel(
                 model,
                 device_ids=[env.local_rank] if env.device.type == "cuda" else None,
@@ -54,20 +58,56 @@ class DataParallel(Strategy):
             return contextlib.nullcontext()
         return self.model.no_sync()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss).backward()
+    def backward(self, loss: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        if grad is None:
+            self.scaler.scale(loss).backward()
+        else:  # a pipeline chunk's output and the gradient its next chunk sent back
+            loss.backward(grad)
 
     def step(self, lr: float, grad_clip: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.average_in_step:
+            self._average_grads()
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.plain.parameters(), grad_clip or float("inf"), foreach=True)
+        if self.env.pp_size > 1:
+            norm = self._clip_over_pipeline(grad_clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.plain.parameters(), grad_clip or float("inf"), foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         # Keep the gradient tensors (with DDP they are views of its buckets, which stay
         # allocated anyway): the memory is then visible to state_bytes().
         self.optimizer.zero_grad(set_to_none=False)
         return norm
+
+    def _average_grads(self) -> None:
+        """One all-reduce of every gradient, flattened, over the stage's replicas."""
+        grads = [p.grad for _, p in self.named if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.comm_counted += flat.numel() * flat.element_size()
+        dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.env.dp_group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _clip_over_pipeline(self, grad_clip: float) -> torch.Tensor:
+        """The global norm counts every stage's gradients (each weight once)."""
+        grads = [p.grad for _, p in self.named if p.grad is not None]
+        squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+        dist.all_reduce(squares, group=self.env.pp_group)
+        norm = squares.sqrt()
+        if grad_clip:
+            torch._foreach_mul_(grads, clip_coefficient(norm, grad_clip).to(grads[0].dtype))
+        return norm
+
+    def add_grad(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add `grad`, the same on every replica, to param's gradient (before averaging)."""
+        param.grad += grad
+
+    def full_weight(self, param: torch.Tensor) -> torch.Tensor:
+        return param.detach()
 
     def checkpoint_state(self) -> dict:
         state = self.optimizer.state

@@ -1,5 +1,6 @@
 """Apply the recipe's strategies to a plain model from outside, in a fixed order
-(as torchtitan does): activation checkpointing -> torch.compile -> data parallel / ZeRO."""
+(as torchtitan does): activation checkpointing -> torch.compile -> pipeline -> data
+parallel / ZeRO over each stage's replicas."""
 
 from __future__ import annotations
 
@@ -13,16 +14,25 @@ from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.strategy import Strategy
 
 
-def parallelize(model: nn.Module, recipe, env: DistEnv) -> Strategy:
+def parallelize(model: nn.Module, recipe, env: DistEnv, micro_batches: int = 1) -> Strategy:
     if recipe.train.activation_checkpointing:
         # Recompute each block's activations in backward instead of keeping them.
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = checkpoint_wrapper(block)
+        for key, block in model.blocks.items():
+            model.blocks[key] = checkpoint_wrapper(block)
     if recipe.train.compile:
-        for block in model.blocks:
+        for block in model.blocks.values():
             block.compile()
-    if recipe.parallel.zero_stage == 0:
-        return DataParallel(model, recipe.train, env)
-    from sdtrain.parallel.zero import Zero
 
-    return Zero(model, recipe, env)
+    def replicas(model: nn.Module) -> Strategy:
+        """The (stage's) data-parallel replicas: DDP semantics, or ZeRO."""
+        if recipe.parallel.zero_stage == 0:
+            return DataParallel(model, recipe.train, env)
+        from sdtrain.parallel.zero import Zero
+
+        return Zero(model, recipe, env)
+
+    if env.pp_size > 1:
+        from sdtrain.parallel.pipeline import Pipeline
+
+        return Pipeline(model, recipe, env, micro_batches, replicas)
+    return replicas(model)

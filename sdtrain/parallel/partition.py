@@ -76,6 +76,14 @@ def chunks_of_rank(stage: int, pipeline) -> list[int]:
     return [v * pipeline.stages + stage for v in range(pipeline.virtual_stages)]
 
 
+def stage_layers(pipeline, model_cfg, stage: int) -> tuple[list[int], bool, bool]:
+    """What one pipeline stage builds: its blocks' global indices, and whether it holds the
+    embeddings (the first chunk) and the final norm and head (the last)."""
+    layers = partition_layers(pipeline, model_cfg)
+    mine = chunks_of_rank(stage, pipeline)
+    return [i for c in mine for i in layers[c]], 0 in mine, chunk_count(pipeline) - 1 in mine
+
+
 def chunk_params(chunk: int, layers: list[int], chunks: int, model_cfg) -> int:
     """Parameters a chunk holds: its blocks, plus the embeddings on the first and the final
     norm and head copy on the last (both on a one-chunk model hold the head only once)."""

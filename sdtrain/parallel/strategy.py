@@ -1,9 +1,10 @@
-"""What the trainer needs from a parallel strategy, whatever the ZeRO stage.
+"""What the trainer needs from a parallel strategy, whatever the ZeRO stage or pipeline.
 
-The trainer runs forward through `strategy.model`, calls `backward` per micro-batch inside
-`micro_batch(is_last)`, then `step` once per global batch. Checkpoints see the same state
-layout from every strategy: weights and Adam moments keyed by parameter name, as full
-tensors or as ShardedTensors, so DCP can load any checkpoint into any strategy and size.
+The trainer hands a step's micro-batches to `forward_backward` (a pipeline schedule must
+own their order), then calls `step` once per global batch; evaluation goes through
+`evaluate`, the same path without gradients. Checkpoints see the same state layout from
+every strategy: weights and Adam moments keyed by parameter name, as full tensors or as
+ShardedTensors, so DCP can load any checkpoint into any strategy and size.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -33,7 +35,43 @@ def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 
 class Strategy:
-    model: nn.Module
+    model: nn.Module  # what forward runs through (maybe wrapped, e.g. by DDP)
+    env: object  # DistEnv
+
+    @property
+    def plain(self) -> nn.Module:
+        """The model itself, under any wrapper: it computes the loss."""
+        return getattr(self.model, "module", self.model)
+
+    def forward_backward(self, micro_batches: list, autocast) -> torch.Tensor:
+        """Forward and backward over one step's micro-batches of this rank; the sum of their
+        mean losses. Each backward sees its loss divided by the number of micro-batches, so
+        the gradient is that of the mean over the rank's samples."""
+        total = torch.zeros((), device=self.env.device)
+        for i, (inputs, targets) in enumerate(micro_batches):
+            with self.micro_batch(is_last=i == len(micro_batches) - 1):
+                with autocast():
+                    loss = self.plain.loss(self.model(inputs), targets)
+                self.backward(loss / len(micro_batches))
+            total += loss.detach()
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list, autocast) -> torch.Tensor:
+        """The sum of the micro-batches' mean losses, without gradients."""
+        total = torch.zeros((), device=self.env.device)
+        for inputs, targets in micro_batches:
+            with autocast():
+                total += self.plain.loss(self.model(inputs), targets).float()
+        return total
+
+    def mean_loss(self, loss_sum: torch.Tensor, count: int) -> float:
+        """The mean over the whole global batch of what forward_backward / evaluate returned
+        on every rank (each rank summed `count` micro-batches)."""
+        value = loss_sum.detach().float().clone() / count
+        if self.env.dp_size > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.AVG, group=self.env.dp_group)
+        return value.item()
 
     def micro_batch(self, is_last: bool):
         return contextlib.nullcontext()

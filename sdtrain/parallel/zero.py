@@ -20,6 +20,7 @@ own master (K = 8): stage 1: 8Ψ + 8Ψ/N, stage 2: 4Ψ + 12Ψ/N, stage 3: 16Ψ/N
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from sdtrain.parallel.comm import Comm
@@ -87,10 +88,10 @@ class Zero(Strategy):
             persistent = [(n, p) for n, p in named if p.numel() < cfg.persistence_threshold]
             kept = {p for _, p in persistent}
             self.block_units, in_blocks = [], set()
-            for i, block in enumerate(model.blocks):
-                params = [(base_name(f"blocks.{i}.{n}"), p) for n, p in block.named_parameters() if p not in kept]
+            for key, block in model.blocks.items():
+                params = [(base_name(f"blocks.{key}.{n}"), p) for n, p in block.named_parameters() if p not in kept]
                 in_blocks.update(p for _, p in params)
-                self.block_units.append(make(f"blocks.{i}", params) if params else None)
+                self.block_units.append(make(f"blocks.{key}", params) if params else None)
             rest = [(n, p) for n, p in named if p not in in_blocks and p not in kept]
             self.root_unit = make("root", rest) if rest else None
             self.persistent_unit = make("persistent", persistent) if persistent else None
@@ -172,8 +173,10 @@ class Zero(Strategy):
             while len(self.pending) > MAX_REDUCE_SCATTERS_IN_FLIGHT:
                 self._finish(*self.pending.pop(0))
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def backward(self, loss: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        """Backward from the loss, or (a pipeline chunk) from an output and its gradient; the
+        gradients it makes are reduced before it returns, whoever called it how often."""
+        loss.backward(grad)
         if self.stage == 1:
             return  # gradients accumulate whole; reduced once, in step()
         for unit in self.units:  # parameters that got no gradient this time count as zero
@@ -204,7 +207,10 @@ class Zero(Strategy):
             self._drain()
         grads = [u.grad_shard.float() if self.param_dtype != torch.float32 else u.grad_shard for u in self.units]
         squares = torch.stack([g.pow(2).sum() for g in grads]).sum().reshape(1)
-        norm = self.comm.all_reduce_sum(squares).sqrt()[0]
+        squares = self.comm.all_reduce_sum(squares)
+        if self.env.pp_size > 1:  # every stage's gradients count in the global norm
+            dist.all_reduce(squares, group=self.env.pp_group)
+        norm = squares.sqrt()[0]
         if grad_clip:
             coef = clip_coefficient(norm, grad_clip)
             for g in grads:
@@ -223,6 +229,27 @@ class Zero(Strategy):
             for view, _ in unit.views:
                 view.grad = None
         return norm
+
+    def add_grad(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add `grad`, the same on every replica, to param's gradient: before the reduction
+        at stage 1 (the average keeps it), to this rank's reduced shard at stages 2/3."""
+        unit, e = self.owner[param]
+        if self.stage == 1:
+            param.grad += grad
+            return
+        lo, hi = max(e.offset, unit.shard_start), min(e.offset + e.numel, unit.shard_start + unit.shard_size)
+        if lo < hi:
+            unit.grad_shard[lo - unit.shard_start : hi - unit.shard_start] += grad.reshape(-1)[lo - e.offset : hi - e.offset]
+
+    def full_weight(self, param: torch.Tensor) -> torch.Tensor:
+        """param's whole current value (stage 3 gathers it for the moment)."""
+        unit, _ = self.owner[param]
+        if self.gatherer is None or self.gatherer.gathered(unit):
+            return param.detach()
+        self.gatherer.gather(unit)
+        value = param.detach().clone()
+        self.gatherer.free(unit)
+        return value
 
     def after_load(self) -> None:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]

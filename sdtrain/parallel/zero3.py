@@ -6,7 +6,8 @@ Forward:  before block i, gather it (waiting for its prefetch) and start gatheri
 Backward: the output hook of block i gathers it and prefetches blocks i-1..i-k; once all
           of a block's gradients are reduce-scattered, the block is freed (zero.py).
 The root unit (embeddings, final norm, tied output head) is used at both ends of the
-model: it is gathered when the model's forward starts and freed after its gradients.
+model: it is gathered when the model's forward starts (and again before the head and loss,
+which run after it) and freed after its gradients.
 
 Freeing resizes the flat buffer's storage to zero; gathering resizes it back and fills it.
 Parameters stay views of that storage, so tensors autograd saved in forward see the data
@@ -27,8 +28,13 @@ class ParamGatherer:
         self.blocks, self.root, self.comm, self.prefetch = blocks, root, comm, prefetch
         self.in_flight: dict[int, object] = {}  # id(unit) -> async work
         model.register_forward_pre_hook(lambda module, args: self.gather(self.root))
-        model.register_forward_hook(self._after_model)
-        for i, block in enumerate(model.blocks):
+        # The head and loss run after the forward (on the part that has them): the root
+        # stays gathered through them, and in evaluation is freed after the last use.
+        last_use = model.head_loss if getattr(model, "head_loss", None) is not None else model
+        if last_use is not model:
+            last_use.register_forward_pre_hook(lambda module, args: self.gather(self.root))
+        last_use.register_forward_hook(self._after_last_use)
+        for i, block in enumerate(model.blocks.values()):
             block.register_forward_pre_hook(lambda module, args, i=i: self._before_block(i))
             block.register_forward_hook(lambda module, args, output, i=i: self._after_block(i, output))
 
@@ -79,6 +85,6 @@ class ParamGatherer:
         for j in range(i - 1, max(i - 1 - self.prefetch, -1), -1):
             self.gather(self.blocks[j], async_op=True)
 
-    def _after_model(self, module, args, output) -> None:
+    def _after_last_use(self, module, args, output) -> None:
         if not torch.is_grad_enabled() and self.root is not None:
             self.free(self.root)  # evaluation: no backward will need it

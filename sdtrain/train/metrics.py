@@ -21,6 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from sdtrain.train.strict_json import dumps_strict
 
@@ -177,6 +178,6 @@ def summary_table(summary: dict) -> Table:
         ("train time", f"{summary['train_s']:.1f} s"),
         ("checkpoint", summary["checkpoint"] or "-"),
     ]
-    for row in rows:
-        table.add_row(*row)
+    for label, value in rows:
+        table.add_row(label, Text(value))  # a value may be a user's path: `[` is not markup there
     return table

@@ -73,40 +73,25 @@ class Trainer:
         return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on global batch `step`; returns (rank-mean loss, grad norm)."""
+        """One optimizer step on global batch `step`; returns (this rank's sum of micro-batch
+        losses, grad norm)."""
         inject_fault(self.env.rank, step)
         self.model.train()
-        loss_sum = torch.zeros((), device=self.env.device)
-        accum = self.plan.grad_accum
-        for i, (inputs, targets) in enumerate(self.train_batches.micro_batches(step, self.env.dp_rank, self.env.device)):
-            with self.strategy.micro_batch(is_last=i == accum - 1):
-                with self.autocast():
-                    _, loss = self.model(inputs, targets)
-                self.strategy.backward(loss / accum)
-            loss_sum += loss.detach()
+        micro_batches = list(self.train_batches.micro_batches(step, self.env.dp_rank, self.env.device))
+        loss_sum = self.strategy.forward_backward(micro_batches, self.autocast)
         grad_norm = self.strategy.step(lr_at(step, self.recipe.train), self.recipe.train.grad_clip)
         if not self.state_bytes:  # first step done: every piece of model state now exists
             self.state_bytes = self.strategy.state_bytes()
-        return loss_sum / accum, grad_norm
+        return loss_sum, grad_norm
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        total = torch.zeros((), device=self.env.device)
-        n = 0
+        total, count = torch.zeros((), device=self.env.device), 0
         for index in range(self.recipe.train.eval_batches):
-            for inputs, targets in self.val_batches.micro_batches(index, self.env.dp_rank, self.env.device):
-                with self.autocast():
-                    _, loss = self.model(inputs, targets)
-                total += loss.float()
-                n += 1
-        return self.mean_over_ranks(total / n)
-
-    def mean_over_ranks(self, value: torch.Tensor) -> float:
-        value = value.detach().float().clone()
-        if self.env.dp_size > 1:
-            dist.all_reduce(value, op=dist.ReduceOp.AVG, group=self.env.dp_group)
-        return value.item()
+            micro_batches = list(self.val_batches.micro_batches(index, self.env.dp_rank, self.env.device))
+            total += self.strategy.evaluate(micro_batches, self.autocast)
+            count += len(micro_batches)
+        return self.strategy.mean_loss(total, count)
 
     def fit(self, first_step: int, log: MetricsLog | None) -> TrainResult:
         train, ckpt = self.recipe.train, self.recipe.checkpoint
@@ -122,7 +107,7 @@ class Trainer:
             interval_steps += 1
             eval_now = (train.eval_every and done % train.eval_every == 0) or done == train.steps
             if eval_now or done % self.recipe.log.every == 0:
-                loss_value = self.mean_over_ranks(loss)  # also waits for the step to finish
+                loss_value = self.strategy.mean_loss(loss, self.plan.grad_accum)  # also waits for the step
                 elapsed = time.perf_counter() - interval_start
                 tokens_per_s = interval_steps * self.tokens_per_step / elapsed
                 record = {

@@ -1,0 +1,68 @@
+"""The tied embedding and output head across pipeline stages.
+
+On one stage the head *is* the token embedding. Split over P > 1 stages, the first stage
+holds the embedding (a parameter, with its optimizer state) and the last stage a copy as
+its head: a buffer that requires grad, so it is no parameter of the last stage (no second
+optimizer state, no second checkpoint entry, not counted twice in the gradient norm).
+
+Each step the two are kept identical, as on one stage:
+- the head's gradient, averaged over the last stage's replicas, goes to the first stage of
+  the same replica, which adds it to the embedding's gradient before the update (the
+  gradient of a tied weight is the sum of both uses);
+- the updated embedding goes back to the last stage.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from sdtrain.parallel.mesh import DistEnv
+
+
+class TiedHead:
+    def __init__(self, model: nn.Module, env: DistEnv, has_head: bool, has_embedding: bool):
+        self.model, self.env = model, env
+        self.is_head = has_head and not has_embedding  # holds the copy
+        self.is_embedding = has_embedding and not has_head  # holds the original
+        if env.tied_group is None:
+            self.is_head = self.is_embedding = False
+        self.first, self.last = env.pipeline_rank(0), env.pipeline_rank(env.pp_size - 1)
+        if self.is_head:
+            head = model.lm_head
+            weight = torch.empty(head.weight.shape, dtype=torch.float32, device=env.device)
+            with torch.no_grad():
+                model.initial_value("lm_head.weight", weight)  # as the embedding starts
+            del head._parameters["weight"]
+            head.register_buffer("weight", weight.requires_grad_(), persistent=False)
+
+    def start(self, replicas) -> None:
+        """Once the replicas' strategy is built: the copy in its compute dtype (as the
+        embedding is), and equal to the embedding."""
+        if self.is_head:
+            dtype = next((p.dtype for p in replicas.plain.parameters()), torch.float32)
+            self.model.lm_head.weight = self.model.lm_head.weight.detach().to(dtype).requires_grad_()
+        self.publish_weights(replicas)
+
+    def reduce_grads(self, replicas) -> None:
+        """After the step's backward passes, before the update."""
+        if self.is_head:
+            grad = self.model.lm_head.weight.grad
+            if self.env.dp_size > 1:
+                dist.all_reduce(grad, op=dist.ReduceOp.AVG, group=self.env.dp_group)
+            dist.broadcast(grad, src=self.last, group=self.env.tied_group)
+            self.model.lm_head.weight.grad = None
+        elif self.is_embedding:
+            embedding = self.model.tok_emb.weight
+            grad = torch.empty(embedding.shape, dtype=embedding.dtype, device=self.env.device)
+            dist.broadcast(grad, src=self.last, group=self.env.tied_group)
+            replicas.add_grad(embedding, grad)
+
+    def publish_weights(self, replicas) -> None:
+        """After an update (or a checkpoint load): the head takes the embedding's value."""
+        if self.is_embedding:
+            dist.broadcast(replicas.full_weight(self.model.tok_emb.weight), src=self.first, group=self.env.tied_group)
+        elif self.is_head:
+            with torch.no_grad():
+                dist.broadcast(self.model.lm_head.weight.data, src=self.first, group=self.env.tied_group)
