@@ -79,6 +79,20 @@ def test_fp16_with_warmup_decay(tmp_path):
     assert sdtrain("launch", out, "--nproc-per-node", 2, "--dry-run", "--run-dir", tmp_path / "run").returncode == 0
 
 
+def test_pipeline_section_carries_stages_and_partition(tmp_path):
+    result, out = run_import(tmp_path, "pipeline_bf16.json")
+    assert result.returncode == 0, result.stderr
+    recipe = load_recipe(out)
+    pipeline = recipe.parallel.pipeline
+    assert (pipeline.stages, pipeline.partition, pipeline.schedule) == (2, "parameters", "1f1b")
+    assert recipe.train.activation_checkpointing is True and recipe.train.precision == "bf16"
+    assert "pipeline.seed_layers" in result.stdout
+    # 4 workers as 2 stages x 2 replicas: grad_accum_steps (the micro-batches of a step) = 16 / (2 x 2).
+    launch = sdtrain("launch", out, "--nproc-per-node", 4, "--dry-run", "--json", "--run-dir", tmp_path / "run")
+    assert launch.returncode == 0, launch.stderr
+    assert json.loads(launch.stdout)["batch"] == {"global": 16, "micro": 2, "grad_accum": 4, "data_parallel": 2}
+
+
 def test_hf_trainer_auto_needs_a_batch_and_lists_every_auto(tmp_path):
     result, out = run_import(tmp_path, "hf_trainer_auto.json")
     assert result.returncode == 2 and "--set train.micro_batch_size" in result.stderr and not out.exists()

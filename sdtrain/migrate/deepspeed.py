@@ -16,15 +16,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import yaml
 
 from sdtrain.errors import UserInputError, decode_utf8
 from sdtrain.migrate import deepspeed_keys as keys
 from sdtrain.migrate.deepspeed_optim import convert_optimizer, convert_scheduler
+from sdtrain.migrate.deepspeed_parallel import convert_pipeline, convert_zero
 from sdtrain.migrate.deepspeed_values import AUTO, Carried, Converter, Dropped, Unresolved
-from sdtrain.model.size import count_params
 from sdtrain.recipe import ModelConfig, Recipe, apply_override, validate_recipe
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -119,7 +118,8 @@ def convert_config(c: Converter, config: dict, model: ModelConfig) -> None:
     _batch(c, config)
     precision = _precision(c, config)
     handlers = {
-        "zero_optimization": lambda v: _zero(c, v, precision, model),
+        "zero_optimization": lambda v: convert_zero(c, v, precision, model),
+        "pipeline": lambda v: convert_pipeline(c, v),
         "optimizer": lambda v: convert_optimizer(c, v),
         "scheduler": lambda v: convert_scheduler(c, v),
         "gradient_clipping": lambda v: _clipping(c, v),
@@ -146,10 +146,12 @@ def convert_config(c: Converter, config: dict, model: ModelConfig) -> None:
         if key not in config:
             c.unresolved(key, "train", f"none in the config: your script makes {what}; sdtrain's AdamW and schedule "
                          "defaults stay (train.lr, warmup_steps, decay: see `sdtrain recipe`)")
-    if c.get("train.precision") == "fp16" and c.get("parallel.zero_stage", 0) >= 1:
-        c.drop("fp16", f"fp16 with ZeRO stage {c.get('parallel.zero_stage')}: sdtrain's ZeRO keeps bf16 or fp32 weights "
-               "(no loss scaling across shards); the recipe gets train.precision bf16", numerics=True)
-        c.put("train.precision", "bf16", "fp16", "instead of fp16, which sdtrain's ZeRO lacks")
+    if c.get("train.precision") == "fp16" and (c.get("parallel.zero_stage", 0) >= 1 or c.get("parallel.pipeline.stages", 1) > 1):
+        what = (f"ZeRO stage {c.get('parallel.zero_stage')}" if c.get("parallel.zero_stage", 0) >= 1
+                else f"{c.get('parallel.pipeline.stages')} pipeline stages")
+        c.drop("fp16", f"fp16 with {what}: sdtrain scales no loss across shards or stages (bf16 or fp32 there); "
+               "the recipe gets train.precision bf16", numerics=True)
+        c.put("train.precision", "bf16", "fp16", f"instead of fp16, which sdtrain lacks with {what}")
     if c.get("train.compile") and c.get("parallel.zero_stage") == 3:
         c.drop("compile", "sdtrain's stage 3 gathers weights in hooks torch.compile cannot trace: not compiled")
         del c.recipe["train"]["compile"]
@@ -232,93 +234,6 @@ def _precision_key(c: Converter, section: str, key: str, value, enabled: bool) -
         c.drop(where, keys.FP16_SCALER[key])
     else:
         c.drop(where, f"{value!r}: sdtrain's fp16 has no such setting", numerics=True)
-
-
-def _zero(c: Converter, zero, precision: str, model: ModelConfig) -> None:
-    if isinstance(zero, (bool, int)) and not isinstance(zero, dict):  # DeepSpeed's old spelling: "zero_optimization": 2
-        zero = {"stage": int(zero)}
-    zero = c.section("zero_optimization", zero)
-    stage = c.integer("zero_optimization.stage", zero.get("stage", 0), minimum=0)
-    if stage > 3:
-        c.fail(f"zero_optimization.stage must be 0..3, got {stage}")
-    c.put("parallel.zero_stage", stage, "zero_optimization.stage")
-    for key, value in zero.items():
-        where = f"zero_optimization.{key}"
-        if key == "stage":
-            continue
-        how = ""
-        if key in HF_AUTO_SIZES:
-            value, how = _hf_auto(key, value, model)
-        if key == "reduce_bucket_size":
-            _bucket(c, where, value, precision, stage, how)
-        elif key == "overlap_comm":
-            c.put("parallel.zero.overlap_comm", c.boolean(where, value), where)
-        elif key in ("stage3_prefetch_bucket_size", "prefetch_bucket_size"):
-            _prefetch(c, where, value, stage, model, how)
-        elif key in ("stage3_param_persistence_threshold", "param_persistence_threshold"):
-            c.put("parallel.zero.persistence_threshold", c.integer(where, value, minimum=0), where,
-                  how + "elements, as in DeepSpeed" + ("" if stage == 3 else f"; used at stage 3 only, this is stage {stage}"))
-        elif key in ("offload_optimizer", "offload_param") and isinstance(value, dict) and value.get("device") in ("none", None):
-            c.drop(where, "device none: no offload, as in sdtrain")
-        elif key in keys.ZERO_SAME_NUMBERS:
-            c.drop(where, keys.ZERO_SAME_NUMBERS[key])
-        elif key in keys.ZERO_OTHER_NUMBERS:
-            c.drop(where, "off: nothing to carry" if value in (False, 0, None) else keys.ZERO_OTHER_NUMBERS[key],
-                   numerics=value not in (False, 0, None))
-        else:
-            c.drop(where, "not a ZeRO setting sdtrain knows: DeepSpeed would use it or, a typo, ignore it", numerics=True)
-
-
-# The HF Trainer's "auto" for ZeRO sizes, from the model's hidden size d (transformers'
-# integrations/deepspeed.py): buckets d^2, stage-3 prefetch 0.9 d^2, persistence 10 d.
-HF_AUTO_SIZES = {
-    "reduce_bucket_size": (lambda d: d * d, "d_model^2"),
-    "stage3_prefetch_bucket_size": (lambda d: int(0.9 * d * d), "0.9 x d_model^2"),
-    "stage3_param_persistence_threshold": (lambda d: 10 * d, "10 x d_model"),
-}
-HF_AUTO_SIZES["prefetch_bucket_size"] = HF_AUTO_SIZES["stage3_prefetch_bucket_size"]  # DeepSpeed's aliases
-HF_AUTO_SIZES["param_persistence_threshold"] = HF_AUTO_SIZES["stage3_param_persistence_threshold"]
-
-
-def _hf_auto(key: str, value, model: ModelConfig) -> tuple[object, str]:
-    """An "auto" size resolved as the HF Trainer would for this recipe's model; else as given."""
-    if value != AUTO:
-        return value, ""
-    rule, text = HF_AUTO_SIZES[key]
-    return rule(model.d_model), f"auto: the HF Trainer's {text} = {rule(model.d_model):,}; "
-
-
-def _bucket(c: Converter, where: str, value, precision: str, stage: int, how: str = "") -> None:
-    """DeepSpeed counts a bucket in gradient elements; sdtrain in MB (2^20 bytes) of gradients,
-    which are bf16/fp16 (2 bytes) under mixed precision and fp32 (4 bytes) otherwise."""
-    elements = c.number(where, value, minimum=0)
-    width = 2 if precision in ("bf16", "fp16") else 4
-    megabytes = elements * width / 2**20
-    if megabytes <= 0:
-        c.drop(where, "0 elements: sdtrain needs a positive bucket; its default (25 MB) stays")
-        return
-    note = how + f"{elements:.4g} elements x {width} bytes ({'fp32' if width == 4 else precision}) / 2^20"
-    if stage == 3:
-        note += "; sdtrain's stage 3 reduces block by block, the bucket is used at stages 1/2"
-    c.put("parallel.zero.reduce_bucket_mb", round(megabytes, 4), where, note)
-
-
-def _prefetch(c: Converter, where: str, value, stage: int, model: ModelConfig, how: str = "") -> None:
-    """Approximate: DeepSpeed prefetches up to N parameter elements, sdtrain whole blocks."""
-    elements = c.number(where, value, minimum=0)
-    if stage != 3:
-        c.drop(where, f"a stage-3 setting; this config runs stage {stage}")
-        return
-    block = _block_params(model)
-    blocks = 0 if elements == 0 else max(1, min(int(elements // block), max(model.n_layers - 1, 1)))
-    c.put("parallel.zero.prefetch_blocks", blocks, where,
-          how + f"approximate: {elements:.4g} elements / {block:,} parameters per block of this model, "
-          f"within 1..n_layers-1 (sdtrain prefetches whole blocks)")
-
-
-def _block_params(model: ModelConfig) -> int:
-    shape = model.model_dump()
-    return count_params(SimpleNamespace(**{**shape, "n_layers": 1})) - count_params(SimpleNamespace(**{**shape, "n_layers": 0}))
 
 
 def _clipping(c: Converter, value) -> None:

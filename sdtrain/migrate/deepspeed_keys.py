@@ -31,7 +31,6 @@ SAME_NUMBERS = {
     "gradient_predivide_factor": "splits the gradient averaging around the all-reduce: the same average up to rounding",
     "sparse_gradients": "sparse embedding gradients: the same values, dense in sdtrain",
     "dataloader_drop_last": "sdtrain's data order is its own, fixed by seed and step",
-    "pipeline": "pipeline parallelism is not in sdtrain's recipe yet; the layout does not change the values",
     "timers": "DeepSpeed's timers; metrics.jsonl has the step times",
     "nebula": "a checkpoint service; " + _DCP,
     "elasticity": "elastic batch sizes; sdtrain keeps train.global_batch_size fixed across world sizes",
