@@ -2,12 +2,16 @@
 bus bandwidth, and a plain torch.distributed loop measured beside the large all_reduce."""
 
 import json
+import re
 
 import pytest
 
+from cluster import HOSTS, running_sshd
 from conftest import sdtrain
+from sdtrain.bench.comm import CommBenchFailed, run_comm_bench
 from sdtrain.bench.comm_spec import OPS, bandwidths, bus_factor, buffer_elements, parse_ops, parse_sizes
 from sdtrain.errors import UserInputError
+from sdtrain.launch.placement import LaunchRequest
 
 # A shared 2-core machine: the ratio to the plain loop moves with whatever else runs, so the
 # bound here is loose; the README reports the measured ratio (best of 5 loops).
@@ -45,6 +49,32 @@ def test_four_ranks_all_ops_correct(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     # 3000 bytes is no whole number of float32 chunks for 4 ranks: rounded down to 2992.
     check_result(json.loads(out.read_text()), 4, [3000, 2**20])
+
+
+def test_a_failing_rank_is_the_named_root_cause():
+    """Real workers, one op they do not know (the CLI refuses it first; here it reaches them):
+    the launcher's Supervisor stops the job and the failure report names the rank and why."""
+    with pytest.raises(CommBenchFailed) as failed:
+        run_comm_bench(LaunchRequest(), 2, "gloo", ["all_reduce", "no_such_op"], [4096], 2, 1)
+    assert failed.value.exit_code == 1
+    assert re.match(r"rank [01] on ", str(failed.value)) and "KeyError: 'no_such_op'" in str(failed.value)
+
+
+@pytest.mark.multinode
+def test_two_nodes_over_ssh(tmp_path):
+    """Launched like any job: a hostfile of two loopback "nodes", one ssh per node, the same
+    node agent machinery; results come back to the launcher."""
+    with running_sshd(tmp_path / "sshd") as sshd:
+        hostfile = tmp_path / "hostfile"
+        hostfile.write_text("".join(f"{host} slots=1\n" for host in HOSTS))
+        out = tmp_path / "comm.json"
+        result = sdtrain("bench", "comm", "--hostfile", hostfile, "--launcher", "ssh", "--ssh-port", sshd.port,
+                         "--ssh-options", sshd.options, "--ops", "all_reduce,send_recv", "--sizes", "64K,1M",
+                         "--iters", 3, "--repeats", 1, "--json", out, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    comm = json.loads(out.read_text())
+    assert comm["nodes"] == 2 and comm["launcher"] == "ssh" and comm["world_size"] == 2
+    assert all(row["correct"] for row in comm["results"])
 
 
 @pytest.mark.parametrize("args, expected", [
