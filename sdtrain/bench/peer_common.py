@@ -1,9 +1,9 @@
 """What every bench peer shares: its arguments, the same GPT and batch shape as the sdtrain
-run, a timed loop, and the JSON it leaves for `sdtrain bench`.
+run on the same device and backend, a timed loop, and the JSON it leaves for `sdtrain bench`.
 
-A peer is started by torchrun (or its own launcher) and knows nothing of sdtrain's
-launcher, trainer, data path or strategies: only the model module is shared, so the
-ratio measures the framework, not a different network.
+A peer is started by torchrun (or its own launcher, or none: the single-device ones) and
+knows nothing of sdtrain's launcher, trainer, data path or strategies: only the model module
+is shared, so the ratio measures the framework, not a different network.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from sdtrain.model import GPT, GPTConfig
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def parse_args():
     parser = argparse.ArgumentParser()
@@ -33,20 +35,66 @@ def parse_args():
     return args, json.loads(args.recipe_json)
 
 
-def build_model(recipe) -> GPT:
-    return GPT(GPTConfig(**recipe["model"]), seed=recipe["train"]["seed"])
+class GPTWithHead(GPT):
+    """The same GPT, its forward ending in the logits, as a plain training loop expects."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.logits(super().forward(idx))
 
 
-def micro_batches(recipe, generator: torch.Generator):
+def device_and_backend(recipe) -> tuple[torch.device, str]:
+    """Where the recipe's own run would train, by the rule sdtrain's workers follow
+    (parallel/mesh.py, init_distributed): CUDA and NCCL where a GPU is visible and
+    launch.backend is not gloo, else CPU and gloo. So on a GPU a ratio divides GPU
+    throughput by GPU throughput."""
+    backend = recipe["launch"]["backend"]
+    if torch.cuda.is_available() and backend != "gloo":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device, "nccl" if backend == "auto" else backend
+    return torch.device("cpu"), "gloo"
+
+
+def join_process_group(recipe) -> torch.device:
+    device, backend = device_and_backend(recipe)
+    dist.init_process_group(backend)
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def build_model(recipe, device: torch.device) -> GPT:
+    with device:  # made where it trains: no whole-model copy from host memory
+        return GPTWithHead(GPTConfig(**recipe["model"]), seed=recipe["train"]["seed"])
+
+
+def micro_batches(recipe, generator: torch.Generator, device: torch.device):
     m, t = recipe["model"], recipe["train"]
     for _ in range(t["grad_accum_steps"]):
         data = torch.randint(0, m["vocab_size"], (t["micro_batch_size"], m["seq_len"] + 1), generator=generator)
+        data = data.to(device)
         yield data[:, :-1], data[:, 1:]
 
 
-def timed_loop(recipe, args, train_step: Callable[[int], torch.Tensor], extra: Callable[[], dict] = dict) -> None:
+def precision_autocast(recipe, device: torch.device):
+    """The recipe's precision as sdtrain's trainer applies it: autocast to bf16 or fp16."""
+    dtype = AUTOCAST_DTYPES.get(recipe["train"]["precision"])
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """CUDA allocator peak on GPU, peak RSS on CPU: what sdtrain's runs report."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def timed_loop(recipe, args, device: torch.device, train_step: Callable[[int], torch.Tensor],
+               extra: Callable[[], dict] = dict) -> None:
     """Run train_step(step) for every step, sample tokens/s every `interval` steps, and
-    have rank 0 write them with every rank's peak RSS."""
+    have rank 0 write them with every rank's peak memory."""
     t = recipe["train"]
     tokens = args.interval * t["global_batch_size"] * recipe["model"]["seq_len"]
     samples, start = [], time.perf_counter()
@@ -57,33 +105,52 @@ def timed_loop(recipe, args, train_step: Callable[[int], torch.Tensor], extra: C
             now = time.perf_counter()
             samples.append(tokens / (now - start))
             start = now
-    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20])
-    peaks = [torch.zeros(1) for _ in range(dist.get_world_size())]
-    dist.all_gather(peaks, peak)
-    if dist.get_rank() == 0:
+    peaks = [torch.tensor([peak_memory_gib(device)], device=device)]
+    if dist.is_initialized():
+        mine, peaks = peaks[0], [torch.zeros(1, device=device) for _ in range(dist.get_world_size())]
+        dist.all_gather(peaks, mine)
+    if rank() == 0:
         with open(args.out, "w") as f:
             json.dump({"tokens_per_s": samples, "peak_mem_gib": [round(p.item(), 3) for p in peaks],
-                       "omp_threads": os.environ.get("OMP_NUM_THREADS"), **extra()}, f)
+                       "device": str(device), "omp_threads": os.environ.get("OMP_NUM_THREADS"), **extra()}, f)
 
 
-def train_plain(model, recipe, args, sync: Callable[[bool], object] = lambda last: contextlib.nullcontext()) -> None:
+def plain_loss(model) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """nanoGPT's loss: the logits of every token, cross-entropy in fp32."""
+
+    def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = model(inputs)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+    return loss_of
+
+
+def train_plain(model, recipe, args, device: torch.device,
+                sync: Callable[[bool], object] = lambda last: contextlib.nullcontext(),
+                loss_fn: Callable | None = None, autocast: bool = True) -> None:
     """The loop the plain-PyTorch peers share: micro-batches (gradient sync only on the last
-    one, through `sync`), global-norm clipping, AdamW; timed by timed_loop."""
+    one, through `sync`) under the recipe's autocast (unless the peer casts by itself),
+    global-norm clipping, AdamW (fused on CUDA, as sdtrain's), a loss scaler for fp16;
+    timed by timed_loop."""
     t = recipe["train"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=(t["beta1"], t["beta2"]),
-                                  weight_decay=t["weight_decay"])
-    generator = torch.Generator().manual_seed(t["seed"] + dist.get_rank())
+                                  weight_decay=t["weight_decay"], fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=t["precision"] == "fp16")
+    generator = torch.Generator().manual_seed(t["seed"] + rank())
+    loss_of = loss_fn or plain_loss(model)
     accum = t["grad_accum_steps"]
 
     def train_step(step):
-        for i, (inputs, targets) in enumerate(micro_batches(recipe, generator)):
+        for i, (inputs, targets) in enumerate(micro_batches(recipe, generator, device)):
             with sync(i == accum - 1):
-                logits, _ = model(inputs)
-                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-                (loss / accum).backward()
+                with precision_autocast(recipe, device) if autocast else contextlib.nullcontext():
+                    loss = loss_of(inputs, targets)
+                scaler.scale(loss / accum).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"] or float("inf"))
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    timed_loop(recipe, args, train_step)
+    timed_loop(recipe, args, device, train_step)

@@ -2,10 +2,12 @@
 
 Each strategy is a real `sdtrain launch` of the recipe (fresh processes, the same code path
 a user runs); each peer is its own implementation of the same model and batch (plain DDP,
-FSDP2, DeepSpeed ZeRO). Throughput is the median over logging intervals after the first
-(warm-up) one, and each entry keeps its best of `repeats` alternating rounds, since a
-shared machine's noise only ever slows a run down. The headline numbers are ratios
-measured in the same run, never absolute times.
+FSDP2, DeepSpeed ZeRO; plain eager and torch.compile loops on one device), on the device
+and backend the recipe's run uses. Throughput is the median over logging intervals after
+the first (warm-up) one, and each entry keeps its best of `repeats` alternating rounds,
+since a shared machine's noise only ever slows a run down. The headline numbers are ratios
+measured in the same run, never absolute times. MFU is against one peak for every row: the
+device's measured matmul peak on CUDA (train/peak.py).
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from pathlib import Path
 from sdtrain.batch import derive_batch
 from sdtrain.errors import UserInputError
 from sdtrain.launch.node import threads_per_worker
+from sdtrain.model.size import flops_per_token
 from sdtrain.recipe import load_recipe
 
 INTERVAL = 5  # steps per throughput sample
 STAGES = {"single": 0, "ddp": 0, "zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
-PEERS = ("torch", "fsdp2", "deepspeed")
+PEERS = ("torch", "fsdp2", "deepspeed", "eager", "compile")
+SINGLE_DEVICE_PEERS = {"eager": "torch-eager", "compile": "torch-compile"}  # --peers name: row name
 
 
 @dataclass
@@ -41,7 +45,6 @@ class Entry:
     peak_mem_gib: list[float] = field(default_factory=list)
     state_bytes: list[int] | None = None
     comm_bytes: int | None = None
-    mfu: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -71,13 +74,15 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
                 continue  # one process is one process, whatever --nproc says
             entries.append(_sdtrain_entry(name, 1 if name == "single" else world, recipe_path, base))
         entries += _peer_entries(recipe, peers, strategies, world, notes)
+    entries += _single_device_peers(recipe, peers)
+    peak = _peak_for_mfu(recipe, notes)
     with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
         for round_index in range(repeats):
             for i, entry in enumerate(entries):
                 failure = _measure(entry, Path(tmp) / f"{i}-{round_index}")
                 if failure:
                     notes.append(f"{entry.name} (world {entry.world}) round {round_index + 1} failed: {failure}")
-    return _report(entries, recipe, steps, repeats, notes)
+    return _report(entries, recipe, steps, repeats, notes, peak)
 
 
 def _sdtrain_entry(name: str, world: int, recipe_path: str, base: list[str]) -> Entry:
@@ -107,6 +112,36 @@ def _peer_entries(recipe, peers: list[str], strategies: list[str], world: int, n
                "--interval", str(INTERVAL), "--option", option])
         for name, module, option, stage in wanted
     ]
+
+
+def _single_device_peers(recipe, peers: list[str]) -> list[Entry]:
+    """One process, no torch.distributed: compared with sdtrain's `single` run."""
+    recipe_json = json.dumps(recipe_for_world(recipe, 1))
+    return [
+        Entry(SINGLE_DEVICE_PEERS[peer], 1, "peer", 0,
+              [sys.executable, "-m", "sdtrain.bench.peer_single", "--recipe-json", recipe_json, "--out", "{out}",
+               "--interval", str(INTERVAL), "--option", peer])
+        for peer in SINGLE_DEVICE_PEERS if peer in peers
+    ]
+
+
+def _peak_for_mfu(recipe, notes: list[str]) -> dict:
+    """The per-device peak every row's MFU is against, measured once here. On CUDA, the
+    measured bf16 matmul peak. On CPU the probe is recorded but MFU stays against
+    train.peak_flops only, as in training runs: the workers split the cores among them, so
+    one process's matmul rate is no per-worker peak."""
+    import torch
+
+    from sdtrain.train.peak import measure_peak_flops
+
+    on_cuda = torch.cuda.is_available() and recipe.launch.backend != "gloo"
+    measured = measure_peak_flops("cuda" if on_cuda else "cpu")
+    if on_cuda:
+        return {"flops": measured.flops, "source": measured.describe(), "measured": measured.describe()}
+    if recipe.train.peak_flops:
+        return {"flops": recipe.train.peak_flops, "source": "train.peak_flops", "measured": measured.describe()}
+    notes.append(f"MFU: none on CPU unless train.peak_flops is set (probe: {measured.describe()})")
+    return {"flops": None, "source": None, "measured": measured.describe()}
 
 
 def recipe_for_world(recipe, world: int) -> dict:
@@ -139,7 +174,6 @@ def _measure(entry: Entry, out: Path) -> str | None:
         entry.peak_mem_gib = summary["peak_mem_gib"]
         entry.state_bytes = [sum(s.values()) for s in summary["model_state_bytes"]]
         entry.comm_bytes = rows[-1].get("comm_bytes")
-        entry.mfu = rows[-1]["mfu"]
     else:
         result = json.loads(out.read_text())
         entry.samples.append(statistics.median(result["tokens_per_s"][1:]))
@@ -147,15 +181,17 @@ def _measure(entry: Entry, out: Path) -> str | None:
     return None
 
 
-def _report(entries: list[Entry], recipe, steps: int, repeats: int, notes: list[str]) -> dict:
+def _report(entries: list[Entry], recipe, steps: int, repeats: int, notes: list[str], peak: dict) -> dict:
     rows = []
+    flops = flops_per_token(recipe.model)
     plan_tokens = {e.world: recipe_for_world(recipe, e.world)["train"]["global_batch_size"] * recipe.model.seq_len
                    for e in entries}
     for entry in entries:
         row = {"name": entry.name, "kind": entry.kind, "world_size": entry.world, "zero_stage": entry.stage,
                "tokens_per_s": round(entry.tokens_per_s, 1), "rounds": [round(s, 1) for s in entry.samples],
                "step_s": round(plan_tokens[entry.world] / entry.tokens_per_s, 4) if entry.tokens_per_s else None,
-               "mfu": entry.mfu, "peak_mem_gib": entry.peak_mem_gib, "model_state_bytes": entry.state_bytes,
+               "mfu": round(flops * entry.tokens_per_s / (peak["flops"] * entry.world), 4) if peak["flops"] else None,
+               "peak_mem_gib": entry.peak_mem_gib, "model_state_bytes": entry.state_bytes,
                "comm_bytes_per_step": entry.comm_bytes}
         if entry.kind == "sdtrain":
             for peer in entries:
@@ -163,4 +199,4 @@ def _report(entries: list[Entry], recipe, steps: int, repeats: int, notes: list[
                     row[f"vs_{peer.name}"] = round(entry.tokens_per_s / peer.tokens_per_s, 3)
         rows.append(row)
     return {"recipe": recipe.name, "model": recipe.model.model_dump(), "precision": recipe.train.precision,
-            "steps": steps, "repeats": repeats, "results": rows, "notes": notes}
+            "steps": steps, "repeats": repeats, "peak_flops": peak, "results": rows, "notes": notes}

@@ -9,7 +9,8 @@ def bench_table(results: dict) -> Table:
     title = (f"sdtrain bench: {results['recipe']}, {results['precision']}, {results['steps']} steps, "
              f"best of {results['repeats']}")
     table = Table(title=title)
-    columns = ("run", "world", "step s", "tokens/s", "peak RSS/rank GiB", "model state/rank MiB", "comm/step MiB", "ratios")
+    columns = ("run", "world", "step s", "tokens/s", "MFU", "peak mem/rank GiB", "model state/rank MiB", "comm/step MiB",
+               "ratios")
     for column in columns:
         table.add_column(column, justify="left" if column in ("run", "ratios") else "right")
     for row in results["results"]:
@@ -21,6 +22,7 @@ def bench_table(results: dict) -> Table:
             str(row["world_size"]),
             f"{row['step_s']:.3f}" if row["step_s"] else "-",
             f"{row['tokens_per_s']:,.0f}",
+            f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-",
             ", ".join(f"{m:.2f}" for m in row["peak_mem_gib"]),
             f"{max(state) / 2**20:.1f}" if state else "-",
             f"{comm / 2**20:.1f}" if comm is not None else "-",
