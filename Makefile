@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdtrain-installed
 TORCH_CPU_VERSION ?= 2.13.0
 
-.PHONY: setup run test test-slow test-multinode bench clean
+.PHONY: setup run test test-slow test-multinode bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,12 @@ test-multinode: setup
 
 bench: setup
 	$(VENV)/bin/sdtrain bench recipes/quickstart.yaml --peers torch
+
+# The GPU side-by-side (tests/bench_gpu.py): sdtrain against plain eager, torch.compile and
+# DeepSpeed ZeRO-0 at GPT-2 124M and 1.3B. No setup: any Python with torch runs it from the
+# checkout (.venv's where there is one); without CUDA it says so and exits 0.
+bench-gpu:
+	PYTHONPATH=. $(if $(wildcard $(PY)),$(PY),python3) tests/bench_gpu.py --json runs/bench-gpu.json
 
 clean:
 	rm -rf $(VENV) runs
