@@ -129,6 +129,8 @@ def main(argv=None) -> None:
             "setup_mem_gib": setup_mem_per_rank,
             "model_state_bytes": state_bytes,
             "zero_stage": recipe.parallel.zero_stage,
+            "layout": env.dims.as_dict(),
+            "stage_of_rank": [env.dims.stage_of(r) for r in range(env.world_size)],  # for peak_mem_gib's ranks
             "train_s": result.train_s,
             "checkpoint": result.checkpoint,
         }

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.partition import chunk_count, chunks_of_rank, partition_layers
-from sdtrain.parallel.schedules import build_schedule
+from sdtrain.parallel.schedules import bubble_formula, build_schedule
 from sdtrain.parallel.strategy import Strategy
 from sdtrain.parallel.tied_head import TiedHead
 
@@ -40,6 +40,7 @@ class Pipeline(Strategy):
         self.inner = build_replicas(model)  # DataParallel or Zero over this stage's replicas
         self.tied.start(self.inner)
         self.actions = build_schedule(pipeline.schedule, pipeline.stages, pipeline.virtual_stages, micro_batches)[env.stage]
+        self.bubble_formula = bubble_formula(pipeline.schedule, pipeline.stages, pipeline.virtual_stages, micro_batches)
         self.eval_actions = [(c, m) for c in sorted(self.layers) for m in range(micro_batches)]
         self.dtype = next((p.dtype for p in self.inner.plain.parameters()), torch.float32)
         self.busy_s = self.step_s = 0.0  # compute time and wall time of the steps since the last report
@@ -132,13 +133,19 @@ class Pipeline(Strategy):
 
     # --- the rest is the replicas' -------------------------------------------------------
 
-    def bubble(self) -> float | None:
-        """This rank's idle share of the steps since the last call, from its own timeline."""
-        if not self.step_s:
-            return None
-        idle = 1.0 - self.busy_s / self.step_s
+    def log_metrics(self) -> dict:
+        """The bubble: each stage's idle share of the steps since the last record, from its
+        own timeline (time spent computing against the steps' wall time; waiting for a
+        neighbour is idle), averaged over the stage's replicas, beside the schedule's formula."""
+        idle = 1.0 - self.busy_s / self.step_s if self.step_s else 0.0
         self.busy_s = self.step_s = 0.0
-        return idle
+        every = [torch.zeros(1, dtype=torch.float64) for _ in range(self.env.world_size)]
+        dist.all_gather(every, torch.tensor([idle], dtype=torch.float64))
+        dims = self.env.dims
+        per_stage = [sum(every[r].item() for r in dims.stage_ranks(s)) / dims.dp for s in range(dims.pp)]
+        return {"bubble": round(sum(per_stage) / len(per_stage), 4),
+                "bubble_per_stage": [round(b, 4) for b in per_stage],
+                "bubble_formula": round(self.bubble_formula, 4)}
 
     def checkpoint_state(self) -> dict:
         return self.inner.checkpoint_state()

@@ -73,6 +73,10 @@ class Strategy:
             dist.all_reduce(value, op=dist.ReduceOp.AVG, group=self.env.dp_group)
         return value.item()
 
+    def log_metrics(self) -> dict:
+        """Numbers the strategy adds to a metrics.jsonl record (called on every rank)."""
+        return {}
+
     def micro_batch(self, is_last: bool):
         return contextlib.nullcontext()
 

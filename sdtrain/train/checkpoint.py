@@ -6,7 +6,8 @@ Layout of `checkpoints/step_<N>/`:
                                  checkpoint loads on another world size or ZeRO stage
   rank<R>.extra.pt               this rank's RNG state and loss-scaler state (tensors and
                                  numbers only: loaded weights-only)
-  sdtrain.json                   step, model shape and world size, readable without torch
+  sdtrain.json                   step, model shape, world size and layout (pp, dp, ep),
+                                 readable without torch
   manifest.json                  name, size and sha256 of every other file, written last
 `checkpoints/latest` holds the name of the newest complete checkpoint.
 
@@ -56,7 +57,8 @@ class Checkpointer:
         every_rank = [None] * self.env.world_size
         dist.all_gather_object(every_rank, written)
         if self.env.is_main:
-            info = {"step": step, "model": model_shape, "world_size": self.env.world_size, "time": time.time()}
+            info = {"step": step, "model": model_shape, "world_size": self.env.world_size,
+                    "layout": self.env.dims.as_dict(), "time": time.time()}
             (partial / INFO).write_text(json.dumps(info, indent=2))
             write_manifest(partial, {name: d for files in every_rank for name, d in files.items()})
             if final.exists():
@@ -73,7 +75,9 @@ class Checkpointer:
         strategy.after_load()
         info = read_info(path)
         extra_file = path / f"rank{self.env.rank}.extra.pt"
-        if info["world_size"] == self.env.world_size and extra_file.exists():
+        # RNG and loss-scaler state belong to a rank's place in the layout it was written in.
+        same_layout = info["world_size"] == self.env.world_size and info.get("layout", {}).get("pp", 1) == self.env.dims.pp
+        if same_layout and extra_file.exists():
             extra = torch.load(extra_file, weights_only=True)
             _restore_rng(extra)
             strategy.load_extra_state(extra)

@@ -1,0 +1,171 @@
+"""Pipeline parallelism against the single-process run of the same recipe: every schedule at
+P = 2 and 4, P = 2 x D = 2 with each ZeRO stage, a layer count P does not divide, and
+checkpoints that continue in another layout. Real processes on gloo, fp32, 20 steps."""
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY, losses, merge, metrics, sdtrain
+from sdtrain.model import GPTConfig
+from sdtrain.parallel.partition import describe_stages, partition_layers, stage_layers
+from sdtrain.parallel.schedules import bubble_formula, build_schedule, simulate
+from sdtrain.recipe import PipelineConfig
+from sdtrain.train.export import load_model_weights
+
+REL_TOL = 1e-5
+STEPS = 20
+# 8 blocks: P = 4 with V = 2 still has one per chunk; global batch 8 of micro-batches of 1
+# gives M = 8 / D micro-batches per step, enough for 1F1B at P = 4.
+PIPE = {"model": {"n_layers": 8}, "train": {"steps": STEPS, "micro_batch_size": 1},
+        "checkpoint": {"at_end": True, "every": 10, "keep": 3}}
+
+
+def launch(tmp, name, nproc, *overrides):
+    recipe = tmp / f"{name}.yaml"
+    recipe.write_text(yaml.safe_dump(merge(TINY, PIPE)))
+    run_dir = tmp / name
+    args = ["launch", recipe, "--nproc-per-node", nproc, "--run-dir", run_dir]
+    for override in overrides:
+        args += ["--set", override]
+    result = sdtrain(*args, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("ref"), "single", 1)
+
+
+def assert_same_losses(reference, run_dir, steps=range(1, STEPS + 1)):
+    expected, got = losses(reference), losses(run_dir)
+    assert len(got) == len(expected) == STEPS
+    for step in steps:
+        a, b = expected[step - 1], got[step - 1]
+        assert abs(a - b) <= REL_TOL * abs(a), f"step {step}: single process {a} vs pipeline {b}"
+
+
+def assert_same_weights(reference, run_dir):
+    ours, theirs = load_model_weights(run_dir)[0], load_model_weights(reference)[0]
+    assert ours.keys() == theirs.keys()  # blocks.7.* wherever block 7 ran; the head is stored once
+    for name in ours:
+        # atol: the key bias has a zero gradient, which Adam turns into ~1e-6 noise (see test_ddp)
+        torch.testing.assert_close(ours[name], theirs[name], rtol=REL_TOL, atol=1e-5, msg=name)
+
+
+SLOW = pytest.mark.slow  # the rest of the matrix: `make test-slow`
+
+
+@pytest.mark.parametrize("stages, schedule, virtual", [
+    (2, "1f1b", 1), pytest.param(2, "gpipe", 1, marks=SLOW), (2, "interleaved", 2),
+    (4, "1f1b", 1), pytest.param(4, "gpipe", 1, marks=SLOW), pytest.param(4, "interleaved", 2, marks=SLOW),
+    (3, "1f1b", 1),  # 8 layers over 3 stages: 3 + 3 + 2
+])
+def test_schedule_matches_single_process(reference, tmp_path, stages, schedule, virtual):
+    run_dir = launch(tmp_path, f"pp{stages}-{schedule}", stages, f"parallel.pipeline.stages={stages}",
+                     f"parallel.pipeline.schedule={schedule}", f"parallel.pipeline.virtual_stages={virtual}")
+    assert_same_losses(reference, run_dir)
+    assert_same_weights(reference, run_dir)
+    record = metrics(run_dir)[-1]
+    assert 0.0 <= record["bubble"] < 1.0 and len(record["bubble_per_stage"]) == stages
+    assert record["bubble_formula"] == round(bubble_formula(schedule, stages, virtual, 8), 4)
+
+
+@pytest.fixture(scope="module")
+def two_by_two(reference, tmp_path_factory):
+    """P = 2 x D = 2 at ZeRO 0: its step-10 checkpoint is continued in other layouts below."""
+    return launch(tmp_path_factory.mktemp("pp2dp2"), "pp2dp2", 4, "parallel.pipeline.stages=2")
+
+
+@pytest.mark.parametrize("stage", [0, 1, pytest.param(2, marks=SLOW), 3])
+def test_pipeline_with_data_parallel_and_zero(reference, two_by_two, tmp_path, stage):
+    run_dir = two_by_two if stage == 0 else launch(
+        tmp_path, f"pp2dp2-zero{stage}", 4, "parallel.pipeline.stages=2", f"parallel.zero_stage={stage}",
+        "parallel.zero.reduce_bucket_mb=0.05")
+    assert_same_losses(reference, run_dir)
+    assert_same_weights(reference, run_dir)
+
+
+@pytest.mark.parametrize("nproc, overrides", [
+    (1, []),  # one process, no pipeline
+    pytest.param(4, ["parallel.pipeline.stages=4"], marks=SLOW),
+    (4, ["parallel.pipeline.stages=2", "parallel.zero_stage=3"]),
+])
+def test_checkpoint_continues_in_another_layout(reference, two_by_two, tmp_path, nproc, overrides):
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two_by_two, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_20")
+    (resumed / "checkpoints" / "latest").write_text("step_10")
+    run_dir = launch(tmp_path, "resumed", nproc, *overrides, "train.resume=auto")
+    assert_same_losses(reference, run_dir, steps=range(11, STEPS + 1))
+
+
+# --- the parts that need no processes -------------------------------------------------
+
+@pytest.mark.parametrize("name, P, V, M", [
+    ("gpipe", 2, 1, 4), ("1f1b", 2, 1, 2), ("1f1b", 4, 1, 8), ("1f1b", 4, 1, 4),
+    ("interleaved", 2, 2, 4), ("interleaved", 4, 2, 8), ("interleaved", 2, 3, 2),
+])
+def test_schedule_runs_every_pass_once_without_deadlock(name, P, V, M):
+    schedule = build_schedule(name, P, V, M)
+    for p, actions in enumerate(schedule):
+        wanted = {(kind, c, m) for kind in "FB" for c in range(p, P * V, P) for m in range(M)}
+        assert len(actions) == len(wanted) and set(map(tuple, actions)) == wanted
+    result = simulate(schedule, P, P * V)
+    assert result["finished"]
+    # on ideal ranks (backward twice a forward) the bubble is the textbook formula
+    assert result["bubble"] == pytest.approx([bubble_formula(name, P, V, M)] * P)
+
+
+def test_one_f_one_b_keeps_at_most_p_micro_batches_in_flight():
+    P, M = 4, 8
+    for p, actions in enumerate(build_schedule("1f1b", P, 1, M)):
+        in_flight = peak = 0
+        for action in actions:
+            in_flight += 1 if action.kind == "F" else -1
+            peak = max(peak, in_flight)
+        assert peak == P - p  # GPipe would hold all M
+
+
+def pipeline(**kwargs):
+    return PipelineConfig(**kwargs)
+
+
+def test_partitions():
+    cfg = GPTConfig(n_layers=10, d_model=64, n_heads=2, seq_len=32, vocab_size=50304)
+    # uniform: the remainder goes to the first stages, never all on the last (DeepSpeed)
+    assert [len(c) for c in partition_layers(pipeline(stages=4), cfg)] == [3, 3, 2, 2]
+    assert partition_layers(pipeline(stages=2, partition=[7, 3]), cfg) == [list(range(7)), [7, 8, 9]]
+    # parameters: the first and last chunks carry the (large) embedding and head copy
+    balanced = [len(c) for c in partition_layers(pipeline(stages=3, partition="parameters"), cfg)]
+    assert sum(balanced) == 10 and balanced[1] > balanced[0] and balanced[1] > balanced[2]
+    params = [row["params"] for row in describe_stages(pipeline(stages=3, partition="parameters"), cfg)]
+    uniform = [row["params"] for row in describe_stages(pipeline(stages=3), cfg)]
+    assert max(params) <= max(uniform)
+    # interleaved: rank p holds chunks p, p + P, ...; the first chunk has the embeddings, the last the head
+    cfg8 = GPTConfig(n_layers=8, d_model=64, n_heads=2, seq_len=32, vocab_size=256)
+    interleaved = pipeline(stages=2, schedule="interleaved", virtual_stages=2)
+    assert stage_layers(interleaved, cfg8, 0) == ([0, 1, 4, 5], True, False)
+    assert stage_layers(interleaved, cfg8, 1) == ([2, 3, 6, 7], False, True)
+
+
+@pytest.mark.parametrize("nproc, overrides, message", [
+    (3, ["parallel.pipeline.stages=2"], "parallel.pipeline.stages 2 does not divide the world size 3"),
+    (2, ["parallel.pipeline.stages=2", "model.n_layers=1"], "every chunk needs a layer"),
+    (2, ["parallel.pipeline.stages=2", "train.micro_batch_size=8"], "needs at least 2 micro-batches per step"),
+    (2, ["parallel.pipeline.stages=2", "parallel.pipeline.schedule=interleaved", "parallel.pipeline.virtual_stages=2",
+         "model.n_layers=6"], "split evenly into 2 ranks x 2 virtual stages"),
+    (2, ["parallel.pipeline.stages=2", "parallel.pipeline.partition=[1,2]", "model.n_layers=4"], "adding up to model.n_layers 4"),
+    (2, ["parallel.pipeline.stages=2", "parallel.pipeline.virtual_stages=2"], "goes with schedule interleaved"),
+    (2, ["parallel.pipeline.stages=2", "train.precision=fp16"], "use precision bf16"),
+])
+def test_bad_pipeline_input_is_refused_before_launch(write_recipe, tmp_path, nproc, overrides, message):
+    args = ["launch", write_recipe(), "--nproc-per-node", nproc, "--run-dir", tmp_path / "run", "--dry-run"]
+    for override in overrides:
+        args += ["--set", override]
+    result = sdtrain(*args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in " ".join(result.stderr.split())
