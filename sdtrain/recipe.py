@@ -207,6 +207,10 @@ class Recipe(Section):
             if train.precision == "fp16":
                 raise ValueError("parallel.pipeline with train.precision fp16: a loss-scale overflow on one stage "
                                  "would have to skip the step on all of them; use precision bf16")
+            if pipeline.schedule == "zero_bubble" and (train.activation_checkpointing or train.compile):
+                raise ValueError("parallel.pipeline.schedule zero_bubble splits each block's backward through hooks "
+                                 "on its layers, which activation checkpointing and torch.compile would bypass; "
+                                 "turn those off, or use schedule 1f1b")
         return self
 
     def to_yaml(self) -> str:

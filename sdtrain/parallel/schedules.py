@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 
 class Action(NamedTuple):
-    kind: str  # "F" or "B"
+    kind: str  # "F", "B", or (zero bubble) "W": B makes only the input's gradient, W the weights'
     chunk: int  # global chunk index, 0..P*V-1
     micro_batch: int
 
@@ -35,13 +35,17 @@ def build_schedule(name: str, stages: int, virtual_stages: int, micro_batches: i
         return [_one_f_one_b(p, P, M) for p in range(P)]
     if name == "interleaved":
         return [_interleaved(p, P, V, M) for p in range(P)]
+    if name == "zero_bubble":
+        return _zero_bubble(P, M)
     raise ValueError(f"unknown pipeline schedule {name!r}")
 
 
 def bubble_formula(name: str, stages: int, virtual_stages: int, micro_batches: int) -> float:
-    """The idle share of a step the schedule is expected to have (equal F and B per chunk...
-    in proportion: the textbook figure)."""
+    """The idle share of a step the schedule is expected to have, with a backward twice as
+    long as a forward (the textbook figures; zero bubble: its own schedule on ideal ranks)."""
     P, M = stages, micro_batches
+    if name == "zero_bubble":
+        return simulate(_zero_bubble(P, M), P, P)["bubble_mean"]
     V = virtual_stages if name == "interleaved" else 1
     return (P - 1) / (V * M + P - 1)
 
@@ -83,14 +87,70 @@ def _interleaved(p: int, P: int, V: int, M: int) -> list[Action]:
     return actions
 
 
+def _zero_bubble(P: int, M: int) -> list[list[Action]]:
+    """ZB-H1 (Qi et al. 2023), found greedily on ideal ranks: whenever a rank is free it runs
+    a ready B (the critical path), else the next F while no more than 1F1B's P - p
+    micro-batches are in flight (so activation memory stays 1F1B's), else a deferred W, which
+    fills what would be a bubble. The first chunk has no input gradient to send: its B is the
+    whole backward and its W is empty. Ranks run in the order found here, which already
+    satisfied every dependency, so the real run cannot deadlock."""
+    costs = {"F": 1.0, "B": 1.0, "W": 1.0}
+    done: dict[Action, float] = {}
+    clocks, plans = [0.0] * P, [[] for _ in range(P)]
+    next_forward, in_flight = [0] * P, [0] * P
+    while any(len(plan) < 3 * M for plan in plans):
+        busy = [r for r in range(P) if len(plans[r]) < 3 * M]
+        now = min(clocks[r] for r in busy)
+        choices = [(r, _next_zero_bubble_action(r, P, M, now, done, next_forward[r], in_flight[r]))
+                   for r in busy if clocks[r] == now]
+        choices = [(r, a) for r, a in choices if a is not None]
+        if not choices:  # nothing ready anywhere yet: move the idle ranks to the next event
+            later = [t for t in [*done.values(), *clocks] if t > now]
+            if not later:
+                raise RuntimeError(f"zero-bubble schedule for P={P}, M={M} deadlocks")
+            for r in busy:
+                clocks[r] = max(clocks[r], min(later))
+            continue
+        p, action = choices[0]
+        cost = costs[action.kind] * (2.0 if (p, action.kind) == (0, "B") else 0.0 if (p, action.kind) == (0, "W") else 1.0)
+        clocks[p] = done[action] = clocks[p] + cost
+        plans[p].append(action)
+        if action.kind == "F":
+            next_forward[p] += 1
+            in_flight[p] += 1
+        elif action.kind == "W":
+            in_flight[p] -= 1
+    return plans
+
+
+def _next_zero_bubble_action(p, P, M, now, done, forward, in_flight) -> Action | None:
+    def ready(action: Action) -> bool:
+        return action in done and done[action] <= now
+
+    for m in range(M):
+        b = Action("B", p, m)
+        if b not in done and ready(Action("F", p, m)) and (p == P - 1 or ready(Action("B", p + 1, m))):
+            return b
+    if forward < M and in_flight < P - p and (p == 0 or ready(Action("F", p - 1, forward))):
+        return Action("F", p, forward)
+    for m in range(M):
+        w = Action("W", p, m)
+        if w not in done and ready(Action("B", p, m)):
+            return w
+    return None
+
+
 def simulate(schedule: list[list[Action]], stages: int, chunks: int, forward_cost: float = 1.0,
              backward_cost: float = 2.0) -> dict:
     """Run the schedule on ideal ranks (fixed costs, free communication): each rank's busy
     time, the step's length, and whether it finishes (a deadlocked schedule never does).
-    An action waits for its input: F(c, m) for F(c-1, m); B(c, m) for B(c+1, m) and F(c, m)."""
+    An action waits for its input: F(c, m) for F(c-1, m); B(c, m) for B(c+1, m) and F(c, m);
+    W(c, m) for B(c, m). Split backwards (B and W) cost half a backward each, the first
+    chunk's B the whole of it."""
     done: dict[Action, float] = {}
     clocks = [0.0] * stages
     positions = [0] * stages
+    split = any(a.kind == "W" for actions in schedule for a in actions)
     busy = [0.0] * stages
     progressed = True
     while progressed:
@@ -105,9 +165,11 @@ def simulate(schedule: list[list[Action]], stages: int, chunks: int, forward_cos
                     needs.append(Action("F", action.chunk, action.micro_batch))
                     if action.chunk < chunks - 1:
                         needs.append(Action("B", action.chunk + 1, action.micro_batch))
+                if action.kind == "W":
+                    needs.append(Action("B", action.chunk, action.micro_batch))
                 if any(n not in done for n in needs):
                     break
-                cost = forward_cost if action.kind == "F" else backward_cost
+                cost = _cost(action, split, forward_cost, backward_cost)
                 start = max([clocks[rank], *(done[n] for n in needs)])
                 clocks[rank] = done[action] = start + cost
                 busy[rank] += cost
@@ -115,5 +177,16 @@ def simulate(schedule: list[list[Action]], stages: int, chunks: int, forward_cos
                 progressed = True
     finished = all(positions[r] == len(schedule[r]) for r in range(stages))
     length = max(clocks)
-    return {"finished": finished, "step": length, "busy": busy,
-            "bubble": [1 - b / length for b in busy] if finished else None}
+    bubble = [1 - b / length for b in busy] if finished else None
+    return {"finished": finished, "step": length, "busy": busy, "bubble": bubble,
+            "bubble_mean": sum(bubble) / stages if finished else None}
+
+
+def _cost(action: Action, split: bool, forward_cost: float, backward_cost: float) -> float:
+    if action.kind == "F":
+        return forward_cost
+    if not split:
+        return backward_cost
+    if action.chunk == 0:  # no input gradient to send: B is the whole backward, W nothing
+        return backward_cost if action.kind == "B" else 0.0
+    return backward_cost / 2

@@ -80,8 +80,11 @@ class Strategy:
     def micro_batch(self, is_last: bool):
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def backward(self, loss: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        loss.backward(grad)
+
+    def grads_ready(self, params: list) -> None:
+        """Gradients were written outside autograd (a zero-bubble W pass)."""
 
     def step(self, lr: float, grad_clip: float) -> torch.Tensor:
         """Finish gradient reduction, clip by global norm, update; returns the pre-clip norm."""

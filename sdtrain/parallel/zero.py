@@ -177,6 +177,17 @@ class Zero(Strategy):
         """Backward from the loss, or (a pipeline chunk) from an output and its gradient; the
         gradients it makes are reduced before it returns, whoever called it how often."""
         loss.backward(grad)
+        self._finish_backward()
+
+    def grads_ready(self, params: list) -> None:
+        """Gradients written outside autograd (a zero-bubble W pass): hand them on as the
+        post-accumulate hooks would have, then reduce what they complete."""
+        if self.stage >= 2:
+            for param in dict.fromkeys(params):
+                self._on_grad_ready(param)
+        self._finish_backward()
+
+    def _finish_backward(self) -> None:
         if self.stage == 1:
             return  # gradients accumulate whole; reduced once, in step()
         for unit in self.units:  # parameters that got no gradient this time count as zero
