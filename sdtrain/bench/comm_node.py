@@ -9,21 +9,11 @@ sends `comm.json` and its logs back over its runner's stderr.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
 import sys
-import uuid
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
 from sdtrain.launch.collect import encode_files
-from sdtrain.launch.failures import REPORT_PREFIX, write_report
-from sdtrain.launch.listen import MasterBindError, keep_collectives_on_loopback, register_backend
-from sdtrain.launch.node import failure_report, restrict_devices, say, stop_when_launcher_is_gone, threads_per_worker
+from sdtrain.launch.node import launch_workers, restrict_devices, say, stop_when_launcher_is_gone
 from sdtrain.launch.rundir import is_shared
 
 RESULT = "comm.json"
@@ -64,35 +54,8 @@ def main(argv=None) -> int:
 
 
 def run_workers(args) -> int:
-    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
-        logging.getLogger(name).setLevel(logging.CRITICAL)  # the launcher reports failures once, itself
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(args.nproc)))
-    keep_collectives_on_loopback(args.master_addr)
-    config = LaunchConfig(  # as sdtrain.launch.node.run_workers
-        min_nodes=args.nnodes, max_nodes=args.nnodes, nproc_per_node=args.nproc,
-        run_id=args.run_id or uuid.uuid4().hex, rdzv_backend=register_backend(),
-        rdzv_endpoint=f"{args.master_addr}:{args.master_port}", rdzv_configs={"rank": args.node_rank, "timeout": 300},
-        max_restarts=0, monitor_interval=0.2, start_method="spawn", shutdown_timeout=5,
-    )
     worker = ["-m", "sdtrain.bench.comm_worker", "--run-dir", str(args.run_dir), "--spec-json", args.spec_json]
-    try:
-        elastic_launch(config, entrypoint=sys.executable)(*worker)
-    except ChildFailedError as exc:
-        report = failure_report(exc, args)
-        if args.remote:
-            say(REPORT_PREFIX + json.dumps(report))
-        try:
-            write_report(report, args.run_dir / "failures" / f"node{args.node_rank}.json")
-        except OSError as error:
-            say(f"sdtrain comm node {args.node_rank}: cannot write its failure report: {error}")
-        return 1
-    except MasterBindError as exc:
-        say(f"sdtrain comm node {args.node_rank}: {exc}")
-        return 1
-    except SignalException as exc:
-        say(f"sdtrain comm node {args.node_rank}: stopped by {exc.sigval.name}")
-        return 128 + int(exc.sigval)
-    return 0
+    return launch_workers(args, worker)
 
 
 if __name__ == "__main__":

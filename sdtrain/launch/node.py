@@ -149,6 +149,15 @@ def main(argv=None) -> int:
 
 
 def run_workers(args) -> int:
+    worker = ["-m", "sdtrain.worker", "--run-dir", str(args.run_dir), "--recipe-json", args.recipe_json,
+              "--resume-from", args.resume_from]
+    return launch_workers(args, worker)
+
+
+def launch_workers(args, worker: list[str]) -> int:
+    """Start this node's workers (`python <worker...>` each) through torch's elastic agent,
+    and turn how they end into this node's exit code and failure report. `args` carries the
+    node's place in the job (nnodes, node_rank, nproc, master_addr/port, run_id, run_dir)."""
     # torch's agent logs every step of its life, and each failure as it sees it; the
     # launcher reports what matters once, with the root cause. Each of its loggers has a
     # level of its own (LOGLEVEL), so the parent's is not enough.
@@ -169,18 +178,8 @@ def run_workers(args) -> int:
         start_method="spawn",
         shutdown_timeout=5,  # SIGTERM, then SIGKILL after 5 s: a hung worker cannot stall teardown
     )
-    worker_args = [
-        "-m",
-        "sdtrain.worker",
-        "--run-dir",
-        str(args.run_dir),
-        "--recipe-json",
-        args.recipe_json,
-        "--resume-from",
-        args.resume_from,
-    ]
     try:
-        elastic_launch(config, entrypoint=sys.executable)(*worker_args)
+        elastic_launch(config, entrypoint=sys.executable)(*worker)
     except ChildFailedError as exc:
         report = failure_report(exc, args)
         try:
@@ -190,7 +189,7 @@ def run_workers(args) -> int:
             what = (cause["error"] or "").strip().splitlines()[-1:] or [""]
             say(f"sdtrain node {args.node_rank}: cannot write its failure report: {describe(error)}. "
                 f"Root cause here: rank {cause['rank']} {cause['exit']}" + (f": {what[0]}" if what[0] else ""))
-        if args.report_to_stderr or args.remote:
+        if getattr(args, "report_to_stderr", False) or args.remote:
             say(REPORT_PREFIX + json.dumps(report))
         return 1
     except MasterBindError as exc:
