@@ -81,3 +81,15 @@ def crashed_copy(run_dir: Path, dest: Path) -> Path:
     shutil.rmtree(dest / "checkpoints" / "step_10")
     (dest / "checkpoints" / "latest").write_text("step_5")
     return dest
+
+
+def launch_run(tmp: Path, name: str, nproc: int, recipe: dict, *overrides: str) -> Path:
+    """A real `sdtrain launch` of `recipe` (a dict) on nproc workers into tmp/name, which must succeed."""
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    args = ["launch", path, "--nproc-per-node", nproc, "--run-dir", tmp / name]
+    for override in overrides:
+        args += ["--set", override]
+    result = sdtrain(*args, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp / name

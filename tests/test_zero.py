@@ -6,9 +6,8 @@ import shutil
 
 import pytest
 import torch
-import yaml
 
-from conftest import TINY, losses, merge, metrics, sdtrain
+from conftest import TINY, launch_run, losses, merge, metrics, sdtrain
 from sdtrain.model import GPTConfig, count_params
 from sdtrain.train.export import load_model_weights
 
@@ -19,15 +18,7 @@ PSI = count_params(GPTConfig(n_layers=2, d_model=32, n_heads=2, seq_len=32, voca
 
 
 def launch(tmp, name, nproc, *overrides, extra=None):
-    recipe = tmp / f"{name}.yaml"
-    recipe.write_text(yaml.safe_dump(merge(TINY, merge(ZERO, extra or {}))))
-    run_dir = tmp / name
-    args = ["launch", recipe, "--nproc-per-node", nproc, "--run-dir", run_dir]
-    for override in overrides:
-        args += ["--set", override]
-    result = sdtrain(*args, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir
+    return launch_run(tmp, name, nproc, merge(TINY, merge(ZERO, extra or {})), *overrides)
 
 
 @pytest.fixture(scope="module")
