@@ -122,8 +122,8 @@ def test_export_safetensors_loads_into_the_model(full_run, tmp_path):
     # the recipe's seed: the weights the run started from
     initial = GPT(GPTConfig(n_layers=2, d_model=32, n_heads=2, seq_len=32, vocab_size=256), seed=1337)
     text = torch.frombuffer(bytearray(b"def main():\n    return 0\n" * 3), dtype=torch.uint8).long()[:33]
-    trained_loss = model(text[None, :-1], text[None, 1:])[1]
-    initial_loss = initial(text[None, :-1], text[None, 1:])[1]
+    trained_loss = model.loss(model(text[None, :-1]), text[None, 1:])
+    initial_loss = initial.loss(initial(text[None, :-1]), text[None, 1:])
     assert trained_loss < initial_loss - 0.5  # the exported weights are the trained ones
 
     assert sdtrain("export", tmp_path / "nope", out).returncode == 2

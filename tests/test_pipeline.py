@@ -64,6 +64,19 @@ def test_schedule_matches_single_process(reference, tmp_path, stages, schedule, 
     assert record["bubble_formula"] == round(bubble_formula(schedule, stages, virtual, 8), 4)
 
 
+def test_activation_checkpointing_with_a_pipeline(reference, tmp_path):
+    run_dir = launch(tmp_path, "pp2-ac", 2, "parallel.pipeline.stages=2", "train.activation_checkpointing=true")
+    assert_same_losses(reference, run_dir)
+
+
+def test_bf16_with_a_pipeline_and_zero(reference, tmp_path):
+    """bf16 weights under ZeRO-2 on each stage: the fp32 run's losses, to bf16's precision."""
+    run_dir = launch(tmp_path, "pp2-bf16", 4, "parallel.pipeline.stages=2", "parallel.zero_stage=2",
+                     "train.precision=bf16")
+    for step, (fp32, bf16) in enumerate(zip(losses(reference), losses(run_dir)), 1):
+        assert abs(fp32 - bf16) <= 1e-2 * fp32, f"step {step}: fp32 {fp32} vs bf16 {bf16}"
+
+
 @pytest.fixture(scope="module")
 def two_by_two(reference, tmp_path_factory):
     """P = 2 x D = 2 at ZeRO 0: its step-10 checkpoint is continued in other layouts below."""
