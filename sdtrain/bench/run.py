@@ -1,13 +1,15 @@
 """`sdtrain bench`: strategies and peers measured side by side, in one invocation.
 
 Each strategy is a real `sdtrain launch` of the recipe (fresh processes, the same code path
-a user runs); each peer is its own implementation of the same model and batch (plain DDP,
-FSDP2, DeepSpeed ZeRO; plain eager and torch.compile loops on one device), on the device
-and backend the recipe's run uses. Throughput is the median over logging intervals after
-the first (warm-up) one, and each entry keeps its best of `repeats` alternating rounds,
-since a shared machine's noise only ever slows a run down. The headline numbers are ratios
-measured in the same run, never absolute times. MFU is against one peak for every row: the
-device's measured matmul peak on CUDA (train/peak.py).
+a user runs): a ZeRO stage without a pipeline, or a pipeline `pp<P>-<schedule>`
+(pipeline_strategy.py) whose rows also carry the bubble it measured beside the schedule's
+formula. Each peer is its own implementation of the same model and batch (plain DDP,
+FSDP2, DeepSpeed ZeRO; plain eager and torch.compile loops on one device), on the device and backend the recipe's run uses.
+Throughput is the median over logging intervals after the first (warm-up) one, and each
+entry keeps its best of `repeats` alternating rounds, since a shared machine's noise only
+ever slows a run down. The headline numbers are ratios measured in the same run, never
+absolute times. MFU is against one peak for every row: the device's measured matmul peak
+on CUDA (train/peak.py).
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdtrain.batch import derive_batch
+from sdtrain.bench.pipeline_strategy import SYNTAX, PipelineStrategy, parse_pipeline_strategy
 from sdtrain.errors import UserInputError
 from sdtrain.launch.node import threads_per_worker
 from sdtrain.model.size import flops_per_token
+from sdtrain.parallel.partition import check_schedule
+from sdtrain.parallel.schedules import bubble_formula
 from sdtrain.recipe import load_recipe
 
 INTERVAL = 5  # steps per throughput sample
 STAGES = {"single": 0, "ddp": 0, "zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
+NO_PIPELINE = ["parallel.pipeline.stages=1"]  # a zero<S> row is that stage alone, whatever the recipe says
 PEERS = ("torch", "fsdp2", "deepspeed", "eager", "compile")
 SINGLE_DEVICE_PEERS = {"eager": "torch-eager", "compile": "torch-compile"}  # --peers name: row name
 
@@ -45,6 +51,14 @@ class Entry:
     peak_mem_gib: list[float] = field(default_factory=list)
     state_bytes: list[int] | None = None
     comm_bytes: int | None = None
+    pipeline: PipelineStrategy | None = None  # P stages (and its schedule), or none
+    micro_batches: int | None = None  # M, for a pipeline
+    bubbles: list[float] = field(default_factory=list)  # per round: mean over the intervals after warm-up
+    bubble_per_stage: list[list[float]] = field(default_factory=list)
+
+    @property
+    def stages(self) -> int:
+        return self.pipeline.stages if self.pipeline else 1
 
     @property
     def tokens_per_s(self) -> float:
@@ -55,25 +69,35 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
               repeats: int, overrides: list[str]) -> dict:
     if steps < 3 * INTERVAL:
         raise UserInputError(f"--steps {steps}: need at least {3 * INTERVAL} for a warm-up interval and samples")
+    pipelines = {}
     for name in strategies:
-        if name not in STAGES:
-            raise UserInputError(f"--strategies: unknown strategy {name!r}; available: {', '.join(STAGES)}")
+        pipelines[name] = parse_pipeline_strategy(name)
+        if pipelines[name] is None and name not in STAGES:
+            raise UserInputError(f"--strategies: unknown strategy {name!r}; available: {', '.join(STAGES)}, "
+                                 f"or a pipeline: {SYNTAX}")
     for peer in peers:
         if peer not in PEERS:
             raise UserInputError(f"--peers: unknown peer {peer!r}; available: {', '.join(PEERS)}")
     base = [*overrides, f"train.steps={steps}", f"log.every={INTERVAL}", "train.eval_every=0",
             "checkpoint.at_end=false", "checkpoint.every=0"]
     recipe = load_recipe(recipe_path, base)  # a bad recipe fails before the first run
-    for stage in {STAGES[name] for name in strategies}:  # and so does a stage it cannot run
-        load_recipe(recipe_path, [*base, f"parallel.zero_stage={stage}"])
+    for stage in {STAGES[name] for name in strategies if name in STAGES}:  # and so does a stage it cannot run
+        load_recipe(recipe_path, [*base, f"parallel.zero_stage={stage}", *NO_PIPELINE])
     notes = []
     entries = []
     for world in worlds:
         for name in strategies:
             if name == "single" and world != worlds[0]:
                 continue  # one process is one process, whatever --nproc says
-            entries.append(_sdtrain_entry(name, 1 if name == "single" else world, recipe_path, base))
+            if pipelines[name]:
+                entries += _pipeline_entry(pipelines[name], world, recipe, recipe_path, base, notes)
+            else:
+                entries.append(_sdtrain_entry(name, 1 if name == "single" else world, recipe_path, base))
         entries += _peer_entries(recipe, peers, strategies, world, notes)
+    for name, pipeline in pipelines.items():
+        if pipeline and not any(e.pipeline == pipeline for e in entries):
+            raise UserInputError(f"--strategies {name}: {pipeline.stages} stages divide none of --nproc "
+                                 f"{','.join(map(str, worlds))}; the stages must divide the worker count")
     entries += _single_device_peers(recipe, peers)
     peak = _peak_for_mfu(recipe, notes)
     with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
@@ -85,15 +109,45 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
     return _report(entries, recipe, steps, repeats, notes, peak)
 
 
-def _sdtrain_entry(name: str, world: int, recipe_path: str, base: list[str]) -> Entry:
+def _launch_argv(recipe_path: str, world: int, overrides: list[str]) -> list[str]:
     argv = [sys.executable, "-m", "sdtrain", "launch", recipe_path, "--nproc-per-node", str(world), "--run-dir", "{out}"]
-    for override in [*base, f"parallel.zero_stage={STAGES[name]}"]:
+    for override in overrides:
         argv += ["--set", override]
+    return argv
+
+
+def _sdtrain_entry(name: str, world: int, recipe_path: str, base: list[str]) -> Entry:
+    argv = _launch_argv(recipe_path, world, [*base, f"parallel.zero_stage={STAGES[name]}", *NO_PIPELINE])
     return Entry(name, world, "sdtrain", STAGES[name], argv)
 
 
+def _pipeline_entry(pipeline: PipelineStrategy, world: int, recipe, recipe_path: str, base: list[str],
+                    notes: list[str]) -> list[Entry]:
+    """The pipeline at `world` workers (none where P does not divide it), at the global batch
+    of the other rows of that world, validated now as the launch would (exit 2 before any run)."""
+    if world % pipeline.stages:
+        notes.append(f"{pipeline.name}: {pipeline.stages} stages do not divide {world} workers, not run there")
+        return []
+    overrides = _pipeline_overrides(pipeline, world, recipe, base)
+    resolved = load_recipe(recipe_path, overrides)
+    M = resolved.train.grad_accum_steps
+    check_schedule(resolved.parallel.pipeline, M)
+    note = (f"pp{pipeline.stages} at {world} workers: {pipeline.stages} stages x {world // pipeline.stages} "
+            f"data-parallel replica(s), M = {M} micro-batches of {resolved.train.micro_batch_size} per step "
+            f"(train.grad_accum_steps; M >= 2P keeps the bubble small)")
+    if note not in notes:
+        notes.append(note)
+    return [Entry(pipeline.name, world, "sdtrain", pipeline.zero_stage, _launch_argv(recipe_path, world, overrides),
+                  pipeline=pipeline, micro_batches=M)]
+
+
+def _pipeline_overrides(pipeline: PipelineStrategy, world: int, recipe, base: list[str]) -> list[str]:
+    global_batch = recipe_for_world(recipe, world)["train"]["global_batch_size"]
+    return [*base, *pipeline.overrides(global_batch, world)]
+
+
 def _peer_entries(recipe, peers: list[str], strategies: list[str], world: int, notes: list[str]) -> list[Entry]:
-    stages = sorted({STAGES[s] for s in strategies if s != "single"})
+    stages = sorted({STAGES[s] for s in strategies if s in STAGES and s != "single"})
     wanted = []
     if "torch" in peers:
         wanted.append(("torch-ddp", "peer_ddp", "", 0))
@@ -171,6 +225,10 @@ def _measure(entry: Entry, out: Path) -> str | None:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((out / "summary.json").read_text())
         entry.samples.append(statistics.median(r["tokens_per_s"] for r in rows[1:]))
+        if "bubble" in rows[0]:  # a pipeline's idle share, over the intervals tokens/s is taken from
+            entry.bubbles.append(statistics.mean(r["bubble"] for r in rows[1:]))
+            per_stage = zip(*(r["bubble_per_stage"] for r in rows[1:]))
+            entry.bubble_per_stage.append([statistics.mean(stage) for stage in per_stage])
         entry.peak_mem_gib = summary["peak_mem_gib"]
         entry.state_bytes = [sum(s.values()) for s in summary["model_state_bytes"]]
         entry.comm_bytes = rows[-1].get("comm_bytes")
@@ -179,6 +237,21 @@ def _measure(entry: Entry, out: Path) -> str | None:
         entry.samples.append(statistics.median(result["tokens_per_s"][1:]))
         entry.peak_mem_gib = result["peak_mem_gib"]
     return None
+
+
+def _pipeline_columns(entry: Entry) -> dict:
+    """Stages, schedule and micro-batches, the schedule's bubble formula, and for sdtrain's
+    pipelines the bubble measured in the best round (the one whose tokens/s the row shows)."""
+    if entry.pipeline is None:
+        return {"pipeline_stages": 1}
+    p = entry.pipeline
+    formula = bubble_formula(p.schedule, p.stages, p.virtual_stages, entry.micro_batches)
+    best = entry.samples.index(max(entry.samples)) if entry.bubbles else None
+    return {"pipeline_stages": p.stages, "schedule": p.schedule, "virtual_stages": p.virtual_stages,
+            "micro_batches": entry.micro_batches,
+            "bubble": round(entry.bubbles[best], 4) if best is not None else None,
+            "bubble_per_stage": [round(b, 4) for b in entry.bubble_per_stage[best]] if best is not None else None,
+            "bubble_formula": round(formula, 4), "bubble_rounds": [round(b, 4) for b in entry.bubbles]}
 
 
 def _report(entries: list[Entry], recipe, steps: int, repeats: int, notes: list[str], peak: dict) -> dict:
@@ -192,11 +265,17 @@ def _report(entries: list[Entry], recipe, steps: int, repeats: int, notes: list[
                "step_s": round(plan_tokens[entry.world] / entry.tokens_per_s, 4) if entry.tokens_per_s else None,
                "mfu": round(flops * entry.tokens_per_s / (peak["flops"] * entry.world), 4) if peak["flops"] else None,
                "peak_mem_gib": entry.peak_mem_gib, "model_state_bytes": entry.state_bytes,
-               "comm_bytes_per_step": entry.comm_bytes}
+               "comm_bytes_per_step": entry.comm_bytes, **_pipeline_columns(entry)}
         if entry.kind == "sdtrain":
             for peer in entries:
-                if peer.kind == "peer" and peer.world == entry.world and peer.stage == entry.stage and peer.tokens_per_s:
+                if (peer.kind == "peer" and peer.world == entry.world and peer.stage == entry.stage
+                        and peer.stages == entry.stages and peer.tokens_per_s):
                     row[f"vs_{peer.name}"] = round(entry.tokens_per_s / peer.tokens_per_s, 3)
+            if entry.pipeline:  # which to pick: the pipeline against the same workers without one
+                for other in entries:
+                    if (other.kind == "sdtrain" and other.world == entry.world and not other.pipeline
+                            and other.tokens_per_s):
+                        row[f"vs_{other.name}"] = round(entry.tokens_per_s / other.tokens_per_s, 3)
         rows.append(row)
     return {"recipe": recipe.name, "model": recipe.model.model_dump(), "precision": recipe.train.precision,
             "steps": steps, "repeats": repeats, "peak_flops": peak, "results": rows, "notes": notes}

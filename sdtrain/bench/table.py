@@ -1,4 +1,5 @@
-"""The bench results as a rich table."""
+"""The bench results as a rich table. A pipeline row's bubble (its stages' idle share of a step,
+measured from the schedule's timeline) stands beside the schedule's formula."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ def bench_table(results: dict) -> Table:
     title = (f"sdtrain bench: {results['recipe']}, {results['precision']}, {results['steps']} steps, "
              f"best of {results['repeats']}")
     table = Table(title=title)
-    columns = ("run", "world", "step s", "tokens/s", "MFU", "peak mem/rank GiB", "model state/rank MiB", "comm/step MiB",
-               "ratios")
+    columns = ("run", "world", "step s", "tokens/s", "MFU", "bubble", "formula", "peak mem/rank GiB",
+               "model state/rank MiB", "comm/step MiB", "ratios")
     for column in columns:
         table.add_column(column, justify="left" if column in ("run", "ratios") else "right")
     for row in results["results"]:
@@ -23,9 +24,15 @@ def bench_table(results: dict) -> Table:
             f"{row['step_s']:.3f}" if row["step_s"] else "-",
             f"{row['tokens_per_s']:,.0f}",
             f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-",
+            _fraction(row.get("bubble")),
+            _fraction(row.get("bubble_formula")),
             ", ".join(f"{m:.2f}" for m in row["peak_mem_gib"]),
             f"{max(state) / 2**20:.1f}" if state else "-",
             f"{comm / 2**20:.1f}" if comm is not None else "-",
             ratios,
         )
     return table
+
+
+def _fraction(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "-"

@@ -1,5 +1,5 @@
 """`sdtrain bench ... --plot FILE.png`: the bench table as bars, each sdtrain strategy with
-the peers that implement the same stage at the same world size beside it.
+the peers that implement the same stage (and pipeline depth) at the same world size beside it.
 
 Two panels: tokens/s (higher is better) and peak memory per rank (the largest rank's).
 Peers keep one colour across groups (deepspeed-z1..z3 are all "deepspeed"; fsdp2-keep and
@@ -27,7 +27,8 @@ def groups(results: dict) -> list[tuple[str, list[tuple[str, dict]]]]:
         if row["kind"] != "sdtrain":
             continue
         peers = [(family(p["name"]), p) for p in rows if p["kind"] == "peer"
-                 and p["world_size"] == row["world_size"] and p["zero_stage"] == row["zero_stage"]]
+                 and p["world_size"] == row["world_size"] and p["zero_stage"] == row["zero_stage"]
+                 and p.get("pipeline_stages", 1) == row.get("pipeline_stages", 1)]
         out.append((f"{row['name']}\n{row['world_size']} rank{'s' if row['world_size'] > 1 else ''}", [(SDTRAIN, row), *peers]))
     return out
 
