@@ -1,7 +1,8 @@
 """`sdtrain bench` with pipeline strategies (`pp<P>-<schedule>[-zero<S>]`): a real run whose row
 carries the measured bubble beside its formula, the micro-batches it picks, bad names refused
-before anything runs."""
+before anything runs, the DeepSpeed pipeline peer where DeepSpeed is installed, and the plot."""
 
+import importlib.util
 import json
 
 import pytest
@@ -9,6 +10,8 @@ import pytest
 from conftest import sdtrain
 from sdtrain.bench.pipeline_strategy import parse_pipeline_strategy
 from sdtrain.errors import UserInputError
+
+DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
 def test_pipeline_strategy_names_and_micro_batches():
@@ -61,3 +64,39 @@ def test_bench_pipeline_row_has_bubble_and_formula(write_recipe, tmp_path):
     assert "bubble" in table and "formula" in table and "0.200" in table and f"{row['bubble']:.3f}" in table
     assert "M = 4 micro-batches of 2" in " ".join(table.split())
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# About 15 s on 2 cores once DeepSpeed has built its shared-memory comm op (its first use on a
+# machine builds it: 30-50 s more, once).
+@pytest.mark.skipif(not DEEPSPEED, reason="deepspeed not installed (DS_BUILD_OPS=0 pip install deepspeed)")
+def test_bench_deepspeed_pipe_peer(write_recipe, tmp_path):
+    out = tmp_path / "bench.json"
+    recipe = write_recipe({"model": {"n_layers": 4}})
+    result = sdtrain("bench", recipe, "--strategies", "pp2-1f1b", "--peers", "deepspeed-pipe", "--steps", 15,
+                     "--repeats", 1, "--json", out, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {row["name"]: row for row in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"pp2-1f1b", "deepspeed-pipe-pp2"}, json.loads(out.read_text())["notes"]
+    peer = rows["deepspeed-pipe-pp2"]
+    assert peer["kind"] == "peer" and peer["tokens_per_s"] > 0 and len(peer["peak_mem_gib"]) == 2
+    assert (peer["pipeline_stages"], peer["micro_batches"], peer["bubble_formula"]) == (2, 4, 0.2)
+    assert 0.1 < rows["pp2-1f1b"]["vs_deepspeed-pipe-pp2"] < 10  # one round on a shared machine: a ratio
+
+
+def test_bench_figure_puts_the_pipeline_peer_beside_its_pipelines():
+    pytest.importorskip("matplotlib")
+    from sdtrain.plot.bench import bench_figure
+
+    def row(name, kind, world, stages, tokens):
+        return {"name": name, "kind": kind, "world_size": world, "zero_stage": 0, "pipeline_stages": stages,
+                "tokens_per_s": tokens, "peak_mem_gib": [0.5] * world}
+
+    results = {"recipe": "bench-20m", "precision": "fp32", "steps": 15, "repeats": 2, "notes": [], "results": [
+        row("pp2-1f1b", "sdtrain", 2, 2, 900.0), row("zero0", "sdtrain", 2, 1, 1000.0),
+        row("pp4-1f1b", "sdtrain", 4, 4, 500.0), row("deepspeed-pipe-pp2", "peer", 2, 2, 800.0),
+        row("deepspeed-pipe-pp4", "peer", 4, 4, 450.0), row("deepspeed-z0", "peer", 2, 1, 950.0)]}
+    top, _ = bench_figure(results).axes
+    assert [t.get_text() for t in top.get_xticklabels()] == ["pp2-1f1b\n2 ranks", "zero0\n2 ranks", "pp4-1f1b\n4 ranks"]
+    assert [t.get_text() for t in top.get_legend().get_texts()] == ["sdtrain", "deepspeed-pipe", "deepspeed"]
+    # each pipeline with the DeepSpeed pipeline of its depth, DDP with DeepSpeed ZeRO-0
+    assert [bar.get_height() for bar in top.patches] == [900.0, 800.0, 1000.0, 950.0, 500.0, 450.0]

@@ -4,7 +4,8 @@ Each strategy is a real `sdtrain launch` of the recipe (fresh processes, the sam
 a user runs): a ZeRO stage without a pipeline, or a pipeline `pp<P>-<schedule>`
 (pipeline_strategy.py) whose rows also carry the bubble it measured beside the schedule's
 formula. Each peer is its own implementation of the same model and batch (plain DDP,
-FSDP2, DeepSpeed ZeRO; plain eager and torch.compile loops on one device), on the device and backend the recipe's run uses.
+FSDP2, DeepSpeed ZeRO, DeepSpeed's pipeline at the same P and micro-batches; plain eager and
+torch.compile loops on one device), on the device and backend the recipe's run uses.
 Throughput is the median over logging intervals after the first (warm-up) one, and each
 entry keeps its best of `repeats` alternating rounds, since a shared machine's noise only
 ever slows a run down. The headline numbers are ratios measured in the same run, never
@@ -36,7 +37,8 @@ from sdtrain.recipe import load_recipe
 INTERVAL = 5  # steps per throughput sample
 STAGES = {"single": 0, "ddp": 0, "zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 NO_PIPELINE = ["parallel.pipeline.stages=1"]  # a zero<S> row is that stage alone, whatever the recipe says
-PEERS = ("torch", "fsdp2", "deepspeed", "eager", "compile")
+PEERS = ("torch", "fsdp2", "deepspeed", "deepspeed-pipe", "eager", "compile")
+DEEPSPEED_PIPE_ZERO = (0, 1)  # DeepSpeed's pipeline refuses ZeRO-2 and 3
 SINGLE_DEVICE_PEERS = {"eager": "torch-eager", "compile": "torch-compile"}  # --peers name: row name
 
 
@@ -94,6 +96,8 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
             else:
                 entries.append(_sdtrain_entry(name, 1 if name == "single" else world, recipe_path, base))
         entries += _peer_entries(recipe, peers, strategies, world, notes)
+        entries += _pipeline_peer_entries(peers, [e for e in entries if e.world == world], recipe, recipe_path, base,
+                                          notes)
     for name, pipeline in pipelines.items():
         if pipeline and not any(e.pipeline == pipeline for e in entries):
             raise UserInputError(f"--strategies {name}: {pipeline.stages} stages divide none of --nproc "
@@ -144,6 +148,39 @@ def _pipeline_entry(pipeline: PipelineStrategy, world: int, recipe, recipe_path:
 def _pipeline_overrides(pipeline: PipelineStrategy, world: int, recipe, base: list[str]) -> list[str]:
     global_batch = recipe_for_world(recipe, world)["train"]["global_batch_size"]
     return [*base, *pipeline.overrides(global_batch, world)]
+
+
+def _pipeline_peer_entries(peers: list[str], entries: list[Entry], recipe, recipe_path: str, base: list[str],
+                           notes: list[str]) -> list[Entry]:
+    """DeepSpeed's PipelineModule with its 1F1B schedule, once per (P, ZeRO stage) of the
+    pipeline rows of this world, at their micro-batches."""
+    if "deepspeed-pipe" not in peers:
+        return []
+    pipelines = list(dict.fromkeys((e.pipeline.stages, e.stage) for e in entries if e.pipeline))
+    if not pipelines:
+        notes.append("deepspeed-pipe: no pipeline strategy (pp<P>-<schedule>) to compare with, skipped")
+        return []
+    if importlib.util.find_spec("deepspeed") is None:
+        notes.append("deepspeed-pipe: deepspeed not installed, skipped (DS_BUILD_OPS=0 pip install deepspeed "
+                     "--no-build-isolation)")
+        return []
+    out = []
+    world = entries[0].world
+    for stages, zero_stage in pipelines:
+        if zero_stage not in DEEPSPEED_PIPE_ZERO:
+            notes.append(f"deepspeed-pipe: DeepSpeed's pipeline refuses ZeRO-{zero_stage}, no peer for pp{stages} "
+                         f"with zero{zero_stage}")
+            continue
+        peer = PipelineStrategy(f"deepspeed-pipe-pp{stages}" + (f"-z{zero_stage}" if zero_stage else ""),
+                                stages, "1f1b", zero_stage)
+        recipe_json = json.dumps(load_recipe(recipe_path, _pipeline_overrides(peer, world, recipe, base))
+                                 .model_dump(mode="json"))
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                "-m", "sdtrain.bench.peer_deepspeed_pipe", "--recipe-json", recipe_json, "--out", "{out}",
+                "--interval", str(INTERVAL), "--option", str(stages)]
+        M = next(e.micro_batches for e in entries if e.pipeline and e.pipeline.stages == stages)
+        out.append(Entry(peer.name, world, "peer", zero_stage, argv, pipeline=peer, micro_batches=M))
+    return out
 
 
 def _peer_entries(recipe, peers: list[str], strategies: list[str], world: int, notes: list[str]) -> list[Entry]:

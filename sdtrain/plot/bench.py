@@ -3,7 +3,8 @@ the peers that implement the same stage (and pipeline depth) at the same world s
 
 Two panels: tokens/s (higher is better) and peak memory per rank (the largest rank's).
 Peers keep one colour across groups (deepspeed-z1..z3 are all "deepspeed"; fsdp2-keep and
-fsdp2-reshard are "fsdp2", the peers of stages 2 and 3).
+fsdp2-reshard are "fsdp2", the peers of stages 2 and 3; deepspeed-pipe-pp2 and -pp4 are
+"deepspeed-pipe").
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ SDTRAIN = "sdtrain"
 
 
 def family(peer_name: str) -> str:
-    return re.sub(r"-(z\d|keep|reshard)$", "", peer_name)
+    return re.sub(r"(-pp\d+)?(-(z\d|keep|reshard))?$", "", peer_name)
 
 
 def groups(results: dict) -> list[tuple[str, list[tuple[str, dict]]]]:
