@@ -137,7 +137,11 @@ class Pipeline(Strategy):
         return value.item() / self.env.dp_size
 
     def step(self, lr: float, grad_clip: float) -> torch.Tensor:
+        started = time.perf_counter()
         self.tied.reduce_grads(self.inner)
+        # The first and last stage meet here: the last waits for the first's final backward.
+        # That wait is the end of its bubble, so it counts in the step's timeline.
+        self.step_s += time.perf_counter() - started
         norm = self.inner.step(lr, grad_clip)
         self.tied.publish_weights(self.inner)
         return norm
