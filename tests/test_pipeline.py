@@ -61,6 +61,7 @@ def test_schedule_matches_single_process(reference, tmp_path, stages, schedule, 
     assert_same_weights(reference, run_dir)
     record = metrics(run_dir)[-1]
     assert 0.0 <= record["bubble"] < 1.0 and len(record["bubble_per_stage"]) == stages
+    assert len(record["mem_gib_per_stage"]) == stages and min(record["mem_gib_per_stage"]) > 0
     assert record["bubble_formula"] == round(bubble_formula(schedule, stages, virtual, 8), 4)
 
 

@@ -5,7 +5,8 @@ The executor walks this rank's actions (schedules.py) in order. A forward receiv
 input from the previous chunk's rank (or reads the micro-batch on the first chunk), runs the
 chunk and sends the output on; the last chunk computes the loss. A backward receives the
 gradient of its output (or starts from the loss), runs autograd through the chunk and sends
-the gradient of its input back. Receives block; sends are asynchronous and matched by tag
+the gradient of its input back. Sends are asynchronous; the next pass's receive is started
+before the current pass computes, so transfers overlap compute; both are matched by tag
 (kind, chunk, micro-batch), so no schedule can deadlock on message order.
 
 The tied embedding/head lives on the first and the last stage (tied_head.py). Every
@@ -48,6 +49,7 @@ class Pipeline(Strategy):
         if pipeline.schedule == "zero_bubble":
             self.split = DeferredWeightGrads(model, skip=(model.lm_head,) if model.lm_head is not None else ())
         self.busy_s = self.step_s = 0.0  # compute time and wall time of the steps since the last report
+        self.posted: dict[tuple, tuple] = {}  # receives started ahead: (kind, chunk, m) -> (work, buffer)
 
     # --- one step ------------------------------------------------------------------------
 
@@ -57,7 +59,10 @@ class Pipeline(Strategy):
         self.saved: dict[tuple, tuple] = {}
         self.sends, self.loss_sum = [], torch.zeros((), device=self.env.device)
         run = {"F": self._forward, "B": self._backward, "W": self._weights}
-        for action in self.actions:
+        for i, action in enumerate(self.actions):
+            if i + 1 < len(self.actions):  # the next pass's input travels while this one computes
+                following = self.actions[i + 1]
+                self._post_receive(following.kind, following.chunk, following.micro_batch, micro_batches)
             run[action.kind](action.chunk, action.micro_batch, micro_batches, autocast)
         for work in self.sends:
             work.wait()
@@ -65,7 +70,7 @@ class Pipeline(Strategy):
         return self.loss_sum
 
     def _forward(self, chunk: int, m: int, micro_batches: list, autocast) -> None:
-        x = micro_batches[m][0] if chunk == 0 else self._receive("F", chunk, m, micro_batches[m][0])
+        x = micro_batches[m][0] if chunk == 0 else self._receive("F", chunk, m, micro_batches)
         started = time.perf_counter()
         recording = self.split is not None and chunk > 0
         if recording:
@@ -84,7 +89,7 @@ class Pipeline(Strategy):
 
     def _backward(self, chunk: int, m: int, micro_batches: list, autocast) -> None:
         x, y, records = self.saved.pop((chunk, m))
-        grad = None if chunk == self.chunks - 1 else self._receive("B", chunk, m, micro_batches[m][0], like=y)
+        grad = None if chunk == self.chunks - 1 else self._receive("B", chunk, m, micro_batches)
         started = time.perf_counter()
         if records is None:
             self.inner.backward(y, grad)
@@ -117,7 +122,7 @@ class Pipeline(Strategy):
     def evaluate(self, micro_batches: list, autocast) -> torch.Tensor:
         sends, total = [], torch.zeros((), device=self.env.device)
         for chunk, m in self.eval_actions:
-            x = micro_batches[m][0] if chunk == 0 else self._receive("F", chunk, m, micro_batches[m][0])
+            x = micro_batches[m][0] if chunk == 0 else self._receive("F", chunk, m, micro_batches)
             with autocast():
                 y = self.model(x, layers=self.layers[chunk])
                 if chunk == self.chunks - 1:
@@ -159,28 +164,41 @@ class Pipeline(Strategy):
         gradient of chunk to_chunk + 1's input to the rank of to_chunk."""
         return dist.isend(tensor.contiguous(), self._peer(to_chunk), tag=self._tag(kind, to_chunk, m))
 
-    def _receive(self, kind: str, chunk: int, m: int, inputs: torch.Tensor, like: torch.Tensor | None = None):
-        shape = like.shape if like is not None else (*inputs.shape, self.model.cfg.d_model)
-        buffer = torch.empty(shape, dtype=self.dtype if like is None else like.dtype, device=self.env.device)
+    def _post_receive(self, kind: str, chunk: int, m: int, micro_batches: list) -> None:
+        """Start receiving what pass (kind, chunk, m) needs, if it needs anything: F the
+        previous chunk's output, B the gradient of its own output (both [micro, T, d_model])."""
+        if kind == "W" or (kind, chunk, m) in self.posted or chunk == (0 if kind == "F" else self.chunks - 1):
+            return
+        shape = (*micro_batches[m][0].shape, self.model.cfg.d_model)
+        buffer = torch.empty(shape, dtype=self.dtype, device=self.env.device)
         source = chunk - 1 if kind == "F" else chunk + 1
-        dist.recv(buffer, self._peer(source), tag=self._tag(kind, chunk, m))
+        work = dist.irecv(buffer, self._peer(source), tag=self._tag(kind, chunk, m))
+        self.posted[kind, chunk, m] = (work, buffer)
+
+    def _receive(self, kind: str, chunk: int, m: int, micro_batches: list) -> torch.Tensor:
+        self._post_receive(kind, chunk, m, micro_batches)
+        work, buffer = self.posted.pop((kind, chunk, m))
+        work.wait()
         return buffer.requires_grad_() if kind == "F" and torch.is_grad_enabled() else buffer
 
     # --- the rest is the replicas' -------------------------------------------------------
 
-    def log_metrics(self) -> dict:
+    def log_metrics(self, mem_gib: float) -> dict:
         """The bubble: each stage's idle share of the steps since the last record, from its
         own timeline (time spent computing against the steps' wall time; waiting for a
         neighbour is idle), averaged over the stage's replicas, beside the schedule's formula."""
         idle = 1.0 - self.busy_s / self.step_s if self.step_s else 0.0
         self.busy_s = self.step_s = 0.0
-        every = [torch.zeros(1, dtype=torch.float64) for _ in range(self.env.world_size)]
-        dist.all_gather(every, torch.tensor([idle], dtype=torch.float64))
+        every = [torch.zeros(2, dtype=torch.float64) for _ in range(self.env.world_size)]
+        dist.all_gather(every, torch.tensor([idle, mem_gib], dtype=torch.float64))
         dims = self.env.dims
-        per_stage = [sum(every[r].item() for r in dims.stage_ranks(s)) / dims.dp for s in range(dims.pp)]
+        per_stage = [sum(every[r][0].item() for r in dims.stage_ranks(s)) / dims.dp for s in range(dims.pp)]
         return {"bubble": round(sum(per_stage) / len(per_stage), 4),
                 "bubble_per_stage": [round(b, 4) for b in per_stage],
-                "bubble_formula": round(self.bubble_formula, 4)}
+                "bubble_formula": round(self.bubble_formula, 4),
+                # stages hold different layers: each one's memory (the most of its replicas)
+                "mem_gib_per_stage": [round(max(every[r][1].item() for r in dims.stage_ranks(s)), 3)
+                                      for s in range(dims.pp)]}
 
     def checkpoint_state(self) -> dict:
         return self.inner.checkpoint_state()

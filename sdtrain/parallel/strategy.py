@@ -73,8 +73,9 @@ class Strategy:
             dist.all_reduce(value, op=dist.ReduceOp.AVG, group=self.env.dp_group)
         return value.item()
 
-    def log_metrics(self) -> dict:
-        """Numbers the strategy adds to a metrics.jsonl record (called on every rank)."""
+    def log_metrics(self, mem_gib: float) -> dict:
+        """Numbers the strategy adds to a metrics.jsonl record (called on every rank, with
+        this rank's memory)."""
         return {}
 
     def micro_batch(self, is_last: bool):

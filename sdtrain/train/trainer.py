@@ -119,8 +119,8 @@ class Trainer:
                     "mfu": self.mfu(tokens_per_s),
                     "mem_gib": memory_gib(self.env.device),
                     "comm_bytes": sum(self.strategy.comm_bytes().values()) // interval_steps,
-                    **self.strategy.log_metrics(),
                 }
+                record.update(self.strategy.log_metrics(record["mem_gib"]))
                 result.final_loss = loss_value
                 result.train_s += elapsed
                 if eval_now:
