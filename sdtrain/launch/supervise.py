@@ -35,6 +35,7 @@ from sdtrain.launch.collect import FileReceiver
 from sdtrain.launch.failures import REPORT_PREFIX, checked_report
 
 TEARDOWN_GRACE_S = 10.0
+REPORT_GRACE_S = 3.0  # after a node fails, how long the others have to report before they are stopped
 POLL_S = 0.2
 TAIL_LINES = 20
 
@@ -148,15 +149,25 @@ class Supervisor:
         self.interrupted = signal.Signals(signum)
 
     def _wait(self) -> None:
+        first_failure = None
         while True:
             self._remember_descendants()
             codes = [p.poll() for p in self.procs]
             # A failure report is the earliest sign: runners such as mpirun take seconds to
             # exit after their node agent did.
             self.failed_first = sorted({i for i, code in enumerate(codes) if code not in (None, 0)} | set(self.reported[:]))
-            if self.interrupted or self.failed_first or self.errors:
+            if self.interrupted or self.errors:
                 return
-            if all(code == 0 for code in codes):
+            if self.failed_first:
+                # The first report is often a symptom (a dead rank's peers fail in the next
+                # collective, on their node); the node whose rank died may report a moment
+                # later. Asking every node to stop at once would cut its report off, and the
+                # root cause with it: the others get REPORT_GRACE_S to report or exit.
+                first_failure = first_failure or time.monotonic()
+                settled = all(code is not None or i in self.reported for i, code in enumerate(codes))
+                if settled or time.monotonic() - first_failure >= REPORT_GRACE_S:
+                    return
+            elif all(code == 0 for code in codes):
                 return
             time.sleep(POLL_S)
 
