@@ -70,6 +70,7 @@ def test_activation_checkpointing_with_a_pipeline(reference, tmp_path):
     assert_same_losses(reference, run_dir)
 
 
+@SLOW
 def test_bf16_with_a_pipeline_and_zero(reference, tmp_path):
     """bf16 weights under ZeRO-2 on each stage: the fp32 run's losses, to bf16's precision."""
     run_dir = launch(tmp_path, "pp2-bf16", 4, "parallel.pipeline.stages=2", "parallel.zero_stage=2",
@@ -86,7 +87,8 @@ def two_by_two(reference, tmp_path_factory):
 
 @pytest.mark.parametrize("stage, schedule", [
     (0, "1f1b"), (1, "1f1b"), pytest.param(2, "1f1b", marks=SLOW), (3, "1f1b"),
-    pytest.param(2, "zero_bubble", marks=SLOW), (3, "zero_bubble"),  # W passes feed ZeRO's reduce-scatters
+    pytest.param(2, "zero_bubble", marks=SLOW),
+    pytest.param(3, "zero_bubble", marks=SLOW),  # W passes feed ZeRO's reduce-scatters
 ])
 def test_pipeline_with_data_parallel_and_zero(reference, two_by_two, tmp_path, stage, schedule):
     run_dir = two_by_two if stage == 0 else launch(
