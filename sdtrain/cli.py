@@ -188,15 +188,9 @@ def bench_strategies(recipe, strategies, peers, nproc, steps, repeats, overrides
     console.print(bench_table(results))
     for note in results["notes"]:
         console.print(f"note: {note}", markup=False)
-    if json_file:
-        with open(json_file, "w") as f:
-            json.dump(results, f, indent=2)
-    if plot_file:
-        from sdtrain.plot.backend import save
-        from sdtrain.plot.bench import bench_figure
+    from sdtrain.plot.bench import bench_figure
 
-        save(bench_figure(results), plot_file)
-        console.print(f"plot: {escape(plot_file)}", highlight=False)
+    write_results(results, json_file, plot_file, bench_figure)
 
 
 @bench.command("comm")
@@ -235,15 +229,9 @@ def bench_comm(nproc, launcher, backend, ops, sizes, iters, repeats, json_file, 
     summary = verdict(result)
     if summary:
         console.print(summary, markup=False, highlight=False)
-    if json_file:
-        with open(json_file, "w") as f:
-            json.dump(result, f, indent=2)
-    if plot_file:
-        from sdtrain.plot.backend import save
-        from sdtrain.plot.comm import comm_figure
+    from sdtrain.plot.comm import comm_figure
 
-        save(comm_figure(result), plot_file)
-        console.print(f"plot: {escape(plot_file)}", highlight=False)
+    write_results(result, json_file, plot_file, comm_figure)
     wrong = [f"{row['op']} {row['bytes']} bytes" for row in result["results"] if not row["correct"]]
     if wrong:
         err_console.print(f"[red]wrong results[/]: {escape(', '.join(wrong))}", highlight=False)
@@ -407,6 +395,18 @@ def verify(path) -> None:
     if problems:
         sys.exit(2)
     console.print(f"[green]verified[/]: {escape(str(resolved))}", highlight=False)
+
+
+def write_results(results: dict, json_file: str | None, plot_file: str | None, figure) -> None:
+    """A bench's --json and --plot outputs (`figure` draws the results)."""
+    if json_file:
+        with open(json_file, "w") as f:
+            json.dump(results, f, indent=2)
+    if plot_file:
+        from sdtrain.plot.backend import save
+
+        save(figure(results), plot_file)
+        console.print(f"plot: {escape(plot_file)}", highlight=False)
 
 
 def main() -> None:
