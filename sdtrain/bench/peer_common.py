@@ -154,3 +154,25 @@ def train_plain(model, recipe, args, device: torch.device,
         return loss
 
     timed_loop(recipe, args, device, train_step)
+
+
+def client_adamw(recipe, params, device: torch.device) -> torch.optim.AdamW:
+    """The recipe's AdamW, handed to DeepSpeed as its client optimizer (both DeepSpeed peers)."""
+    t = recipe["train"]
+    return torch.optim.AdamW(params, lr=t["lr"], betas=(t["beta1"], t["beta2"]),
+                             weight_decay=t["weight_decay"], fused=device.type == "cuda")
+
+
+def deepspeed_config(recipe, zero_optimization: dict) -> dict:
+    """DeepSpeed's config for the recipe's batch split, clipping and precision."""
+    t = recipe["train"]
+    return {
+        "train_micro_batch_size_per_gpu": t["micro_batch_size"],
+        "gradient_accumulation_steps": t["grad_accum_steps"],
+        "gradient_clipping": t["grad_clip"],
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": zero_optimization,
+        "bf16": {"enabled": t["precision"] == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

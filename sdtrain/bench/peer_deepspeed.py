@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from sdtrain.bench.peer_common import (
     build_model,
+    client_adamw,
+    deepspeed_config,
     device_and_backend,
     micro_batches,
     parse_args,
@@ -30,20 +32,11 @@ def main() -> None:
     stage = int(args.option or 0)
     deepspeed.init_distributed(dist_backend=backend)
     model = build_model(recipe, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=(t["beta1"], t["beta2"]),
-                                  weight_decay=t["weight_decay"], fused=device.type == "cuda")
-    config = {
-        "train_micro_batch_size_per_gpu": t["micro_batch_size"],
-        "gradient_accumulation_steps": t["grad_accum_steps"],
-        "gradient_clipping": t["grad_clip"],
-        "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": stage, "overlap_comm": True,
-                              "reduce_bucket_size": int(recipe["parallel"]["zero"]["reduce_bucket_mb"] * 2**20),
-                              "stage3_prefetch_bucket_size": 0 if stage < 3 else 5e7},
-        "bf16": {"enabled": t["precision"] == "bf16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    optimizer = client_adamw(recipe, model.parameters(), device)
+    config = deepspeed_config(recipe, {
+        "stage": stage, "overlap_comm": True,
+        "reduce_bucket_size": int(recipe["parallel"]["zero"]["reduce_bucket_mb"] * 2**20),
+        "stage3_prefetch_bucket_size": 0 if stage < 3 else 5e7})
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     generator = torch.Generator().manual_seed(t["seed"] + dist.get_rank())
 

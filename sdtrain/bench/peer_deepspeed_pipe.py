@@ -22,7 +22,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdtrain.bench.peer_common import device_and_backend, micro_batches, parse_args, timed_loop
+from sdtrain.bench.peer_common import (
+    client_adamw,
+    deepspeed_config,
+    device_and_backend,
+    micro_batches,
+    parse_args,
+    timed_loop,
+)
 from sdtrain.model.gpt import GPT, GPTConfig
 from sdtrain.parallel.mesh import leave_process_group
 
@@ -93,18 +100,8 @@ def main() -> None:
     model = PipelineModule(layer_specs(cfg, t["seed"]), num_stages=stages, loss_fn=cross_entropy,
                            partition_method=partition,
                            activation_checkpoint_interval=1 if t["activation_checkpointing"] else 0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=(t["beta1"], t["beta2"]),
-                                  weight_decay=t["weight_decay"], fused=device.type == "cuda")
-    config = {
-        "train_micro_batch_size_per_gpu": t["micro_batch_size"],
-        "gradient_accumulation_steps": t["grad_accum_steps"],
-        "gradient_clipping": t["grad_clip"],
-        "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": int(recipe["parallel"]["zero_stage"])},
-        "bf16": {"enabled": t["precision"] == "bf16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    optimizer = client_adamw(recipe, model.parameters(), device)
+    config = deepspeed_config(recipe, {"stage": int(recipe["parallel"]["zero_stage"])})
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     # The first stage reads a micro-batch's inputs and the last its targets: both draw the
     # same samples, seeded by the data-parallel replica, not the rank.
