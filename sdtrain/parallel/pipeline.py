@@ -71,6 +71,8 @@ class Pipeline(Strategy):
 
     def _forward(self, chunk: int, m: int, micro_batches: list, autocast) -> None:
         x = micro_batches[m][0] if chunk == 0 else self._receive("F", chunk, m, micro_batches)
+        if chunk == self.chunks - 1:
+            self.tied.settle()  # the head has the embedding's latest value
         started = time.perf_counter()
         recording = self.split is not None and chunk > 0
         if recording:
@@ -121,6 +123,7 @@ class Pipeline(Strategy):
     @torch.no_grad()
     def evaluate(self, micro_batches: list, autocast) -> torch.Tensor:
         sends, total = [], torch.zeros((), device=self.env.device)
+        self.tied.settle()
         for chunk, m in self.eval_actions:
             x = micro_batches[m][0] if chunk == 0 else self._receive("F", chunk, m, micro_batches)
             with autocast():
@@ -199,6 +202,9 @@ class Pipeline(Strategy):
                 # stages hold different layers: each one's memory (the most of its replicas)
                 "mem_gib_per_stage": [round(max(every[r][1].item() for r in dims.stage_ranks(s)), 3)
                                       for s in range(dims.pp)]}
+
+    def finish(self) -> None:
+        self.tied.settle()
 
     def checkpoint_state(self) -> dict:
         return self.inner.checkpoint_state()

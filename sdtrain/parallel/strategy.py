@@ -91,6 +91,9 @@ class Strategy:
         """Finish gradient reduction, clip by global norm, update; returns the pre-clip norm."""
         raise NotImplementedError
 
+    def finish(self) -> None:
+        """After the last step: nothing the strategy started may still be in flight."""
+
     def checkpoint_state(self) -> dict:
         """{"model": {name: weights}, "optim": {moment: {name: tensor}, "step": tensor}}; the
         tensors are the live ones (or views of them), so DCP loads in place."""

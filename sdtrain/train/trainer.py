@@ -135,6 +135,7 @@ class Trainer:
                 result.checkpoint = str(self.checkpointer.save(done, self.strategy, self.recipe.model.model_dump()))
                 interval_start += time.perf_counter() - paused
             result.last_step = done
+        self.strategy.finish()
         steps_run = result.last_step - first_step
         result.tokens_per_s = steps_run * self.tokens_per_step / result.train_s if result.train_s else 0.0
         return result
