@@ -3,8 +3,10 @@
 Each strategy is a real `sdtrain launch` of the recipe (fresh processes, the same code path
 a user runs): a ZeRO stage without a pipeline, or a pipeline `pp<P>-<schedule>`
 (pipeline_strategy.py) whose rows also carry the bubble it measured beside the schedule's
-formula. Each peer is its own implementation of the same model and batch (plain DDP,
-FSDP2, DeepSpeed ZeRO, DeepSpeed's pipeline at the same P and micro-batches; plain eager and
+formula, or an expert-parallel MoE `ep<N>[-zero<S>]` (moe_strategy.py) whose rows also carry
+the share of step time in the all-to-all. Each peer is its own implementation of the same model and batch (plain DDP,
+FSDP2, DeepSpeed ZeRO, DeepSpeed's pipeline at the same P and micro-batches, DeepSpeed's MoE
+layer at the same expert-parallel size; plain eager and
 torch.compile loops on one device), on the device and backend the recipe's run uses.
 Throughput is the median over logging intervals after the first (warm-up) one, and each
 entry keeps its best of `repeats` alternating rounds, since a shared machine's noise only
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdtrain.batch import derive_batch
+from sdtrain.bench.moe_strategy import DEEPSPEED_MOE_ZERO, ExpertStrategy, all_to_all_share, parse_expert_strategy
+from sdtrain.bench.moe_strategy import SYNTAX as EP_SYNTAX
 from sdtrain.bench.pipeline_strategy import SYNTAX, PipelineStrategy, parse_pipeline_strategy
 from sdtrain.errors import UserInputError
 from sdtrain.launch.node import threads_per_worker
@@ -37,7 +41,7 @@ from sdtrain.recipe import load_recipe
 INTERVAL = 5  # steps per throughput sample
 STAGES = {"single": 0, "ddp": 0, "zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 NO_PIPELINE = ["parallel.pipeline.stages=1"]  # a zero<S> row is that stage alone, whatever the recipe says
-PEERS = ("torch", "fsdp2", "deepspeed", "deepspeed-pipe", "eager", "compile")
+PEERS = ("torch", "fsdp2", "deepspeed", "deepspeed-pipe", "deepspeed-moe", "eager", "compile")
 DEEPSPEED_PIPE_ZERO = (0, 1)  # DeepSpeed's pipeline refuses ZeRO-2 and 3
 SINGLE_DEVICE_PEERS = {"eager": "torch-eager", "compile": "torch-compile"}  # --peers name: row name
 
@@ -57,6 +61,9 @@ class Entry:
     micro_batches: int | None = None  # M, for a pipeline
     bubbles: list[float] = field(default_factory=list)  # per round: mean over the intervals after warm-up
     bubble_per_stage: list[list[float]] = field(default_factory=list)
+    ep: int | None = None  # an MoE row's expert-parallel size (None: not an ep<N> row)
+    all_to_all_shares: list[float | None] = field(default_factory=list)  # per round
+    tokens_per_step: int = 0  # set on ep<N> rows, whose all-to-all share needs their step time
 
     @property
     def stages(self) -> int:
@@ -71,12 +78,12 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
               repeats: int, overrides: list[str]) -> dict:
     if steps < 3 * INTERVAL:
         raise UserInputError(f"--steps {steps}: need at least {3 * INTERVAL} for a warm-up interval and samples")
-    pipelines = {}
+    pipelines, experts = {}, {}
     for name in strategies:
-        pipelines[name] = parse_pipeline_strategy(name)
-        if pipelines[name] is None and name not in STAGES:
+        pipelines[name], experts[name] = parse_pipeline_strategy(name), parse_expert_strategy(name)
+        if pipelines[name] is None and experts[name] is None and name not in STAGES:
             raise UserInputError(f"--strategies: unknown strategy {name!r}; available: {', '.join(STAGES)}, "
-                                 f"or a pipeline: {SYNTAX}")
+                                 f"a pipeline: {SYNTAX}, or experts: {EP_SYNTAX}")
     for peer in peers:
         if peer not in PEERS:
             raise UserInputError(f"--peers: unknown peer {peer!r}; available: {', '.join(PEERS)}")
@@ -85,6 +92,11 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
     recipe = load_recipe(recipe_path, base)  # a bad recipe fails before the first run
     for stage in {STAGES[name] for name in strategies if name in STAGES}:  # and so does a stage it cannot run
         load_recipe(recipe_path, [*base, f"parallel.zero_stage={stage}", *NO_PIPELINE])
+    for expert in filter(None, experts.values()):  # and an expert layout it cannot run
+        if recipe.model.moe is None:
+            raise UserInputError(f"--strategies {expert.name}: the recipe has no experts; set model.moe "
+                                 "(recipes/moe.yaml has them)")
+        load_recipe(recipe_path, [*base, *expert.overrides()])
     notes = []
     entries = []
     for world in worlds:
@@ -93,15 +105,22 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
                 continue  # one process is one process, whatever --nproc says
             if pipelines[name]:
                 entries += _pipeline_entry(pipelines[name], world, recipe, recipe_path, base, notes)
+            elif experts[name]:
+                entries += _expert_entry(experts[name], world, recipe, recipe_path, base, notes)
             else:
                 entries.append(_sdtrain_entry(name, 1 if name == "single" else world, recipe_path, base))
         entries += _peer_entries(recipe, peers, strategies, world, notes)
         entries += _pipeline_peer_entries(peers, [e for e in entries if e.world == world], recipe, recipe_path, base,
                                           notes)
+        entries += _expert_peer_entries(peers, [e for e in entries if e.world == world], recipe, notes)
     for name, pipeline in pipelines.items():
         if pipeline and not any(e.pipeline == pipeline for e in entries):
             raise UserInputError(f"--strategies {name}: {pipeline.stages} stages divide none of --nproc "
                                  f"{','.join(map(str, worlds))}; the stages must divide the worker count")
+    for name, expert in experts.items():
+        if expert and not any(e.ep == expert.ep for e in entries):
+            raise UserInputError(f"--strategies {name}: expert-parallel size {expert.ep} divides none of --nproc "
+                                 f"{','.join(map(str, worlds))}; it must divide the worker count")
     entries += _single_device_peers(recipe, peers)
     peak = _peak_for_mfu(recipe, notes)
     with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
@@ -180,6 +199,45 @@ def _pipeline_peer_entries(peers: list[str], entries: list[Entry], recipe, recip
                 "--interval", str(INTERVAL), "--option", str(stages)]
         M = next(e.micro_batches for e in entries if e.pipeline and e.pipeline.stages == stages)
         out.append(Entry(peer.name, world, "peer", zero_stage, argv, pipeline=peer, micro_batches=M))
+    return out
+
+
+def _expert_entry(expert: ExpertStrategy, world: int, recipe, recipe_path: str, base: list[str],
+                  notes: list[str]) -> list[Entry]:
+    """The MoE recipe at `world` workers with the experts over `ep` of them (none where ep
+    does not divide the workers)."""
+    if world % expert.ep:
+        notes.append(f"{expert.name}: expert-parallel size {expert.ep} does not divide {world} workers, not run there")
+        return []
+    argv = _launch_argv(recipe_path, world, [*base, *expert.overrides()])
+    tokens_per_step = recipe_for_world(recipe, world)["train"]["global_batch_size"] * recipe.model.seq_len
+    return [Entry(expert.name, world, "sdtrain", expert.zero_stage, argv, ep=expert.ep, tokens_per_step=tokens_per_step)]
+
+
+def _expert_peer_entries(peers: list[str], entries: list[Entry], recipe, notes: list[str]) -> list[Entry]:
+    """DeepSpeed's MoE layer, once per (ep, ZeRO stage) of the ep<N> rows of this world."""
+    if "deepspeed-moe" not in peers:
+        return []
+    layouts = list(dict.fromkeys((e.ep, e.stage) for e in entries if e.ep))
+    if not layouts:
+        notes.append("deepspeed-moe: no expert-parallel strategy (ep<N>) to compare with, skipped")
+        return []
+    if importlib.util.find_spec("deepspeed") is None:
+        notes.append("deepspeed-moe: deepspeed not installed, skipped (DS_BUILD_OPS=0 pip install deepspeed "
+                     "--no-build-isolation)")
+        return []
+    world = entries[0].world
+    recipe_json = json.dumps(recipe_for_world(recipe, world))
+    out = []
+    for ep, stage in layouts:
+        peer = ExpertStrategy(f"ep{ep}", ep, stage)
+        if stage not in DEEPSPEED_MOE_ZERO:
+            notes.append(f"deepspeed-moe: DeepSpeed refuses MoE with ZeRO-{stage}, no peer for ep{ep}-zero{stage}")
+            continue
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                "-m", "sdtrain.bench.peer_deepspeed_moe", "--recipe-json", recipe_json, "--out", "{out}",
+                "--interval", str(INTERVAL), "--option", f"{ep}:{stage}"]
+        out.append(Entry(peer.peer_name, world, "peer", stage, argv, ep=ep))
     return out
 
 
@@ -262,6 +320,8 @@ def _measure(entry: Entry, out: Path) -> str | None:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((out / "summary.json").read_text())
         entry.samples.append(statistics.median(r["tokens_per_s"] for r in rows[1:]))
+        if entry.ep:
+            entry.all_to_all_shares.append(all_to_all_share(rows[1:], entry.tokens_per_step))
         if "bubble" in rows[0]:  # a pipeline's idle share, over the intervals tokens/s is taken from
             entry.bubbles.append(statistics.mean(r["bubble"] for r in rows[1:]))
             per_stage = zip(*(r["bubble_per_stage"] for r in rows[1:]))
@@ -272,6 +332,8 @@ def _measure(entry: Entry, out: Path) -> str | None:
     else:
         result = json.loads(out.read_text())
         entry.samples.append(statistics.median(result["tokens_per_s"][1:]))
+        if entry.ep:
+            entry.all_to_all_shares.append(result.get("all_to_all_share"))
         entry.peak_mem_gib = result["peak_mem_gib"]
     return None
 
@@ -291,6 +353,16 @@ def _pipeline_columns(entry: Entry) -> dict:
             "bubble_formula": round(formula, 4), "bubble_rounds": [round(b, 4) for b in entry.bubbles]}
 
 
+def _expert_columns(entry: Entry) -> dict:
+    """An ep<N> row's (or its peer's) expert-parallel size and all-to-all share of step time,
+    in the best round (the one whose tokens/s the row shows)."""
+    if not entry.ep:
+        return {}
+    best = entry.samples.index(max(entry.samples)) if entry.samples else None
+    share = entry.all_to_all_shares[best] if best is not None and best < len(entry.all_to_all_shares) else None
+    return {"expert_parallel": entry.ep, "all_to_all_share": round(share, 4) if share is not None else None}
+
+
 def _report(entries: list[Entry], recipe, steps: int, repeats: int, notes: list[str], peak: dict) -> dict:
     rows = []
     flops = flops_per_token(recipe.model)
@@ -302,11 +374,11 @@ def _report(entries: list[Entry], recipe, steps: int, repeats: int, notes: list[
                "step_s": round(plan_tokens[entry.world] / entry.tokens_per_s, 4) if entry.tokens_per_s else None,
                "mfu": round(flops * entry.tokens_per_s / (peak["flops"] * entry.world), 4) if peak["flops"] else None,
                "peak_mem_gib": entry.peak_mem_gib, "model_state_bytes": entry.state_bytes,
-               "comm_bytes_per_step": entry.comm_bytes, **_pipeline_columns(entry)}
+               "comm_bytes_per_step": entry.comm_bytes, **_pipeline_columns(entry), **_expert_columns(entry)}
         if entry.kind == "sdtrain":
             for peer in entries:
                 if (peer.kind == "peer" and peer.world == entry.world and peer.stage == entry.stage
-                        and peer.stages == entry.stages and peer.tokens_per_s):
+                        and peer.stages == entry.stages and peer.ep == entry.ep and peer.tokens_per_s):
                     row[f"vs_{peer.name}"] = round(entry.tokens_per_s / peer.tokens_per_s, 3)
             if entry.pipeline:  # which to pick: the pipeline against the same workers without one
                 for other in entries:

@@ -1,0 +1,61 @@
+"""`sdtrain bench` with expert-parallel strategies (`ep<N>[-zero<S>]`): real MoE runs whose rows
+carry the all-to-all's share of step time, bad names and layouts refused before anything runs,
+and DeepSpeed's MoE layer as the peer at the same E, k, capacity and EP where it is installed."""
+
+import importlib.util
+import json
+
+import pytest
+
+from conftest import sdtrain
+from sdtrain.bench.moe_strategy import all_to_all_share, parse_expert_strategy
+from sdtrain.bench.run import run_bench
+from sdtrain.errors import UserInputError
+
+DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+MOE = {"model": {"moe": {"num_experts": 4, "top_k": 2, "every_n_layers": 2}}}
+
+
+def test_expert_strategy_names_and_share():
+    strategy = parse_expert_strategy("ep4-zero1")
+    assert (strategy.ep, strategy.zero_stage, strategy.peer_name) == (4, 1, "deepspeed-moe-ep4-z1")
+    assert "parallel.expert_parallel=4" in strategy.overrides()
+    assert parse_expert_strategy("zero1") is None
+    for bad in ("ep", "ep0", "ep2-zero4", "ep2-foo"):
+        with pytest.raises(UserInputError):
+            parse_expert_strategy(bad)
+    # 1,000 tokens a step at 2,000 tokens/s: 0.5 s a step, 0.1 s of it in the all-to-all
+    rows = [{"tokens_per_s": 2000.0, "all_to_all_s": 0.1}, {"tokens_per_s": 2000.0, "all_to_all_s": 0.1}]
+    assert all_to_all_share(rows, 1000) == pytest.approx(0.2)
+    assert all_to_all_share([{"tokens_per_s": 2000.0}], 1000) is None
+
+
+def test_bench_moe_bad_input_refused_before_any_run(write_recipe):
+    dense = write_recipe()
+    moe = str(write_recipe(MOE, "moe.yaml"))
+    for recipe, strategies, worlds, reason in ((str(dense), "ep2", [2], "model.moe"), (moe, "ep3", [3], "divisible"),
+                                               (moe, "ep4", [2], "divides none"), (moe, "ep2-zero9", [2], "ep<N>")):
+        with pytest.raises(UserInputError, match=reason):
+            run_bench(recipe, [strategies], [], worlds, steps=15, repeats=1, overrides=[])
+    result = sdtrain("bench", dense, "--strategies", "ep2", "--steps", 15)  # and the CLI exits 2 with it
+    assert result.returncode == 2 and "model.moe" in result.stderr, result.stderr
+
+
+# About 2 minutes on 2 cores (four real runs), so in the slow suite.
+@pytest.mark.slow
+@pytest.mark.skipif(not DEEPSPEED, reason="deepspeed not installed (DS_BUILD_OPS=0 pip install deepspeed)")
+def test_bench_moe_rows_and_deepspeed_peer(write_recipe, tmp_path):
+    out = tmp_path / "bench.json"
+    result = sdtrain("bench", write_recipe(MOE), "--strategies", "ep1,ep2", "--peers", "deepspeed-moe",
+                     "--steps", 15, "--repeats", 1, "--json", out, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads(out.read_text())
+    rows = {row["name"]: row for row in results["results"]}
+    assert set(rows) == {"ep1", "ep2", "deepspeed-moe-ep1", "deepspeed-moe-ep2"}, results["notes"]
+    for name in ("ep2", "deepspeed-moe-ep2"):
+        assert rows[name]["expert_parallel"] == 2 and 0.0 < rows[name]["all_to_all_share"] < 1.0
+    assert rows["ep1"]["all_to_all_share"] in (None, 0.0)  # one rank holds every expert: no exchange
+    for ep in (1, 2):
+        ratio = rows[f"ep{ep}"][f"vs_deepspeed-moe-ep{ep}"]
+        assert 0.1 < ratio < 10  # one round on a shared machine: a ratio, not a verdict
+    assert "all-to-all" in result.stdout
