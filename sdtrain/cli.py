@@ -1,6 +1,7 @@
 """The `sdtrain` command. Thin: parse arguments, call one function, print its result.
 
-Exit codes: 0 success; 2 bad input (nothing launched); 1 a run that failed; 130 interrupted.
+Exit codes: 0 success; 2 bad input (nothing launched); 1 a run that failed; 3 preempted (a
+checkpoint saved at the interrupted step: launch again with train.resume auto); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json, **place
     from sdtrain.launch.job import plan_job, prepare_run_dir
     from sdtrain.launch.placement import LaunchRequest
     from sdtrain.launch.report import print_failure, print_plan
+    from sdtrain.launch.restarts import run_with_restarts
     from sdtrain.launch.supervise import Supervisor
+    from sdtrain.train.preempt import PREEMPTED_EXIT, clear_preemption, read_preempted
 
     if as_json and not dry_run:
         raise UserInputError("--json goes with --dry-run (a real run writes metrics.jsonl instead)")
@@ -105,16 +108,46 @@ def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json, **place
         + escape(f"{job.batch.explain()}{resume}\n  run dir {job.run_dir}")
     )
     remote = dict(labels=job.labels(), stop_by=job.stop_by, run_dir=job.run_dir) if job.remote else {}
-    outcome = Supervisor(job.commands_here(), env=job.environment(), **remote).run()
+    clear_preemption(job.run_dir)
+    preempt = preemption_handler(job.run_dir) if job.recipe.checkpoint.on_preempt else None
+    outcome, causes = run_with_restarts(
+        job, lambda commands: Supervisor(commands, env=job.environment(), on_preempt=preempt, **remote).run(),
+        lambda line: err_console.print(escape(line), highlight=False))
     if outcome.ok:
+        preempted = read_preempted(job.run_dir)
+        if preempted is not None:
+            err_console.print(escape(f"preempted: stopped after step {preempted['step']} with a checkpoint at "
+                                     f"{preempted['checkpoint']}; launch again with --set train.resume=auto to go on"))
+            sys.exit(PREEMPTED_EXIT)
         console.print(f"[green]done[/] in {outcome.wall_s:.1f} s: {escape(str(job.run_dir))}")
         return
     if outcome.interrupted:
         err_console.print(f"[yellow]interrupted ({outcome.interrupted.name}): every worker stopped[/]")
         sys.exit(130)
     print_failure(err_console, job, outcome)
+    if len(causes) > 1:
+        from sdtrain.launch.restarts import describe_cause
+
+        err_console.print(f"[red]the job failed {len(causes)} times[/] (launch.max_restarts {job.recipe.launch.max_restarts}):")
+        for attempt, cause in enumerate(causes):
+            err_console.print(escape(f"  attempt {attempt}: {describe_cause(cause)}"), highlight=False)
     err_console.print(f"[red]run failed[/] after {outcome.wall_s:.1f} s; per-rank logs in {escape(str(job.run_dir / 'logs'))}")
     sys.exit(1)
+
+
+def preemption_handler(run_dir):
+    """On the launcher's first SIGTERM/SIGUSR1: ask every worker to checkpoint and stop."""
+    import os
+
+    from sdtrain.train.preempt import request_preemption
+
+    def on_preempt(sig) -> None:
+        request_preemption(run_dir)
+        # os.write: a signal handler must not re-enter a print the main thread is in.
+        os.write(2, f"sdtrain: {sig.name}: preemption: every worker finishes its step and saves a checkpoint "
+                    "(a second signal stops the job at once)\n".encode())
+
+    return on_preempt
 
 
 @cli.command()
@@ -413,7 +446,7 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except UserInputError as exc:
-        err_console.print(f"[bold red]error[/]: {escape(str(exc))}", highlight=False)
+        err_console.print(f"[bold red]error[/]: {escape(str(exc))}", highlight=False, emoji=False)  # "1:x:" stays text
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)

@@ -101,6 +101,11 @@ class TrainConfig(Section):
         "per-device peak FLOP/s for MFU, where the device is not in sdtrain's table"))
     loss_chunk_tokens: int = Field(1024, ge=0, description=(
         "the output head and the loss go this many tokens at a time, never all the logits at once; 0: all at once"))
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description=(
+        "a NaN/inf loss or gradient norm on any rank: `stop` the run (exit 1, the last checkpoint stays the latest), "
+        "or `skip` that update on every rank alike (fp16's loss scaler keeps its own handling of gradients)"))
+    max_skipped_steps: int = Field(10, ge=0, description=(
+        "with on_nonfinite skip: more updates than this skipped in a row stop the run"))
 
     @model_validator(mode="after")
     def _warmup_fits(self):
@@ -156,6 +161,9 @@ class LaunchSection(Section):
         "rendezvous port; null: a free port (29500 when the master is another machine)"))
     timeout_s: int = Field(300, ge=10, description=(
         "collective timeout: how long a hang may last before it fails the run"))
+    max_restarts: int = Field(0, ge=0, description=(
+        "a failed worker stops every worker of the job, which then restarts from the latest verified checkpoint "
+        "(or step 0), up to this many times; each restart goes to restarts.jsonl"))
 
     @model_validator(mode="after")
     def _positive_procs(self):
@@ -168,6 +176,19 @@ class CheckpointConfig(Section):
     every: int = Field(0, ge=0, description="save every N steps; 0: only at the end")
     keep: int = Field(2, ge=1, description="checkpoints kept (older ones are removed)")
     at_end: bool = Field(True, description="save after the last step")
+    on_preempt: bool = Field(False, description=(
+        "SIGTERM/SIGUSR1 to the launcher (or SIGUSR1 to the node agents, as Slurm's --signal sends it): the workers "
+        "finish the step, save a checkpoint there, and the launcher exits 3 (launcher/slurm.sbatch requeues on it)"))
+    async_save: bool = Field(False, description=(
+        "save checkpoints in the background (torch.distributed.checkpoint.async_save): training goes on while "
+        "the files are written; the manifest and `latest` follow when they are complete"))
+
+    @model_validator(mode="after")
+    def _preempt_needs_checkpoints(self):
+        if self.on_preempt and not (self.every or self.at_end):
+            raise ValueError("on_preempt saves a checkpoint to resume from, but checkpointing is off (every 0, "
+                             "at_end false): set checkpoint.every (or at_end true), or on_preempt false")
+        return self
 
 
 class LogConfig(Section):

@@ -26,7 +26,10 @@ from sdtrain.parallel.partition import stage_layers
 from sdtrain.recipe import validate_recipe
 from sdtrain.train.checkpoint import Checkpointer
 from sdtrain.train.data import TRAIN, VAL, Batches
+from sdtrain.train.faults import weights_digest
 from sdtrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, summary_table
+from sdtrain.train.nonfinite import StepGuard
+from sdtrain.train.preempt import PreemptRequest, write_preempted
 from sdtrain.train.sources import load_corpus
 from sdtrain.train.strict_json import dumps_strict
 from sdtrain.train.trainer import Trainer
@@ -99,6 +102,7 @@ def main(argv=None) -> None:
         Checkpointer(args.run_dir, recipe.checkpoint.keep, env),
         flops_per_token(model_config),
         peak_flops(env.device, recipe.train.precision, recipe.train.peak_flops),
+        step_guard(recipe, env, args.run_dir),
     )
     first_step = 0
     if args.resume_from:
@@ -113,6 +117,9 @@ def main(argv=None) -> None:
     finally:
         if log is not None:
             log.close()
+    if os.environ.get("SDTRAIN_DUMP_WEIGHTS"):  # the drills' check that no replica diverged
+        named = {n: p for n, p in strategy.plain.named_parameters() if p.device.type != "meta" and p.numel()}
+        print(f"rank {rank}: weights digest stage {env.stage}: {weights_digest(named)}")
     peak_mem = trainer.peak_memory_per_rank()
     setup_mem_per_rank = trainer.peak_memory_per_rank(setup_mem)
     state_bytes = trainer.state_bytes_per_rank()
@@ -133,10 +140,21 @@ def main(argv=None) -> None:
             "stage_of_rank": [env.dims.stage_of(r) for r in range(env.world_size)],  # for peak_mem_gib's ranks
             "train_s": result.train_s,
             "checkpoint": result.checkpoint,
+            "skipped_steps": result.skipped_steps,
         }
+        if result.preempted:  # the launcher exits PREEMPTED_EXIT on seeing it
+            write_preempted(args.run_dir, result.last_step, result.checkpoint)
         (args.run_dir / "summary.json").write_text(dumps_strict(summary, indent=2))  # NaN: null, named
         console.print(summary_table(summary))
     leave_process_group()
+
+
+def step_guard(recipe, env, run_dir: Path) -> StepGuard:
+    """Non-finite loss/gradients and preemption requests, checked before every update;
+    SIGUSR1 is caught from here on (with checkpoint.on_preempt)."""
+    preempt = PreemptRequest(run_dir, recipe.checkpoint.on_preempt)
+    return StepGuard(env, recipe.train.on_nonfinite, recipe.train.max_skipped_steps,
+                     check_norm=recipe.train.precision != "fp16", preempt=preempt)
 
 
 def run() -> None:

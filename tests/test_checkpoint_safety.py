@@ -228,12 +228,14 @@ def _strict(text):
 def test_resume_past_a_torn_metrics_line_into_divergence(full_run, tmp_path):
     """One launch for two things: the resume drops a half-written last line of metrics.jsonl
     with a note, and with lr 1e30 the weights overflow after one step, so loss, grad norm
-    and eval turn NaN: written as null, named in "nonfinite", the files strict JSON."""
+    and eval turn NaN: written as null, named in "nonfinite", the files strict JSON
+    (train.on_nonfinite skip: the run goes on, skipping the NaN steps' updates)."""
     recipe, run_dir = full_run
     resumed = crashed_copy(run_dir, tmp_path / "resumed")
     with (resumed / "metrics.jsonl").open("a") as f:
         f.write('{"step": 11, "loss": 3.4')  # a crash mid-write
-    result = sdtrain("launch", recipe, "--run-dir", resumed, "--set", "train.resume=auto", "--set", "train.lr=1.0e+30")
+    result = sdtrain("launch", recipe, "--run-dir", resumed, "--set", "train.resume=auto", "--set", "train.lr=1.0e+30",
+                     "--set", "train.on_nonfinite=skip")
     assert result.returncode == 0, result.stderr
     assert "line 11 is not a whole metrics record" in words(result.stdout)
     rows = [_strict(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]

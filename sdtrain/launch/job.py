@@ -12,6 +12,7 @@ import shlex
 import sys
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from sdtrain.parallel.memory import per_device_bytes
 from sdtrain.parallel.partition import check_schedule, describe_stages
 from sdtrain.recipe import Recipe, load_recipe
 from sdtrain.train.checkpoint_layout import checkpoint_dir, latest_checkpoint
-from sdtrain.train.checkpoint_verify import verify_checkpoint
+from sdtrain.train.checkpoint_verify import FIX, newest_whole_checkpoint, verify_checkpoint
+from sdtrain.train.faults import check_drills
 from sdtrain.train.sources import check_source
 
 
@@ -41,6 +43,8 @@ class Job:
     data_summary: str
     node_rank: int | None = None  # --node-rank: only this node of the plan runs here
     warnings: list[str] = field(default_factory=list)  # allowed, but likely not what the user wants
+    # (resume_from, attempt) -> every node's command: a restart resumes from a newer checkpoint
+    build_commands: Callable[[str, int], list[list[str]]] | None = None
 
     @property
     def dims(self) -> ParallelDims:
@@ -70,9 +74,12 @@ class Job:
 
     def commands_here(self) -> list[list[str]]:
         """What this launcher starts: every node's command, or the one of --node-rank."""
-        if self.node_rank is None:
-            return self.plan.commands
-        return [self.plan.commands[self.node_rank]]
+        return self.commands_for_attempt(str(self.resume_from or ""), 0)
+
+    def commands_for_attempt(self, resume_from: str, attempt: int) -> list[list[str]]:
+        """What this launcher starts for one attempt of a restarting job (launch.max_restarts)."""
+        commands = self.plan.commands if attempt == 0 or self.build_commands is None else self.build_commands(resume_from, attempt)
+        return commands if self.node_rank is None else [commands[self.node_rank]]
 
     def environment(self) -> dict[str, str] | None:
         """The environment of the node agents this launcher starts itself: its own, with
@@ -128,14 +135,22 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
         raise UserInputError("log.tensorboard is on but tensorboard is not installed: pip install 'sdtrain[tensorboard]'")
     data_summary = check_source(recipe.data, recipe.model.seq_len, recipe.model.vocab_size)
     run_path = Path(run_dir or Path("runs") / recipe.name).absolute()
-    resume_from = resolve_resume(recipe, run_path)
+    notes: list[str] = []
+    resume_from = resolve_resume(recipe, run_path, notes)
     check_run_dir(run_path, moves_earlier_run(request.node_rank, resume_from, run_path))
-    args = (plan, str(run_path), json.dumps(recipe.model_dump(mode="json")), str(resume_from or ""))
-    plan.commands = local_commands(*args) if launcher == "local" else remote_commands(*args, remote_setup(request))
+    recipe_json = json.dumps(recipe.model_dump(mode="json"))
+    setup = remote_setup(request) if launcher != "local" else None
+
+    def build_commands(resume: str, attempt: int) -> list[list[str]]:
+        args = (plan, str(run_path), recipe_json, resume)
+        return local_commands(*args, attempt=attempt) if setup is None else remote_commands(*args, setup, attempt=attempt)
+
+    plan.commands = build_commands(str(resume_from or ""), 0)
     if launcher == "local":
         plan.env = env_file_variables(Path.cwd(), Path.home())
+    check_drills({**os.environ, **plan.env} if setup is None else {**os.environ, **setup.env})
     return Job(recipe, plan, batch, run_path, resume_from, data_summary, request.node_rank,
-               oversubscription(plan, launcher))
+               oversubscription(plan, launcher) + notes, build_commands)
 
 
 def oversubscription(plan: LaunchPlan, launcher: str) -> list[str]:
@@ -176,13 +191,19 @@ def _with_batch(recipe: Recipe, batch: BatchPlan, nproc: int) -> Recipe:
     return resolved
 
 
-def resolve_resume(recipe: Recipe, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from, checked against the recipe; None to start fresh."""
+def resolve_resume(recipe: Recipe, run_dir: Path, notes: list[str] | None = None) -> Path | None:
+    """The checkpoint to continue from, checked against the recipe; None to start fresh.
+    `auto` takes the newest checkpoint that verifies; why it skipped newer ones goes to `notes`."""
     resume = recipe.train.resume
     if resume == "never":
         return None
     if resume == "auto":
-        path = latest_checkpoint(run_dir)
+        path, skipped = newest_whole_checkpoint(run_dir)
+        if notes is not None:
+            notes.extend(skipped)
+        if path is None and skipped:
+            raise CheckpointError("train.resume auto: no checkpoint of " + str(run_dir) + " can be used ("
+                                  + "; ".join(skipped) + f"); {FIX}")
         if path is None:
             return None
     else:

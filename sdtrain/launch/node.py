@@ -43,6 +43,8 @@ from sdtrain.launch.failures import (
 from sdtrain.launch.lifeline import start_lifeline
 from sdtrain.launch.listen import MasterBindError, keep_collectives_on_loopback, register_backend
 from sdtrain.launch.rundir import files_to_send, is_shared, move_aside, needs_shared_dir
+from sdtrain.train.faults import ATTEMPT_VARIABLE
+from sdtrain.train.preempt import request_preemption
 
 LIFELINE_GRACE_S = 8.0  # after the launcher is gone: SIGTERM first, everything killed after this
 
@@ -64,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--remote", action="store_true",
                    help="started on another node: report to stderr, stop when the launcher is gone, send logs back")
     p.add_argument("--stop-on-stdin-eof", action="store_true", help="(ssh) end of stdin asks this node to stop")
+    p.add_argument("--attempt", type=int, default=0, help="which attempt of a restarted job this is (launch.max_restarts)")
     return p.parse_args(argv)
 
 
@@ -100,6 +103,19 @@ def stop_when_launcher_is_gone(watch_stdin: bool) -> None:
         last_resort.start()
 
     start_lifeline(on_lost, watch_stdin)
+
+
+def pass_preemption_on(run_dir: Path) -> None:
+    """SIGUSR1 (Slurm's --signal=USR1, scancel --signal=USR1) becomes the run's preemption
+    request, which this node's workers see at their next step (train/preempt.py); its
+    default action would end the agent instead."""
+    def on_usr1(signum, frame) -> None:
+        try:
+            request_preemption(run_dir)
+        except OSError as exc:
+            say(f"sdtrain node: SIGUSR1, but the preemption request cannot be written: {describe(exc)}")
+
+    signal.signal(signal.SIGUSR1, on_usr1)
 
 
 def kill_everything() -> None:
@@ -140,6 +156,8 @@ def main(argv=None) -> int:
                 say(f"sdtrain node {args.node_rank} ({socket.gethostname()}): cannot move the earlier run aside: {describe(exc)}")
                 return 2
     restrict_devices(args.slots)
+    os.environ[ATTEMPT_VARIABLE] = str(args.attempt)  # the workers' fault drills fire on their attempt only
+    pass_preemption_on(args.run_dir)
     try:
         return run_workers(args)
     finally:

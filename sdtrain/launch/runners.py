@@ -53,7 +53,8 @@ class RemoteSetup:
 
 
 def node_agent_argv(plan: LaunchPlan, node: Node, run_dir: str, recipe_json: str, resume_from: str,
-                    python: str = sys.executable) -> list[str]:
+                    python: str = sys.executable, attempt: int = 0) -> list[str]:
+    # A restarted job (launch.max_restarts) tells its nodes which attempt they run.
     return [
         python, "-m", "sdtrain.launch.node",
         "--nnodes", str(len(plan.nodes)),
@@ -66,20 +67,21 @@ def node_agent_argv(plan: LaunchPlan, node: Node, run_dir: str, recipe_json: str
         "--run-id", plan.run_id,
         "--recipe-json", recipe_json,
         "--resume-from", resume_from,
-    ]
+    ] + (["--attempt", str(attempt)] if attempt else [])
 
 
-def local_commands(plan: LaunchPlan, run_dir: str, recipe_json: str, resume_from: str) -> list[list[str]]:
+def local_commands(plan: LaunchPlan, run_dir: str, recipe_json: str, resume_from: str,
+                   attempt: int = 0) -> list[list[str]]:
     """Every node's agent started directly on this machine (one node: the local launcher)."""
-    return [node_agent_argv(plan, node, run_dir, recipe_json, resume_from) for node in plan.nodes]
+    return [node_agent_argv(plan, node, run_dir, recipe_json, resume_from, attempt=attempt) for node in plan.nodes]
 
 
 def remote_commands(plan: LaunchPlan, run_dir: str, recipe_json: str, resume_from: str,
-                    setup: RemoteSetup) -> list[list[str]]:
+                    setup: RemoteSetup, attempt: int = 0) -> list[list[str]]:
     build = {"ssh": ssh_command, "pdsh": pdsh_command, "slurm": srun_command, "mpirun": mpirun_command}[plan.launcher]
     extra = ["--remote", "--stop-on-stdin-eof"] if plan.launcher == "ssh" else ["--remote"]
     return [
-        build(node, node_agent_argv(plan, node, run_dir, recipe_json, resume_from, setup.python) + extra, setup)
+        build(node, node_agent_argv(plan, node, run_dir, recipe_json, resume_from, setup.python, attempt) + extra, setup)
         for node in plan.nodes
     ]
 

@@ -67,8 +67,13 @@ def _die_with_parent() -> None:
 
 class Supervisor:
     def __init__(self, commands: list[list[str]], env: dict[str, str] | None = None,
-                 labels: list[str] | None = None, stop_by: str = "signal", run_dir: Path | None = None):
-        """`labels` (one per command) marks the commands as remote runners whose stderr is read."""
+                 labels: list[str] | None = None, stop_by: str = "signal", run_dir: Path | None = None,
+                 on_preempt=None):
+        """`labels` (one per command) marks the commands as remote runners whose stderr is read.
+        `on_preempt` (checkpoint.on_preempt): called on the first SIGTERM/SIGUSR1 instead of
+        stopping the job, which then ends at a step boundary by itself; another signal stops it."""
+        self.on_preempt = on_preempt
+        self.preempting = False
         self.commands = commands
         self.env = env
         self.labels = labels
@@ -86,7 +91,8 @@ class Supervisor:
 
     def run(self) -> JobOutcome:
         start = time.monotonic()
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        caught = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGUSR1,) if self.on_preempt else ())
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in caught}
         try:
             for index, argv in enumerate(self.commands):
                 self.procs.append(self._start(index, argv))
@@ -146,6 +152,10 @@ class Supervisor:
             pass
 
     def _on_signal(self, signum, frame) -> None:
+        if self.on_preempt is not None and signum != signal.SIGINT and not self.preempting:
+            self.preempting = True
+            self.on_preempt(signal.Signals(signum))
+            return
         self.interrupted = signal.Signals(signum)
 
     def _wait(self) -> None:

@@ -74,7 +74,8 @@ class DataParallel(Strategy):
             norm = self._clip_over_pipeline(grad_clip)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.plain.parameters(), grad_clip or float("inf"), foreach=True)
-        self.scaler.step(self.optimizer)
+        if self.update_allowed(norm):
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         # Keep the gradient tensors (with DDP they are views of its buckets, which stay
         # allocated anyway): the memory is then visible to state_bytes().

@@ -144,6 +144,9 @@ class Pipeline(Strategy):
         dist.all_reduce(value)
         return value.item() / self.env.dp_size
 
+    def gate_updates(self, gate) -> None:
+        self.inner.gate_updates(gate)  # the replicas' step holds the global norm
+
     def step(self, lr: float, grad_clip: float) -> torch.Tensor:
         started = time.perf_counter()
         self.tied.reduce_grads(self.inner)

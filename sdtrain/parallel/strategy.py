@@ -88,8 +88,19 @@ class Strategy:
         """Gradients were written outside autograd (a zero-bubble W pass)."""
 
     def step(self, lr: float, grad_clip: float) -> torch.Tensor:
-        """Finish gradient reduction, clip by global norm, update; returns the pre-clip norm."""
+        """Finish gradient reduction, clip by global norm, update; returns the pre-clip norm.
+        Between the norm and the update it asks update_allowed (the step's guard)."""
         raise NotImplementedError
+
+    update_gate = None  # the trainer's step guard (train/nonfinite.py): global grad norm -> update or not
+
+    def gate_updates(self, gate) -> None:
+        self.update_gate = gate
+
+    def update_allowed(self, norm: torch.Tensor) -> bool:
+        """False: drop this step's update (the caller zeroes the gradients); the same
+        answer on every rank."""
+        return self.update_gate is None or self.update_gate(norm)
 
     def finish(self) -> None:
         """After the last step: nothing the strategy started may still be in flight."""

@@ -222,6 +222,9 @@ class Zero(Strategy):
         if self.env.pp_size > 1:  # every stage's gradients count in the global norm
             dist.all_reduce(squares, group=self.env.pp_group)
         norm = squares.sqrt()[0]
+        if not self.update_allowed(norm):
+            self._clear_grads()
+            return norm
         if grad_clip:
             coef = clip_coefficient(norm, grad_clip)
             for g in grads:
@@ -233,13 +236,16 @@ class Zero(Strategy):
             group["lr"] = lr
         self.optimizer.step()
         self._publish_weights()
+        self._clear_grads()
+        return norm
+
+    def _clear_grads(self) -> None:
         for unit in self.units:
             unit.grad_shard.zero_()
             if self.stage == 1:
                 unit.grad_full.zero_()
             for view, _ in unit.views:
                 view.grad = None
-        return norm
 
     def add_grad(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         """Add `grad`, the same on every replica, to param's gradient: before the reduction

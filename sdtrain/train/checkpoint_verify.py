@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdtrain.errors import CheckpointError
-from sdtrain.train.checkpoint_layout import read_info
+from sdtrain.train.checkpoint_layout import checkpoint_dir, read_info
 from sdtrain.train.checkpoint_manifest import manifest_problems
 
 METADATA = ".metadata"
@@ -145,3 +145,19 @@ def extra_problems(path: Path, world_size: int) -> list[str]:
 def _plain_file_name(name) -> bool:
     """A file directly in the checkpoint folder: no path, no way out of it."""
     return type(name) is str and name not in ("", ".", "..") and Path(name).name == name and "\\" not in name
+
+
+def newest_whole_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest of a run's checkpoints whose files verify (`train.resume: auto`, and a
+    restart), and why each newer one was skipped; (None, reasons) if none does. A crash mid
+    -save, a disk that lost a shard or flipped a byte then costs one checkpoint interval,
+    not the run."""
+    root = checkpoint_dir(run_dir)
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name.removeprefix("step_").isdigit()] if root.is_dir() else []
+    skipped = []
+    for path in sorted(found, key=lambda p: int(p.name.removeprefix("step_")), reverse=True):
+        problems = checkpoint_problems(path)
+        if not problems:
+            return path, skipped
+        skipped.append(f"skipped checkpoint {path.name}: {problems[0]}")
+    return None, skipped

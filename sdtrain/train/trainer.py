@@ -9,7 +9,6 @@ what makes a 4-rank run comparable to a 1-rank run step by step.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +20,9 @@ from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.strategy import Strategy
 from sdtrain.train.checkpoint import Checkpointer
 from sdtrain.train.data import Batches
+from sdtrain.train.faults import inject_fault, nan_loss_drill
 from sdtrain.train.metrics import MetricsLog, memory_gib, peak_memory_gib
+from sdtrain.train.nonfinite import StepGuard
 from sdtrain.train.schedule import lr_at
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,14 +36,8 @@ class TrainResult:
     tokens_per_s: float = 0.0
     train_s: float = 0.0
     checkpoint: str | None = None
-
-
-def inject_fault(rank: int, step: int) -> None:
-    """SDTRAIN_INJECT_FAULT=RANK:STEP makes that rank raise at that step: a drill for the
-    failure handling of a cluster setup (and of sdtrain's own tests)."""
-    fault = os.environ.get("SDTRAIN_INJECT_FAULT")
-    if fault and fault == f"{rank}:{step}":
-        raise RuntimeError(f"fault injected by SDTRAIN_INJECT_FAULT={fault}")
+    skipped_steps: int = 0  # updates dropped for a non-finite loss or gradient norm (on_nonfinite skip)
+    preempted: bool = False  # stopped early at a preemption request, after saving a checkpoint
 
 
 class Trainer:
@@ -57,6 +52,7 @@ class Trainer:
         checkpointer: Checkpointer,
         flops_per_token: float,
         peak_flops: float | None,
+        guard: StepGuard | None = None,
     ):
         self.recipe, self.env, self.strategy, self.plan = recipe, env, strategy, plan
         self.model = strategy.model
@@ -66,6 +62,9 @@ class Trainer:
         self.autocast_dtype = AUTOCAST_DTYPES.get(recipe.train.precision)
         self.state_bytes: dict[str, int] = {}
         self.tokens_per_step = plan.global_batch * recipe.model.seq_len
+        self.guard = guard  # non-finite loss/gradients and preemption, decided before each update
+        if guard is not None:
+            strategy.gate_updates(guard)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -78,8 +77,13 @@ class Trainer:
         inject_fault(self.env.rank, step)
         self.model.train()
         micro_batches = list(self.train_batches.micro_batches(step, self.env.dp_rank, self.env.device))
-        loss_sum = self.strategy.forward_backward(micro_batches, self.autocast)
+        with nan_loss_drill(self.strategy, self.env.rank, step):
+            loss_sum = self.strategy.forward_backward(micro_batches, self.autocast)
+        if self.guard is not None:
+            self.guard.begin(step, loss_sum)
         grad_norm = self.strategy.step(lr_at(step, self.recipe.train), self.recipe.train.grad_clip)
+        if self.guard is not None:
+            self.guard.after_step(grad_norm)
         if not self.state_bytes:  # first step done: every piece of model state now exists
             self.state_bytes = self.strategy.state_bytes()
         return loss_sum, grad_norm
@@ -121,6 +125,8 @@ class Trainer:
                     "comm_bytes": sum(self.strategy.comm_bytes().values()) // interval_steps,
                 }
                 record.update(self.strategy.log_metrics(record["mem_gib"]))
+                if self.guard is not None and self.guard.skipped:
+                    record["skipped_steps"] = self.guard.skipped
                 result.final_loss = loss_value
                 result.train_s += elapsed
                 if eval_now:
@@ -135,6 +141,12 @@ class Trainer:
                 result.checkpoint = str(self.checkpointer.save(done, self.strategy, self.recipe.model.model_dump()))
                 interval_start += time.perf_counter() - paused
             result.last_step = done
+            if self.guard is not None and self.guard.preempt_now and done < train.steps:
+                if not ckpt.every or done % ckpt.every:  # else saved just now
+                    result.checkpoint = str(self.checkpointer.save(done, self.strategy, self.recipe.model.model_dump()))
+                result.preempted = True
+                break
+        result.skipped_steps = self.guard.skipped if self.guard is not None else 0
         self.strategy.finish()
         steps_run = result.last_step - first_step
         result.tokens_per_s = steps_run * self.tokens_per_step / result.train_s if result.train_s else 0.0

@@ -1,0 +1,84 @@
+"""The step's guard: a NaN/inf loss or gradient norm, and a preemption request, decided
+on every rank alike before the update.
+
+The strategy calls the guard where it holds the global gradient norm, between clipping and
+the optimizer (Strategy.update_allowed): DDP, ZeRO 1/2/3 and the pipeline's replicas
+alike. One all-reduce of a (world size x 3) table, where each rank fills its own row
+(loss not finite, gradient norm not finite, preemption requested), gives every rank the
+same answer and the ranks that saw it:
+- train.on_nonfinite stop: every rank raises NonFiniteError naming the step, the ranks and
+  what was not finite; nothing is updated, so the last checkpoint stays the latest;
+- skip: the update is dropped on every rank (the gradients are zeroed, the weights and the
+  optimizer stay as they were), counted in metrics.jsonl (`skipped_steps`); more than
+  train.max_skipped_steps in a row stop as above.
+fp16's loss scaler skips overflowing steps itself: under fp16 only the loss is checked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from sdtrain.train.preempt import PreemptRequest
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm under on_nonfinite stop (a restart would replay it)."""
+
+
+class StepGuard:
+    def __init__(self, env, policy: str, max_skipped: int, check_norm: bool, preempt: PreemptRequest):
+        self.env, self.policy, self.max_skipped = env, policy, max_skipped
+        self.check_norm, self.preempt = check_norm, preempt
+        self.skipped = 0  # updates skipped in the whole run
+        self.in_a_row = 0
+        self.preempt_now = False  # every rank agreed: stop after this step
+        self.step, self.loss_sum, self.checked = 0, None, True
+
+    def begin(self, step: int, loss_sum: torch.Tensor) -> None:
+        """Before the strategy's step: the loss this rank summed (step is the 0-based index)."""
+        self.step, self.loss_sum, self.checked = step, loss_sum, False
+
+    def __call__(self, norm: torch.Tensor) -> bool:
+        """True: apply the update. The same answer on every rank."""
+        self.checked = True
+        table = torch.zeros(self.env.world_size, 3, device=self.env.device)
+        table[self.env.rank, 0] = float(not math.isfinite(float(self.loss_sum)))
+        table[self.env.rank, 1] = float(self.check_norm and not math.isfinite(float(norm)))
+        table[self.env.rank, 2] = float(self.preempt.requested)
+        if self.env.world_size > 1:
+            dist.all_reduce(table)
+        self.preempt_now = bool(table[:, 2].any())
+        bad_loss = table[:, 0].nonzero().flatten().tolist()
+        bad_norm = table[:, 1].nonzero().flatten().tolist()
+        if not bad_loss and not bad_norm:
+            self.in_a_row = 0
+            return True
+        what = "; ".join(filter(None, [
+            f"loss on rank(s) {_ranks(bad_loss)}" if bad_loss else "",
+            f"gradient norm ({float(norm)}) on rank(s) {_ranks(bad_norm)}" if bad_norm else "",
+        ]))
+        where = f"step {self.step + 1}"
+        if self.policy == "stop":
+            raise NonFiniteError(f"non-finite {what} at {where}; train.on_nonfinite is stop: no update was made, "
+                                 "the last checkpoint stays the latest. Lower train.lr, raise warmup_steps or "
+                                 "grad_clip, or set train.on_nonfinite=skip")
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row > self.max_skipped:
+            raise NonFiniteError(f"non-finite {what} at {where}: {self.in_a_row} updates skipped in a row, more than "
+                                 f"train.max_skipped_steps {self.max_skipped}; the run diverged (lower train.lr)")
+        print(f"rank {self.env.rank}: skipped the update of {where}: non-finite {what}", flush=True)
+        return False
+
+    def after_step(self, norm: torch.Tensor) -> None:
+        """For a strategy whose step does not consult the guard: check afterwards (the
+        update is made, but a stop or a preemption still happens on every rank alike)."""
+        if not self.checked:
+            self(norm)
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks))
