@@ -161,6 +161,10 @@ class LaunchSection(Section):
         "rendezvous port; null: a free port (29500 when the master is another machine)"))
     timeout_s: int = Field(300, ge=10, description=(
         "collective timeout: how long a hang may last before it fails the run"))
+    hang_timeout_s: float = Field(300.0, gt=0, description=(
+        "a rank that begins no step and completes no collective for this long (3x on a process's first step) "
+        "is a hang: every rank's stack and last collectives go to hang/, the launcher names the stuck rank "
+        "and stops the job"))
     max_restarts: int = Field(0, ge=0, description=(
         "a failed worker stops every worker of the job, which then restarts from the latest verified checkpoint "
         "(or step 0), up to this many times; each restart goes to restarts.jsonl"))

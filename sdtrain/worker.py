@@ -30,6 +30,7 @@ from sdtrain.train.faults import weights_digest
 from sdtrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, summary_table
 from sdtrain.train.nonfinite import StepGuard
 from sdtrain.train.preempt import PreemptRequest, write_preempted
+from sdtrain.train.progress import start_progress
 from sdtrain.train.sources import load_corpus
 from sdtrain.train.strict_json import dumps_strict
 from sdtrain.train.trainer import Trainer
@@ -66,6 +67,7 @@ def main(argv=None) -> None:
     rank = int(os.environ["RANK"])
     console = redirect_output_to_log(args.run_dir, rank)
     recipe = validate_recipe(json.loads(args.recipe_json), source="--recipe-json")
+    start_progress(args.run_dir, rank, recipe.launch.backend)  # heartbeat and stack dumps, before any collective
     print(f"rank {rank}: pid {os.getpid()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
 
     env = init_distributed(recipe.launch.backend, recipe.launch.timeout_s, recipe.parallel.pipeline.stages)

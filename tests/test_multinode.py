@@ -288,3 +288,24 @@ def test_slurm_batch_script(slurm, reference, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "job.out").read_text()
     assert "4 worker(s) on 2 nodes (slurm)" in (tmp_path / "job.out").read_text()
     check_matches(reference, run_dir)
+
+
+@pytest.mark.slow
+def test_ssh_hang_on_the_second_node_is_diagnosed(sshd, tmp_path):
+    """Rank 3, on the second node, hangs at step 3: both nodes' watchdogs take their ranks'
+    stacks, and the launcher names rank 3, its line and the collective the others wait in."""
+    from test_hang import HANG_TIMEOUT_S, assert_nothing_left, drill_line, hang_began, run_watching
+
+    run_dir = tmp_path / "run"
+    recipe = merge(LONG, {"launch": {"hang_timeout_s": HANG_TIMEOUT_S}})
+    (tmp_path / ".sdtrain_env").write_text("export SDTRAIN_INJECT_HANG=3:3\n")
+    result, procs, ended = run_watching(["launch", write(tmp_path, recipe), *ssh_args(sshd, tmp_path), "--run-dir", run_dir],
+                                        {"OMP_NUM_THREADS": "1"}, cwd=tmp_path, job=lambda: job_processes(run_dir))
+    err = result.stderr
+    assert result.returncode == 1, result.stdout + err
+    assert f"root cause: hang: rank 3 stuck at {drill_line()} while the others wait in all_reduce" in err, err
+    assert "likely culprit: rank 3 (node 1" in err and "which ranks 0, 1, 2 wait in" in err
+    assert sorted(p.name for p in (run_dir / "hang").glob("node*.json")) == ["node0.json", "node1.json"]
+    assert ended - hang_began(run_dir, 3) < HANG_TIMEOUT_S + 15
+    assert_nothing_left(procs, run_dir)
+    assert not job_processes(run_dir)

@@ -42,6 +42,7 @@ from sdtrain.launch.failures import (
 )
 from sdtrain.launch.lifeline import start_lifeline
 from sdtrain.launch.listen import MasterBindError, keep_collectives_on_loopback, register_backend
+from sdtrain.launch.watchdog import HangWatchdog
 from sdtrain.launch.rundir import files_to_send, is_shared, move_aside, needs_shared_dir
 from sdtrain.train.faults import ATTEMPT_VARIABLE
 from sdtrain.train.preempt import request_preemption
@@ -169,10 +170,13 @@ def main(argv=None) -> int:
 def run_workers(args) -> int:
     worker = ["-m", "sdtrain.worker", "--run-dir", str(args.run_dir), "--recipe-json", args.recipe_json,
               "--resume-from", args.resume_from]
-    return launch_workers(args, worker)
+    timeout_s = json.loads(args.recipe_json).get("launch", {}).get("hang_timeout_s")
+    watchdog = HangWatchdog(args.run_dir, args.node_rank, args.nnodes, timeout_s, say,
+                            send_files=args.remote and not is_shared(args.run_dir, args.run_id)) if timeout_s else None
+    return launch_workers(args, worker, watchdog)
 
 
-def launch_workers(args, worker: list[str]) -> int:
+def launch_workers(args, worker: list[str], watchdog: HangWatchdog | None = None) -> int:
     """Start this node's workers (`python <worker...>` each) through torch's elastic agent,
     and turn how they end into this node's exit code and failure report. `args` carries the
     node's place in the job (nnodes, node_rank, nproc, master_addr/port, run_id, run_dir)."""
@@ -196,10 +200,14 @@ def launch_workers(args, worker: list[str]) -> int:
         start_method="spawn",
         shutdown_timeout=5,  # SIGTERM, then SIGKILL after 5 s: a hung worker cannot stall teardown
     )
+    if watchdog is not None:
+        watchdog.start()
     try:
         elastic_launch(config, entrypoint=sys.executable)(*worker)
     except ChildFailedError as exc:
         report = failure_report(exc, args)
+        if watchdog is not None and watchdog.fired:
+            report["hang"] = watchdog.fired  # the cause: its workers were stopped because they hung
         try:
             write_report(report, args.run_dir / "failures" / f"node{args.node_rank}.json")
         except OSError as error:  # the report still goes to stderr below: a full disk must not lose it
@@ -217,6 +225,9 @@ def launch_workers(args, worker: list[str]) -> int:
         # The launcher forwards SIGINT/SIGTERM; torch's agent has already stopped the workers.
         say(f"sdtrain node {args.node_rank}: stopped by {exc.sigval.name}")
         return 128 + int(exc.sigval)
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
     return 0
 
 

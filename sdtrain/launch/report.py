@@ -13,6 +13,7 @@ from rich.text import Text
 
 from sdtrain.launch.disk import DISK_ERRORS, describe, unwritable
 from sdtrain.launch.failures import merge_reports, read_reports, root_cause
+from sdtrain.launch.hang_report import hang_diagnosis
 
 
 def print_plan(console: Console, job) -> None:
@@ -74,6 +75,8 @@ def print_failure(console: Console, job, outcome) -> None:
         console.print(f"note: {note}", markup=False, highlight=False)
     hosts = {n.node_rank: n.host for n in job.plan.nodes} if job.remote else None
     reports = merge_reports(from_files, outcome.reports, hosts)
+    if any(report.get("hang") for report in reports) and print_hang(console, job):
+        return  # the watchdog stopped the ranks: their SIGKILLs are its doing, not the cause
     reported = {report["node_rank"] for report in reports}
     silent = [(node, code, tail) for i, (node, code, tail) in enumerate(_node_outcomes(job, outcome))
               if i in outcome.failed_first and node.node_rank not in reported]
@@ -101,6 +104,17 @@ def print_failure(console: Console, job, outcome) -> None:
         first_line = (f["error"] or "").strip().splitlines()[:1]
         line = f"  also stopped: rank {f['rank']} on {f['host']} {f['exit']}" + (f": {first_line[0]}" if first_line else "")
         console.print(line, markup=False, highlight=False)
+
+
+def print_hang(console: Console, job) -> bool:
+    """The hang diagnosis as the root cause; False if no node left what it took."""
+    diagnosis = hang_diagnosis(job.run_dir, job.plan.world_size)
+    if diagnosis is None:
+        return False
+    cause, lines = diagnosis
+    body = "\n".join(lines) + f"\n\nfull stacks and each rank's last collectives: {job.run_dir / 'hang'}"
+    console.print(Panel(Text(body), title=escape(f"root cause: {cause}"), title_align="left", border_style="red"))
+    return True
 
 
 def _node_outcomes(job, outcome):

@@ -23,7 +23,7 @@ from sdtrain.launch.disk import describe, fix_for, write_whole
 
 MARKER = ".sdtrain_run_id"
 # Everything sdtrain itself writes into a run directory.
-RUN_NAMES = {MARKER, "recipe.yaml", "metrics.jsonl", "summary.json", "logs", "failures", "checkpoints"}
+RUN_NAMES = {MARKER, "recipe.yaml", "metrics.jsonl", "summary.json", "logs", "failures", "checkpoints", "progress", "hang"}
 
 
 def holds_a_run(names: set[str], run_dir: Path) -> bool:
@@ -81,7 +81,7 @@ def prepare(run_dir: Path, files: dict[str, str], move_earlier_run: bool, write:
             moved = move_aside(run_dir)
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         if write:
-            for stale in (run_dir / "failures").glob("node*.json"):
+            for stale in [*(run_dir / "failures").glob("node*.json"), *(run_dir / "hang").glob("node*.json")]:
                 stale.unlink()
             for name, text in files.items():
                 write_whole(run_dir / name, text)

@@ -21,8 +21,10 @@ from sdtrain.parallel.strategy import Strategy
 from sdtrain.train.checkpoint import Checkpointer
 from sdtrain.train.data import Batches
 from sdtrain.train.faults import inject_fault, nan_loss_drill
+from sdtrain.train.hang_drill import inject_hang
 from sdtrain.train.metrics import MetricsLog, memory_gib, peak_memory_gib
 from sdtrain.train.nonfinite import StepGuard
+from sdtrain.train.progress import mark_step
 from sdtrain.train.schedule import lr_at
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,6 +76,8 @@ class Trainer:
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on global batch `step`; returns (this rank's sum of micro-batch
         losses, grad norm)."""
+        mark_step(step)  # progress, for the node agent's hang watchdog
+        inject_hang(self.env.rank, step)
         inject_fault(self.env.rank, step)
         self.model.train()
         micro_batches = list(self.train_batches.micro_batches(step, self.env.dp_rank, self.env.device))
