@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
-from conftest import REPO, sdtrain
+from conftest import REPO, merge, sdtrain
 from sdtrain.launch.hang_report import RankState, diagnose, main_thread_stack
 
 HANG_TIMEOUT_S = 5
@@ -120,3 +121,18 @@ def test_main_thread_is_picked_out_of_a_faulthandler_dump():
     stack = main_thread_stack(dump, 0x7F99D9E85B80)
     assert stack[0] == ("/x/sdtrain/train/hang_drill.py", 16, "inject_hang") and len(stack) == 2
     assert RankState(rank=1, stack=stack).where == "sdtrain/train/hang_drill.py:16 in inject_hang"
+
+
+@pytest.mark.slow
+def test_a_hang_restarts_under_max_restarts(write_recipe, tmp_path):
+    """The hang is a failure like any other: with max_restarts 1 the job resumes from its
+    checkpoint and finishes; the diagnosis of the first attempt stays in hang/."""
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(merge(HUNG, {"train": {"steps": 8}, "launch": {"max_restarts": 1},
+                                       "checkpoint": {"every": 2, "at_end": True}}))
+    result = sdtrain("launch", recipe, "--run-dir", run_dir, env={"SDTRAIN_INJECT_HANG": "1:3@0", "OMP_NUM_THREADS": "1"},
+                     timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"restart 1/1 after a failure of attempt 0: stopped by the hang watchdog: hang: rank 1 stuck at {drill_line()}" \
+        in " ".join(result.stderr.split()), result.stderr
+    assert (run_dir / "hang" / "diagnosis.txt").read_text().startswith(f"hang: rank 1 stuck at {drill_line()}")

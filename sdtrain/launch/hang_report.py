@@ -21,6 +21,7 @@ THREAD = re.compile(r"^(?:Current thread|Thread) (0x[0-9a-fA-F]+)")
 FRAME = re.compile(r'^\s+File "(.*)", line (\d+) in (.+)$')
 # Frames of the machinery between sdtrain's call and the wait: not where a rank "is".
 PLUMBING = re.compile(r"/torch/|collective_log\.py$|/threading\.py$")
+SAME_HANG_S = 60.0  # node reports this close to the newest are of the same hang
 
 
 @dataclass
@@ -90,6 +91,10 @@ def read_ranks(run_dir: Path) -> tuple[dict[int, RankState], list[dict]]:
         if not isinstance(report, dict) or not isinstance(report.get("ranks"), dict):
             continue
         reports.append(report)
+    newest = max((r["detected_at"] for r in reports if isinstance(r.get("detected_at"), (int, float))), default=0)
+    # A node's report of an earlier attempt's hang (launch.max_restarts) is not this hang's.
+    reports = [r for r in reports if not isinstance(r.get("detected_at"), (int, float)) or r["detected_at"] > newest - SAME_HANG_S]
+    for report in reports:
         for key, beat in report["ranks"].items():
             if not (isinstance(beat, dict) and key.isdigit()):
                 continue

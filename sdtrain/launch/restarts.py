@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from sdtrain.launch.failures import merge_reports, read_reports, root_cause
+from sdtrain.launch.hang_report import hang_diagnosis
 from sdtrain.launch.supervise import JobOutcome
 from sdtrain.train.checkpoint_verify import newest_whole_checkpoint
 
@@ -36,10 +37,15 @@ def failure_cause(job, outcome: JobOutcome) -> dict:
     """The root cause of a failed attempt, in one small record."""
     from_files, _ = read_reports(job.run_dir / "failures")
     hosts = {n.node_rank: n.host for n in job.plan.nodes} if job.remote else None
-    failures = [f for report in merge_reports(from_files, outcome.reports, hosts) for f in report["failures"]]
+    reports = merge_reports(from_files, outcome.reports, hosts)
+    failures = [f for report in reports for f in report["failures"]]
     if failures:
         cause = root_cause(failures)
         error = (cause["error"] or "").strip().splitlines()
+        hang = hang_diagnosis(job.run_dir, job.plan.world_size) if any(r.get("hang") for r in reports) else None
+        if hang is not None:  # the watchdog's SIGKILLs are not the cause: the hang it diagnosed is
+            return {"rank": None, "host": None, "exit": "stopped by the hang watchdog", "error": hang[0],
+                    "timestamp": cause["timestamp"]}
         return {"rank": cause["rank"], "host": cause["host"], "exit": cause["exit"], "error": error[-1] if error else "",
                 "timestamp": cause["timestamp"]}
     codes = [code for code in outcome.exit_codes if code not in (None, 0)]

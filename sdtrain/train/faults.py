@@ -3,6 +3,7 @@
 SDTRAIN_INJECT_FAULT=RANK:STEP[@ATTEMPT],...  that rank raises at that step (0-based index
                                               of the step, as train_step counts)
 SDTRAIN_INJECT_NAN=RANK:STEP[@ATTEMPT],...    that rank's loss at that step becomes NaN
+SDTRAIN_INJECT_HANG=RANK:STEP[@ATTEMPT],...   that rank sleeps for good at that step (hang_drill.py)
 SDTRAIN_DUMP_WEIGHTS=1                        each rank logs a digest of its weights at the
                                               end (replicas must agree: no rank diverged)
 
@@ -21,7 +22,7 @@ import re
 from sdtrain.errors import UserInputError
 
 ATTEMPT_VARIABLE = "SDTRAIN_ATTEMPT"
-DRILLS = ("SDTRAIN_INJECT_FAULT", "SDTRAIN_INJECT_NAN")
+DRILLS = ("SDTRAIN_INJECT_FAULT", "SDTRAIN_INJECT_NAN", "SDTRAIN_INJECT_HANG")
 _ENTRY = re.compile(r"^\s*(\d+):(\d+)(?:@(\d+))?\s*$")
 
 
