@@ -152,8 +152,10 @@ def preemption_handler(run_dir):
 
 @cli.command()
 @host_options
-def preflight(**hosts) -> None:
-    """Check every host of --hostfile before a launch: ssh, versions, devices, master port and address."""
+@click.option("--recipe", help="Also check that this recipe's memory estimate per rank fits on every host.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (with --recipe).")
+def preflight(recipe, overrides, **hosts) -> None:
+    """Check every host of --hostfile before a launch: ssh, versions, devices, master port and address, memory."""
     from sdtrain.launch.job import remote_setup
     from sdtrain.launch.placement import LaunchRequest
     from sdtrain.launch.preflight import preflight_table, run_preflight
@@ -161,7 +163,14 @@ def preflight(**hosts) -> None:
     if not hosts["hostfile"]:
         raise UserInputError("preflight checks the hosts of a hostfile: give --hostfile F")
     request = LaunchRequest(**hosts)
-    reports = run_preflight(request, remote_setup(request))
+    planned = None
+    if recipe:
+        from sdtrain.estimate.cli import resolved_recipe
+        from sdtrain.launch.hostfile import read_hostfile, select_resources
+
+        ranks = sum(len(s) for s in select_resources(read_hostfile(request.hostfile), **request.filters).values())
+        planned = resolved_recipe(recipe, list(overrides), ranks)
+    reports = run_preflight(request, remote_setup(request), planned)
     console.print(preflight_table(reports))
     hints = [(r.node.host, hint) for r in reports for hint in r.hints]
     for host, hint in hints:
@@ -274,31 +283,46 @@ def bench_comm(nproc, launcher, backend, ops, sizes, iters, repeats, json_file, 
 @cli.command()
 @click.argument("recipe", required=False)
 @click.option("--params", help="Parameter count instead of a recipe: 7.5e9, 7.5B, 350M, 124000000.")
-@click.option("--gpus", type=click.IntRange(min=1), required=True, help="Data-parallel devices.")
+@click.option("--gpus", type=click.IntRange(min=1),
+              help="Ranks (data-parallel devices); with a recipe, default its launch.nproc_per_node (or 1).")
 @click.option("--precision", type=click.Choice(["mixed", "fp32"]), default="mixed", show_default=True,
-              help="mixed: bf16/fp16 weights + fp32 Adam (K=12); fp32: K=8.")
+              help="For the ZeRO table: mixed: bf16/fp16 weights + fp32 Adam (K=12); fp32: K=8.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, as launch does.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where the ranks run (default: cuda for backend nccl).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def estimate(recipe, params, gpus, precision, as_json) -> None:
-    """Model-state memory per device for ZeRO stages 0-3 (ZeRO paper, Figure 1)."""
+def estimate(recipe, params, gpus, precision, overrides, device, as_json) -> None:
+    """Memory per rank: model state for ZeRO stages 0-3 (ZeRO paper, Figure 1) and, for a
+    RECIPE, every term of a training step (activations, buffers, the process) at its peak."""
     from sdtrain.parallel.memory import parse_count, per_device_bytes
 
     if (recipe is None) == (params is None):
         raise UserInputError("estimate needs a RECIPE or --params N (one of them)")
+    ranks = []
     if recipe is not None:
-        from sdtrain.model.size import count_params
-        from sdtrain.recipe import load_recipe
+        from sdtrain.estimate.cli import recipe_estimates
 
-        params = count_params(load_recipe(recipe).model)
+        params, gpus, device, ranks = recipe_estimates(recipe, list(overrides), gpus, device)
+    elif gpus is None:
+        raise UserInputError("--params needs --gpus N (the data-parallel devices)")
     else:
         params = parse_count(params)
     per_device = per_device_bytes(params, gpus, precision)
     if as_json:
-        click.echo(json.dumps({"params": params, "gpus": gpus, "precision": precision,
-                               "per_device_bytes": {str(k): round(v) for k, v in per_device.items()}}))
+        out = {"params": params, "gpus": gpus, "precision": precision,
+               "per_device_bytes": {str(k): round(v) for k, v in per_device.items()}}
+        if ranks:
+            out.update(device=device, peak_bytes_per_rank=round(max(e.total for e in ranks)),
+                       ranks=[e.as_dict() for e in ranks])
+        click.echo(json.dumps(out))
         return
     console.print(f"{params:,} parameters on {gpus} device(s), {precision} precision: model state per device")
     for stage, size in per_device.items():
         console.print(f"  ZeRO stage {stage}: {size / 1e9:8.2f} GB")
+    if ranks:
+        from sdtrain.estimate.table import estimate_table
+
+        for rank in ranks:
+            console.print(estimate_table(rank, f"the recipe's step on {gpus} {device.upper()} rank(s): {rank.where}"))
 
 
 @cli.command()

@@ -3,8 +3,10 @@
 Every host of the (filtered) hostfile is probed over ssh, in parallel, with the same
 directory, interpreter and ssh options a launch uses (probe.py runs there). Per host:
 ssh reachable; Python and torch versions equal to the launcher's; GPUs vs slots; on the
-master, the rendezvous port free; the master address and the interface it resolves to.
-Every failed check comes with a hint saying how to fix it.
+master, the rendezvous port free; the master address and the interface it resolves to; the
+memory a rank may have there (each GPU's free memory, or the host's / its cgroup's room shared
+by its slots), and with --recipe whether the recipe's estimate per rank fits in it. Every
+failed check comes with a hint saying how to fix it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from sdtrain.launch.probe import torch_version
 from sdtrain.launch.runners import RemoteSetup, ssh_command
 
 PASS, FAIL, WARN, NONE = "✓", "✗", "!", "–"
-COLUMNS = ("ssh", "python", "torch", "devices", "master port", "master address")
+COLUMNS = ("ssh", "python", "torch", "devices", "master port", "master address", "memory")
 PROBE_TIMEOUT_S = 30
 
 
@@ -50,16 +52,18 @@ class HostReport:
         return any(mark == FAIL for mark, _ in self.checks.values())
 
 
-def run_preflight(request: LaunchRequest, setup: RemoteSetup) -> list[HostReport]:
+def run_preflight(request: LaunchRequest, setup: RemoteSetup, recipe=None) -> list[HostReport]:
+    """`recipe` (resolved, or None): also check that its estimate per rank fits on every host."""
     resources = select_resources(read_hostfile(request.hostfile), **request.filters)
     nodes = [Node(host, tuple(slots), rank) for rank, (host, slots) in enumerate(resources.items())]
     master = request.master_addr or nodes[0].host
     port = request.master_port or (None if is_this_machine(master) else DEFAULT_MASTER_PORT)
+    plan = (recipe, sum(len(node.slots) for node in nodes)) if recipe is not None else None
     with ThreadPoolExecutor(max_workers=min(32, len(nodes))) as pool:
-        return list(pool.map(lambda node: check_host(node, master, port, setup), nodes))
+        return list(pool.map(lambda node: check_host(node, master, port, setup, plan), nodes))
 
 
-def check_host(node: Node, master: str, port: int | None, setup: RemoteSetup) -> HostReport:
+def check_host(node: Node, master: str, port: int | None, setup: RemoteSetup, plan=None) -> HostReport:
     report = HostReport(node)
     is_master = node.node_rank == 0
     probe = [setup.python, "-m", "sdtrain.launch.probe", "--master-addr", master]
@@ -89,6 +93,7 @@ def check_host(node: Node, master: str, port: int | None, setup: RemoteSetup) ->
     _versions(report, found)
     _devices(report, found, node)
     _master(report, found, node, master, port, is_master)
+    _memory(report, found, node, plan)
     return report
 
 
@@ -141,6 +146,32 @@ def _master(report: HostReport, found: dict, node: Node, master: str, port: int 
                      "give --master-addr the master's IP")
     else:
         report.check("master address", PASS, shown)
+
+
+def _memory(report: HostReport, found: dict, node: Node, plan) -> None:
+    """Each rank's budget here; with a recipe (plan = (recipe, world size)), its estimate in it."""
+    memory = found.get("memory")
+    if not memory:
+        report.check("memory", NONE, "")
+        return
+    from sdtrain.estimate.fit import Budget
+    from sdtrain.estimate.verdict import judge
+
+    gpus = memory.get("gpu_free_bytes") or []
+    if gpus:
+        device, budget = "cuda", Budget(min(gpus), "the smallest free GPU memory")
+    else:
+        device, budget = "cpu", Budget(memory["cpu_bytes"] / len(node.slots),
+                                       f"{memory['cpu_source']}, shared by {len(node.slots)} worker(s)")
+    if plan is None:
+        report.check("memory", PASS, f"{budget.per_rank / 2**30:.1f} GiB per rank")
+        return
+    verdict = judge(plan[0], plan[1], device, budget)
+    detail = f"needs {verdict.estimate.total / 2**30:.2f} of {budget.per_rank / 2**30:.2f} GiB per rank"
+    if verdict.fits:
+        report.check("memory", PASS, detail)
+    else:
+        report.check("memory", FAIL, detail, f"will not fit: largest terms {verdict.largest_terms()}; {verdict.advice()}")
 
 
 def preflight_table(reports: list[HostReport]) -> Table:

@@ -2,7 +2,7 @@
 
 Prints one JSON object: Python and torch versions (torch is not imported: that takes
 seconds, its version is in its metadata), visible GPUs, whether the master port is free
-(on the master), and what the master address resolves to from here.
+(on the master), what the master address resolves to from here, and the memory a rank may have.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import json
 import platform
 import socket
+import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -60,7 +61,25 @@ def probe(master_addr: str, port: int | None) -> dict:
         "port_free": port_free(port) if port else None,
         "master_addresses": addresses,
         "master_interfaces": interfaces_of(addresses),
+        "memory": memory_here(),
     }
+
+
+def memory_here() -> dict:
+    """What a rank here may have: the host's (or its cgroup's) room, and each GPU's free
+    memory from nvidia-smi (importing torch would take seconds)."""
+    from sdtrain.estimate.fit import host_room
+
+    room, source = host_room()
+    gpu_free = []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            gpu_free = [int(line) * 2**20 for line in out.stdout.split()]  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    return {"cpu_bytes": int(room), "cpu_source": source, "gpu_free_bytes": gpu_free}
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,54 @@
+"""What forward keeps for backward, per rank (Korthikanti et al. 2022, "Reducing Activation
+Recomputation in Large Transformer Models", section 4.1), fitted to sdtrain's GPT.
+
+Korthikanti count s·b·h·(34 + 5·a·s/h) bytes per layer in 16-bit with dropout: 34 s·b·h is
+17 values per token and channel, of which one is a dropout mask; 5·a·s²·b is the attention
+scores, softmax and its dropout mask. sdtrain's GPT without dropout keeps 16 values per
+token and channel per block, measured with saved-tensor hooks (model/gpt.py: LayerNorm in,
+qkv 3, attention out 1 + its q, k, v views, residual 1, LayerNorm 1 + out 1, fc out 4,
+GELU out 4), plus one for the embedding's output; under bf16 autocast the matmul outputs
+are half as wide (12 fp32-equivalents, measured). Flash-style attention (CPU's and CUDA's
+scaled_dot_product_attention kernels without dropout) keeps no T x T scores; the math path
+(dropout on CPU) keeps the scores, softmax and dropout mask, 4 fp32 values per score
+(measured), plus a 1-byte dropout mask per residual branch.
+
+With activation checkpointing a block keeps only its input; its activations come back one
+block at a time in backward.
+"""
+
+from __future__ import annotations
+
+from sdtrain.estimate.shape import RankShape
+from sdtrain.estimate.terms import STEP_FB, Term
+
+VALUES_PER_LAYER = {"fp32": 16, "bf16": 12, "fp16": 12}  # fp32-sized values per token and channel
+SCORE_VALUES = {True: 4, False: 2}
+RECOMPUTE_COPIES = 2  # a recomputed block's activations and their gradients (measured: 2x, not 1x)  # math attention: fp32 values per score, with / without dropout
+
+
+def layer_bytes(shape: RankShape) -> float:
+    """Bytes one block keeps for backward for one micro-batch."""
+    tokens, d = shape.tokens, shape.d_model
+    kept = VALUES_PER_LAYER[shape.precision] * tokens * d * 4
+    if shape.attention == "math":
+        scores = shape.micro_batch * shape.n_heads * shape.seq_len**2
+        kept += SCORE_VALUES[shape.dropout > 0] * scores * (4 if shape.precision == "fp32" else 2)
+    if shape.dropout > 0:
+        kept += 2 * tokens * d  # bool masks of the two residual dropouts
+    return kept
+
+
+def activations(shape: RankShape) -> list[Term]:
+    tokens, d, L = shape.tokens, shape.d_model, shape.layers
+    per_micro = tokens * d * 4 * (1 if shape.first else 0)  # the embedding's output
+    if shape.checkpointing:
+        kept = L * tokens * d * 4  # each block's input
+        how = f"{L} block inputs x {shape.in_flight} micro-batch(es) (checkpointing)"
+        terms = [Term("activations", (kept + per_micro) * shape.in_flight, STEP_FB, how),
+                 Term("recomputed block", RECOMPUTE_COPIES * layer_bytes(shape), STEP_FB,
+                      "one block's activations, back in backward, and their gradients")]
+    else:
+        how = (f"{L} blocks x {VALUES_PER_LAYER[shape.precision]} values/token/channel, {shape.attention} attention, "
+               f"x {shape.in_flight} micro-batch(es)")
+        terms = [Term("activations", (L * layer_bytes(shape) + per_micro) * shape.in_flight, STEP_FB, how)]
+    return terms

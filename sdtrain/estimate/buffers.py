@@ -1,0 +1,85 @@
+"""Transient buffers: memory a step holds for a moment, by strategy (data_parallel.py,
+zero.py, zero3.py, model/chunked_loss.py, torch's AdamW), and the gradients that flow
+through backward.
+"""
+
+from __future__ import annotations
+
+from sdtrain.estimate.shape import RankShape
+from sdtrain.estimate.terms import STEP_FB, STEP_OPT, Term
+
+MiB = 2**20
+DDP_BUCKET_BYTES = 25 * MiB  # torch DDP's bucket_cap_mb
+REDUCE_SCATTERS_IN_FLIGHT = 2  # zero.MAX_REDUCE_SCATTERS_IN_FLIGHT, plus the bucket being filled
+BACKWARD_VALUES = 8  # fp32 values per token and channel alive while one block's backward runs
+
+
+def backward_gradients(shape: RankShape) -> list[Term]:
+    """The activation gradients of the block being differentiated (fc and GELU gradients
+    are 4 values per token and channel each)."""
+    return [Term("backward temporaries", BACKWARD_VALUES * shape.tokens * shape.d_model * 4, STEP_FB,
+                 f"{BACKWARD_VALUES} values/token/channel of the block in backward")]
+
+
+def loss_buffers(shape: RankShape) -> list[Term]:
+    """The head and loss (last stage only). Chunked (chunked_loss.py): the head's fp32
+    gradient and the hidden states' gradient are made in forward and held into backward,
+    beside one chunk of logits (and its log-sum-exp temporary). Unchunked: every token's
+    logits, an fp32 copy, and their gradient."""
+    if not shape.last:
+        return []
+    tokens, V, d = shape.tokens, shape.vocab_size, shape.d_model
+    if shape.loss_chunk_tokens:
+        chunk = min(shape.loss_chunk_tokens, tokens)
+        held = 4 * V * d + 4 * tokens * d
+        return [Term("logits and loss", held + 2 * 4 * chunk * V, STEP_FB,
+                     f"head gradient + hidden gradient + 2 x {chunk}-token logits chunk")]
+    return [Term("logits and loss", 3 * 4 * tokens * V + 4 * tokens * d, STEP_FB,
+                 f"all {tokens} tokens' logits, fp32 copy and gradient (loss_chunk_tokens 0)")]
+
+
+def strategy_buffers(shape: RankShape) -> list[Term]:
+    """What the data-parallel strategy holds for a moment in backward."""
+    p = shape.weight_bytes
+    if shape.zero_stage == 0:
+        if shape.dp == 1:
+            return []
+        bucket = min(DDP_BUCKET_BYTES, 4 * shape.params)
+        return [Term("DDP bucket in flight", bucket, STEP_FB, "gloo's all-reduce of one 25 MiB gradient bucket")]
+    bucket_elems = shape.reduce_bucket_mb * MiB / p
+    staging = Term("flat-buffer staging", min(2 * shape.reduce_bucket_mb * MiB, 2 * p * shape.params), STEP_FB,
+                   "gradients and weights copied into and out of flat units (measured, about two buckets)")
+    if shape.zero_stage == 1:
+        return [staging]  # the whole gradients are state (state.py), reduced in step
+    if shape.zero_stage == 2:  # buckets of reduce_bucket_mb
+        whole, how = (REDUCE_SCATTERS_IN_FLIGHT + 1) * bucket_elems, f"{REDUCE_SCATTERS_IN_FLIGHT} in flight + 1 filling"
+    else:  # units are blocks, and the root unit, whose gradients wait from the final norm's (first) to the embedding's (last)
+        whole = shape.root_params + (REDUCE_SCATTERS_IN_FLIGHT + 1) * shape.block_params
+        how = f"the root unit's + {REDUCE_SCATTERS_IN_FLIGHT} blocks' in flight + 1 filling"
+    terms = [staging, Term("reduce-scatter buckets", min(whole, shape.params) * p, STEP_FB, f"whole gradients: {how}")]
+    if shape.zero_stage == 3:
+        blocks = min(1 + shape.prefetch_blocks, shape.layers)
+        gathered = (shape.root_params + blocks * shape.block_params) * p
+        terms.append(Term("gathered weights", gathered, STEP_FB,
+                          f"root unit + {blocks} block(s) whole (1 running + {shape.prefetch_blocks} prefetched)"))
+    return terms
+
+
+def optimizer_buffers(shape: RankShape) -> list[Term]:
+    """The optimizer step's temporaries: torch's single-tensor AdamW makes one temporary the
+    size of the tensor it updates (its denominator); ZeRO updates whole shards, clips an
+    fp32 copy of the gradient shard under bf16, and publishes by cloning every unit's
+    new weight shard before the all-gathers."""
+    if shape.zero_stage == 0:
+        return [Term("optimizer temporaries", 2 * 4 * shape.largest_param, STEP_OPT,
+                     "AdamW's temporaries on the largest weight")]
+    shard = shape.params / shape.dp
+    if shape.zero_stage == 3:  # units: blocks and the root
+        unit = max(shape.block_params, shape.root_params)
+    else:  # units: buckets of reduce_bucket_mb
+        unit = min(shape.reduce_bucket_mb * MiB / shape.weight_bytes, shape.params)
+    largest = unit / shape.dp
+    temps = 2 * 4 * largest + shape.weight_bytes * shard
+    if shape.precision == "bf16":
+        temps += 4 * shard  # the gradient shard in fp32 for clipping and Adam
+    return [Term("optimizer temporaries", temps, STEP_OPT, "AdamW on a shard + weights published by all-gather")]

@@ -1,0 +1,100 @@
+"""A recipe at a world size -> the memory estimate of each kind of rank, and the largest.
+
+Every rank of a plain data-parallel or ZeRO job holds the same; a pipeline's stages differ
+(their layers, the embeddings on the first, the head on the last, and how many
+micro-batches each keeps alive), so each stage gets its own estimate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdtrain.estimate.activations import activations
+from sdtrain.estimate.buffers import backward_gradients, loss_buffers, optimizer_buffers, strategy_buffers
+from sdtrain.estimate.process import process_base
+from sdtrain.estimate.shape import RankShape
+from sdtrain.estimate.state import model_state
+from sdtrain.estimate.terms import ALWAYS, Estimate, Term
+from sdtrain.model.size import block_params, embedding_params, final_norm_params
+from sdtrain.parallel.partition import describe_stages
+
+# One function per term, in the order the table shows them; a strategy that adds memory
+# (experts, say) adds its function here.
+TERMS = (process_base, model_state, activations, backward_gradients, loss_buffers, strategy_buffers, optimizer_buffers)
+
+
+ALLOCATOR_SLACK = 0.12  # CPU: freed memory the C allocator keeps, as a share of the tensors at the peak (measured)
+
+
+def estimate_shape(shape: RankShape, where: str = "") -> Estimate:
+    estimate = Estimate([term for fn in TERMS for term in fn(shape)], where)
+    if shape.device == "cpu":
+        tensors = sum(t.bytes for t in estimate.at_peak() if t.name not in ("process base", "corpus"))
+        estimate.terms.append(Term("allocator slack", ALLOCATOR_SLACK * tensors, ALWAYS,
+                                   f"{ALLOCATOR_SLACK:.0%} of the tensors: freed memory glibc keeps (measured)"))
+    return estimate
+
+
+def in_flight(pipeline, stage: int, micro_batches: int) -> float:
+    """Micro-batches whose activations a pipeline stage holds at once: GPipe all M; 1F1B
+    and zero bubble at most P - stage (the first stage P); interleaved that times
+    1 + (P-1)/(P·V) (Narayanan et al. 2021)."""
+    P, M = pipeline.stages, micro_batches
+    if P == 1:
+        return 1
+    if pipeline.schedule == "gpipe":
+        return M
+    held = min(P - stage, M)
+    if pipeline.schedule == "interleaved":
+        held *= 1 + (P - 1) / (P * pipeline.virtual_stages)
+    return held
+
+
+def corpus_bytes(data) -> int:
+    """Text read into memory by each worker (token files are mapped, not read)."""
+    if data.format == "bin" or str(data.source).endswith(".bin"):
+        return 0
+    path = Path(data.source)
+    if data.source != "stdlib" and path.is_file():
+        return min(path.stat().st_size, data.max_bytes)
+    return data.max_bytes
+
+
+def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None = None) -> list[tuple[str, RankShape]]:
+    """(which ranks, their shape) for each pipeline stage."""
+    model, train, parallel = recipe.model, recipe.train, recipe.parallel
+    pipeline = parallel.pipeline
+    dp = max(1, world_size // pipeline.stages)
+    M = micro_batches or train.grad_accum_steps or 1
+    attention = "math" if device == "cpu" and model.dropout > 0 else "flash"
+    shapes = []
+    stages = describe_stages(pipeline, model)
+    for row in stages:
+        layers = [i for chunk in row["layers"] for i in chunk]
+        first, last = row["stage"] == 0, row["stage"] == len(stages) - 1
+        root = (embedding_params(model) if first else 0) + (final_norm_params(model) if last else 0)
+        if last and not first:
+            root += model.vocab_size * model.d_model  # the tied head's own copy
+        shape = RankShape(
+            params=row["params"], layers=len(layers), block_params=max(block_params(model, i) for i in layers),
+            root_params=root, largest_param=max(model.vocab_size, model.seq_len, 4 * model.d_model) * model.d_model,
+            first=first, last=last, d_model=model.d_model, n_heads=model.n_heads, seq_len=model.seq_len,
+            vocab_size=model.vocab_size, mlp_ratio=model.mlp_ratio, micro_batch=train.micro_batch_size or 1,
+            in_flight=in_flight(pipeline, row["stage"], M), dp=dp, zero_stage=parallel.zero_stage,
+            reduce_bucket_mb=parallel.zero.reduce_bucket_mb, prefetch_blocks=parallel.zero.prefetch_blocks,
+            precision=train.precision, checkpointing=train.activation_checkpointing, attention=attention,
+            dropout=model.dropout, device=device, loss_chunk_tokens=train.loss_chunk_tokens,
+            data_bytes=corpus_bytes(recipe.data),
+        )
+        where = "every rank" if len(stages) == 1 else f"pipeline stage {row['stage']}"
+        shapes.append((where, shape))
+    return shapes
+
+
+def estimate_recipe(recipe, world_size: int, device: str = "cpu") -> list[Estimate]:
+    """One estimate per kind of rank (one, or one per pipeline stage)."""
+    return [estimate_shape(shape, where) for where, shape in rank_shapes(recipe, world_size, device)]
+
+
+def largest(estimates: list[Estimate]) -> Estimate:
+    return max(estimates, key=lambda e: e.total)

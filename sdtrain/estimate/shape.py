@@ -1,0 +1,54 @@
+"""What one rank runs, in numbers: the input of every term (no torch, no recipe objects).
+
+plan.py fills it from a recipe; suggest.py changes one field at a time (a ZeRO stage,
+checkpointing, a smaller micro-batch) to see what each change would save.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class RankShape:
+    params: int  # parameters this rank's model part holds, whole (before ZeRO sharding)
+    layers: int  # Transformer blocks on this rank
+    block_params: int  # the largest block's parameters (a ZeRO-3 gather unit)
+    root_params: int  # embeddings / final norm / head on this rank (ZeRO-3's root unit)
+    largest_param: int  # the largest single weight (the token embedding, usually)
+    first: bool  # holds the embeddings
+    last: bool  # holds the head and the loss
+    d_model: int
+    n_heads: int
+    seq_len: int
+    vocab_size: int
+    mlp_ratio: int
+    micro_batch: int
+    in_flight: int  # micro-batches whose activations are alive at once (pipelines: more than 1)
+    dp: int  # data-parallel ranks sharing ZeRO shards
+    zero_stage: int
+    reduce_bucket_mb: float
+    prefetch_blocks: int
+    precision: str  # fp32 | bf16 | fp16
+    checkpointing: bool
+    attention: str  # flash (no T x T scores kept) | math
+    dropout: float
+    device: str  # cpu | cuda
+    loss_chunk_tokens: int
+    data_bytes: int  # text the worker reads into memory (0 for token files, which are mapped)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of one micro-batch."""
+        return self.micro_batch * self.seq_len
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes per element of the weights forward reads: bf16 under ZeRO with bf16, else
+        fp32 (DDP under autocast keeps fp32 weights and casts on the fly)."""
+        return 2 if self.zero_stage and self.precision == "bf16" else 4
+
+    def but(self, **changes) -> RankShape:
+        return replace(self, **changes)

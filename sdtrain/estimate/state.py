@@ -1,0 +1,34 @@
+"""Model state per rank as each strategy really keeps it (data_parallel.py, zero.py).
+
+The ZeRO paper's formulas (parallel/memory.py) count weights, gradients and optimizer
+state; the implementation adds two things they leave out: stage 1 keeps the whole
+gradients *and* its reduced shard, and every sharded stage keeps a gradient shard beside
+the fp32 master. Counted from the same tensors `Strategy.state_bytes()` measures, so
+summary.json's model_state_bytes checks this file.
+"""
+
+from __future__ import annotations
+
+from sdtrain.estimate.shape import RankShape
+from sdtrain.estimate.terms import Term
+
+ADAM_MOMENTS_BYTES = 8  # fp32 exp_avg + exp_avg_sq per parameter
+
+
+def model_state(shape: RankShape) -> list[Term]:
+    """Weights, gradients and optimizer state of this rank, at every ZeRO stage."""
+    psi, n, stage = shape.params, shape.dp, shape.zero_stage
+    p = shape.weight_bytes
+    if stage == 0:  # DDP: fp32 weights, fp32 gradients (the buckets), fp32 Adam moments
+        return [Term("weights", 4 * psi, detail="4Ψ: fp32 (autocast casts on the fly)"),
+                Term("gradients", 4 * psi, detail="4Ψ: fp32, DDP's buckets"),
+                Term("optimizer state", ADAM_MOMENTS_BYTES * psi, detail="8Ψ: fp32 Adam moments")]
+    master = 4 * psi / n if p != 4 else 0  # bf16 weights need a separate fp32 master shard
+    weights = p * psi / n if stage == 3 else p * psi
+    grads = p * psi / n + (p * psi if stage == 1 else 0)  # the reduced shard; stage 1 also the whole
+    return [
+        Term("weights", weights, detail=f"{p}Ψ{'/N' if stage == 3 else ''}: ZeRO {stage}, N = {n}"),
+        Term("gradients", grads, detail=f"{p}Ψ whole + {p}Ψ/N shard" if stage == 1 else f"{p}Ψ/N shard"),
+        Term("optimizer state", ADAM_MOMENTS_BYTES * psi / n + master,
+             detail="8Ψ/N Adam moments" + (" + 4Ψ/N fp32 master" if master else "")),
+    ]
