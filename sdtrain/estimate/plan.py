@@ -15,8 +15,8 @@ from sdtrain.estimate.process import process_base
 from sdtrain.estimate.shape import RankShape
 from sdtrain.estimate.state import model_state
 from sdtrain.estimate.terms import ALWAYS, Estimate, Term
-from sdtrain.model.size import block_params, embedding_params, final_norm_params
-from sdtrain.parallel.partition import describe_stages
+from sdtrain.model.size import embedding_params, final_norm_params
+from sdtrain.parallel.partition import chunk_params, describe_stages
 
 # One function per term, in the order the table shows them; a strategy that adds memory
 # (experts, say) adds its function here.
@@ -33,6 +33,11 @@ def estimate_shape(shape: RankShape, where: str = "") -> Estimate:
         estimate.terms.append(Term("allocator slack", ALLOCATOR_SLACK * tensors, ALWAYS,
                                    f"{ALLOCATOR_SLACK:.0%} of the tensors: freed memory glibc keeps (measured)"))
     return estimate
+
+
+def block_size(model, index: int) -> int:
+    """Block `index`'s parameters (a middle chunk of one block: no embeddings, no head)."""
+    return chunk_params(1, [index], 3, model)
 
 
 def in_flight(pipeline, stage: int, micro_batches: int) -> float:
@@ -76,7 +81,7 @@ def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None 
         if last and not first:
             root += model.vocab_size * model.d_model  # the tied head's own copy
         shape = RankShape(
-            params=row["params"], layers=len(layers), block_params=max(block_params(model, i) for i in layers),
+            params=row["params"], layers=len(layers), block_params=max(block_size(model, i) for i in layers),
             root_params=root, largest_param=max(model.vocab_size, model.seq_len, 4 * model.d_model) * model.d_model,
             first=first, last=last, d_model=model.d_model, n_heads=model.n_heads, seq_len=model.seq_len,
             vocab_size=model.vocab_size, mlp_ratio=model.mlp_ratio, micro_batch=train.micro_batch_size or 1,
