@@ -161,6 +161,9 @@ class LaunchSection(Section):
         "rendezvous port; null: a free port (29500 when the master is another machine)"))
     timeout_s: int = Field(300, ge=10, description=(
         "collective timeout: how long a hang may last before it fails the run"))
+    memory_check: Literal["error", "warn", "off"] = Field("error", description=(
+        "before starting workers, the memory estimate per rank against what each rank may have: `error` refuses a "
+        "plan that will not fit (exit 2, with the changes that would fit), `warn` only says so, `off` skips it"))
     hang_timeout_s: float = Field(300.0, gt=0, description=(
         "a rank that begins no step and completes no collective for this long (3x on a process's first step) "
         "is a hang: every rank's stack and last collectives go to hang/, the launcher names the stuck rank "

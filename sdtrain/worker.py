@@ -26,6 +26,7 @@ from sdtrain.parallel.partition import stage_layers
 from sdtrain.recipe import validate_recipe
 from sdtrain.train.checkpoint import Checkpointer
 from sdtrain.train.data import TRAIN, VAL, Batches
+from sdtrain.train.memory_watch import start_memory_watch
 from sdtrain.train.faults import weights_digest
 from sdtrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, summary_table
 from sdtrain.train.nonfinite import StepGuard
@@ -67,6 +68,7 @@ def main(argv=None) -> None:
     rank = int(os.environ["RANK"])
     console = redirect_output_to_log(args.run_dir, rank)
     recipe = validate_recipe(json.loads(args.recipe_json), source="--recipe-json")
+    start_memory_watch(args.run_dir, rank)  # its last reading names an out-of-memory death
     start_progress(args.run_dir, rank, recipe.launch.backend)  # heartbeat and stack dumps, before any collective
     print(f"rank {rank}: pid {os.getpid()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
 

@@ -41,6 +41,7 @@ from sdtrain.launch.failures import (
     write_report,
 )
 from sdtrain.launch.lifeline import start_lifeline
+from sdtrain.launch import oom
 from sdtrain.launch.listen import MasterBindError, keep_collectives_on_loopback, register_backend
 from sdtrain.launch.watchdog import HangWatchdog
 from sdtrain.launch.rundir import files_to_send, is_shared, move_aside, needs_shared_dir
@@ -157,6 +158,14 @@ def main(argv=None) -> int:
                 say(f"sdtrain node {args.node_rank} ({socket.gethostname()}): cannot move the earlier run aside: {describe(exc)}")
                 return 2
     restrict_devices(args.slots)
+    if args.remote:  # only this node's agent can see this machine's memory
+        from sdtrain.launch.memory_check import check_node
+        from sdtrain.recipe import validate_recipe
+
+        problem = check_node(validate_recipe(json.loads(args.recipe_json)), args.nnodes * args.nproc, args.nproc)
+        if problem:
+            say(f"sdtrain node {args.node_rank} ({socket.gethostname()}): {problem}")
+            return 2
     os.environ[ATTEMPT_VARIABLE] = str(args.attempt)  # the workers' fault drills fire on their attempt only
     pass_preemption_on(args.run_dir)
     try:
@@ -202,6 +211,7 @@ def launch_workers(args, worker: list[str], watchdog: HangWatchdog | None = None
     )
     if watchdog is not None:
         watchdog.start()
+    oom.arm()  # the cgroup's OOM-kill count before the workers start
     try:
         elastic_launch(config, entrypoint=sys.executable)(*worker)
     except ChildFailedError as exc:
@@ -252,6 +262,7 @@ def failure_report(exc: ChildFailedError, args) -> dict:
                 "log_tail": log_tail(args.run_dir / "logs" / f"rank{rank}.log"),
             }
         )
+        failures[-1]["oom"] = oom.diagnose(failures[-1], args.run_dir, args.nproc)  # None unless out of memory
     return {"node_rank": args.node_rank, "failures": failures, "root_cause": root_cause(failures)["rank"]}
 
 

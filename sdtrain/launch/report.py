@@ -14,6 +14,8 @@ from rich.text import Text
 from sdtrain.launch.disk import DISK_ERRORS, describe, unwritable
 from sdtrain.launch.failures import merge_reports, read_reports, root_cause
 from sdtrain.launch.hang_report import hang_diagnosis
+from sdtrain.launch.node_death import node_died
+from sdtrain.launch.oom import explain as explain_oom
 
 
 def print_plan(console: Console, job) -> None:
@@ -85,7 +87,8 @@ def print_failure(console: Console, job, outcome) -> None:
             continue  # a local node's output went to the terminal already; the disk says why
         hint = _EXIT_HINTS.get(code, "its last lines say why")
         body = "\n".join(tail) or "(no output)"
-        title = f"node {node.node_rank} ({node.host}) failed before any rank reported: exit code {code}"
+        title = node_died(node, code, job.run_dir) or \
+            f"node {node.node_rank} ({node.host}) failed before any rank reported: exit code {code}"
         console.print(Panel(Text(f"{hint}\n\n{body}"), title=escape(title), title_align="left", border_style="red"))
     failures = [f for report in reports for f in report["failures"]]
     if not failures:
@@ -98,6 +101,9 @@ def print_failure(console: Console, job, outcome) -> None:
     if not body and cause["log_tail"]:
         body = f"(no traceback) last lines of logs/rank{cause['rank']}.log:\n" + cause["log_tail"]
     title = f"{'first failure' if disk else 'root cause'}: rank {cause['rank']} on {cause['host']} (local rank {cause['local_rank']}, pid {cause['pid']}) {cause['exit']}"
+    if cause.get("oom"):  # named as what it is, with the numbers and the changes that fit
+        title += ": out of memory" if cause["oom"]["certain"] else ": likely out of memory"
+        body = explain_oom(job, cause["oom"]) + "\n\n" + body
     console.print(Panel(Text(body.strip() or "(no output)"), title=escape(title), title_align="left", border_style="red"))
     others = [f for f in failures if f is not cause]
     for f in sorted(others, key=lambda f: f["rank"]):
