@@ -3,9 +3,9 @@ a real `sdtrain launch` of an MoE recipe with the experts split over N ranks of 
 data-parallel group, at every worker count N divides; and its peer, DeepSpeed's MoE layer at
 the same expert-parallel size and ZeRO stage (peer_deepspeed_moe.py).
 
-Their rows carry the share of step time spent in the all-to-all (metrics.jsonl's
-`all_to_all_s`, the seconds per step in dispatch and combine, over the step time; the peer
-times DeepSpeed's own calls the same way).
+Their rows carry the share of step time spent in the all-to-all (dispatch and combine, forward
+and backward: metrics.jsonl's `moe_all_to_all_share`); the peer times DeepSpeed's own calls
+the same way.
 """
 
 from __future__ import annotations
@@ -48,10 +48,8 @@ def parse_expert_strategy(name: str) -> ExpertStrategy | None:
     return ExpertStrategy(name, ep, int(match[2] or 0))
 
 
-def all_to_all_share(rows: list[dict], tokens_per_step: int) -> float | None:
-    """The all-to-all's share of step time over these logged intervals: its seconds per step
-    (metrics.jsonl's `all_to_all_s`) over the step time their tokens/s implies."""
-    if not rows or rows[0].get("all_to_all_s") is None:
-        return None
-    step_s = sum(tokens_per_step / r["tokens_per_s"] for r in rows)
-    return sum(r["all_to_all_s"] for r in rows) / step_s
+def all_to_all_share(rows: list[dict]) -> float | None:
+    """The all-to-all's share of step time over these logged intervals (metrics.jsonl's
+    `moe_all_to_all_share`: its wall seconds over the interval's, the mean over ranks)."""
+    shares = [r["moe_all_to_all_share"] for r in rows if r.get("moe_all_to_all_share") is not None]
+    return sum(shares) / len(shares) if shares else None

@@ -63,7 +63,6 @@ class Entry:
     bubble_per_stage: list[list[float]] = field(default_factory=list)
     ep: int | None = None  # an MoE row's expert-parallel size (None: not an ep<N> row)
     all_to_all_shares: list[float | None] = field(default_factory=list)  # per round
-    tokens_per_step: int = 0  # set on ep<N> rows, whose all-to-all share needs their step time
 
     @property
     def stages(self) -> int:
@@ -93,8 +92,8 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
     for stage in {STAGES[name] for name in strategies if name in STAGES}:  # and so does a stage it cannot run
         load_recipe(recipe_path, [*base, f"parallel.zero_stage={stage}", *NO_PIPELINE])
     for expert in filter(None, experts.values()):  # and an expert layout it cannot run
-        if recipe.model.moe is None:
-            raise UserInputError(f"--strategies {expert.name}: the recipe has no experts; set model.moe "
+        if not getattr(recipe.model.moe, "num_experts", 0):
+            raise UserInputError(f"--strategies {expert.name}: the recipe has no experts; set model.moe.num_experts "
                                  "(recipes/moe.yaml has them)")
         load_recipe(recipe_path, [*base, *expert.overrides()])
     notes = []
@@ -106,7 +105,7 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
             if pipelines[name]:
                 entries += _pipeline_entry(pipelines[name], world, recipe, recipe_path, base, notes)
             elif experts[name]:
-                entries += _expert_entry(experts[name], world, recipe, recipe_path, base, notes)
+                entries += _expert_entry(experts[name], world, recipe_path, base, notes)
             else:
                 entries.append(_sdtrain_entry(name, 1 if name == "single" else world, recipe_path, base))
         entries += _peer_entries(recipe, peers, strategies, world, notes)
@@ -202,7 +201,7 @@ def _pipeline_peer_entries(peers: list[str], entries: list[Entry], recipe, recip
     return out
 
 
-def _expert_entry(expert: ExpertStrategy, world: int, recipe, recipe_path: str, base: list[str],
+def _expert_entry(expert: ExpertStrategy, world: int, recipe_path: str, base: list[str],
                   notes: list[str]) -> list[Entry]:
     """The MoE recipe at `world` workers with the experts over `ep` of them (none where ep
     does not divide the workers)."""
@@ -210,8 +209,7 @@ def _expert_entry(expert: ExpertStrategy, world: int, recipe, recipe_path: str, 
         notes.append(f"{expert.name}: expert-parallel size {expert.ep} does not divide {world} workers, not run there")
         return []
     argv = _launch_argv(recipe_path, world, [*base, *expert.overrides()])
-    tokens_per_step = recipe_for_world(recipe, world)["train"]["global_batch_size"] * recipe.model.seq_len
-    return [Entry(expert.name, world, "sdtrain", expert.zero_stage, argv, ep=expert.ep, tokens_per_step=tokens_per_step)]
+    return [Entry(expert.name, world, "sdtrain", expert.zero_stage, argv, ep=expert.ep)]
 
 
 def _expert_peer_entries(peers: list[str], entries: list[Entry], recipe, notes: list[str]) -> list[Entry]:
@@ -321,7 +319,7 @@ def _measure(entry: Entry, out: Path) -> str | None:
         summary = json.loads((out / "summary.json").read_text())
         entry.samples.append(statistics.median(r["tokens_per_s"] for r in rows[1:]))
         if entry.ep:
-            entry.all_to_all_shares.append(all_to_all_share(rows[1:], entry.tokens_per_step))
+            entry.all_to_all_shares.append(all_to_all_share(rows[1:]))
         if "bubble" in rows[0]:  # a pipeline's idle share, over the intervals tokens/s is taken from
             entry.bubbles.append(statistics.mean(r["bubble"] for r in rows[1:]))
             per_stage = zip(*(r["bubble_per_stage"] for r in rows[1:]))
