@@ -103,7 +103,7 @@ def main(argv=None) -> None:
         plan,
         train_batches,
         val_batches,
-        Checkpointer(args.run_dir, recipe.checkpoint.keep, env),
+        Checkpointer(args.run_dir, recipe.checkpoint.keep, env, recipe.checkpoint.async_save),
         flops_per_token(model_config),
         peak_flops(env.device, recipe.train.precision, recipe.train.peak_flops),
         step_guard(recipe, env, args.run_dir),
@@ -145,6 +145,7 @@ def main(argv=None) -> None:
             "train_s": result.train_s,
             "checkpoint": result.checkpoint,
             "skipped_steps": result.skipped_steps,
+            "checkpoint_stall_s": result.checkpoint_stall_s,
         }
         if result.preempted:  # the launcher exits PREEMPTED_EXIT on seeing it
             write_preempted(args.run_dir, result.last_step, result.checkpoint)

@@ -128,8 +128,8 @@ def test_huge_lr_stops_with_nonfinite(tmp_path):
 ])
 def test_skip_mode_skips_on_every_rank_alike(tmp_path, layout):
     """NaNs at step indexes 2 and 5 on one rank: both updates skipped everywhere, counted
-    in metrics and summary; every rank ends with the same weights (an exported checkpoint
-    holds one copy; the replicas' own copies are compared through their shards' sums)."""
+    in metrics and summary; every replica ends with the same weights (SDTRAIN_DUMP_WEIGHTS:
+    each rank logs a digest of its weights; one digest per pipeline stage)."""
     recipe = merge(NAN_RUN, {"train": {"on_nonfinite": "skip", "max_skipped_steps": 1},
                              "checkpoint": {"every": 0, "at_end": True}})
     run_dir = tmp_path / "run"
@@ -137,8 +137,9 @@ def test_skip_mode_skips_on_every_rank_alike(tmp_path, layout):
     if "parallel.pipeline.stages=2" in layout:
         recipe["launch"]["nproc_per_node"] = 4
         recipe["train"].pop("micro_batch_size")
+    last = recipe["launch"]["nproc_per_node"] - 1  # a rank of the last stage, where the loss is
     result = sdtrain("launch", write(tmp_path, recipe), "--run-dir", run_dir, *args,
-                     env={"SDTRAIN_INJECT_NAN": "1:2,1:5", "SDTRAIN_DUMP_WEIGHTS": "1"})
+                     env={"SDTRAIN_INJECT_NAN": f"{last}:2,{last}:5", "SDTRAIN_DUMP_WEIGHTS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = metrics(run_dir)
     assert [r.get("skipped_steps", 0) for r in rows] == [0, 0, 1, 1, 1, 2, 2, 2]
@@ -146,7 +147,8 @@ def test_skip_mode_skips_on_every_rank_alike(tmp_path, layout):
     logs = [(run_dir / "logs" / f"rank{r}.log").read_text() for r in range(recipe["launch"]["nproc_per_node"])]
     assert all("skipped the update of step 3" in log and "skipped the update of step 6" in log for log in logs)
     digests = {line.split("weights digest ")[1] for log in logs for line in log.splitlines() if "weights digest " in line}
-    assert len(digests) == 1, digests
+    stages = 2 if "parallel.pipeline.stages=2" in layout else 1
+    assert len(digests) == stages and len({d.split(":")[0] for d in digests}) == stages, digests
 
 
 @pytest.mark.slow
@@ -222,3 +224,24 @@ def test_auto_resume_falls_back_past_a_damaged_newest_checkpoint(full_run, tmp_p
     assert f"skipped checkpoint step_10: {shard}" in words(result.stderr)
     assert f"resuming from {run_dir / 'checkpoints' / 'step_5'}" in words(result.stdout)
     assert trajectory(run_dir) == trajectory(reference)
+
+
+@pytest.mark.slow
+def test_async_save_writes_the_same_checkpoints(full_run, tmp_path):
+    """checkpoint.async_save: the same trajectory; its step_5 verifies, and a resume from it
+    ends on the uninterrupted run's losses (the staged copy is step 5's state, not a later one)."""
+    from conftest import crashed_copy
+    from sdtrain.train.checkpoint_verify import checkpoint_problems
+
+    recipe, reference = full_run
+    run_dir = tmp_path / "run"
+    result = sdtrain("launch", recipe, "--run-dir", run_dir, "--set", "checkpoint.async_save=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert trajectory(run_dir) == trajectory(reference)
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_10"
+    assert checkpoint_problems(run_dir / "checkpoints" / "step_5") == []
+    assert len(json.loads((run_dir / "summary.json").read_text())["checkpoint_stall_s"]) == 2
+    resumed = crashed_copy(run_dir, tmp_path / "resumed")
+    result = sdtrain("launch", recipe, "--run-dir", resumed, "--set", "train.resume=auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert trajectory(resumed) == trajectory(reference)

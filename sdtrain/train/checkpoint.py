@@ -13,6 +13,12 @@ Layout of `checkpoints/step_<N>/`:
 
 A save writes into `step_<N>.partial/` and is renamed into place only after every rank
 finished, so a crash mid-save leaves the previous checkpoint and `latest` intact.
+
+checkpoint.async_save: DCP's async_save copies the state to CPU memory (the stall training
+sees) and writes the files from a thread, over a gloo group of its own (its collectives must
+never interleave with training's). The save is completed (digests, manifest, rename,
+`latest`) when the next save starts or training ends: until then `latest` names the
+previous checkpoint, as after a crash mid-save.
 checkpoint_verify.py checks a checkpoint against all of this before anything loads it.
 """
 
@@ -36,21 +42,46 @@ from sdtrain.train.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep: int, env: DistEnv):
+    def __init__(self, run_dir: Path, keep: int, env: DistEnv, async_save: bool = False):
         self.root = checkpoint_dir(run_dir)
         self.keep = keep
         self.env = env
+        self.async_group = dist.new_group(backend="gloo") if async_save else None
+        self.pending = None  # (future, step, model_shape) of an async save not yet completed
 
     def save(self, step: int, strategy: Strategy, model_shape: dict) -> Path:
+        """Save at `step`; with async_save, return once the state is copied (the files
+        follow, and the checkpoint is completed by the next save or by finish())."""
+        self.finish()
         final = self.root / f"step_{step}"
         partial = self.root / f"step_{step}.partial"
         if self.env.is_main:
             shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier crash
             partial.mkdir(parents=True)
         dist.barrier()
-        dcp.save(strategy.checkpoint_state(), checkpoint_id=partial)
         extra = partial / f"rank{self.env.rank}.extra.pt"
+        if self.async_group is not None:
+            future = dcp.async_save(strategy.checkpoint_state(), checkpoint_id=partial, process_group=self.async_group)
+            torch.save({**_rng_state(), **strategy.extra_state()}, extra)
+            self.pending = (future, step, model_shape)
+            return final
+        dcp.save(strategy.checkpoint_state(), checkpoint_id=partial)
         torch.save({**_rng_state(), **strategy.extra_state()}, extra)
+        self._complete(step, model_shape)
+        return final
+
+    def finish(self) -> None:
+        """Complete an async save: wait for its files, then manifest, rename, `latest`."""
+        if self.pending is not None:
+            future, step, model_shape = self.pending
+            self.pending = None
+            future.result()
+            self._complete(step, model_shape)
+
+    def _complete(self, step: int, model_shape: dict) -> None:
+        final = self.root / f"step_{step}"
+        partial = self.root / f"step_{step}.partial"
+        extra = partial / f"rank{self.env.rank}.extra.pt"
         # Each rank hashes the files it wrote, all at once; the gather is also the barrier
         # after which every rank's files are complete.
         written = digests([extra, *sorted(partial.glob(f"__{self.env.rank}_*.distcp"))])
@@ -67,7 +98,6 @@ class Checkpointer:
             _write_atomically(self.root / LATEST, final.name)
             self._prune(keep_name=final.name)
         dist.barrier()
-        return final
 
     def load(self, path: Path, strategy: Strategy) -> int:
         """Restore weights, optimizer, scaler and RNG in place; return the step to continue at."""

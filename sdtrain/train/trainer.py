@@ -40,6 +40,7 @@ class TrainResult:
     checkpoint: str | None = None
     skipped_steps: int = 0  # updates dropped for a non-finite loss or gradient norm (on_nonfinite skip)
     preempted: bool = False  # stopped early at a preemption request, after saving a checkpoint
+    checkpoint_stall_s: list = field(default_factory=list)  # per save: how long training stood still
 
 
 class Trainer:
@@ -141,20 +142,27 @@ class Trainer:
                     log.log(record)
                 interval_start, interval_steps = time.perf_counter(), 0  # eval time is not throughput
             if (ckpt.every and done % ckpt.every == 0) or (ckpt.at_end and done == train.steps):
-                paused = time.perf_counter()  # neither is checkpoint time
-                result.checkpoint = str(self.checkpointer.save(done, self.strategy, self.recipe.model.model_dump()))
-                interval_start += time.perf_counter() - paused
+                interval_start += self.save_checkpoint(done, result)  # neither is checkpoint time
             result.last_step = done
             if self.guard is not None and self.guard.preempt_now and done < train.steps:
                 if not ckpt.every or done % ckpt.every:  # else saved just now
-                    result.checkpoint = str(self.checkpointer.save(done, self.strategy, self.recipe.model.model_dump()))
+                    self.save_checkpoint(done, result)
                 result.preempted = True
                 break
         result.skipped_steps = self.guard.skipped if self.guard is not None else 0
+        self.checkpointer.finish()  # an async save completes before the run ends
         self.strategy.finish()
         steps_run = result.last_step - first_step
         result.tokens_per_s = steps_run * self.tokens_per_step / result.train_s if result.train_s else 0.0
         return result
+
+    def save_checkpoint(self, done: int, result: TrainResult) -> float:
+        """Save at step `done`; returns how long training stood still for it."""
+        paused = time.perf_counter()
+        result.checkpoint = str(self.checkpointer.save(done, self.strategy, self.recipe.model.model_dump()))
+        stall = time.perf_counter() - paused
+        result.checkpoint_stall_s.append(round(stall, 4))
+        return stall
 
     def mfu(self, tokens_per_s: float) -> float | None:
         """Model FLOPs utilization of the whole job, or None where no peak is known."""
