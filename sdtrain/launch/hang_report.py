@@ -35,6 +35,7 @@ class RankState:
     stacks: str = ""
     collectives: list[dict] = field(default_factory=list)
     nccl: dict | None = None
+    taken_at: float | None = None  # when its node's watchdog took the stacks
 
     @property
     def where(self) -> str:
@@ -104,7 +105,8 @@ def read_ranks(run_dir: Path) -> tuple[dict[int, RankState], list[dict]]:
                 rank=int(key), node_rank=report.get("node_rank", "?"), host=str(beat.get("host", report.get("host", "?"))),
                 pid=beat.get("pid", "?"), step=beat.get("step"), stack=main_thread_stack(stacks, beat.get("main_thread")),
                 stacks=stacks, collectives=[c for c in recent if isinstance(c, dict)],
-                nccl=beat.get("nccl") if isinstance(beat.get("nccl"), dict) else None)
+                nccl=beat.get("nccl") if isinstance(beat.get("nccl"), dict) else None,
+                taken_at=report.get("detected_at") if isinstance(report.get("detected_at"), (int, float)) else None)
     return ranks, reports
 
 
@@ -144,7 +146,8 @@ def diagnose(ranks: dict[int, RankState], reports: list[dict], world_size: int |
     for r, state in sorted(ranks.items()):
         if r in waiting:
             c = waiting[r]
-            since = f", for {time.time() - c['entered']:.0f} s" if isinstance(c.get("entered"), (int, float)) else ""
+            since = (f", for {state.taken_at - c['entered']:.0f} s when its stack was taken"
+                     if isinstance(c.get("entered"), (int, float)) and state.taken_at else "")
             what = f"waiting in {describe_collective(c)}{since}"
         else:
             done = [c for c in state.collectives if c.get("completed") is not None]
