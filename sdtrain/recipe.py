@@ -28,6 +28,30 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
+class MoEConfig(Section):
+    num_experts: int = Field(0, ge=0, description="experts E in each MoE MLP; 0: a dense model (no MoE)")
+    top_k: int = Field(2, ge=1, description="experts each token is sent to")
+    every_n_layers: int = Field(2, ge=1, description=(
+        "an MoE MLP in every n-th block (blocks n-1, 2n-1, ...); 2: every other block, 1: all"))
+    capacity_factor: float = Field(1.25, gt=0.0, description=(
+        "training capacity per expert: ceil(k x tokens / E x capacity_factor) slots"))
+    eval_capacity_factor: float = Field(2.0, gt=0.0, description="capacity factor in evaluation")
+    min_capacity: int = Field(4, ge=0, description="slots per expert at least")
+    drop_tokens: bool = Field(True, description=(
+        "drop what exceeds capacity (the residual carries it); false: dropless, capacity = the largest load"))
+    aux_loss_coef: float = Field(0.01, ge=0.0, description="weight of the load-balancing loss")
+    z_loss_coef: float = Field(0.0, ge=0.0, description="weight of the router z-loss")
+    balance: Literal["aux_loss", "bias"] = Field("aux_loss", description=(
+        "`aux_loss`; `bias`: aux-loss-free, a per-expert selection bias nudged toward equal load each step"))
+
+    @model_validator(mode="after")
+    def _k_fits(self):
+        if self.num_experts and self.top_k > self.num_experts:
+            raise ValueError(f"top_k {self.top_k} exceeds num_experts {self.num_experts}; "
+                             f"use top_k <= {self.num_experts}")
+        return self
+
+
 class ModelConfig(Section):
     n_layers: int = Field(4, ge=1, description="Transformer blocks")
     d_model: int = Field(128, ge=8, description="width of the residual stream")
@@ -37,6 +61,7 @@ class ModelConfig(Section):
     mlp_ratio: int = Field(4, ge=1, description="MLP hidden width as a multiple of d_model")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
     bias: bool = Field(True, description="biases in the linear layers and norms")
+    moe: MoEConfig = MoEConfig()
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -45,6 +70,9 @@ class ModelConfig(Section):
                 f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}; "
                 f"pick n_heads from {_divisors(self.d_model)}"
             )
+        if self.moe.num_experts and self.moe.every_n_layers > self.n_layers:
+            raise ValueError(f"moe.every_n_layers {self.moe.every_n_layers} exceeds n_layers {self.n_layers}: "
+                             f"no block would get experts; use 1..{self.n_layers}")
         return self
 
 
@@ -151,6 +179,8 @@ class ParallelConfig(Section):
         "0 data parallel; 1 shards optimizer state; 2 and gradients; 3 and weights"))
     zero: ZeroConfig = ZeroConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    expert_parallel: int = Field(1, ge=1, description=(
+        "EP: the experts of each MoE MLP split over this many ranks of each data-parallel group"))
 
 
 class LaunchSection(Section):
@@ -229,6 +259,7 @@ class Recipe(Section):
                 "weights in hooks around it, which torch.compile cannot trace; use zero_stage 2, "
                 "or compile: false"
             )
+        self._check_experts()
         pipeline = self.parallel.pipeline
         if pipeline.stages > 1:
             check_pipeline_layout(pipeline, self.model.n_layers)
@@ -240,6 +271,21 @@ class Recipe(Section):
                                  "on its layers, which activation checkpointing and torch.compile would bypass; "
                                  "turn those off, or use schedule 1f1b")
         return self
+
+    def _check_experts(self):
+        moe, ep = self.model.moe, self.parallel.expert_parallel
+        if not moe.num_experts:
+            if ep > 1:
+                raise ValueError(f"parallel.expert_parallel {ep} without experts (model.moe.num_experts 0): there "
+                                 "is nothing to split; set model.moe.num_experts, or expert_parallel 1")
+            return
+        if moe.num_experts % ep:
+            raise ValueError(f"model.moe.num_experts {moe.num_experts} is not divisible by parallel.expert_parallel "
+                             f"{ep}: each rank holds the same number of experts; use expert_parallel in "
+                             f"{_divisors(moe.num_experts)}")
+        if self.train.precision == "fp16":
+            raise ValueError("model.moe with train.precision fp16: the router's loss terms have no loss scaling; "
+                             "use precision bf16")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -72,7 +72,8 @@ def main(argv=None) -> None:
     start_progress(args.run_dir, rank, recipe.launch.backend)  # heartbeat and stack dumps, before any collective
     print(f"rank {rank}: pid {os.getpid()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
 
-    env = init_distributed(recipe.launch.backend, recipe.launch.timeout_s, recipe.parallel.pipeline.stages)
+    env = init_distributed(recipe.launch.backend, recipe.launch.timeout_s, recipe.parallel.pipeline.stages,
+                           recipe.parallel.expert_parallel)
     plan = derive_batch(
         recipe.train.global_batch_size, recipe.train.micro_batch_size, recipe.train.grad_accum_steps, env.dp_size
     )

@@ -49,7 +49,7 @@ class Job:
 
     @property
     def dims(self) -> ParallelDims:
-        return ParallelDims(self.plan.world_size, self.recipe.parallel.pipeline.stages)
+        return ParallelDims(self.plan.world_size, self.recipe.parallel.pipeline.stages, self.recipe.parallel.expert_parallel)
 
     def stages(self) -> list[dict]:
         """Per pipeline stage: its layers, parameters, and model-state bytes per rank (the
@@ -128,7 +128,7 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
     # "auto" is decided where the workers run: here for a local launch, on each node otherwise.
     plan.backend = resolve_backend(recipe.launch.backend) if launcher == "local" else recipe.launch.backend
     train = recipe.train
-    dims = ParallelDims(plan.world_size, recipe.parallel.pipeline.stages)
+    dims = ParallelDims(plan.world_size, recipe.parallel.pipeline.stages, recipe.parallel.expert_parallel)
     batch = derive_batch(train.global_batch_size, train.micro_batch_size, train.grad_accum_steps, dims.dp)
     check_schedule(recipe.parallel.pipeline, batch.grad_accum)
     recipe = _with_batch(recipe, batch, max(len(node.slots) for node in plan.nodes))

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sdtrain.model.chunked_loss import chunked_cross_entropy
+from sdtrain.model.moe.layer import MoEMLP, MoESettings
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class GPTConfig:
     mlp_ratio: int = 4
     dropout: float = 0.0
     bias: bool = True
+    moe: dict | None = None  # MoESettings' fields (num_experts 0 or None: dense)
+
+    @property
+    def moe_settings(self) -> MoESettings | None:
+        return MoESettings(**self.moe) if self.moe and self.moe["num_experts"] else None
 
 
 class CausalSelfAttention(nn.Module):
@@ -62,12 +68,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, moe: MoESettings | None = None):
         super().__init__()
         self.ln_attn = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
         self.ln_mlp = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.mlp = MoEMLP(cfg.d_model, cfg.mlp_ratio * cfg.d_model, moe) if moe is not None else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +112,11 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model) if first else None
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if first else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in layers})
+        moe = cfg.moe_settings
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, moe if moe and moe.is_moe_layer(i) else None) for i in layers})
+        # The global index of each experts module's first expert (expert parallelism keeps a
+        # slice of them on each rank): an expert's first value depends on that index only.
+        self.first_expert: dict[str, int] = {}
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias) if last else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if last else None
         self.head_loss = HeadLoss(loss_chunk_tokens) if last else None
@@ -129,7 +139,9 @@ class GPT(nn.Module):
         if name == "lm_head.weight":
             name = "tok_emb.weight"
         module, _, kind = name.rpartition(".")
-        if module in self.layer_norms:
+        if module.endswith(".experts"):
+            self._initial_experts(name, module, out)
+        elif module in self.layer_norms:
             out.fill_(1.0 if kind == "weight" else 0.0)
         elif kind == "bias":
             out.zero_()
@@ -140,6 +152,15 @@ class GPT(nn.Module):
             # (The CPU generator keeps only 32 bits of a seed, hence one 32-bit hash of both.)
             generator = torch.Generator(out.device).manual_seed(zlib.crc32(f"{self.seed}/{name}".encode()))
             out.normal_(0.0, std, generator=generator)
+
+    def _initial_experts(self, name: str, module: str, out: torch.Tensor) -> None:
+        """One generator per (seed, name, global expert index): the same expert starts the
+        same whichever rank holds it. w2 is a residual projection (GPT-2's scaled std)."""
+        std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith("w2") else 0.02
+        first = self.first_expert.get(module, 0)
+        for local in range(out.shape[0]):
+            seed = zlib.crc32(f"{self.seed}/{name}/{first + local}".encode())
+            out[local].normal_(0.0, std, generator=torch.Generator(out.device).manual_seed(seed))
 
     def forward(self, x: torch.Tensor, layers: list[str] | None = None) -> torch.Tensor:
         """Token ids or hidden states in; hidden states out. `layers`: run only these blocks

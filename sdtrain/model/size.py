@@ -7,15 +7,29 @@ so the launcher and `sdtrain estimate` can size a model without building it.
 from __future__ import annotations
 
 
-def count_params(cfg) -> int:
-    """Closed form of GPT.num_params(), for planning without building the model."""
-    return embedding_params(cfg) + cfg.n_layers * block_params(cfg) + final_norm_params(cfg)
+def count_params(cfg, active: bool = False) -> int:
+    """Closed form of GPT.num_params(), for planning without building the model. `active`:
+    the parameters one token uses (of an MoE MLP, the router and top_k experts)."""
+    blocks = sum(block_params(cfg, i, active) for i in range(cfg.n_layers))
+    return embedding_params(cfg) + blocks + final_norm_params(cfg)
 
 
-def block_params(cfg) -> int:
+def moe_of(cfg) -> dict | None:
+    """The MoE settings of a GPTConfig or a recipe's model section, as a dict (None: dense)."""
+    moe = getattr(cfg, "moe", None)
+    moe = moe if moe is None or isinstance(moe, dict) else moe.model_dump()
+    return moe if moe and moe["num_experts"] else None
+
+
+def block_params(cfg, index: int = 0, active: bool = False) -> int:
+    """Block `index`'s parameters (an MoE block: router and experts, which have no biases)."""
     d, hidden, b = cfg.d_model, cfg.mlp_ratio * cfg.d_model, 1 if cfg.bias else 0
     attn = d * 3 * d + b * 3 * d + d * d + b * d
     mlp = d * hidden + b * hidden + hidden * d + b * d
+    moe = moe_of(cfg)
+    if moe is not None and (index + 1) % moe["every_n_layers"] == 0:
+        experts = moe["top_k"] if active else moe["num_experts"]
+        mlp = d * moe["num_experts"] + experts * 2 * d * hidden
     norms = 2 * (d + b * d)
     return attn + mlp + norms
 
@@ -32,6 +46,7 @@ def final_norm_params(cfg) -> int:
 def flops_per_token(cfg) -> float:
     """Training FLOPs per token: 6N for the matmuls of forward + backward, plus 12·L·d·T for
     attention scores (PaLM appendix B). N leaves out the position embedding, a lookup; the
-    tied head is a real matmul and stays in."""
-    n = count_params(cfg) - cfg.seq_len * cfg.d_model
+    tied head is a real matmul and stays in. Of an MoE model only the active parameters count
+    (what a token computes with), as MFU should."""
+    n = count_params(cfg, active=True) - cfg.seq_len * cfg.d_model
     return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * cfg.seq_len

@@ -85,7 +85,7 @@ def stage_layers(pipeline, model_cfg, stage: int) -> tuple[list[int], bool, bool
 def chunk_params(chunk: int, layers: list[int], chunks: int, model_cfg) -> int:
     """Parameters a chunk holds: its blocks, plus the embeddings on the first and the final
     norm and head copy on the last (both on a one-chunk model hold the head only once)."""
-    total = len(layers) * block_params(model_cfg)
+    total = sum(block_params(model_cfg, i) for i in layers)
     if chunk == 0:
         total += embedding_params(model_cfg)
     if chunk == chunks - 1:
