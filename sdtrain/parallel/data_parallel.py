@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from sdtrain.parallel.expert_parallel import after_step, balancer_state, expert_squares, is_expert, moe_metrics
 from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.strategy import (
     ADAM_MOMENTS,
@@ -30,7 +31,11 @@ class DataParallel(Strategy):
         # Under a pipeline, a stage's forward runs one chunk at a time, which DDP's reducer
         # cannot follow: its replicas average their gradients once, in step().
         self.average_in_step = env.dp_size > 1 and env.pp_size > 1
+        # Under expert parallelism each rank holds other experts: theirs are averaged over the
+        # ranks holding the same ones (edp), in step(), never by DDP over all replicas.
+        experts = [n for n, _ in model.named_parameters() if is_expert(n)] if env.ep_size > 1 else []
         if env.dp_size > 1 and not self.average_in_step:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
             model = DistributedDataParallel(
                 model,
                 device_ids=[env.local_rank] if env.device.type == "cuda" else None,
@@ -41,6 +46,8 @@ class DataParallel(Strategy):
         self.comm_counted = 0
         self.model = model
         self.named = [(base_name(n), p) for n, p in self.plain.named_parameters()]
+        self.experts = [p for n, p in self.named if n in {base_name(e) for e in experts}]
+        self.dense = [p for _, p in self.named if not any(p is e for e in self.experts)]
         params = [p for _, p in self.named]
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for p in params if decays(p)], "weight_decay": train.weight_decay},
@@ -68,9 +75,11 @@ class DataParallel(Strategy):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.average_in_step:
-            self._average_grads()
+            self._average_grads(self.dense, self.env.dp_group)
+        if self.experts and self.env.edp_size > 1:
+            self._average_grads(self.experts, self.env.edp_group)
         self.scaler.unscale_(self.optimizer)
-        if self.env.pp_size > 1:
+        if self.env.pp_size > 1 or self.experts:
             norm = self._clip_over_pipeline(grad_clip)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.plain.parameters(), grad_clip or float("inf"), foreach=True)
@@ -80,24 +89,29 @@ class DataParallel(Strategy):
         # Keep the gradient tensors (with DDP they are views of its buckets, which stay
         # allocated anyway): the memory is then visible to state_bytes().
         self.optimizer.zero_grad(set_to_none=False)
+        after_step(self.plain, self.env)
         return norm
 
-    def _average_grads(self) -> None:
-        """One all-reduce of every gradient, flattened, over the stage's replicas."""
-        grads = [p.grad for _, p in self.named if p.grad is not None]
+    def _average_grads(self, params: list, group) -> None:
+        """One all-reduce of the gradients, flattened, over `group`."""
+        grads = [p.grad for p in params if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
         self.comm_counted += flat.numel() * flat.element_size()
-        dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.env.dp_group)
+        dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=group)
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
     def _clip_over_pipeline(self, grad_clip: float) -> torch.Tensor:
-        """The global norm counts every stage's gradients (each weight once)."""
-        grads = [p.grad for _, p in self.named if p.grad is not None]
+        """The global norm counts every stage's gradients and every expert (each weight once)."""
+        grads = [p.grad for p in self.dense if p.grad is not None]
         squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
-        dist.all_reduce(squares, group=self.env.pp_group)
+        if self.experts:
+            squares = squares + expert_squares([p.grad for p in self.experts if p.grad is not None], self.env)
+            grads += [p.grad for p in self.experts if p.grad is not None]
+        if self.env.pp_size > 1:
+            dist.all_reduce(squares, group=self.env.pp_group)
         norm = squares.sqrt()
         if grad_clip:
             torch._foreach_mul_(grads, clip_coefficient(norm, grad_clip).to(grads[0].dtype))
@@ -113,11 +127,28 @@ class DataParallel(Strategy):
     def checkpoint_state(self) -> dict:
         state = self.optimizer.state
         first = self.named[0][1]
+        experts = set(self.experts)
+
+        def saved(param: torch.Tensor, tensor: torch.Tensor):
+            return self._global_experts(tensor) if param in experts else tensor
+
         return {
-            "model": dict(self.named),
-            "optim": {**{m: {n: state[p][m] for n, p in self.named} for m in ADAM_MOMENTS},
+            "model": {**{n: saved(p, p) for n, p in self.named}, **balancer_state(self.plain)},
+            "optim": {**{m: {n: saved(p, state[p][m]) for n, p in self.named} for m in ADAM_MOMENTS},
                       "step": state[first]["step"]},
         }
+
+    def _global_experts(self, local: torch.Tensor):
+        """A rank's experts as the layer's whole [E, ...] tensor, sharded over "ep" along the
+        expert index and replicated over "edp": keyed by global expert index, so DCP loads
+        it at any EP."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        return DTensor.from_local(local.detach(), self.env.expert_mesh, [Replicate(), Shard(0)], run_check=False)
+
+    def log_metrics(self, mem_gib: float) -> dict:
+        moe = getattr(getattr(self.plain, "cfg", None), "moe", None)
+        return moe_metrics(self.plain, self.env, moe["num_experts"]) if moe and moe["num_experts"] else {}
 
     def after_load(self) -> None:
         step = self.optimizer.state[self.named[0][1]]["step"]

@@ -6,14 +6,17 @@ all-gather restores all of them and a single reduce-scatter shards all their gra
 no per-parameter collectives. Matrices come first and vectors after, so the rank's shard
 splits into at most two runs, one with weight decay and one without.
 
-For checkpoints, a rank's shard of a parameter is a flat range, which is cut into at most
-three rectangles (partial first row, whole rows, partial last row); those rectangles are
-the shards of a ShardedTensor keyed by the parameter's name, which is what lets DCP load
-it on any other world size or ZeRO stage.
+For checkpoints, a rank's shard of a parameter is a flat range, which is cut into boxes
+(for a matrix at most three: partial first row, whole rows, partial last row; a 3-D expert
+weight likewise along its first axis); those boxes are the shards of a ShardedTensor keyed
+by the parameter's name, which is what lets DCP load it on any other world size or ZeRO
+stage. A unit of experts (expert parallelism) holds a slice of each layer's experts: its
+boxes are placed in the layer's whole [E, ...] tensor at the slice's first expert.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,8 +55,6 @@ class FlatUnit:
         ordered = sorted(named_params, key=lambda item: item[1].dim() < 2)  # stable: matrices first
         layout, offset = [], 0
         for fqn, param in ordered:
-            if param.dim() > 2:
-                raise ValueError(f"{fqn}: ZeRO sharding supports parameters of at most 2 dims, got {tuple(param.shape)}")
             layout.append((fqn, param, offset))
             offset += param.numel()
         self.numel = offset
@@ -78,6 +79,10 @@ class FlatUnit:
                     place.copy_(param.detach())
                 self.entries.append(Entry(fqn, param, offset, place.shape))
         self.decay_numel = sum(e.numel for e in self.entries if len(e.shape) >= 2)
+        # A unit of experts (expert parallelism): each name's whole expert count E, and every
+        # ep rank's slice as (its first expert, the global ranks of its shards' owners).
+        self.num_experts: dict[str, int] = {}
+        self.expert_slices: list[tuple[int, list[int]]] = []
         self.bind_params()
 
     @property
@@ -110,45 +115,56 @@ class FlatUnit:
         Placements name global ranks (`global_ranks[r]` holds shard r): the unit is sharded
         over one stage's data-parallel group, but a checkpoint is written by the whole job."""
         out = {}
+        slices = self.expert_slices or [(0, global_ranks)]
+        mine = next(first for first, ranks in slices if ranks == global_ranks)
+        device = local.device.type
         for e in self.entries:
-            shards_md = [ShardMetadata(list(off), list(size), f"rank:{global_ranks[r]}/{local.device.type}")
-                         for r in range(self.world) for off, size, _ in self._pieces(e, r)]
+            shape = torch.Size((self.num_experts[e.name], *e.shape[1:])) if e.name in self.num_experts else e.shape
+
+            def placed(off, first):
+                return [off[0] + first, *off[1:]]
+
+            shards_md = [ShardMetadata(placed(off, first), list(size), f"rank:{ranks[r]}/{device}")
+                         for first, ranks in slices for r in range(self.world) for off, size, _ in self._pieces(e, r)]
             local_shards = [
-                Shard(local[start : start + size[0] * (size[1] if len(size) > 1 else 1)].view(size),
-                      ShardMetadata(list(off), list(size), f"rank:{global_ranks[self.rank]}/{local.device.type}"))
+                Shard(local[start : start + math.prod(size)].view(size),
+                      ShardMetadata(placed(off, mine), list(size), f"rank:{global_ranks[self.rank]}/{device}"))
                 for off, size, start in self._pieces(e, self.rank)
             ]
-            md = ShardedTensorMetadata(shards_md, e.shape, TensorProperties(dtype=local.dtype))
+            md = ShardedTensorMetadata(shards_md, shape, TensorProperties(dtype=local.dtype))
             out[e.name] = ShardedTensor._init_from_local_shards_and_global_metadata(local_shards, md)
         return out
 
     def _pieces(self, e: Entry, rank: int):
-        """Rectangles (offsets, sizes, start in the rank's shard) of e owned by `rank`."""
+        """Boxes (offsets, sizes, start in the rank's shard) of e owned by `rank`."""
         lo = max(e.offset, rank * self.shard_size)
         hi = min(e.offset + e.numel, (rank + 1) * self.shard_size)
         if lo >= hi:
             return []
-        a, b, base = lo - e.offset, hi - e.offset, lo - rank * self.shard_size
-        if len(e.shape) == 1:
-            return [((a,), (b - a,), base)]
-        cols = e.shape[1]
-        pieces = []
-        row, col = divmod(a, cols)
-        if col:  # partial first row
-            end = min(cols, col + (b - a))
-            pieces.append(((row, col), (1, end - col), base))
-            base += end - col
-            a += end - col
-            row += 1
-        full_rows = (b - a) // cols
-        if full_rows:
-            pieces.append(((row, 0), (full_rows, cols), base))
-            base += full_rows * cols
-            a += full_rows * cols
-            row += full_rows
-        if b > a:  # partial last row
-            pieces.append(((row, 0), (1, b - a), base))
-        return pieces
+        base = lo - rank * self.shard_size
+        return [(off, size, base + start) for off, size, start in boxes(tuple(e.shape), lo - e.offset, hi - e.offset)]
+
+
+def boxes(shape: tuple[int, ...], lo: int, hi: int) -> list[tuple[tuple, tuple, int]]:
+    """The flat range [lo, hi) of a row-major tensor of `shape` as boxes (offsets, sizes,
+    start relative to lo): whole slices along the first axis where the range covers them,
+    and the partial slices at either end cut the same way one axis down."""
+    if len(shape) == 1:
+        return [((lo,), (hi - lo,), 0)]
+    inner = math.prod(shape[1:])
+    out, pos = [], lo
+    while pos < hi:
+        row, within = divmod(pos, inner)
+        if within == 0 and hi - pos >= inner:
+            rows = (hi - pos) // inner
+            out.append(((row, *(0,) * (len(shape) - 1)), (rows, *shape[1:]), pos - lo))
+            pos += rows * inner
+        else:
+            end = min(hi, (row + 1) * inner)
+            for off, size, start in boxes(shape[1:], within, end - row * inner):
+                out.append(((row, *off), (1, *size), pos - lo + start))
+            pos = end
+    return out
 
 
 def replace_parameters(model: nn.Module, replaced: dict[nn.Parameter, nn.Parameter]) -> None:

@@ -1,6 +1,6 @@
 """Apply the recipe's strategies to a plain model from outside, in a fixed order
-(as torchtitan does): activation checkpointing -> torch.compile -> pipeline -> data
-parallel / ZeRO over each stage's replicas."""
+(as torchtitan does): expert parallelism -> activation checkpointing -> torch.compile ->
+pipeline -> data parallel / ZeRO over each stage's replicas."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ from sdtrain.parallel.strategy import Strategy
 
 
 def parallelize(model: nn.Module, recipe, env: DistEnv, micro_batches: int = 1) -> Strategy:
+    if recipe.model.moe.num_experts:
+        from sdtrain.parallel.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, env, micro_batches)
     if recipe.train.activation_checkpointing:
         # Recompute each block's activations in backward instead of keeping them.
         for key, block in model.blocks.items():

@@ -204,7 +204,8 @@ class Pipeline(Strategy):
                 "bubble_formula": round(self.bubble_formula, 4),
                 # stages hold different layers: each one's memory (the most of its replicas)
                 "mem_gib_per_stage": [round(max(every[r][1].item() for r in dims.stage_ranks(s)), 3)
-                                      for s in range(dims.pp)]}
+                                      for s in range(dims.pp)],
+                **self.inner.log_metrics(mem_gib)}  # the MoE layers' numbers, over every stage
 
     def finish(self) -> None:
         self.tied.settle()

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from sdtrain.parallel.comm import Comm
+from sdtrain.parallel.expert_parallel import after_step, balancer_state, is_expert, moe_layers, moe_metrics, num_experts_of
 from sdtrain.parallel.flat_unit import FlatUnit, replace_parameters
 from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.strategy import (
@@ -50,9 +51,14 @@ class Zero(Strategy):
         self.env, self.model = env, model
         self.param_dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
         self.comm = Comm(env.dp_group, overlap=cfg.overlap_comm)
+        # Under expert parallelism the experts are sharded over the ranks holding the same ones.
+        self.expert_comm = Comm(env.edp_group, overlap=cfg.overlap_comm) if env.ep_size > 1 else None
         self.units = self._build_units(model, cfg)
         self.owner = {e.param: (unit, e) for unit in self.units for e in unit.entries}
         model.to(self.param_dtype)  # buffers, if any; the weights were re-homed by the units
+        for layer in moe_layers(model).values():
+            if layer.balancer is not None:
+                layer.balancer.float()  # its bias moves in steps of 1e-3: fp32
         self.optimizer = self._build_optimizer(train)
         self.pending: list = []  # in-flight reduce-scatters: (work, result, unit)
         if self.stage >= 2:
@@ -71,13 +77,22 @@ class Zero(Strategy):
 
         Each unit is sharded as soon as it is made, so with a meta-device model (whose
         weights the units make) stage 3 never holds more than one unit whole: a model
-        larger than one device's memory can start."""
+        larger than one device's memory can start. Experts (under expert parallelism) get
+        units of their own, sharded over their edp group."""
         named = [(base_name(n), p) for n, p in model.named_parameters()]
         initial_value = getattr(model, "initial_value", None)
+        experts = {p for n, p in named if is_expert(n)} if self.expert_comm is not None else set()
 
         def make(name: str, params: list) -> FlatUnit:
-            unit = FlatUnit(name, params, self.env.dp_size, self.env.dp_rank, torch.float32, self.env.device,
-                            initial_value)
+            of_experts = bool(params) and params[0][1] in experts
+            comm = self.expert_comm if of_experts else self.comm
+            unit = FlatUnit(name, params, comm.world, comm.rank, torch.float32, self.env.device, initial_value)
+            unit.comm = comm
+            unit.owner_ranks = self.env.edp_ranks() if of_experts else self.env.dims.stage_ranks(self.env.stage)
+            if of_experts:
+                unit.num_experts = {n: num_experts_of(model, n) for n, _ in params}
+                local = params[0][1].shape[0]
+                unit.expert_slices = [(q * local, self.env.edp_ranks(q)) for q in range(self.env.ep_size)]
             replace_parameters(model, unit.replaced)
             self._shard_state(unit)
             return unit
@@ -87,25 +102,32 @@ class Zero(Strategy):
             # unit of their own: gathering them per block would cost more than it saves.
             persistent = [(n, p) for n, p in named if p.numel() < cfg.persistence_threshold]
             kept = {p for _, p in persistent}
-            self.block_units, in_blocks = [], set()
+            self.block_units, in_blocks = [], set()  # per block: its dense unit, then its experts'
             for key, block in model.blocks.items():
                 params = [(base_name(f"blocks.{key}.{n}"), p) for n, p in block.named_parameters() if p not in kept]
                 in_blocks.update(p for _, p in params)
-                self.block_units.append(make(f"blocks.{key}", params) if params else None)
+                dense = [(n, p) for n, p in params if p not in experts]
+                of_experts = [(n, p) for n, p in params if p in experts]
+                self.block_units.append([make(f"blocks.{key}", dense)] if dense else [])
+                if of_experts:
+                    self.block_units[-1].append(make(f"blocks.{key}.experts", of_experts))
             rest = [(n, p) for n, p in named if p not in in_blocks and p not in kept]
             self.root_unit = make("root", rest) if rest else None
             self.persistent_unit = make("persistent", persistent) if persistent else None
-            return [u for u in (*self.block_units, self.root_unit, self.persistent_unit) if u is not None]
+            return [u for u in (*(u for units in self.block_units for u in units), self.root_unit,
+                                self.persistent_unit) if u is not None]
         limit = cfg.reduce_bucket_mb * 2**20 / (torch.finfo(self.param_dtype).bits // 8)  # elements
-        units, bucket, size = [], [], 0
-        for name, p in reversed(named):
-            bucket.append((name, p))
-            size += p.numel()
-            if size >= limit:
+        units = []
+        for group in ([(n, p) for n, p in named if p not in experts], [(n, p) for n, p in named if p in experts]):
+            bucket, size = [], 0
+            for name, p in reversed(group):
+                bucket.append((name, p))
+                size += p.numel()
+                if size >= limit:
+                    units.append(make(f"bucket{len(units)}", bucket))
+                    bucket, size = [], 0
+            if bucket:
                 units.append(make(f"bucket{len(units)}", bucket))
-                bucket, size = [], 0
-        if bucket:
-            units.append(make(f"bucket{len(units)}", bucket))
         return units
 
     def _shard_state(self, unit: FlatUnit) -> None:
@@ -163,7 +185,7 @@ class Zero(Strategy):
             self._reduce_scatter(unit)
 
     def _reduce_scatter(self, unit: FlatUnit) -> None:
-        work, result = self.comm.reduce_scatter(unit.grad_full, async_op=self.comm.overlap)
+        work, result = unit.comm.reduce_scatter(unit.grad_full, async_op=unit.comm.overlap)
         self.pending.append((work, result, unit))
         if self.gatherer is not None:
             self.gatherer.free(unit)  # its backward is done: the whole weights can go
@@ -217,8 +239,12 @@ class Zero(Strategy):
                 self._reduce_scatter(unit)
             self._drain()
         grads = [u.grad_shard.float() if self.param_dtype != torch.float32 else u.grad_shard for u in self.units]
-        squares = torch.stack([g.pow(2).sum() for g in grads]).sum().reshape(1)
-        squares = self.comm.all_reduce_sum(squares)
+        squares = self._squares([g for u, g in zip(self.units, grads) if u.comm is self.comm], self.comm)
+        if self.expert_comm is not None:  # each expert once: its shards' over edp, the experts' over ep
+            of_experts = self._squares([g for u, g in zip(self.units, grads) if u.comm is self.expert_comm],
+                                       self.expert_comm)
+            dist.all_reduce(of_experts, group=self.env.ep_group)
+            squares = squares + of_experts
         if self.env.pp_size > 1:  # every stage's gradients count in the global norm
             dist.all_reduce(squares, group=self.env.pp_group)
         norm = squares.sqrt()[0]
@@ -237,7 +263,13 @@ class Zero(Strategy):
         self.optimizer.step()
         self._publish_weights()
         self._clear_grads()
+        after_step(self.model, self.env)
         return norm
+
+    def _squares(self, grads: list[torch.Tensor], comm: Comm) -> torch.Tensor:
+        """The sum of squares of these shards' gradients over the comm's group."""
+        local = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=self.env.device)
+        return comm.all_reduce_sum(local.float().reshape(1))
 
     def _clear_grads(self) -> None:
         for unit in self.units:
@@ -285,19 +317,18 @@ class Zero(Strategy):
             if local.data_ptr() != unit.master.data_ptr():
                 local.copy_(unit.master)
             if self.stage < 3 or unit.name == "persistent":
-                works.append(self.comm.all_gather(unit.full, local.clone(), async_op=True))
+                works.append(unit.comm.all_gather(unit.full, local.clone(), async_op=True))
         for work in works:
             work.wait()
 
     # --- checkpoints and accounting ----------------------------------------------------
 
     def checkpoint_state(self) -> dict:
-        ranks = self.env.dims.stage_ranks(self.env.stage)  # the global rank of each shard's owner
-        model, moments = {}, {m: {} for m in ADAM_MOMENTS}
-        for unit in self.units:
-            model.update(unit.sharded(unit.master, ranks))
+        model, moments = dict(balancer_state(self.model)), {m: {} for m in ADAM_MOMENTS}
+        for unit in self.units:  # owner_ranks: the global rank of each shard's owner
+            model.update(unit.sharded(unit.master, unit.owner_ranks))
             for m in ADAM_MOMENTS:
-                moments[m].update(unit.sharded(unit.moments[m], ranks))
+                moments[m].update(unit.sharded(unit.moments[m], unit.owner_ranks))
         first = next(p for group in self.optimizer.param_groups for p in group["params"])
         return {"model": model, "optim": {**moments, "step": self.optimizer.state[first]["step"]}}
 
@@ -312,4 +343,12 @@ class Zero(Strategy):
         return {"params": tensor_bytes(params), "grads": tensor_bytes(grads), "optimizer": tensor_bytes(optim)}
 
     def comm_bytes(self) -> dict[str, int]:
-        return self.comm.take_bytes()
+        counted = self.comm.take_bytes()
+        if self.expert_comm is not None:
+            for kind, size in self.expert_comm.take_bytes().items():
+                counted[kind] = counted.get(kind, 0) + size
+        return counted
+
+    def log_metrics(self, mem_gib: float) -> dict:
+        moe = getattr(getattr(self.model, "cfg", None), "moe", None)
+        return moe_metrics(self.model, self.env, moe["num_experts"]) if moe and moe["num_experts"] else {}

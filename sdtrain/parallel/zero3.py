@@ -24,7 +24,9 @@ from sdtrain.parallel.flat_unit import FlatUnit
 
 
 class ParamGatherer:
-    def __init__(self, model: nn.Module, blocks: list[FlatUnit | None], root: FlatUnit | None, comm: Comm, prefetch: int):
+    def __init__(self, model: nn.Module, blocks: list[list[FlatUnit]], root: FlatUnit | None, comm: Comm, prefetch: int):
+        # blocks[i]: block i's units (its dense weights, and its experts' under expert
+        # parallelism, which gather over their own group: each unit names its comm)
         self.blocks, self.root, self.comm, self.prefetch = blocks, root, comm, prefetch
         self.in_flight: dict[int, object] = {}  # id(unit) -> async work
         model.register_forward_pre_hook(lambda module, args: self.gather(self.root))
@@ -55,7 +57,7 @@ class ParamGatherer:
         if self.gathered(unit):
             return
         unit.full.untyped_storage().resize_(unit.padded * unit.full.element_size())
-        work = self.comm.all_gather(unit.full, unit.shard, async_op=async_op)
+        work = getattr(unit, "comm", self.comm).all_gather(unit.full, unit.shard, async_op=async_op)
         if async_op:
             self.in_flight[id(unit)] = work
 
@@ -69,21 +71,25 @@ class ParamGatherer:
 
     # --- hooks -------------------------------------------------------------------------
 
+    def _gather_block(self, i: int, async_op: bool = False) -> None:
+        for unit in self.blocks[i]:
+            self.gather(unit, async_op=async_op)
+
     def _before_block(self, i: int) -> None:
-        self.gather(self.blocks[i])
+        self._gather_block(i)
         for j in range(i + 1, min(i + 1 + self.prefetch, len(self.blocks))):
-            self.gather(self.blocks[j], async_op=True)
+            self._gather_block(j, async_op=True)
 
     def _after_block(self, i: int, output) -> None:
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(lambda grad, i=i: self._before_block_backward(i))
-        if self.blocks[i] is not None:
-            self.free(self.blocks[i])
+        for unit in self.blocks[i]:
+            self.free(unit)
 
     def _before_block_backward(self, i: int) -> None:
-        self.gather(self.blocks[i])
+        self._gather_block(i)
         for j in range(i - 1, max(i - 1 - self.prefetch, -1), -1):
-            self.gather(self.blocks[j], async_op=True)
+            self._gather_block(j, async_op=True)
 
     def _after_last_use(self, module, args, output) -> None:
         if not torch.is_grad_enabled() and self.root is not None:

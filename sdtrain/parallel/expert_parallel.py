@@ -1,0 +1,87 @@
+"""Expert parallelism, applied to a plain model from outside: each MoE layer keeps its
+slice of the experts (E / ep of them, by global index) and sends tokens to the others
+through the all-to-all dispatcher over the "ep" group.
+
+Gradients: dense ones are averaged over the whole data-parallel group as always; expert
+ones over the "edp" group only (the ranks holding the same experts), after being divided by
+ep in backward (GroupedExperts.grad_scale), which together gives the mean over every rank's
+tokens. The global gradient norm counts each expert once: the experts' squares summed over
+the ep group, added to the dense ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from sdtrain.model.moe.balance import update_balancers
+from sdtrain.model.moe.dispatch import AllToAllDispatch
+from sdtrain.model.moe.layer import STAT_FIELDS, MoEMLP
+from sdtrain.parallel.strategy import base_name
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoEMLP]:
+    return {base_name(name): m for name, m in model.named_modules() if isinstance(m, MoEMLP)}
+
+
+def is_expert(name: str) -> bool:
+    return ".experts." in name
+
+
+def apply_expert_parallel(model: nn.Module, env, micro_batches: int) -> None:
+    for name, layer in moe_layers(model).items():
+        layer.loss_scale = 1.0 / micro_batches
+        if layer.balancer is not None:  # made on the meta device with a ZeRO model: real and fp32 here
+            for key in ("bias", "load"):
+                setattr(layer.balancer, key, torch.zeros(layer.moe.num_experts, device=env.device))
+        if env.ep_size == 1:
+            continue
+        local = layer.moe.num_experts // env.ep_size
+        first = env.ep_rank * local
+        layer.experts.keep(first, local)
+        layer.experts.grad_scale = 1.0 / env.ep_size
+        layer.dispatch = AllToAllDispatch(env.ep_group, env.ep_size)
+        model.first_expert[f"{name}.experts"] = first
+
+
+def num_experts_of(model: nn.Module, name: str) -> int:
+    """E, the whole layer's expert count, of expert weight `name` (`blocks.N.mlp.experts.w1`)."""
+    return moe_layers(model)[name.rsplit(".", 2)[0]].moe.num_experts
+
+
+def expert_squares(grads: list[torch.Tensor], env) -> torch.Tensor:
+    """Sum of squares of every expert's gradient, each expert once (over the ep group);
+    `grads` are this rank's experts' (whole, or its edp shard summed over edp already)."""
+    squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=env.device)
+    dist.all_reduce(squares, group=env.ep_group)
+    return squares
+
+
+def after_step(model: nn.Module, env) -> None:
+    """Aux-loss-free balancing: every layer's bias nudged by the load all ranks saw."""
+    balancers = [m.balancer for m in moe_layers(model).values() if m.balancer is not None]
+    group = env.dp_group
+    update_balancers(balancers, (lambda t: dist.all_reduce(t, group=group)) if env.dp_size > 1 else None)
+
+
+def balancer_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The balancers' biases, for checkpoints (the same on every rank)."""
+    return {f"{name}.balancer.bias": m.balancer.bias for name, m in moe_layers(model).items() if m.balancer is not None}
+
+
+def moe_metrics(model: nn.Module, env, num_experts: int) -> dict:
+    """The MoE layers' numbers since the last report, over all ranks and layers: mean aux and
+    z loss, load of the least and most loaded expert relative to the mean, assignments dropped
+    (a fraction)."""
+    layers = list(moe_layers(model).values())
+    stats = torch.zeros(STAT_FIELDS + num_experts, device=env.device)
+    for layer in layers:
+        stats += layer.take_stats()
+    dist.all_reduce(stats)  # every stage's layers, every replica's tokens
+    aux, z, count, dropped, assigned = stats[:STAT_FIELDS].tolist()
+    load = stats[STAT_FIELDS:]
+    mean = load.mean().clamp(min=1e-9)
+    return {"moe_aux_loss": aux / max(count, 1), "moe_z_loss": z / max(count, 1),
+            "moe_load_min": (load.min() / mean).item(), "moe_load_max": (load.max() / mean).item(),
+            "moe_dropped": dropped / max(assigned, 1)}
