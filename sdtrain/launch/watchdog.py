@@ -141,7 +141,8 @@ class HangWatchdog:
         while time.monotonic() < deadline:  # written once every file has grown and stopped growing
             time.sleep(0.2)
             now = {rank: _size(stacks_path(self.run_dir, rank)) for rank in workers}
-            if now == last and all(now[r] > sizes[r] for r in workers):
+            answered = not any(dump_request_path(self.run_dir, r).exists() for r in workers)  # NCCL's entries too
+            if now == last and answered and all(now[r] > sizes[r] for r in workers):
                 break
             last = now
         stacks = {}

@@ -31,7 +31,7 @@ from sdtrain.heartbeat import (
 )
 from sdtrain.parallel import collective_log
 
-BEAT_S = 0.25
+BEAT_S = 0.5  # a rewrite at most this often: thousands of ranks may share one filesystem
 NCCL_ENTRIES = 20
 
 
