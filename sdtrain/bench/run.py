@@ -172,15 +172,8 @@ def _pipeline_peer_entries(peers: list[str], entries: list[Entry], recipe, recip
                            notes: list[str]) -> list[Entry]:
     """DeepSpeed's PipelineModule with its 1F1B schedule, once per (P, ZeRO stage) of the
     pipeline rows of this world, at their micro-batches."""
-    if "deepspeed-pipe" not in peers:
-        return []
     pipelines = list(dict.fromkeys((e.pipeline.stages, e.stage) for e in entries if e.pipeline))
-    if not pipelines:
-        notes.append("deepspeed-pipe: no pipeline strategy (pp<P>-<schedule>) to compare with, skipped")
-        return []
-    if importlib.util.find_spec("deepspeed") is None:
-        notes.append("deepspeed-pipe: deepspeed not installed, skipped (DS_BUILD_OPS=0 pip install deepspeed "
-                     "--no-build-isolation)")
+    if not _deepspeed_peer_runs("deepspeed-pipe", peers, pipelines, "pipeline strategy (pp<P>-<schedule>)", notes):
         return []
     out = []
     world = entries[0].world
@@ -193,9 +186,7 @@ def _pipeline_peer_entries(peers: list[str], entries: list[Entry], recipe, recip
                                 stages, "1f1b", zero_stage)
         recipe_json = json.dumps(load_recipe(recipe_path, _pipeline_overrides(peer, world, recipe, base))
                                  .model_dump(mode="json"))
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-                "-m", "sdtrain.bench.peer_deepspeed_pipe", "--recipe-json", recipe_json, "--out", "{out}",
-                "--interval", str(INTERVAL), "--option", str(stages)]
+        argv = _torchrun_argv(world, "peer_deepspeed_pipe", recipe_json, str(stages))
         M = next(e.micro_batches for e in entries if e.pipeline and e.pipeline.stages == stages)
         out.append(Entry(peer.name, world, "peer", zero_stage, argv, pipeline=peer, micro_batches=M))
     return out
@@ -214,15 +205,8 @@ def _expert_entry(expert: ExpertStrategy, world: int, recipe_path: str, base: li
 
 def _expert_peer_entries(peers: list[str], entries: list[Entry], recipe, notes: list[str]) -> list[Entry]:
     """DeepSpeed's MoE layer, once per (ep, ZeRO stage) of the ep<N> rows of this world."""
-    if "deepspeed-moe" not in peers:
-        return []
     layouts = list(dict.fromkeys((e.ep, e.stage) for e in entries if e.ep))
-    if not layouts:
-        notes.append("deepspeed-moe: no expert-parallel strategy (ep<N>) to compare with, skipped")
-        return []
-    if importlib.util.find_spec("deepspeed") is None:
-        notes.append("deepspeed-moe: deepspeed not installed, skipped (DS_BUILD_OPS=0 pip install deepspeed "
-                     "--no-build-isolation)")
+    if not _deepspeed_peer_runs("deepspeed-moe", peers, layouts, "expert-parallel strategy (ep<N>)", notes):
         return []
     world = entries[0].world
     recipe_json = json.dumps(recipe_for_world(recipe, world))
@@ -232,9 +216,7 @@ def _expert_peer_entries(peers: list[str], entries: list[Entry], recipe, notes: 
         if stage not in DEEPSPEED_MOE_ZERO:
             notes.append(f"deepspeed-moe: DeepSpeed refuses MoE with ZeRO-{stage}, no peer for ep{ep}-zero{stage}")
             continue
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-                "-m", "sdtrain.bench.peer_deepspeed_moe", "--recipe-json", recipe_json, "--out", "{out}",
-                "--interval", str(INTERVAL), "--option", f"{ep}:{stage}"]
+        argv = _torchrun_argv(world, "peer_deepspeed_moe", recipe_json, f"{ep}:{stage}")
         out.append(Entry(peer.peer_name, world, "peer", stage, argv, ep=ep))
     return out
 
@@ -252,13 +234,30 @@ def _peer_entries(recipe, peers: list[str], strategies: list[str], world: int, n
         else:
             wanted += [(f"deepspeed-z{s}", "peer_deepspeed", str(s), s) for s in stages]
     recipe_json = json.dumps(recipe_for_world(recipe, world))
-    return [
-        Entry(name, world, "peer", stage,
-              [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-               "-m", f"sdtrain.bench.{module}", "--recipe-json", recipe_json, "--out", "{out}",
-               "--interval", str(INTERVAL), "--option", option])
-        for name, module, option, stage in wanted
-    ]
+    return [Entry(name, world, "peer", stage, _torchrun_argv(world, module, recipe_json, option))
+            for name, module, option, stage in wanted]
+
+
+def _deepspeed_peer_runs(peer: str, peers: list[str], layouts: list, strategy: str, notes: list[str]) -> bool:
+    """Whether DeepSpeed peer `peer` runs: asked for, with rows to compare with (`layouts`)
+    and DeepSpeed installed; else why not, in a note."""
+    if peer not in peers:
+        return False
+    if not layouts:
+        notes.append(f"{peer}: no {strategy} to compare with, skipped")
+        return False
+    if importlib.util.find_spec("deepspeed") is None:
+        notes.append(f"{peer}: deepspeed not installed, skipped (DS_BUILD_OPS=0 pip install deepspeed "
+                     "--no-build-isolation)")
+        return False
+    return True
+
+
+def _torchrun_argv(world: int, module: str, recipe_json: str, option: str) -> list[str]:
+    """A peer module of sdtrain.bench started by torchrun on `world` workers."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+            "-m", f"sdtrain.bench.{module}", "--recipe-json", recipe_json, "--out", "{out}",
+            "--interval", str(INTERVAL), "--option", option]
 
 
 def _single_device_peers(recipe, peers: list[str]) -> list[Entry]:
