@@ -17,6 +17,7 @@ Rules (S tokens of one routing group, E experts, k choices per token):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ class Routing:
     probs: torch.Tensor  # [S, E] fp32
 
 
+@lru_cache(maxsize=256)  # every MoE layer asks it for the same shapes on every micro-batch
 def capacity_for(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
     # Computed in float32 the way DeepSpeed's _capacity does, so that a product that lands a
     # rounding error above an integer (10 * 1.1) gives the same C in both.
