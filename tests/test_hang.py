@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, merge, sdtrain
+from conftest import REPO, TINY, merge, sdtrain
 from sdtrain.launch.hang_report import RankState, diagnose, main_thread_stack
 
 HANG_TIMEOUT_S = 5
@@ -136,3 +136,26 @@ def test_a_hang_restarts_under_max_restarts(write_recipe, tmp_path):
     assert f"restart 1/1 after a failure of attempt 0: stopped by the hang watchdog: hang: rank 1 stuck at {drill_line()}" \
         in " ".join(result.stderr.split()), result.stderr
     assert (run_dir / "hang" / "diagnosis.txt").read_text().startswith(f"hang: rank 1 stuck at {drill_line()}")
+
+
+@pytest.mark.slow
+def test_a_node_without_the_shared_run_dir_sends_its_hang_report(tmp_path, monkeypatch):
+    """A remote node agent in a directory the launcher never prepared sends hang/node0.json
+    back as file lines on stderr; the launcher's diagnosis is made from what arrived."""
+    from test_remote_agent import agent
+
+    from sdtrain.launch.collect import FileReceiver
+    from sdtrain.launch.hang_report import hang_diagnosis
+
+    monkeypatch.setenv("SDTRAIN_INJECT_HANG", "0:2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    recipe = merge(TINY, {"train": {"steps": 20}, "launch": {"hang_timeout_s": HANG_TIMEOUT_S}})
+    result = agent(tmp_path, json.loads(json.dumps(recipe)), nnodes=1)
+    assert result.returncode == 1, result.stderr
+    receiver = FileReceiver(tmp_path / "launcher-run")
+    for line in result.stderr.splitlines():
+        receiver.feed(line)
+    cause, lines = hang_diagnosis(tmp_path / "launcher-run", world_size=1)
+    assert cause == f"hang: rank 0 stuck at {drill_line()}", cause
+    assert '"hang": {' in result.stderr  # the node's failure report names the hang
+    assert (tmp_path / "launcher-run" / "hang" / "rank0.txt").is_file()
