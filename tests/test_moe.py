@@ -5,12 +5,13 @@ written at one EP and continued at another. Real processes on gloo, fp32.
 
 The routing rules themselves are in test_moe_gating.py."""
 
+import json
 import shutil
 
 import pytest
 import torch
 
-from conftest import TINY, launch_run, losses, merge, metrics, sdtrain
+from conftest import REPO, TINY, launch_run, losses, merge, metrics, sdtrain
 from sdtrain.model import GPT, GPTConfig, count_params
 from sdtrain.model.moe.layer import MoEMLP, MoESettings
 from sdtrain.parallel.flat_unit import boxes
@@ -213,3 +214,12 @@ def test_bf16_expert_parallel_tracks_the_single_process(tmp_path):
     for a, b in zip(single, got):
         assert abs(a - b) <= 0.02 * a
     assert got[-1] < got[0] - 0.3
+
+
+def test_dry_run_shows_total_and_active_parameters(tmp_path):
+    result = sdtrain("launch", REPO / "recipes" / "moe.yaml", "--dry-run", "--json", "--run-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    cfg = GPTConfig(**{k: v for k, v in plan["recipe"]["model"].items()})
+    assert plan["params"] == {"total": count_params(cfg), "active": count_params(cfg, active=True)}
+    assert plan["params"]["active"] < plan["params"]["total"] and plan["parallel"]["ep"] == 2

@@ -24,6 +24,7 @@ from sdtrain.launch.placement import LaunchRequest, build_plan
 from sdtrain.launch.plan import LaunchPlan, resolve_backend, resolve_nproc
 from sdtrain.launch.rundir import MARKER, check_run_dir, prepare
 from sdtrain.launch.runners import STOP_BY, RemoteSetup, local_commands, remote_commands
+from sdtrain.model.size import count_params
 from sdtrain.parallel.dims import ParallelDims
 from sdtrain.parallel.memory import per_device_bytes
 from sdtrain.parallel.partition import check_schedule, describe_stages
@@ -106,6 +107,7 @@ class Job:
                 for n, cmd in zip(self.plan.nodes, self.plan.commands)
             ],
             "parallel": self.dims.as_dict(),
+            "params": {"total": count_params(self.recipe.model), "active": count_params(self.recipe.model, active=True)},
             "stages": self.stages(),
             "placement": self.plan.placement(self.dims),
             "batch": self.batch.as_dict(),

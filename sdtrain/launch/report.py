@@ -24,6 +24,7 @@ def print_plan(console: Console, job) -> None:
     # Paths and data names are the user's: `[` in them must not be read as markup.
     console.print("[bold]batch[/]: " + escape(f"{batch.explain()}  ({batch.global_batch * job.recipe.model.seq_len:,} tokens per step)"))
     console.print("[bold]data[/]: " + escape(job.data_summary))
+    console.print("[bold]model[/]: " + model_size_line(job.recipe.model))
     console.print("[bold]run dir[/]: " + escape(str(job.run_dir) + (f"  (resuming from {job.resume_from})" if job.resume_from else "")))
     table = Table(title=f"placement: world size {plan.world_size}, master {plan.master_addr}:{plan.master_port}, "
                         f"backend {plan.backend}, runner {plan.launcher}")
@@ -38,6 +39,18 @@ def print_plan(console: Console, job) -> None:
     for node, argv in zip(plan.nodes, plan.commands):
         console.print(f"[bold]node {node.node_rank} ({node.host})[/]:")
         console.print(shlex.join(argv), soft_wrap=True, highlight=False, markup=False)
+
+
+def model_size_line(model) -> str:
+    """Parameters; of an MoE model also those one token computes with (what FLOPs and MFU count)."""
+    from sdtrain.model.size import count_params
+
+    total = count_params(model)
+    if not model.moe.num_experts:
+        return f"{total:,} parameters"
+    moe = model.moe
+    return (f"{total:,} parameters in total, {count_params(model, active=True):,} active per token "
+            f"(top {moe.top_k} of {moe.num_experts} experts, in 1 of every {moe.every_n_layers} blocks)")
 
 
 def print_stages(console: Console, job) -> None:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from sdtrain.model.moe.balance import update_balancers
-from sdtrain.model.moe.dispatch import AllToAllDispatch
+from sdtrain.model.moe.dispatch import AllToAllClock, AllToAllDispatch
 from sdtrain.model.moe.layer import STAT_FIELDS, MoEMLP
 from sdtrain.parallel.strategy import base_name
 
@@ -73,15 +73,21 @@ def balancer_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def moe_metrics(model: nn.Module, env, num_experts: int) -> dict:
     """The MoE layers' numbers since the last report, over all ranks and layers: mean aux and
     z loss, load of the least and most loaded expert relative to the mean, assignments dropped
-    (a fraction)."""
+    (a fraction), and under expert parallelism the share of wall time in all-to-alls (the mean
+    over ranks)."""
     layers = list(moe_layers(model).values())
-    stats = torch.zeros(STAT_FIELDS + num_experts, device=env.device)
+    stats = torch.zeros(STAT_FIELDS + num_experts + 1, device=env.device)
     for layer in layers:
-        stats += layer.take_stats()
+        stats[:-1] += layer.take_stats()
+    share = AllToAllClock.take_share()
+    stats[-1] = share or 0.0
     dist.all_reduce(stats)  # every stage's layers, every replica's tokens
     aux, z, count, dropped, assigned = stats[:STAT_FIELDS].tolist()
-    load = stats[STAT_FIELDS:]
+    load = stats[STAT_FIELDS:-1]
     mean = load.mean().clamp(min=1e-9)
-    return {"moe_aux_loss": aux / max(count, 1), "moe_z_loss": z / max(count, 1),
-            "moe_load_min": (load.min() / mean).item(), "moe_load_max": (load.max() / mean).item(),
-            "moe_dropped": dropped / max(assigned, 1)}
+    record = {"moe_aux_loss": aux / max(count, 1), "moe_z_loss": z / max(count, 1),
+              "moe_load_min": (load.min() / mean).item(), "moe_load_max": (load.max() / mean).item(),
+              "moe_dropped": dropped / max(assigned, 1)}
+    if env.ep_size > 1:
+        record["moe_all_to_all_share"] = round(stats[-1].item() / env.world_size, 4)
+    return record

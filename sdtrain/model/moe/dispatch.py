@@ -11,8 +11,39 @@ reverse.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
+
+
+class AllToAllClock:
+    """Wall seconds this process spent in the MoE all-to-alls (dispatch and combine, forward
+    and backward), and the wall time since the clock was last read: metrics.jsonl's
+    `moe_all_to_all_share`. On CUDA the calls are timed to their completion."""
+
+    seconds = 0.0
+    since: float | None = None  # the first all-to-all, or the last read
+
+    @classmethod
+    def run(cls, out: torch.Tensor, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> None:
+        started = time.perf_counter()
+        if cls.since is None:
+            cls.since = started
+        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+        if out.is_cuda:
+            torch.cuda.current_stream().synchronize()
+        cls.seconds += time.perf_counter() - started
+
+    @classmethod
+    def take_share(cls) -> float | None:
+        """The share of wall time spent in all-to-alls since the last read (None: none ran)."""
+        if cls.since is None:
+            return None
+        now = time.perf_counter()
+        share = cls.seconds / (now - cls.since) if now > cls.since else 0.0
+        cls.seconds, cls.since = 0.0, now
+        return share
 
 
 class AllToAll(torch.autograd.Function):
@@ -22,14 +53,14 @@ class AllToAll(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        AllToAllClock.run(out, x.contiguous(), out_splits, in_splits, group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out_splits, in_splits = ctx.splits
         grad_in = grad.new_empty((sum(in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        AllToAllClock.run(grad_in, grad.contiguous(), in_splits, out_splits, ctx.group)
         return grad_in, None, None, None
 
 
