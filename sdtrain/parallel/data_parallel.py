@@ -35,7 +35,9 @@ class DataParallel(Strategy):
         # ranks holding the same ones (edp), in step(), never by DDP over all replicas.
         experts = [n for n, _ in model.named_parameters() if is_expert(n)] if env.ep_size > 1 else []
         if env.dp_size > 1 and not self.average_in_step:
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
+            # nor may DDP broadcast rank 0's balancer load over the others' (after_step sums them)
+            balancers = [n for n, _ in model.named_buffers() if ".balancer." in n]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts + balancers)
             model = DistributedDataParallel(
                 model,
                 device_ids=[env.local_rank] if env.device.type == "cuda" else None,
