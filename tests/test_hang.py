@@ -159,3 +159,21 @@ def test_a_node_without_the_shared_run_dir_sends_its_hang_report(tmp_path, monke
     assert cause == f"hang: rank 0 stuck at {drill_line()}", cause
     assert '"hang": {' in result.stderr  # the node's failure report names the hang
     assert (tmp_path / "launcher-run" / "hang" / "rank0.txt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, drill, culprit, waiting", [
+    ({"parallel": {"zero_stage": 3}}, "1:2", 1, "rank 0: waiting in all_gather_into_tensor"),
+    ({"parallel": {"pipeline": {"stages": 2, "schedule": "1f1b"}}, "train": {"grad_accum_steps": 4}}, "0:3", 0,
+     "rank 1: waiting in irecv #"),
+])
+def test_hang_under_zero3_and_a_pipeline(write_recipe, tmp_path, layout, drill, culprit, waiting):
+    """ZeRO-3's prefetched all-gathers and a pipeline's point-to-point receives: the rank that
+    never came is named, and what its peer waits in."""
+    run_dir = tmp_path / "run"
+    recipe = merge(merge(HUNG, layout), {"train": {"global_batch_size": 8, "micro_batch_size": 2}})
+    result = sdtrain("launch", write_recipe(recipe), "--run-dir", run_dir,
+                     env={"SDTRAIN_INJECT_HANG": drill, "OMP_NUM_THREADS": "1"}, timeout=180)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"root cause: hang: rank {culprit} stuck at {drill_line()}" in result.stderr, result.stderr
+    assert waiting in " ".join(result.stderr.split()) and f"likely culprit: rank {culprit}" in result.stderr

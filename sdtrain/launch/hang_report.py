@@ -39,7 +39,11 @@ class RankState:
 
     @property
     def where(self) -> str:
-        frame = next((f for f in self.stack if not PLUMBING.search(f[0])), self.stack[0] if self.stack else None)
+        """The innermost frame of sdtrain's own code (what called into torch or a library), else
+        the innermost one outside torch."""
+        ours = [f for f in self.stack if "/sdtrain/" in f[0] and not PLUMBING.search(f[0])]
+        others = [f for f in self.stack if not PLUMBING.search(f[0])]
+        frame = (ours or others or self.stack or [None])[0]
         return f"{short_path(frame[0])}:{frame[1]} in {frame[2]}" if frame else "(no stack)"
 
     @property
