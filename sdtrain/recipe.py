@@ -286,6 +286,11 @@ class Recipe(Section):
         if self.train.precision == "fp16":
             raise ValueError("model.moe with train.precision fp16: the router's loss terms have no loss scaling; "
                              "use precision bf16")
+        pipeline = self.parallel.pipeline
+        if pipeline.stages > 1 and pipeline.schedule == "zero_bubble":
+            raise ValueError("model.moe with parallel.pipeline.schedule zero_bubble: its split backward defers the "
+                             "weight gradients of Linear and LayerNorm layers only, and the experts' batched "
+                             "weights would get none; use schedule 1f1b")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -91,6 +91,7 @@ def test_checkpoint_from_ep2_continues_at_ep1(reference, ep2, tmp_path):
     ({"num_experts": 2, "every_n_layers": 3}, {}, "every_n_layers 3 exceeds n_layers 2"),
     ({}, {"expert_parallel": 2}, "without experts"),
     ({"num_experts": 2}, {}, "fp16"),
+    ({"num_experts": 2}, {"pipeline": {"stages": 2, "schedule": "zero_bubble"}}, "experts' batched weights"),
 ])
 def test_bad_moe_settings_are_refused(moe, parallel, expected):
     train = {"precision": "fp16"} if expected == "fp16" else {}
