@@ -155,6 +155,8 @@ def test_boxes_of_a_3d_expert_shard():
     (2, ["parallel.expert_parallel=2", "parallel.zero_stage=2"]),
     (2, ["parallel.expert_parallel=2", "parallel.zero_stage=3"]),
     (4, ["parallel.expert_parallel=2", "parallel.zero_stage=3"]),
+    # everything else whole on every rank; the experts still sharded over their own group
+    (2, ["parallel.expert_parallel=2", "parallel.zero_stage=3", "parallel.zero.persistence_threshold=1000000"]),
     (2, ["parallel.expert_parallel=2", "train.activation_checkpointing=true"]),
     (4, ["parallel.expert_parallel=2", "parallel.pipeline.stages=2", "parallel.zero_stage=1"]),
 ])

@@ -100,7 +100,8 @@ class Zero(Strategy):
         if self.stage == 3:
             # Parameters under the persistence threshold (norms, biases) stay whole in one
             # unit of their own: gathering them per block would cost more than it saves.
-            persistent = [(n, p) for n, p in named if p.numel() < cfg.persistence_threshold]
+            # (experts never: each ep rank holds different ones, sharded over their own group)
+            persistent = [(n, p) for n, p in named if p.numel() < cfg.persistence_threshold and p not in experts]
             kept = {p for _, p in persistent}
             self.block_units, in_blocks = [], set()  # per block: its dense unit, then its experts'
             for key, block in model.blocks.items():
