@@ -80,9 +80,10 @@ class HangWatchdog:
         return self.timeout_s * (FIRST_STEP_FACTOR if beat.get("step") == beat.get("first_step") else 1)
 
     def _workers(self) -> dict[int, tuple[psutil.Process, dict | None]]:
-        """This agent's live workers by rank, each with its heartbeat (None before its first step)."""
+        """This agent's live workers by rank, each with its heartbeat (None before its first step).
+        Only direct children: a worker's own subprocesses (compile workers) inherit its RANK."""
         workers = {}
-        for child in psutil.Process().children(recursive=True):
+        for child in psutil.Process().children():
             try:
                 rank = child.environ().get("RANK")
             except (psutil.Error, OSError):

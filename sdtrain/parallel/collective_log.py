@@ -135,7 +135,8 @@ def install() -> CollectiveLog:
 def _recorded(op: str, call):
     @functools.wraps(call)
     def recorded(*args, **kwargs):
-        entry = LOG.enter(op, kwargs.get("group"), args[:2], _peer(op, args, kwargs))
+        group = kwargs.get("group") or next((a for a in args[1:] if isinstance(a, dist.ProcessGroup)), None)
+        entry = LOG.enter(op, group, args[:2], _peer(op, args, kwargs))
         work = call(*args, **kwargs)
         if work is not None and hasattr(work, "wait"):
             return RecordedWork(work, entry, LOG)

@@ -61,11 +61,14 @@ class Progress:
     def _beat(self) -> None:
         written = None
         while True:
-            state = (self.step, self.step_at, self.log.completed, self.log.seq)
-            if state != written and self.step is not None:  # the watchdog arms at the first step
-                self._write()
-                written = state
-            self._answer_dump_request()
+            try:
+                state = (self.step, self.step_at, self.log.completed, self.log.seq)
+                if state != written and self.step is not None:  # the watchdog arms at the first step
+                    self._write()
+                    written = state
+                self._answer_dump_request()
+            except Exception as exc:  # noqa: BLE001 - a silent heartbeat would read as a hang
+                print(f"sdtrain heartbeat: {type(exc).__name__}: {exc}", flush=True)
             time.sleep(BEAT_S)
 
     def _write(self) -> None:
@@ -104,9 +107,14 @@ def nccl_entries() -> dict:
 PROGRESS: Progress | None = None
 
 
-def start_progress(run_dir: Path, rank: int, backend: str) -> Progress:
+def start_progress(run_dir: Path, rank: int, backend: str) -> Progress | None:
+    """Start the heartbeat; where the run directory refuses its files, train without it (the
+    watchdog then never sees this rank start a step, so it never calls it hung)."""
     global PROGRESS
-    PROGRESS = Progress(run_dir, rank, backend)
+    try:
+        PROGRESS = Progress(run_dir, rank, backend)
+    except OSError as exc:
+        print(f"rank {rank}: no hang watchdog for this rank: {exc}", flush=True)
     return PROGRESS
 
 
