@@ -39,15 +39,21 @@ def write(tmp_path, recipe: dict, name="recipe.yaml"):
     return path
 
 
+def launch_with_faults(full_run, tmp_path, faults: str, code: int):
+    """full_run's recipe with max_restarts 1 and SDTRAIN_INJECT_FAULT=faults; exit `code`."""
+    recipe, _ = full_run
+    run_dir = tmp_path / "run"
+    result = sdtrain("launch", recipe, "--run-dir", run_dir, "--set", "launch.max_restarts=1",
+                     env={"SDTRAIN_INJECT_FAULT": faults, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == code, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, words(result.stderr)
+
+
 def test_fault_restarts_from_the_checkpoint_on_the_same_trajectory(full_run, tmp_path):
     """Rank 1 raises at step 7 of attempt 0; the job restarts from step 5's checkpoint and
     ends exit 0 with the uninterrupted run's losses, bitwise (fp32 CPU)."""
-    recipe, reference = full_run
-    run_dir = tmp_path / "run"
-    result = sdtrain("launch", recipe, "--run-dir", run_dir, "--set", "launch.max_restarts=1",
-                     env={"SDTRAIN_INJECT_FAULT": "1:7", "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    err = words(result.stderr)
+    _, reference = full_run
+    run_dir, err = launch_with_faults(full_run, tmp_path, "1:7", 0)
     assert "restart 1/1 after a failure of attempt 0: rank 1 on" in err and "SDTRAIN_INJECT_FAULT=1:7" in err
     assert f"resuming from {run_dir / 'checkpoints' / 'step_5'}" in err
     assert trajectory(run_dir) == trajectory(reference)
@@ -82,16 +88,19 @@ def test_a_malformed_drill_is_refused_before_launch(write_recipe, tmp_path):
 
 @pytest.mark.slow
 def test_two_faults_exhaust_one_restart_and_both_are_named(full_run, tmp_path):
-    recipe, _ = full_run
-    run_dir = tmp_path / "run"
-    result = sdtrain("launch", recipe, "--run-dir", run_dir, "--set", "launch.max_restarts=1",
-                     env={"SDTRAIN_INJECT_FAULT": "1:7@0,0:6@1", "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    err = words(result.stderr)
+    run_dir, err = launch_with_faults(full_run, tmp_path, "1:7@0,0:6@1", 1)
     assert "the job failed 2 times (launch.max_restarts 1)" in err
     assert "attempt 0: rank 1 on" in err and "(rank 1, step 7, attempt 0)" in err
     assert "attempt 1: rank 0 on" in err and "(rank 0, step 6, attempt 1)" in err
     assert len((run_dir / "restarts.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_fault_before_any_checkpoint_restarts_from_step_0(full_run, tmp_path):
+    _, reference = full_run
+    run_dir, err = launch_with_faults(full_run, tmp_path, "0:3", 0)
+    assert "no checkpoint yet: starting over from step 0" in err
+    assert trajectory(run_dir) == trajectory(reference)
 
 
 NAN_RUN = merge(TINY, {"train": {"steps": 8}, "launch": {"nproc_per_node": 2}, "checkpoint": {"every": 3}})

@@ -112,7 +112,7 @@ def run_with_restarts(job, run_attempt: Callable[[list[list[str]]], JobOutcome],
             break
         archive_failures(job.run_dir, attempt)
         stopped_at = time.time()
-        newest, skipped = newest_whole_checkpoint(job.run_dir)
+        newest, skipped = newest_whole_checkpoint(job.run_dir, by_manifest=True)
         resume = newest or job.resume_from
         attempt += 1
         for note in skipped:

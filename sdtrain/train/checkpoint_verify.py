@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sdtrain.errors import CheckpointError
 from sdtrain.train.checkpoint_layout import checkpoint_dir, read_info
-from sdtrain.train.checkpoint_manifest import manifest_problems
+from sdtrain.train.checkpoint_manifest import MANIFEST, manifest_problems
 
 METADATA = ".metadata"
 FIX = "use an earlier checkpoint (checkpoints/step_<N>), or start afresh with --set train.resume=never"
@@ -147,17 +147,30 @@ def _plain_file_name(name) -> bool:
     return type(name) is str and name not in ("", ".", "..") and Path(name).name == name and "\\" not in name
 
 
-def newest_whole_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+def newest_whole_checkpoint(run_dir: Path, by_manifest: bool = False) -> tuple[Path | None, list[str]]:
     """The newest of a run's checkpoints whose files verify (`train.resume: auto`, and a
     restart), and why each newer one was skipped; (None, reasons) if none does. A crash mid
     -save, a disk that lost a shard or flipped a byte then costs one checkpoint interval,
-    not the run."""
+    not the run. `by_manifest`: where a checkpoint has a manifest, its sizes and sha256 decide,
+    torch-free (a restart: the job wrote them itself, and importing torch in the launcher
+    takes seconds; the workers' reader still refuses anything crafted)."""
     root = checkpoint_dir(run_dir)
     found = [p for p in root.glob("step_*") if p.is_dir() and p.name.removeprefix("step_").isdigit()] if root.is_dir() else []
     skipped = []
     for path in sorted(found, key=lambda p: int(p.name.removeprefix("step_")), reverse=True):
-        problems = checkpoint_problems(path)
+        if by_manifest and (path / MANIFEST).is_file():
+            problems = _info_problems(path) or manifest_problems(path)
+        else:
+            problems = checkpoint_problems(path)
         if not problems:
             return path, skipped
         skipped.append(f"skipped checkpoint {path.name}: {problems[0]}")
     return None, skipped
+
+
+def _info_problems(path: Path) -> list[str]:
+    try:
+        read_info(path)
+    except CheckpointError as exc:
+        return [str(exc)]
+    return []
