@@ -45,6 +45,7 @@ from sdtrain.launch.disk import write_whole
 POLL_S = 0.5
 DUMP_WAIT_S = 3.0  # how long the stacks may take to be written
 GATHER_S = 5.0  # multi-node: the other nodes' watchdogs take their stacks before any rank here dies
+# (less where the run directory is shared: their reports are seen arriving)
 
 
 def hang_dir(run_dir: Path) -> Path:
@@ -122,12 +123,21 @@ class HangWatchdog:
                 self.say(line)
         self.fired = {"stalled": report["stalled"], "timeout_s": self.timeout_s, "file": f"hang/{path.name}"}
         if self.nnodes > 1:
-            self.stopped.wait(GATHER_S)
+            self._wait_for_the_other_nodes(detected_at)
         for child, _ in workers.values():
             try:
                 child.kill()  # psutil checks pid and start time: never a recycled pid
             except psutil.NoSuchProcess:
                 pass
+
+    def _wait_for_the_other_nodes(self, detected_at: float) -> None:
+        """Up to GATHER_S; less where the run directory is shared and every node's report of
+        this hang is already there."""
+        deadline = time.monotonic() + GATHER_S
+        while not self.stopped.wait(0.2) and time.monotonic() < deadline:
+            reports = [_read_json(path) or {} for path in hang_dir(self.run_dir).glob("node*.json")]
+            if sum(abs(r.get("detected_at", 0) - detected_at) < 2 * GATHER_S for r in reports) >= self.nnodes:
+                return
 
     def _take_stacks(self, workers: dict) -> dict[int, str]:
         sizes = {}
