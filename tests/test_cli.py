@@ -65,8 +65,11 @@ def test_help_lists_commands():
 
 
 def test_every_shipped_recipe_validates(tmp_path):
+    # The GPT-2 recipes are sized for GPUs: on a CPU machine the memory check refuses them
+    # (tests/test_memory_plan.py); here only whether they validate counts.
     for recipe in sorted((REPO / "recipes").glob("*.yaml")):
-        result = sdtrain("launch", recipe, "--dry-run", "--json", "--nproc-per-node", 2, "--run-dir", tmp_path / recipe.stem)
+        result = sdtrain("launch", recipe, "--dry-run", "--json", "--nproc-per-node", 2, "--run-dir", tmp_path / recipe.stem,
+                         "--set", "launch.memory_check=warn")
         assert result.returncode == 0, f"{recipe.name}: {result.stderr}"
 
 
