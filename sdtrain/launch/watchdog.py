@@ -93,7 +93,8 @@ class HangWatchdog:
                 continue
             beat = _read_json(heartbeat_path(self.run_dir, int(rank)))
             # A heartbeat of an earlier process (a restart, another node on a shared run directory) is not this one's.
-            workers[int(rank)] = (child, beat if beat and beat.get("pid") == child.pid else None)
+            ours = beat and beat.get("pid") == child.pid and isinstance(beat.get("progress_at"), (int, float))
+            workers[int(rank)] = (child, beat if ours else None)
         return workers
 
     def _fire(self, workers: dict, stalled: dict[int, float]) -> None:
