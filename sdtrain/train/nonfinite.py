@@ -3,15 +3,20 @@ on every rank alike before the update.
 
 The strategy calls the guard where it holds the global gradient norm, between clipping and
 the optimizer (Strategy.update_allowed): DDP, ZeRO 1/2/3 and the pipeline's replicas
-alike. One all-reduce of a (world size x 3) table, where each rank fills its own row
-(loss not finite, gradient norm not finite, preemption requested), gives every rank the
-same answer and the ranks that saw it:
+alike. That norm is the same on every rank, and a NaN or inf loss on any rank reaches it
+through the gradients, so most steps need no collective of their own. Where the ranks must
+agree on more (the norm is not finite; fp16, whose scaler lets inf gradients through;
+on_preempt, whose request may reach the ranks at different steps), one all-reduce of a
+(world size x 3) table, where each rank fills its own row (loss not finite, gradient norm
+not finite, preemption requested), gives every rank the same answer and the ranks that saw it:
 - train.on_nonfinite stop: every rank raises NonFiniteError naming the step, the ranks and
   what was not finite; nothing is updated, so the last checkpoint stays the latest;
 - skip: the update is dropped on every rank (the gradients are zeroed, the weights and the
   optimizer stay as they were), counted in metrics.jsonl (`skipped_steps`); more than
   train.max_skipped_steps in a row stop as above.
 fp16's loss scaler skips overflowing steps itself: under fp16 only the loss is checked.
+Not seen without the table: a rank whose loss is inf while every gradient stays finite (the
+update is then the same everywhere; metrics.jsonl shows the loss as non-finite).
 """
 
 from __future__ import annotations
@@ -44,9 +49,13 @@ class StepGuard:
     def __call__(self, norm: torch.Tensor) -> bool:
         """True: apply the update. The same answer on every rank."""
         self.checked = True
+        norm_finite = math.isfinite(float(norm))  # the same answer on every rank: the norm is global
+        if norm_finite and self.check_norm and not self.preempt.enabled:
+            self.in_a_row = 0
+            return True
         table = torch.zeros(self.env.world_size, 3, device=self.env.device)
         table[self.env.rank, 0] = float(not math.isfinite(float(self.loss_sum)))
-        table[self.env.rank, 1] = float(self.check_norm and not math.isfinite(float(norm)))
+        table[self.env.rank, 1] = float(self.check_norm and not norm_finite)
         table[self.env.rank, 2] = float(self.preempt.requested)
         if self.env.world_size > 1:
             dist.all_reduce(table)
