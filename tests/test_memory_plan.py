@@ -278,3 +278,23 @@ def test_a_remote_node_agent_checks_its_own_machine(tmp_path):
     assert result.returncode == 2
     assert "will not fit in memory" in result.stderr and "--set parallel.zero_stage=3" in result.stderr
     assert not (tmp_path / "run" / "logs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_pipeline_stages_estimated_each_within_20_percent(tmp_path, schedule):
+    """Each stage against its own measured peak: 1F1B keeps P - s micro-batches alive on
+    stage s, GPipe all M (here P = 2, M = 4)."""
+    model, _ = SIZES["medium"]
+    raw = merge(TINY, {"name": f"pp-{schedule}", "model": model,
+                       "train": {"steps": 2, "global_batch_size": 16, "micro_batch_size": 4, "warmup_steps": 0},
+                       "parallel": {"pipeline": {"stages": 2, "schedule": schedule}}, "launch": {"nproc_per_node": 2}})
+    path = tmp_path / "pp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = sdtrain("launch", path, "--run-dir", tmp_path / "run", env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    estimates = estimate_recipe(validate_recipe(merge(raw, {"train": {"grad_accum_steps": 4}})), 2, "cpu")
+    for rank, stage in enumerate(summary["stage_of_rank"]):
+        measured = summary["peak_mem_gib"][rank] * GiB
+        assert abs(estimates[stage].total / measured - 1) <= TOLERANCE, (stage, measured / GiB, estimates[stage].total / GiB)
