@@ -56,4 +56,5 @@ def test_bench_moe_rows_and_deepspeed_peer(write_recipe, tmp_path):
     for ep in (1, 2):
         ratio = rows[f"ep{ep}"][f"vs_deepspeed-moe-ep{ep}"]
         assert 0.1 < ratio < 10  # one round on a shared machine: a ratio, not a verdict
+    assert rows["ep2"]["paired_ratios"] == [rows["ep2"]["vs_deepspeed-moe-ep2"]]  # one round: its ratio
     assert "all-to-all" in result.stdout

@@ -111,7 +111,8 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
         entries += _peer_entries(recipe, peers, strategies, world, notes)
         entries += _pipeline_peer_entries(peers, [e for e in entries if e.world == world], recipe, recipe_path, base,
                                           notes)
-        entries += _expert_peer_entries(peers, [e for e in entries if e.world == world], recipe, notes)
+        entries = _after_their_rows(entries, _expert_peer_entries(peers, [e for e in entries if e.world == world],
+                                                                  recipe, notes))
     for name, pipeline in pipelines.items():
         if pipeline and not any(e.pipeline == pipeline for e in entries):
             raise UserInputError(f"--strategies {name}: {pipeline.stages} stages divide none of --nproc "
@@ -201,6 +202,17 @@ def _expert_entry(expert: ExpertStrategy, world: int, recipe_path: str, base: li
         return []
     argv = _launch_argv(recipe_path, world, [*base, *expert.overrides()])
     return [Entry(expert.name, world, "sdtrain", expert.zero_stage, argv, ep=expert.ep)]
+
+
+def _after_their_rows(entries: list[Entry], peers: list[Entry]) -> list[Entry]:
+    """Each expert-parallel peer right after the ep<N> row it is compared with, so the two run
+    back to back in every round: a shared machine's load drifts within a round."""
+    out = []
+    for entry in entries:
+        out.append(entry)
+        if entry.kind == "sdtrain" and entry.ep:
+            out += [p for p in peers if (p.world, p.ep, p.stage) == (entry.world, entry.ep, entry.stage)]
+    return out
 
 
 def _expert_peer_entries(peers: list[str], entries: list[Entry], recipe, notes: list[str]) -> list[Entry]:
@@ -377,6 +389,8 @@ def _report(entries: list[Entry], recipe, steps: int, repeats: int, notes: list[
                 if (peer.kind == "peer" and peer.world == entry.world and peer.stage == entry.stage
                         and peer.stages == entry.stages and peer.ep == entry.ep and peer.tokens_per_s):
                     row[f"vs_{peer.name}"] = round(entry.tokens_per_s / peer.tokens_per_s, 3)
+                    if entry.ep and len(peer.samples) == len(entry.samples):  # run back to back each round
+                        row["paired_ratios"] = [round(a / b, 3) for a, b in zip(entry.samples, peer.samples)]
             if entry.pipeline:  # which to pick: the pipeline against the same workers without one
                 for other in entries:
                     if (other.kind == "sdtrain" and other.world == entry.world and not other.pipeline
