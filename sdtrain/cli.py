@@ -297,11 +297,12 @@ def estimate(recipe, params, gpus, precision, overrides, device, as_json) -> Non
 
     if (recipe is None) == (params is None):
         raise UserInputError("estimate needs a RECIPE or --params N (one of them)")
-    ranks = []
+    ranks, active = [], None
     if recipe is not None:
         from sdtrain.estimate.cli import recipe_estimates
 
         params, gpus, device, ranks = recipe_estimates(recipe, list(overrides), gpus, device)
+        active = _active_params(recipe, list(overrides))
     elif gpus is None:
         raise UserInputError("--params needs --gpus N (the data-parallel devices)")
     else:
@@ -310,12 +311,15 @@ def estimate(recipe, params, gpus, precision, overrides, device, as_json) -> Non
     if as_json:
         out = {"params": params, "gpus": gpus, "precision": precision,
                "per_device_bytes": {str(k): round(v) for k, v in per_device.items()}}
+        if active is not None:
+            out["active_params"] = active
         if ranks:
             out.update(device=device, peak_bytes_per_rank=round(max(e.total for e in ranks)),
                        ranks=[e.as_dict() for e in ranks])
         click.echo(json.dumps(out))
         return
-    console.print(f"{params:,} parameters on {gpus} device(s), {precision} precision: model state per device")
+    of_which = f" ({active:,} active per token)" if active is not None else ""
+    console.print(f"{params:,} parameters{of_which} on {gpus} device(s), {precision} precision: model state per device")
     for stage, size in per_device.items():
         console.print(f"  ZeRO stage {stage}: {size / 1e9:8.2f} GB")
     if ranks:
@@ -323,6 +327,15 @@ def estimate(recipe, params, gpus, precision, overrides, device, as_json) -> Non
 
         for rank in ranks:
             console.print(estimate_table(rank, f"the recipe's step on {gpus} {device.upper()} rank(s): {rank.where}"))
+
+
+def _active_params(recipe: str, overrides: list[str]) -> int | None:
+    """Of an MoE recipe, the parameters one token computes with (None: a dense model)."""
+    from sdtrain.model.size import count_params
+    from sdtrain.recipe import load_recipe
+
+    model = load_recipe(recipe, overrides).model
+    return count_params(model, active=True) if model.moe.num_experts else None
 
 
 @cli.command()

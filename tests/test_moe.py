@@ -226,3 +226,6 @@ def test_dry_run_shows_total_and_active_parameters(tmp_path):
     cfg = GPTConfig(**{k: v for k, v in plan["recipe"]["model"].items()})
     assert plan["params"] == {"total": count_params(cfg), "active": count_params(cfg, active=True)}
     assert plan["params"]["active"] < plan["params"]["total"] and plan["parallel"]["ep"] == 2
+    estimate = sdtrain("estimate", REPO / "recipes" / "moe.yaml", "--gpus", "2", "--json")
+    assert estimate.returncode == 0, estimate.stderr
+    assert json.loads(estimate.stdout)["active_params"] == plan["params"]["active"]
