@@ -199,9 +199,10 @@ def bench() -> None:
 @click.argument("recipe", default="recipes/quickstart.yaml")
 @click.option("--strategies", default="single,ddp", show_default=True,
               help="Comma-separated: single, ddp (= zero0), zero0, zero1, zero2, zero3; pipelines "
-                   "pp<P>-<schedule>[-zero<S>], e.g. pp2-1f1b, pp2-gpipe, pp2-interleaved, pp4-1f1b-zero1.")
+                   "pp<P>-<schedule>[-zero<S>], e.g. pp2-1f1b, pp2-gpipe, pp2-interleaved, pp4-1f1b-zero1; "
+                   "expert parallelism on an MoE recipe, ep<N>[-zero<S>], e.g. ep1, ep2, ep4.")
 @click.option("--peers", default="",
-              help="Comma-separated, run in the same invocation: torch, fsdp2, deepspeed, deepspeed-pipe; "
+              help="Comma-separated, run in the same invocation: torch, fsdp2, deepspeed, deepspeed-pipe, deepspeed-moe; "
                    "eager, compile (one device).")
 @click.option("--nproc", default="2", show_default=True, help="Worker counts to measure at, e.g. 2,4.")
 @click.option("--steps", default=30, show_default=True, help="Steps per run (the first 5 are warm-up).")
