@@ -298,3 +298,42 @@ def test_pipeline_stages_estimated_each_within_20_percent(tmp_path, schedule):
     for rank, stage in enumerate(summary["stage_of_rank"]):
         measured = summary["peak_mem_gib"][rank] * GiB
         assert abs(estimates[stage].total / measured - 1) <= TOLERANCE, (stage, measured / GiB, estimates[stage].total / GiB)
+
+
+MOE = {"num_experts": 16, "top_k": 2, "every_n_layers": 2, "capacity_factor": 1.25, "min_capacity": 4}
+
+
+def moe_recipe(ep: int, stage: int = 0) -> dict:
+    return merge(TINY, {
+        "name": f"moe-ep{ep}-z{stage}", "model": {"n_layers": 4, "d_model": 256, "n_heads": 4, "seq_len": 128,
+                                                  "vocab_size": 256, "moe": MOE},
+        "train": {"steps": 3, "global_batch_size": 16, "micro_batch_size": 8, "warmup_steps": 0},
+        "parallel": {"zero_stage": stage, "expert_parallel": ep}, "launch": {"nproc_per_node": 2},
+    })
+
+
+def test_expert_parallel_ranks_hold_their_experts_only():
+    """At EP = 2 each rank holds 8 of the 16 experts whole (weights, gradients, Adam moments:
+    16 bytes each under DDP); ZeRO shards are the whole model's / dp either way."""
+    def state(ep, stage):
+        [estimate] = estimate_recipe(validate_recipe(merge(moe_recipe(ep, stage), {"train": {"grad_accum_steps": 1}})), 2, "cpu")
+        return sum(t.bytes for t in estimate.terms if t.name in ("weights", "gradients", "optimizer state"))
+    experts = 2 * 16 * 2 * 256 * 1024  # 2 MoE blocks x E x (fc + proj)
+    assert state(1, 0) - state(2, 0) == 16 * experts // 2
+    assert state(1, 3) == state(2, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep,stage", [(1, 0), (2, 0)])
+def test_moe_estimate_within_20_percent_of_measured_peak(tmp_path, ep, stage):
+    """Measured 2026-11-30: EP 1 0.826 GiB against 0.802, EP 2 0.715 against 0.662. Not yet
+    ZeRO-3 with experts: 0.949 measured against 0.741 (its model state is right; some
+    transient of the expert units is not counted yet)."""
+    raw = moe_recipe(ep, stage)
+    path = tmp_path / "moe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = sdtrain("launch", path, "--run-dir", tmp_path / "run", env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = max(json.loads((tmp_path / "run" / "summary.json").read_text())["peak_mem_gib"]) * GiB
+    estimated = largest(estimate_recipe(validate_recipe(merge(raw, {"train": {"grad_accum_steps": 1}})), 2, "cpu")).total
+    assert abs(estimated / measured - 1) <= TOLERANCE, (measured / GiB, estimated / GiB)

@@ -52,3 +52,22 @@ def activations(shape: RankShape) -> list[Term]:
                f"x {shape.in_flight} micro-batch(es)")
         terms = [Term("activations", (L * layer_bytes(shape) + per_micro) * shape.in_flight, STEP_FB, how)]
     return terms
+
+
+MLP_VALUES = 8  # of the 16 above, the dense MLP's: fc out 4 + GELU out 4 per channel
+EXPERT_VALUES = 10  # per capacity slot and channel: dispatched input 1, fc out 4, GELU out 4, output 1
+
+
+def expert_activations(shape: RankShape) -> list[Term]:
+    """An MoE block keeps its experts' activations per capacity slot (E x C of them, k x the
+    capacity factor per token, whichever rank computes them: all-to-all brings as many
+    slots as it sends) instead of the dense MLP's per token: the difference, per MoE block."""
+    if not shape.moe_layers:
+        return []
+    extra = (EXPERT_VALUES * shape.expert_slots - MLP_VALUES * shape.tokens) * shape.d_model * 4
+    if shape.checkpointing:  # one block's worth comes back in backward
+        return [Term("expert activations", max(extra, 0) * RECOMPUTE_COPIES, STEP_FB,
+                     f"one MoE block's {shape.expert_slots} capacity slots, recomputed")]
+    return [Term("expert activations", max(extra, 0) * shape.moe_layers * shape.in_flight, STEP_FB,
+                 f"{shape.moe_layers} MoE blocks x {shape.expert_slots} capacity slots x {EXPERT_VALUES} values/channel, "
+                 f"beyond the dense MLP's")]

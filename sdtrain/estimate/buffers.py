@@ -44,10 +44,10 @@ def strategy_buffers(shape: RankShape) -> list[Term]:
     if shape.zero_stage == 0:
         if shape.dp == 1:
             return []
-        bucket = min(DDP_BUCKET_BYTES, 4 * shape.params)
+        bucket = min(DDP_BUCKET_BYTES, 4 * shape.params_held)
         return [Term("DDP bucket in flight", bucket, STEP_FB, "gloo's all-reduce of one 25 MiB gradient bucket")]
     bucket_elems = shape.reduce_bucket_mb * MiB / p
-    staging = Term("flat-buffer staging", min(2 * shape.reduce_bucket_mb * MiB, 2 * p * shape.params), STEP_FB,
+    staging = Term("flat-buffer staging", min(2 * shape.reduce_bucket_mb * MiB, 2 * p * shape.params_held), STEP_FB,
                    "gradients and weights copied into and out of flat units (measured, about two buckets)")
     if shape.zero_stage == 1:
         return [staging]  # the whole gradients are state (state.py), reduced in step
@@ -56,7 +56,7 @@ def strategy_buffers(shape: RankShape) -> list[Term]:
     else:  # units are blocks, and the root unit, whose gradients wait from the final norm's (first) to the embedding's (last)
         whole = shape.root_params + (REDUCE_SCATTERS_IN_FLIGHT + 1) * shape.block_params
         how = f"the root unit's + {REDUCE_SCATTERS_IN_FLIGHT} blocks' in flight + 1 filling"
-    terms = [staging, Term("reduce-scatter buckets", min(whole, shape.params) * p, STEP_FB, f"whole gradients: {how}")]
+    terms = [staging, Term("reduce-scatter buckets", min(whole, shape.params_held) * p, STEP_FB, f"whole gradients: {how}")]
     if shape.zero_stage == 3:
         blocks = min(1 + shape.prefetch_blocks, shape.layers)
         gathered = (shape.root_params + blocks * shape.block_params) * p
@@ -77,7 +77,7 @@ def optimizer_buffers(shape: RankShape) -> list[Term]:
     if shape.zero_stage == 3:  # units: blocks and the root
         unit = max(shape.block_params, shape.root_params)
     else:  # units: buckets of reduce_bucket_mb
-        unit = min(shape.reduce_bucket_mb * MiB / shape.weight_bytes, shape.params)
+        unit = min(shape.reduce_bucket_mb * MiB / shape.weight_bytes, shape.params_held)
     largest = unit / shape.dp
     temps = 2 * 4 * largest + shape.weight_bytes * shard
     if shape.precision == "bf16":

@@ -7,20 +7,21 @@ micro-batches each keeps alive), so each stage gets its own estimate.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from sdtrain.estimate.activations import activations
+from sdtrain.estimate.activations import activations, expert_activations
 from sdtrain.estimate.buffers import backward_gradients, loss_buffers, optimizer_buffers, strategy_buffers
 from sdtrain.estimate.process import process_base
 from sdtrain.estimate.shape import RankShape
 from sdtrain.estimate.state import model_state
 from sdtrain.estimate.terms import ALWAYS, Estimate, Term
-from sdtrain.model.size import embedding_params, final_norm_params
+from sdtrain.model.size import embedding_params, expert_params, final_norm_params, moe_of
 from sdtrain.parallel.partition import chunk_params, describe_stages
 
 # One function per term, in the order the table shows them; a strategy that adds memory
 # (experts, say) adds its function here.
-TERMS = (process_base, model_state, activations, backward_gradients, loss_buffers, strategy_buffers, optimizer_buffers)
+TERMS = (process_base, model_state, activations, expert_activations, backward_gradients, loss_buffers, strategy_buffers, optimizer_buffers)
 
 
 ALLOCATOR_SLACK = 0.12  # CPU: freed memory the C allocator keeps, as a share of the tensors at the peak (measured)
@@ -35,9 +36,11 @@ def estimate_shape(shape: RankShape, where: str = "") -> Estimate:
     return estimate
 
 
-def block_size(model, index: int) -> int:
-    """Block `index`'s parameters (a middle chunk of one block: no embeddings, no head)."""
-    return chunk_params(1, [index], 3, model)
+def block_size(model, index: int, ep: int = 1) -> int:
+    """Block `index`'s parameters a rank gathers (a middle chunk of one block: no embeddings,
+    no head; of an MoE block, the rank's E / ep experts)."""
+    experts = expert_params(model, index)
+    return chunk_params(1, [index], 3, model) - experts + experts // ep
 
 
 def in_flight(pipeline, stage: int, micro_batches: int) -> float:
@@ -55,6 +58,18 @@ def in_flight(pipeline, stage: int, micro_batches: int) -> float:
     return held
 
 
+def expert_slots(model, tokens: int) -> int:
+    """E x C of one MoE layer for one micro-batch's tokens (model/moe/gating.py's capacity;
+    dropless: the slots of an even split, k per token)."""
+    moe = moe_of(model)
+    if moe is None:
+        return 0
+    E, k = moe["num_experts"], moe["top_k"]
+    if not moe["drop_tokens"]:
+        return k * tokens
+    return E * max(math.ceil(k * tokens / E * moe["capacity_factor"]), moe["min_capacity"])
+
+
 def corpus_bytes(data) -> int:
     """Text read into memory by each worker (token files are mapped, not read)."""
     if data.format == "bin" or str(data.source).endswith(".bin"):
@@ -70,6 +85,7 @@ def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None 
     model, train, parallel = recipe.model, recipe.train, recipe.parallel
     pipeline = parallel.pipeline
     dp = max(1, world_size // pipeline.stages)
+    ep = parallel.expert_parallel
     M = micro_batches or train.grad_accum_steps or 1
     attention = "math" if device == "cpu" and model.dropout > 0 else "flash"
     shapes = []
@@ -81,7 +97,7 @@ def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None 
         if last and not first:
             root += model.vocab_size * model.d_model  # the tied head's own copy
         shape = RankShape(
-            params=row["params"], layers=len(layers), block_params=max(block_size(model, i) for i in layers),
+            params=row["params"], layers=len(layers), block_params=max(block_size(model, i, ep) for i in layers),
             root_params=root, largest_param=max(model.vocab_size, model.seq_len, 4 * model.d_model) * model.d_model,
             first=first, last=last, d_model=model.d_model, n_heads=model.n_heads, seq_len=model.seq_len,
             vocab_size=model.vocab_size, mlp_ratio=model.mlp_ratio, micro_batch=train.micro_batch_size or 1,
@@ -90,6 +106,9 @@ def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None 
             precision=train.precision, checkpointing=train.activation_checkpointing, attention=attention,
             dropout=model.dropout, device=device, loss_chunk_tokens=train.loss_chunk_tokens,
             data_bytes=corpus_bytes(recipe.data),
+            expert_params=sum(expert_params(model, i) for i in layers), ep=ep,
+            moe_layers=sum(1 for i in layers if expert_params(model, i)),
+            expert_slots=expert_slots(model, (train.micro_batch_size or 1) * model.seq_len),
         )
         where = "every rank" if len(stages) == 1 else f"pipeline stage {row['stage']}"
         shapes.append((where, shape))

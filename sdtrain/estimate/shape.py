@@ -38,6 +38,17 @@ class RankShape:
     device: str  # cpu | cuda
     loss_chunk_tokens: int
     data_bytes: int  # text the worker reads into memory (0 for token files, which are mapped)
+    expert_params: int = 0  # of `params`, the experts' weights (all E of them)
+    ep: int = 1  # expert-parallel ranks: each holds expert_params / ep of them whole
+    moe_layers: int = 0  # blocks on this rank whose MLP is a mixture of experts
+    expert_slots: int = 0  # capacity slots of one MoE layer for one micro-batch (E x C)
+
+    @property
+    def params_held(self) -> int:
+        """Parameters this rank holds whole (before ZeRO sharding): the dense ones and its
+        E / ep experts. Sharded, the experts are split over dp / ep ranks, so a rank's
+        shard is params / dp either way."""
+        return self.params - self.expert_params + self.expert_params // self.ep
 
     @property
     def tokens(self) -> int:

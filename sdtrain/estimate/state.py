@@ -17,15 +17,17 @@ ADAM_MOMENTS_BYTES = 8  # fp32 exp_avg + exp_avg_sq per parameter
 
 def model_state(shape: RankShape) -> list[Term]:
     """Weights, gradients and optimizer state of this rank, at every ZeRO stage."""
-    psi, n, stage = shape.params, shape.dp, shape.zero_stage
+    # Ψ: what the rank holds whole (its experts only, under expert parallelism); its shards
+    # are the whole model's Ψ / N (experts are sharded over their own dp / ep ranks).
+    whole, psi, n, stage = shape.params_held, shape.params, shape.dp, shape.zero_stage
     p = shape.weight_bytes
     if stage == 0:  # DDP: fp32 weights, fp32 gradients (the buckets), fp32 Adam moments
-        return [Term("weights", 4 * psi, detail="4Ψ: fp32 (autocast casts on the fly)"),
-                Term("gradients", 4 * psi, detail="4Ψ: fp32, DDP's buckets"),
-                Term("optimizer state", ADAM_MOMENTS_BYTES * psi, detail="8Ψ: fp32 Adam moments")]
+        return [Term("weights", 4 * whole, detail="4Ψ: fp32 (autocast casts on the fly)"),
+                Term("gradients", 4 * whole, detail="4Ψ: fp32, DDP's buckets"),
+                Term("optimizer state", ADAM_MOMENTS_BYTES * whole, detail="8Ψ: fp32 Adam moments")]
     master = 4 * psi / n if p != 4 else 0  # bf16 weights need a separate fp32 master shard
-    weights = p * psi / n if stage == 3 else p * psi
-    grads = p * psi / n + (p * psi if stage == 1 else 0)  # the reduced shard; stage 1 also the whole
+    weights = p * psi / n if stage == 3 else p * whole
+    grads = p * psi / n + (p * whole if stage == 1 else 0)  # the reduced shard; stage 1 also the whole
     return [
         Term("weights", weights, detail=f"{p}Ψ{'/N' if stage == 3 else ''}: ZeRO {stage}, N = {n}"),
         Term("gradients", grads, detail=f"{p}Ψ whole + {p}Ψ/N shard" if stage == 1 else f"{p}Ψ/N shard"),

@@ -34,6 +34,14 @@ def block_params(cfg, index: int = 0, active: bool = False) -> int:
     return attn + mlp + norms
 
 
+def expert_params(cfg, index: int) -> int:
+    """Block `index`'s expert weights (0 for a dense block): what expert parallelism splits."""
+    moe = moe_of(cfg)
+    if moe is None or (index + 1) % moe["every_n_layers"]:
+        return 0
+    return moe["num_experts"] * 2 * cfg.d_model * cfg.mlp_ratio * cfg.d_model
+
+
 def embedding_params(cfg) -> int:
     """Token and position embeddings (the token one is also the tied output head)."""
     return cfg.vocab_size * cfg.d_model + cfg.seq_len * cfg.d_model
