@@ -94,7 +94,7 @@ def sdtrain_child(args) -> None:
     env = init_distributed("auto", 600)
     with env.device:
         model = GPT(GPTConfig(**recipe["model"]), seed=t["seed"], loss_chunk_tokens=t["loss_chunk_tokens"])
-    namespace = SimpleNamespace(train=SimpleNamespace(**t),
+    namespace = SimpleNamespace(train=SimpleNamespace(**t), model=SimpleNamespace(moe=SimpleNamespace(num_experts=0)),
                                 parallel=SimpleNamespace(zero_stage=0, **recipe["parallel"]["zero"]))
     strategy = parallelize(model, namespace, env)
     generator = torch.Generator().manual_seed(t["seed"])
