@@ -44,6 +44,7 @@ def test_bench_pipeline_bad_input_exits_2(write_recipe):
     assert result.returncode == 2 and "train.global_batch_size=4" in result.stderr
 
 
+@pytest.mark.slow  # keeps make test near 15 minutes
 def test_bench_pipeline_row_has_bubble_and_formula(write_recipe, tmp_path):
     out = tmp_path / "bench.json"
     result = sdtrain("bench", write_recipe(), "--strategies", "pp2-1f1b,ddp", "--steps", 15, "--repeats", 1,

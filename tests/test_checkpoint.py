@@ -51,6 +51,7 @@ def test_resume_survives_a_crash_mid_save(full_run, tmp_path):
     assert not partial.exists()
 
 
+@pytest.mark.slow  # keeps make test near 15 minutes
 def test_resume_on_a_different_world_size(full_run, tmp_path):
     recipe, run_dir = full_run
     resumed = crashed_copy(run_dir, tmp_path / "resumed")

@@ -50,7 +50,7 @@ SLOW = pytest.mark.slow  # the rest of the matrix: `make test-slow`
 
 @pytest.mark.parametrize("stages, schedule, virtual", [
     (2, "1f1b", 1), pytest.param(2, "gpipe", 1, marks=SLOW), (2, "interleaved", 2),
-    (4, "1f1b", 1), pytest.param(4, "gpipe", 1, marks=SLOW), pytest.param(4, "interleaved", 2, marks=SLOW),
+    pytest.param(4, "1f1b", 1, marks=SLOW), pytest.param(4, "gpipe", 1, marks=SLOW), pytest.param(4, "interleaved", 2, marks=SLOW),
     (3, "1f1b", 1),  # 8 layers over 3 stages: 3 + 3 + 2
     (2, "zero_bubble", 1), pytest.param(4, "zero_bubble", 1, marks=SLOW),
 ])
@@ -86,7 +86,7 @@ def two_by_two(reference, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage, schedule", [
-    (0, "1f1b"), (1, "1f1b"), pytest.param(2, "1f1b", marks=SLOW), (3, "1f1b"),
+    (0, "1f1b"), pytest.param(1, "1f1b", marks=SLOW), pytest.param(2, "1f1b", marks=SLOW), (3, "1f1b"),
     pytest.param(2, "zero_bubble", marks=SLOW),
     pytest.param(3, "zero_bubble", marks=SLOW),  # W passes feed ZeRO's reduce-scatters
 ])

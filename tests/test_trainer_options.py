@@ -36,6 +36,7 @@ def test_bf16_tracks_fp32(write_recipe, tmp_path):
         assert abs(a - b) <= 0.02 * a  # bf16 keeps ~3 significant digits
 
 
+@pytest.mark.slow  # keeps make test near 15 minutes
 def test_fp16_with_loss_scaling_trains(write_recipe, tmp_path):
     fp32 = losses(run(write_recipe, tmp_path, "fp32"))
     fp16 = losses(run(write_recipe, tmp_path, "fp16", "train.precision=fp16"))

@@ -68,7 +68,7 @@ def formula(table, stage, world):
     return PSI * (p * share(p_whole) + g * share(g_whole) + k * share(k_whole))
 
 
-@pytest.mark.parametrize("precision, table", [("bf16", BF16), ("fp32", FP32)])
+@pytest.mark.parametrize("precision, table", [("bf16", BF16), pytest.param("fp32", FP32, marks=pytest.mark.slow)])
 def test_model_state_bytes_match_the_zero_paper(tmp_path, precision, table):
     world = 2
     for stage in range(4):
@@ -97,7 +97,7 @@ def test_bytes_communicated_per_step(tmp_path):
         assert abs(per_step - elements * elem) <= 0.02 * elements * elem, f"stage {stage}: {per_step} vs {elements * elem}"
 
 
-@pytest.mark.parametrize("target_stage", [2, 3, 0])
+@pytest.mark.parametrize("target_stage", [pytest.param(2, marks=pytest.mark.slow), 3, pytest.param(0, marks=pytest.mark.slow)])
 def test_resume_on_four_ranks_from_two(reference, tmp_path, target_stage):
     """A stage-2 checkpoint written by 2 ranks continues on 4 ranks, at stage 2, 3 or 0."""
     first = launch(tmp_path, "ws2", 2, "parallel.zero_stage=2")
@@ -110,6 +110,7 @@ def test_resume_on_four_ranks_from_two(reference, tmp_path, target_stage):
     assert_same_run(reference, resumed, steps=range(11, STEPS + 1))
 
 
+@pytest.mark.slow  # bf16 with ZeRO in the default suite: test_model_state_bytes_match_the_zero_paper[bf16]
 def test_bf16_zero_tracks_bf16_data_parallel(tmp_path):
     base = losses(launch(tmp_path, "dp", 2, "train.precision=bf16"))
     for stage in (1, 3):
@@ -146,6 +147,7 @@ def test_bad_zero_settings_exit_2(write_recipe, tmp_path, overrides, expected):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # keeps make test near 15 minutes
 def test_stage3_sets_up_in_a_quarter_of_the_memory_on_four_ranks(tmp_path):
     # ~50M parameters: big enough for model state to dwarf the noise in a process's peak
     # RSS. Before the first step, stage 0 holds 12Ψ bytes (fp32 weights and Adam moments;
