@@ -3,6 +3,8 @@
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from conftest import sdtrain
 from sdtrain.model.size import flops_per_token
 
@@ -34,6 +36,7 @@ def test_bench_bad_input_exits_2(write_recipe):
     assert sdtrain("bench", write_recipe({"train": {"stpes": 1}})).returncode == 2
 
 
+@pytest.mark.slow  # keeps make test near 15 minutes
 def test_bench_single_device_eager_peer(write_recipe, tmp_path):
     # The eager peer is nanoGPT's loop on one device: compared with sdtrain's single run,
     # on the device the recipe would use (the CPU here), with every row's MFU against one peak.

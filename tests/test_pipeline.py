@@ -99,7 +99,7 @@ def test_pipeline_with_data_parallel_and_zero(reference, two_by_two, tmp_path, s
 
 
 @pytest.mark.parametrize("nproc, overrides", [
-    (1, []),  # one process, no pipeline
+    pytest.param(1, [], marks=SLOW),  # one process, no pipeline
     pytest.param(4, ["parallel.pipeline.stages=4"], marks=SLOW),
     (4, ["parallel.pipeline.stages=2", "parallel.zero_stage=3"]),
 ])

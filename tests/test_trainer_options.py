@@ -28,6 +28,7 @@ def test_activation_checkpointing_is_exact(write_recipe, tmp_path):
     assert weights.keys() == load_model_weights(plain)[0].keys()
 
 
+@pytest.mark.slow  # keeps make test near 15 minutes
 def test_bf16_tracks_fp32(write_recipe, tmp_path):
     fp32 = losses(run(write_recipe, tmp_path, "fp32"))
     bf16 = losses(run(write_recipe, tmp_path, "bf16", "train.precision=bf16"))
