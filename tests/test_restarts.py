@@ -84,6 +84,11 @@ def test_a_malformed_drill_is_refused_before_launch(write_recipe, tmp_path):
     assert "SDTRAIN_INJECT_FAULT=1:7@0,1:x: '1:x' is not RANK:STEP[@ATTEMPT]" in words(result.stderr)
     assert not (tmp_path / "run").exists()
     assert parse_drill("D", "1:7, 0:3@2") == [(1, 7, 0), (0, 3, 2)]
+    result = sdtrain("launch", write_recipe(), "--run-dir", tmp_path / "run",
+                     env={"SDTRAIN_INJECT_ADDRESS_LIMIT": "1:5e8"})  # a worker used to die on it
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "SDTRAIN_INJECT_ADDRESS_LIMIT=1:5e8: not RANK:BYTES" in words(result.stderr)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -4,6 +4,8 @@ SDTRAIN_INJECT_FAULT=RANK:STEP[@ATTEMPT],...  that rank raises at that step (0-b
                                               of the step, as train_step counts)
 SDTRAIN_INJECT_NAN=RANK:STEP[@ATTEMPT],...    that rank's loss at that step becomes NaN
 SDTRAIN_INJECT_HANG=RANK:STEP[@ATTEMPT],...   that rank sleeps for good at that step (hang_drill.py)
+SDTRAIN_INJECT_ADDRESS_LIMIT=RANK:BYTES        that rank gets an address-space limit BYTES above
+                                              its start (memory_watch.py): out of memory, safely
 SDTRAIN_DUMP_WEIGHTS=1                        each rank logs a digest of its weights at the
                                               end (replicas must agree: no rank diverged)
 
@@ -24,6 +26,8 @@ from sdtrain.errors import UserInputError
 ATTEMPT_VARIABLE = "SDTRAIN_ATTEMPT"
 DRILLS = ("SDTRAIN_INJECT_FAULT", "SDTRAIN_INJECT_NAN", "SDTRAIN_INJECT_HANG")
 _ENTRY = re.compile(r"^\s*(\d+):(\d+)(?:@(\d+))?\s*$")
+ADDRESS_LIMIT = "SDTRAIN_INJECT_ADDRESS_LIMIT"
+_ADDRESS_LIMIT = re.compile(r"^\s*(\d+):(\d+)\s*$")
 
 
 def parse_drill(variable: str, value: str) -> list[tuple[int, int, int]]:
@@ -39,11 +43,21 @@ def parse_drill(variable: str, value: str) -> list[tuple[int, int, int]]:
     return entries
 
 
+def parse_address_limit(value: str) -> tuple[int, int]:
+    """(rank, bytes) of SDTRAIN_INJECT_ADDRESS_LIMIT; UserInputError if it is not RANK:BYTES."""
+    match = _ADDRESS_LIMIT.match(value)
+    if not match:
+        raise UserInputError(f"{ADDRESS_LIMIT}={value}: not RANK:BYTES (e.g. {ADDRESS_LIMIT}=1:524288000)")
+    return int(match[1]), int(match[2])
+
+
 def check_drills(environ: dict[str, str]) -> None:
     """Refuse a malformed drill before launch (a worker would otherwise fail on it)."""
     for variable in DRILLS:
         if environ.get(variable):
             parse_drill(variable, environ[variable])
+    if environ.get(ADDRESS_LIMIT):
+        parse_address_limit(environ[ADDRESS_LIMIT])
 
 
 def current_attempt() -> int:

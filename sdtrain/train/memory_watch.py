@@ -20,8 +20,9 @@ from pathlib import Path
 
 import psutil
 
+from sdtrain.train.faults import ADDRESS_LIMIT, parse_address_limit
+
 WATCH_S = 0.5
-DRILL = "SDTRAIN_INJECT_ADDRESS_LIMIT"
 
 
 def memory_path(run_dir: Path, rank: int) -> Path:
@@ -39,11 +40,12 @@ def read_memory(run_dir: Path, rank: int) -> dict | None:
 
 def address_limit_drill(rank: int) -> int | None:
     """Apply the drill to this rank, if it names it; the bytes it allows beyond now."""
-    value = os.environ.get(DRILL, "")
-    target, _, allowed = value.partition(":")
-    if not value or target != str(rank):
+    value = os.environ.get(ADDRESS_LIMIT, "")
+    if not value:
         return None
-    extra = int(float(allowed))
+    target, extra = parse_address_limit(value)  # checked before launch (check_drills)
+    if target != rank:
+        return None
     mapped = psutil.Process().memory_info().vms
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (mapped + extra, hard))
