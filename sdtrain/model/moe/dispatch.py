@@ -2,11 +2,11 @@
 comes back. Chosen from outside the model (as torchtitan does): LocalDispatch when one rank
 holds every expert, AllToAllDispatch under expert parallelism.
 
-All-to-all layout: rank q of the expert-parallel group holds experts q*E_local .. ; source
-rank s sends it the rows of those experts, E_local x C_s tokens (C_s: s's capacity, the same
-everywhere unless dropless). The receiver lines up each expert's tokens from every source
-(source order) and runs all of its experts in one batched matmul; the way back is the exact
-reverse.
+Both take a rank's kept token copies sorted by expert and the count per expert, and give
+back the experts' outputs in the same order. All-to-all layout: rank q of the expert-parallel
+group holds experts q*E_local .. ; source rank s sends it the rows of those experts (uneven:
+however many were kept). The receiver lines up each expert's rows from every source (source
+order) and runs all of its experts in one grouped matmul; the way back is the exact reverse.
 """
 
 from __future__ import annotations
@@ -64,32 +64,62 @@ class AllToAll(torch.autograd.Function):
         return grad_in, None, None, None
 
 
+class Permute(torch.autograd.Function):
+    """Rows reordered by an index, and back in backward: a gather both ways (indexing's own
+    backward would scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def source_to_expert_order(received: torch.Tensor) -> torch.Tensor:
+    """received [sources, experts]: the row counts that arrived, source-major (each source's
+    rows grouped by expert). The index that reorders them expert-major (each expert's rows
+    from every source, in source order), as the grouped matmul wants them."""
+    lengths = received.reshape(-1)
+    start = torch.cumsum(lengths, 0) - lengths  # where each (source, expert) block is now
+    by_expert = received.t().reshape(-1)
+    start_by_expert = start.view_as(received).t().reshape(-1)
+    target = torch.cumsum(by_expert, 0) - by_expert  # where it goes
+    shift = torch.repeat_interleave(start_by_expert - target, by_expert)
+    return torch.arange(shift.numel(), device=shift.device) + shift
+
+
+def inverse_of(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
 class LocalDispatch:
-    def __call__(self, experts, buffer: torch.Tensor, dropless: bool) -> torch.Tensor:
-        return experts(buffer)
+    def __call__(self, experts, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return experts(tokens, counts)
 
 
 class AllToAllDispatch:
+    """tokens [N, d] sorted by global expert, counts [E]: each rank's rows go to the rank
+    holding their expert, exactly as many as were kept (no capacity padding on the wire),
+    after one small all-to-all of the counts."""
+
     def __init__(self, group, size: int):
         self.group, self.size = group, size
 
-    def capacities(self, capacity: int, dropless: bool, device: torch.device) -> list[int]:
-        """Every ep rank's capacity: the same unless dropless (each its own largest load)."""
-        if not dropless:
-            return [capacity] * self.size
-        mine = torch.tensor([capacity], dtype=torch.int64, device=device)
-        every = [torch.zeros_like(mine) for _ in range(self.size)]
-        dist.all_gather(every, mine, group=self.group)
-        return [int(c) for c in every]
-
-    def __call__(self, experts, buffer: torch.Tensor, dropless: bool) -> torch.Tensor:
-        num_experts, capacity, d = buffer.shape
-        capacities = self.capacities(capacity, dropless, buffer.device)
-        local = num_experts // self.size
-        send = [local * capacity] * self.size
-        receive = [local * c for c in capacities]
-        arrived = AllToAll.apply(buffer.reshape(-1, d), receive, send, self.group)
-        per_source = [chunk.view(local, c, d) for chunk, c in zip(arrived.split(receive), capacities)]
-        out = experts(torch.cat(per_source, dim=1))  # [E_local, sum C_s, d]
-        back = torch.cat([chunk.reshape(-1, d) for chunk in out.split(capacities, dim=1)])
-        return AllToAll.apply(back, send, receive, self.group).view(num_experts, capacity, d)
+    def __call__(self, experts, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        local = counts.numel() // self.size
+        received = torch.empty_like(counts)
+        AllToAllClock.run(received, counts, [local] * self.size, [local] * self.size, self.group)
+        received = received.view(self.size, local)  # [source, my expert]
+        send = counts.view(self.size, local).sum(1).tolist()
+        receive = received.sum(1).tolist()
+        arrived = AllToAll.apply(tokens, receive, send, self.group)
+        order = source_to_expert_order(received)
+        inverse = inverse_of(order)
+        out = experts(Permute.apply(arrived, order, inverse), received.sum(0))
+        return AllToAll.apply(Permute.apply(out, inverse, order), send, receive, self.group)

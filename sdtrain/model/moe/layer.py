@@ -1,7 +1,7 @@
-"""The MoE MLP: a router picks top-k experts per token (gating.route), tokens are copied
-into each expert's capacity-padded buffer by index, the experts run as one batched matmul
-(experts.py), and each token's outputs come back by index, weighted. No [S, E, C] tensor is
-ever made. A routing group is the layer's input on one rank (one micro-batch), so which
+"""The MoE MLP: a router picks top-k experts per token (gating.route), the kept token copies
+are gathered sorted by expert, the experts run as one grouped matmul on exactly those rows
+(experts.py), and each token's outputs come back by index, weighted. Capacity decides which
+assignments drop, but nothing is padded to it: no [S, E, C] tensor and no [E, C, d] buffer. A routing group is the layer's input on one rank (one micro-batch), so which
 tokens compete for capacity, and which drop, is the same at any EP and DP size.
 
 The load-balancing and z losses join the training loss through the layer's output
@@ -77,12 +77,12 @@ class MoEMLP(nn.Module):
         bias = self.balancer.bias if self.balancer is not None else None
         capacity_factor = moe.capacity_factor if self.training else moe.eval_capacity_factor
         r = route(logits, moe.top_k, capacity_factor, moe.min_capacity, moe.drop_tokens, bias)
-        E, C = moe.num_experts, r.capacity
         token, choice = r.kept.nonzero(as_tuple=True)  # kept assignments, in token order
-        place = r.expert[token, choice] * C + r.slot[token, choice]
-        buffer = tokens.new_zeros(E * C, shape[-1]).index_copy(0, place, tokens[token])
-        out = self.dispatch(self.experts, buffer.view(E, C, -1), not moe.drop_tokens).reshape(E * C, -1)
-        weighted = out[place] * r.weight[token, choice].unsqueeze(1).to(out.dtype)
+        expert, order = torch.sort(r.expert[token, choice], stable=True)  # by expert, token order within
+        token, weight = token[order], r.weight[token, choice][order]
+        counts = torch.bincount(expert, minlength=moe.num_experts)
+        out = self.dispatch(self.experts, tokens[token], counts)
+        weighted = out * weight.unsqueeze(1).to(out.dtype)
         y = out.new_zeros(tokens.shape[0], out.shape[-1]).index_add(0, token, weighted).view(shape)
         z_loss = router_z_loss(logits)
         if self.training and torch._C._current_graph_task_id() == -1:  # not a recompute in backward
