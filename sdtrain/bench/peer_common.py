@@ -130,11 +130,11 @@ def train_plain(model, recipe, args, device: torch.device,
                 loss_fn: Callable | None = None, autocast: bool = True) -> None:
     """The loop the plain-PyTorch peers share: micro-batches (gradient sync only on the last
     one, through `sync`) under the recipe's autocast (unless the peer casts by itself),
-    global-norm clipping, AdamW (fused on CUDA, as sdtrain's), a loss scaler for fp16;
+    global-norm clipping, AdamW (fused, as sdtrain's), a loss scaler for fp16;
     timed by timed_loop."""
     t = recipe["train"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=(t["beta1"], t["beta2"]),
-                                  weight_decay=t["weight_decay"], fused=device.type == "cuda")
+                                  weight_decay=t["weight_decay"], fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=t["precision"] == "fp16")
     generator = torch.Generator().manual_seed(t["seed"] + rank())
     loss_of = loss_fn or plain_loss(model)
@@ -160,7 +160,7 @@ def client_adamw(recipe, params, device: torch.device) -> torch.optim.AdamW:
     """The recipe's AdamW, handed to DeepSpeed as its client optimizer (both DeepSpeed peers)."""
     t = recipe["train"]
     return torch.optim.AdamW(params, lr=t["lr"], betas=(t["beta1"], t["beta2"]),
-                             weight_decay=t["weight_decay"], fused=device.type == "cuda")
+                             weight_decay=t["weight_decay"], fused=device.type in ("cpu", "cuda"))
 
 
 def deepspeed_config(recipe, zero_optimization: dict) -> dict:

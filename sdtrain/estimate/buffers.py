@@ -66,20 +66,13 @@ def strategy_buffers(shape: RankShape) -> list[Term]:
 
 
 def optimizer_buffers(shape: RankShape) -> list[Term]:
-    """The optimizer step's temporaries: torch's single-tensor AdamW makes one temporary the
-    size of the tensor it updates (its denominator); ZeRO updates whole shards, clips an
-    fp32 copy of the gradient shard under bf16, and publishes by cloning every unit's
-    new weight shard before the all-gathers."""
+    """The optimizer step's temporaries: fused AdamW updates in place and makes none; ZeRO
+    clips an fp32 copy of the gradient shard under bf16, and publishes by cloning every
+    unit's new weight shard before the all-gathers."""
     if shape.zero_stage == 0:
-        return [Term("optimizer temporaries", 2 * 4 * shape.largest_param, STEP_OPT,
-                     "AdamW's temporaries on the largest weight")]
+        return []
     shard = shape.params / shape.dp
-    if shape.zero_stage == 3:  # units: blocks and the root
-        unit = max(shape.block_params, shape.root_params)
-    else:  # units: buckets of reduce_bucket_mb
-        unit = min(shape.reduce_bucket_mb * MiB / shape.weight_bytes, shape.params_held)
-    largest = unit / shape.dp
-    temps = 2 * 4 * largest + shape.weight_bytes * shard
+    temps = shape.weight_bytes * shard
     if shape.precision == "bf16":
         temps += 4 * shard  # the gradient shard in fp32 for clipping and Adam
-    return [Term("optimizer temporaries", temps, STEP_OPT, "AdamW on a shard + weights published by all-gather")]
+    return [Term("optimizer temporaries", temps, STEP_OPT, "weights published by all-gather")]

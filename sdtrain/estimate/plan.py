@@ -98,7 +98,7 @@ def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None 
             root += model.vocab_size * model.d_model  # the tied head's own copy
         shape = RankShape(
             params=row["params"], layers=len(layers), block_params=max(block_size(model, i, ep) for i in layers),
-            root_params=root, largest_param=max(model.vocab_size, model.seq_len, 4 * model.d_model) * model.d_model,
+            root_params=root,
             first=first, last=last, d_model=model.d_model, n_heads=model.n_heads, seq_len=model.seq_len,
             vocab_size=model.vocab_size, mlp_ratio=model.mlp_ratio, micro_batch=train.micro_batch_size or 1,
             in_flight=in_flight(pipeline, row["stage"], M), dp=dp, zero_stage=parallel.zero_stage,

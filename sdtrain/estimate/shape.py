@@ -17,7 +17,6 @@ class RankShape:
     layers: int  # Transformer blocks on this rank
     block_params: int  # the largest block's parameters (a ZeRO-3 gather unit)
     root_params: int  # embeddings / final norm / head on this rank (ZeRO-3's root unit)
-    largest_param: int  # the largest single weight (the token embedding, usually)
     first: bool  # holds the embeddings
     last: bool  # holds the head and the loss
     d_model: int

@@ -17,6 +17,7 @@ from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.strategy import (
     ADAM_MOMENTS,
     Strategy,
+    adamw,
     base_name,
     clip_coefficient,
     decays,
@@ -51,11 +52,7 @@ class DataParallel(Strategy):
         self.experts = [p for n, p in self.named if n in {base_name(e) for e in experts}]
         self.dense = [p for _, p in self.named if not any(p is e for e in self.experts)]
         params = [p for _, p in self.named]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if decays(p)], "weight_decay": train.weight_decay},
-             {"params": [p for p in params if not decays(p)], "weight_decay": 0.0}],
-            lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps, fused=env.device.type == "cuda",
-        )
+        self.optimizer = adamw([p for p in params if decays(p)], [p for p in params if not decays(p)], train, env.device)
         for p in params:
             init_adam_state(self.optimizer, p, {m: torch.zeros_like(p) for m in ADAM_MOMENTS})
         # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.

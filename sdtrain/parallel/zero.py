@@ -30,6 +30,7 @@ from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.strategy import (
     ADAM_MOMENTS,
     Strategy,
+    adamw,
     base_name,
     clip_coefficient,
     init_adam_state,
@@ -162,10 +163,7 @@ class Zero(Strategy):
             for view, part in unit.views:
                 if view.numel():
                     (decay if part is with_decay else no_decay).append(view)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps, fused=self.env.device.type == "cuda",
-        )
+        optimizer = adamw(decay, no_decay, train, self.env.device)
         for unit in self.units:  # Adam moments are views of one flat tensor per unit
             for view, part in unit.views:
                 if view.numel():
