@@ -19,11 +19,12 @@ from sdtrain.recipe import RecipeError, validate_recipe
 from sdtrain.train.export import load_model_weights
 
 REL_TOL = 1e-5
-STEPS = 10
+STEPS = 20  # the issue's 20 steps; checkpoints every 5, continued from the middle one
+RESUME_AT = 10
 # Block 1 of 2 is an MoE MLP of 4 experts, top-2; capacity factor 1 drops tokens on most steps.
 MOE = {"model": {"moe": {"num_experts": 4, "top_k": 2, "every_n_layers": 2, "capacity_factor": 1.0,
                          "min_capacity": 0, "z_loss_coef": 0.001}},
-       "train": {"steps": STEPS}, "checkpoint": {"at_end": True, "every": 5, "keep": 3}}
+       "train": {"steps": STEPS}, "checkpoint": {"at_end": True, "every": 5, "keep": 4}}
 SPARE = "model.moe.capacity_factor=4.0"  # C = k x tokens / E x 4 = every token: nothing drops
 SLOW = pytest.mark.slow
 
@@ -55,11 +56,12 @@ def assert_same_run(reference, run_dir, steps=range(1, STEPS + 1)):
 
 
 def resume(tmp, source, name, nproc, *overrides):
-    """`source` continued from its step-5 checkpoint with another layout."""
+    """`source` continued from its middle (step RESUME_AT) checkpoint with another layout."""
     resumed = tmp / name
     shutil.copytree(source, resumed)
-    shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS}")
-    (resumed / "checkpoints" / "latest").write_text("step_5")
+    for later in range(RESUME_AT + 5, STEPS + 1, 5):
+        shutil.rmtree(resumed / "checkpoints" / f"step_{later}")
+    (resumed / "checkpoints" / "latest").write_text(f"step_{RESUME_AT}")
     (resumed / "metrics.jsonl").unlink()
     assert launch(tmp, name, nproc, *overrides, "train.resume=auto") == resumed
     return resumed
@@ -75,7 +77,7 @@ def test_expert_parallel_matches_single_process(reference, ep2):
 
 
 def test_checkpoint_from_ep2_continues_at_ep1(reference, ep2, tmp_path):
-    assert_same_run(reference, resume(tmp_path, ep2, "ep1", 1), steps=range(6, STEPS + 1))
+    assert_same_run(reference, resume(tmp_path, ep2, "ep1", 1), steps=range(RESUME_AT + 1, STEPS + 1))
     # keyed by global expert index: the whole [E, ...] tensor, equal to the single process's
     ours, theirs = load_model_weights(ep2)[0], load_model_weights(reference)[0]
     assert ours["blocks.1.mlp.experts.w1"].shape == (4, 32, 128)
@@ -194,13 +196,13 @@ def test_dropless_and_bias_balance_under_expert_parallelism(tmp_path, setting):
     (2, ["parallel.zero_stage=2"]),
 ])
 def test_checkpoint_from_ep2_continues_in_other_layouts(reference, ep2, tmp_path, nproc, overrides):
-    assert_same_run(reference, resume(tmp_path, ep2, "resumed", nproc, *overrides), steps=range(6, STEPS + 1))
+    assert_same_run(reference, resume(tmp_path, ep2, "resumed", nproc, *overrides), steps=range(RESUME_AT + 1, STEPS + 1))
 
 
 @SLOW
 def test_checkpoint_from_zero3_ep2_continues_at_ep1(reference, tmp_path):
     z3 = launch(tmp_path, "z3ep2", 2, "parallel.expert_parallel=2", "parallel.zero_stage=3")
-    assert_same_run(reference, resume(tmp_path, z3, "ep1", 1), steps=range(6, STEPS + 1))
+    assert_same_run(reference, resume(tmp_path, z3, "ep1", 1), steps=range(RESUME_AT + 1, STEPS + 1))
     out = tmp_path / "model.safetensors"
     result = sdtrain("export", z3, out)
     assert result.returncode == 0, result.stderr
