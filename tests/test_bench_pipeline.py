@@ -57,12 +57,13 @@ def test_bench_pipeline_row_has_bubble_and_formula(write_recipe, tmp_path):
     # measured from the schedule's timeline; on a tiny model overheads make it larger than the
     # formula (tests/test_pipeline.py checks the measurement itself), so only its range here
     assert 0.0 < row["bubble"] < 1.0 and len(row["bubble_per_stage"]) == 2 and row["bubble_rounds"] == [row["bubble"]]
+    assert 0.0 <= row["bubble_replayed"] <= row["bubble"] + 0.02
     assert row["tokens_per_s"] > 0 and len(row["peak_mem_gib"]) == 2
     # beside DDP on the same 2 workers (which runs without a pipeline and has no bubble)
     assert ddp["name"] == "ddp" and ddp["pipeline_stages"] == 1 and "bubble" not in ddp
     assert row["vs_ddp"] == pytest.approx(row["tokens_per_s"] / ddp["tokens_per_s"], abs=2e-3)
     table = result.stdout
-    assert "bubble" in table and "formula" in table and "0.200" in table and f"{row['bubble']:.3f}" in table
+    assert "bubble" in table and "replayed" in table and "formula" in table and "0.200" in table and f"{row['bubble']:.3f}" in table
     assert "M = 4 micro-batches of 2" in " ".join(table.split())
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 

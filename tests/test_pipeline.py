@@ -63,6 +63,9 @@ def test_schedule_matches_single_process(reference, tmp_path, stages, schedule, 
     assert 0.0 <= record["bubble"] < 1.0 and len(record["bubble_per_stage"]) == stages
     assert len(record["mem_gib_per_stage"]) == stages and min(record["mem_gib_per_stage"]) > 0
     assert record["bubble_formula"] == round(bubble_formula(schedule, stages, virtual, 8), 4)
+    # the schedule replayed on the run's own compute times, communication free: never more
+    # idle than the run itself was (a tolerance for the two clocks' rounding)
+    assert 0.0 <= record["bubble_replayed"] <= record["bubble"] + 0.02
 
 
 def test_activation_checkpointing_with_a_pipeline(reference, tmp_path):
@@ -115,6 +118,20 @@ def test_checkpoint_continues_in_another_layout(reference, two_by_two, tmp_path,
 
 
 # --- the parts that need no processes -------------------------------------------------
+
+def test_replay_on_measured_costs_shows_an_unbalanced_stage():
+    """1F1B, P = 2, M = 4, forward 1 and backward 2 everywhere but a last stage 50 % slower:
+    the first stage waits for it, so the replay's bubble is above the formula by exactly
+    what that costs (worked by hand: step 4 x 4.5 + 3 = 21 units, busy 12 and 18)."""
+    schedule = build_schedule("1f1b", 2, 1, 4)
+    costs = [[1.0 if a.kind == "F" else 2.0 for a in schedule[0]],
+             [1.5 if a.kind == "F" else 3.0 for a in schedule[1]]]
+    even = simulate(schedule, 2, 2, costs=[[1.0 if a.kind == "F" else 2.0 for a in actions] for actions in schedule])
+    assert even["bubble_mean"] == pytest.approx(bubble_formula("1f1b", 2, 1, 4))
+    uneven = simulate(schedule, 2, 2, costs=costs)
+    assert uneven["step"] == pytest.approx(21.0)
+    assert uneven["bubble"] == pytest.approx([1 - 12 / 21, 1 - 18 / 21])
+
 
 @pytest.mark.parametrize("name, P, V, M", [
     ("gpipe", 2, 1, 4), ("1f1b", 2, 1, 2), ("1f1b", 4, 1, 8), ("1f1b", 4, 1, 4),

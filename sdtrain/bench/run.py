@@ -61,6 +61,7 @@ class Entry:
     micro_batches: int | None = None  # M, for a pipeline
     bubbles: list[float] = field(default_factory=list)  # per round: mean over the intervals after warm-up
     bubble_per_stage: list[list[float]] = field(default_factory=list)
+    bubbles_replayed: list[float] = field(default_factory=list)  # per round: the schedule on its compute times
     ep: int | None = None  # an MoE row's expert-parallel size (None: not an ep<N> row)
     all_to_all_shares: list[float | None] = field(default_factory=list)  # per round
 
@@ -335,6 +336,7 @@ def _measure(entry: Entry, out: Path) -> str | None:
             entry.bubbles.append(statistics.mean(r["bubble"] for r in rows[1:]))
             per_stage = zip(*(r["bubble_per_stage"] for r in rows[1:]))
             entry.bubble_per_stage.append([statistics.mean(stage) for stage in per_stage])
+            entry.bubbles_replayed.append(statistics.mean(r["bubble_replayed"] for r in rows[1:]))
         entry.peak_mem_gib = summary["peak_mem_gib"]
         entry.state_bytes = [sum(s.values()) for s in summary["model_state_bytes"]]
         entry.comm_bytes = rows[-1].get("comm_bytes")
@@ -359,6 +361,7 @@ def _pipeline_columns(entry: Entry) -> dict:
             "micro_batches": entry.micro_batches,
             "bubble": round(entry.bubbles[best], 4) if best is not None else None,
             "bubble_per_stage": [round(b, 4) for b in entry.bubble_per_stage[best]] if best is not None else None,
+            "bubble_replayed": round(entry.bubbles_replayed[best], 4) if best is not None else None,
             "bubble_formula": round(formula, 4), "bubble_rounds": [round(b, 4) for b in entry.bubbles]}
 
 

@@ -1,5 +1,7 @@
 """The bench results as a rich table. A pipeline row's bubble (its stages' idle share of a step,
-measured from the schedule's timeline) stands beside the schedule's formula; an MoE row's
+measured from the schedule's timeline) stands beside its replay (the schedule run again on the
+row's own compute times with free communication: what the stages' imbalance alone leaves idle)
+and the schedule's formula (equal stages); an MoE row's
 all-to-all column is the share of its step time spent in dispatch and combine."""
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ def bench_table(results: dict) -> Table:
     title = (f"sdtrain bench: {results['recipe']}, {results['precision']}, {results['steps']} steps, "
              f"best of {results['repeats']}")
     table = Table(title=title)
-    columns = ("run", "world", "step s", "tokens/s", "MFU", "bubble", "formula", "all-to-all", "peak mem/rank GiB",
+    columns = ("run", "world", "step s", "tokens/s", "MFU", "bubble", "replayed", "formula", "all-to-all", "peak mem/rank GiB",
                "model state/rank MiB", "comm/step MiB", "ratios")
     for column in columns:
         table.add_column(column, justify="left" if column in ("run", "ratios") else "right")
@@ -26,6 +28,7 @@ def bench_table(results: dict) -> Table:
             f"{row['tokens_per_s']:,.0f}",
             f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-",
             _fraction(row.get("bubble")),
+            _fraction(row.get("bubble_replayed")),
             _fraction(row.get("bubble_formula")),
             _fraction(row.get("all_to_all_share")),
             ", ".join(f"{m:.2f}" for m in row["peak_mem_gib"]),

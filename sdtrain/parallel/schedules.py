@@ -141,12 +141,13 @@ def _next_zero_bubble_action(p, P, M, now, done, forward, in_flight) -> Action |
 
 
 def simulate(schedule: list[list[Action]], stages: int, chunks: int, forward_cost: float = 1.0,
-             backward_cost: float = 2.0) -> dict:
-    """Run the schedule on ideal ranks (fixed costs, free communication): each rank's busy
-    time, the step's length, and whether it finishes (a deadlocked schedule never does).
-    An action waits for its input: F(c, m) for F(c-1, m); B(c, m) for B(c+1, m) and F(c, m);
-    W(c, m) for B(c, m). Split backwards (B and W) cost half a backward each, the first
-    chunk's B the whole of it."""
+             backward_cost: float = 2.0, costs: list[list[float]] | None = None) -> dict:
+    """Run the schedule on ideal ranks (free communication): each rank's busy time, the
+    step's length, and whether it finishes (a deadlocked schedule never does). An action
+    waits for its input: F(c, m) for F(c-1, m); B(c, m) for B(c+1, m) and F(c, m); W(c, m)
+    for B(c, m). Each action costs costs[rank][i] where given (a real step's compute times:
+    the replay), else the fixed costs: split backwards (B and W) half a backward each, the
+    first chunk's B the whole of it."""
     done: dict[Action, float] = {}
     clocks = [0.0] * stages
     positions = [0] * stages
@@ -169,7 +170,7 @@ def simulate(schedule: list[list[Action]], stages: int, chunks: int, forward_cos
                     needs.append(Action("B", action.chunk, action.micro_batch))
                 if any(n not in done for n in needs):
                     break
-                cost = _cost(action, split, forward_cost, backward_cost)
+                cost = costs[rank][positions[rank]] if costs else _cost(action, split, forward_cost, backward_cost)
                 start = max([clocks[rank], *(done[n] for n in needs)])
                 clocks[rank] = done[action] = start + cost
                 busy[rank] += cost
