@@ -33,10 +33,18 @@ class ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def _grouped_mm_takes(x: torch.Tensor) -> bool:
+    """torch's grouped GEMM takes bf16 everywhere; other dtypes only in the CPU kernel run
+    eagerly (its CUDA kernel and its meta function under torch.compile want bf16)."""
+    if _GROUPED_MM is None:
+        return False
+    return x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
+
+
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x [N, k] sorted by group, counts[g] rows for group g; w [G, k, n] -> [N, n], row i of
     group g times w[g]."""
-    if _GROUPED_MM is not None:
+    if _grouped_mm_takes(x):
         return _GROUPED_MM(x, w, offs=torch.cumsum(counts, 0, dtype=torch.int32))
     # split/unbind rather than slicing w[g]: each slice's backward would allocate a whole
     # zero gradient of w.
