@@ -80,5 +80,8 @@ class GroupedExperts(nn.Module):
         w1, w2 = self.w1, self.w2
         if self.grad_scale != 1.0:
             w1, w2 = ScaleGrad.apply(w1, self.grad_scale), ScaleGrad.apply(w2, self.grad_scale)
+        device = tokens.device.type
+        if torch.is_autocast_enabled(device):  # as autocast runs a Linear: in its dtype
+            tokens = tokens.to(torch.get_autocast_dtype(device))
         hidden = F.gelu(grouped_matmul(tokens, w1.to(tokens.dtype), counts))
         return grouped_matmul(hidden, w2.to(tokens.dtype), counts)
