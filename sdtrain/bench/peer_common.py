@@ -133,8 +133,7 @@ def train_plain(model, recipe, args, device: torch.device,
     global-norm clipping, AdamW (fused, as sdtrain's), a loss scaler for fp16;
     timed by timed_loop."""
     t = recipe["train"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=(t["beta1"], t["beta2"]),
-                                  weight_decay=t["weight_decay"], fused=device.type in ("cpu", "cuda"))
+    optimizer = recipe_adamw(recipe, model.parameters(), device)
     scaler = torch.amp.GradScaler(device.type, enabled=t["precision"] == "fp16")
     generator = torch.Generator().manual_seed(t["seed"] + rank())
     loss_of = loss_fn or plain_loss(model)
@@ -156,8 +155,9 @@ def train_plain(model, recipe, args, device: torch.device,
     timed_loop(recipe, args, device, train_step)
 
 
-def client_adamw(recipe, params, device: torch.device) -> torch.optim.AdamW:
-    """The recipe's AdamW, handed to DeepSpeed as its client optimizer (both DeepSpeed peers)."""
+def recipe_adamw(recipe, params, device: torch.device) -> torch.optim.AdamW:
+    """The recipe's AdamW, fused as sdtrain's: every peer's optimizer (the DeepSpeed peers hand
+    it to DeepSpeed as its client optimizer)."""
     t = recipe["train"]
     return torch.optim.AdamW(params, lr=t["lr"], betas=(t["beta1"], t["beta2"]),
                              weight_decay=t["weight_decay"], fused=device.type in ("cpu", "cuda"))

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from sdtrain.bench.peer_common import (
     build_model,
-    client_adamw,
     deepspeed_config,
     device_and_backend,
     micro_batches,
     parse_args,
+    recipe_adamw,
     timed_loop,
 )
 from sdtrain.parallel.mesh import leave_process_group
@@ -32,7 +32,7 @@ def main() -> None:
     stage = int(args.option or 0)
     deepspeed.init_distributed(dist_backend=backend)
     model = build_model(recipe, device)
-    optimizer = client_adamw(recipe, model.parameters(), device)
+    optimizer = recipe_adamw(recipe, model.parameters(), device)
     config = deepspeed_config(recipe, {
         "stage": stage, "overlap_comm": True,
         "reduce_bucket_size": int(recipe["parallel"]["zero"]["reduce_bucket_mb"] * 2**20),

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 from sdtrain.bench.peer_common import (
     GPTWithHead,
-    client_adamw,
     deepspeed_config,
     device_and_backend,
     micro_batches,
     parse_args,
     precision_autocast,
+    recipe_adamw,
     timed_loop,
 )
 from sdtrain.model.gpt import GPTConfig
@@ -115,7 +115,7 @@ def main() -> None:
     model, moe_layers = build_moe_model(recipe, ep, device)
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()),
                                                                    "name": "parameters"})
-    optimizer = client_adamw(recipe, groups, device)
+    optimizer = recipe_adamw(recipe, groups, device)
     config = deepspeed_config(recipe, {"stage": stage, "overlap_comm": True,
                                        "reduce_bucket_size": int(recipe["parallel"]["zero"]["reduce_bucket_mb"] * 2**20)})
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)

@@ -23,11 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sdtrain.bench.peer_common import (
-    client_adamw,
     deepspeed_config,
     device_and_backend,
     micro_batches,
     parse_args,
+    recipe_adamw,
     timed_loop,
 )
 from sdtrain.model.gpt import GPT, GPTConfig
@@ -100,7 +100,7 @@ def main() -> None:
     model = PipelineModule(layer_specs(cfg, t["seed"]), num_stages=stages, loss_fn=cross_entropy,
                            partition_method=partition,
                            activation_checkpoint_interval=1 if t["activation_checkpointing"] else 0)
-    optimizer = client_adamw(recipe, model.parameters(), device)
+    optimizer = recipe_adamw(recipe, model.parameters(), device)
     config = deepspeed_config(recipe, {"stage": int(recipe["parallel"]["zero_stage"])})
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     # The first stage reads a micro-batch's inputs and the last its targets: both draw the
