@@ -21,25 +21,35 @@ def moe_of(cfg) -> dict | None:
     return moe if moe and moe["num_experts"] else None
 
 
+def moe_at(cfg, index: int) -> dict | None:
+    """The MoE settings if block `index`'s MLP is a mixture of experts (blocks n-1, 2n-1, ...
+    for every_n_layers n), else None."""
+    moe = moe_of(cfg)
+    return moe if moe is not None and (index + 1) % moe["every_n_layers"] == 0 else None
+
+
+def expert_weights(cfg) -> int:
+    """One expert's weights: fc and proj, no biases."""
+    return 2 * cfg.d_model * cfg.mlp_ratio * cfg.d_model
+
+
 def block_params(cfg, index: int = 0, active: bool = False) -> int:
     """Block `index`'s parameters (an MoE block: router and experts, which have no biases)."""
     d, hidden, b = cfg.d_model, cfg.mlp_ratio * cfg.d_model, 1 if cfg.bias else 0
     attn = d * 3 * d + b * 3 * d + d * d + b * d
     mlp = d * hidden + b * hidden + hidden * d + b * d
-    moe = moe_of(cfg)
-    if moe is not None and (index + 1) % moe["every_n_layers"] == 0:
+    moe = moe_at(cfg, index)
+    if moe is not None:
         experts = moe["top_k"] if active else moe["num_experts"]
-        mlp = d * moe["num_experts"] + experts * 2 * d * hidden
+        mlp = d * moe["num_experts"] + experts * expert_weights(cfg)
     norms = 2 * (d + b * d)
     return attn + mlp + norms
 
 
 def expert_params(cfg, index: int) -> int:
     """Block `index`'s expert weights (0 for a dense block): what expert parallelism splits."""
-    moe = moe_of(cfg)
-    if moe is None or (index + 1) % moe["every_n_layers"]:
-        return 0
-    return moe["num_experts"] * 2 * cfg.d_model * cfg.mlp_ratio * cfg.d_model
+    moe = moe_at(cfg, index)
+    return moe["num_experts"] * expert_weights(cfg) if moe is not None else 0
 
 
 def embedding_params(cfg) -> int:

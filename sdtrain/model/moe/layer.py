@@ -1,8 +1,9 @@
 """The MoE MLP: a router picks top-k experts per token (gating.route), the kept token copies
 are gathered sorted by expert, the experts run as one grouped matmul on exactly those rows
 (experts.py), and each token's outputs come back by index, weighted. Capacity decides which
-assignments drop, but nothing is padded to it: no [S, E, C] tensor and no [E, C, d] buffer. A routing group is the layer's input on one rank (one micro-batch), so which
-tokens compete for capacity, and which drop, is the same at any EP and DP size.
+assignments drop, but nothing is padded to it: no [S, E, C] tensor and no [E, C, d] buffer.
+A routing group is the layer's input on one rank (one micro-batch), so which tokens compete
+for capacity, and which drop, is the same at any EP and DP size.
 
 The load-balancing and z losses join the training loss through the layer's output
 (AddAuxLoss), so they need no plumbing through the model, a pipeline or the strategies.
