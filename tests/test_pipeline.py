@@ -8,7 +8,7 @@ import torch
 from conftest import TINY, launch_run, losses, merge, metrics, sdtrain
 from sdtrain.model import GPTConfig
 from sdtrain.parallel.partition import describe_stages, partition_layers, stage_layers
-from sdtrain.parallel.schedules import bubble_formula, build_schedule, simulate
+from sdtrain.parallel.schedules import bubble_formula, build_schedule, simulate, replay
 from sdtrain.recipe import PipelineConfig
 from sdtrain.train.export import load_model_weights
 
@@ -131,6 +131,22 @@ def test_replay_on_measured_costs_shows_an_unbalanced_stage():
     uneven = simulate(schedule, 2, 2, costs=costs)
     assert uneven["step"] == pytest.approx(21.0)
     assert uneven["bubble"] == pytest.approx([1 - 12 / 21, 1 - 18 / 21])
+
+
+def test_replay_keeps_each_steps_jitter():
+    """GPipe, P = 2, M = 2, forward 1 and backward 2, but one forward runs 3 in each step:
+    the first stage's second one in step A, the second stage's first one in step B. Each step
+    then takes 11 units with 8 busy on the slow rank and 6 on the other (worked by hand), a
+    bubble of 1 - 14/22; the same costs averaged over the steps (forward 2 where either ran
+    long) replay at 10 units, 1 - 14/20: averaging would hide what the jitter cost."""
+    schedule = build_schedule("gpipe", 2, 1, 2)  # F m0, F m1, B m0, B m1 on each rank
+    step_a = [[1.0, 3.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]
+    step_b = [[1.0, 1.0, 2.0, 2.0], [3.0, 1.0, 2.0, 2.0]]
+    per_rank = [[step_a[r], step_b[r]] for r in range(2)]
+    assert replay(schedule, 2, per_rank) == pytest.approx(1 - 14 / 22)
+    averaged = [[[1.0, 2.0, 2.0, 2.0]] * 2, [[2.0, 1.0, 2.0, 2.0]] * 2]
+    assert replay(schedule, 2, averaged) == pytest.approx(1 - 14 / 20)
+    assert replay(schedule, 2, [[], []]) is None
 
 
 @pytest.mark.parametrize("name, P, V, M", [

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.partition import chunk_count, chunks_of_rank, partition_layers
-from sdtrain.parallel.schedules import bubble_formula, build_schedule, simulate
+from sdtrain.parallel.schedules import bubble_formula, build_schedule, replay
 from sdtrain.parallel.strategy import Strategy
 from sdtrain.parallel.tied_head import TiedHead
 from sdtrain.parallel.weight_grads import DeferredWeightGrads
@@ -53,7 +53,7 @@ class Pipeline(Strategy):
         if pipeline.schedule == "zero_bubble":
             self.split = DeferredWeightGrads(model, skip=(model.lm_head,) if model.lm_head is not None else ())
         self.busy_s = self.step_s = 0.0  # compute time and wall time of the steps since the last report
-        self.action_s = [0.0] * len(self.actions)  # each action's compute time, summed over those steps
+        self.action_s: list[list[float]] = []  # per step since then: each action's compute time
         self.posted: dict[tuple, tuple] = {}  # receives started ahead: (kind, chunk, m) -> (work, buffer)
 
     # --- one step ------------------------------------------------------------------------
@@ -64,6 +64,8 @@ class Pipeline(Strategy):
         self.saved: dict[tuple, tuple] = {}
         self.sends, self.loss_sum = [], torch.zeros((), device=self.env.device)
         run = {"F": self._forward, "B": self._backward, "W": self._weights}
+        costs = [0.0] * len(self.actions)
+        self.action_s.append(costs)
         for action in self.actions[:self.chunks]:
             self._post_receive(action.kind, action.chunk, action.micro_batch, micro_batches)
         for i, action in enumerate(self.actions):
@@ -72,7 +74,7 @@ class Pipeline(Strategy):
                 self._post_receive(following.kind, following.chunk, following.micro_batch, micro_batches)
             busy = self.busy_s
             run[action.kind](action.chunk, action.micro_batch, micro_batches, autocast)
-            self.action_s[i] += self.busy_s - busy
+            costs[i] = self.busy_s - busy
         for work in self.sends:
             work.wait()
         self.step_s += time.perf_counter() - started
@@ -202,21 +204,25 @@ class Pipeline(Strategy):
         """The bubble: each stage's idle share of the steps since the last record, from its
         own timeline (time spent computing against the steps' wall time; waiting for a
         neighbour is idle), averaged over the stage's replicas, beside the schedule's formula
-        and its replay: the schedule run again on these steps' own compute times with free
-        communication. The formula assumes equal stages; the replay keeps how unequal they
-        really were, so bubble - replayed is what communication and the executor cost, and
-        replayed - formula what the partition's imbalance costs."""
+        and its replay: the schedule run again on each of these steps' own compute times with
+        free communication. The formula assumes equal stages and steady compute; the replay
+        keeps how unequal the stages and how uneven the passes of each step really were, so
+        bubble - replayed is what communication and the executor cost, and replayed - formula
+        what the partition's imbalance and the machine's jitter cost."""
         idle = 1.0 - self.busy_s / self.step_s if self.step_s else 0.0
-        mine = torch.tensor([idle, mem_gib, *self.action_s], dtype=torch.float64)
+        mine = torch.tensor([idle, mem_gib, len(self.action_s), *(t for step in self.action_s for t in step)],
+                            dtype=torch.float64)
         self.busy_s = self.step_s = 0.0
-        self.action_s = [0.0] * len(self.actions)
+        self.action_s = []
+        # every rank ran as many steps, each with as many actions: 2 V M (3 M with W)
         every = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
-        dist.all_gather(every, mine)  # every rank has as many actions: 2 V M (3 M with W)
+        dist.all_gather(every, mine)
         dims = self.env.dims
         per_stage = [sum(every[r][0].item() for r in dims.stage_ranks(s)) / dims.dp for s in range(dims.pp)]
-        replayed = [simulate(self.schedule, dims.pp, self.chunks,
-                             costs=[every[r][2:].tolist() for r in dims.pipeline_ranks(d)])["bubble_mean"]
-                    for d in range(dims.dp)]
+        steps = int(every[0][2].item())
+        replayed = [replay(self.schedule, self.chunks, [every[r][3:].view(steps, -1).tolist()
+                                                       for r in dims.pipeline_ranks(d)])
+                    for d in range(dims.dp)] if steps else [None]
         return {"bubble": round(sum(per_stage) / len(per_stage), 4),
                 "bubble_per_stage": [round(b, 4) for b in per_stage],
                 "bubble_formula": round(self.bubble_formula, 4),

@@ -183,6 +183,24 @@ def simulate(schedule: list[list[Action]], stages: int, chunks: int, forward_cos
             "bubble_mean": sum(bubble) / stages if finished else None}
 
 
+def replay(schedule: list[list[Action]], chunks: int, costs: list[list[list[float]]]) -> float | None:
+    """The bubble of a run's steps replayed with free communication: costs[rank][step][i] is
+    what action i of rank's schedule computed for in that step. Each step runs on its own
+    costs, so a pass that ran long in one step delays its neighbours there, as it did in the
+    run (a replay on costs summed over steps would smooth that jitter away); idle and wall
+    time are summed over the steps, as the run's own bubble is. None: a step that cannot
+    finish, or no steps."""
+    stages = len(schedule)
+    busy, length = [0.0] * stages, 0.0
+    for step in zip(*costs):
+        result = simulate(schedule, stages, chunks, costs=list(step))
+        if not result["finished"]:
+            return None
+        busy = [b + r for b, r in zip(busy, result["busy"])]
+        length += result["step"]
+    return sum(1 - b / length for b in busy) / stages if length else None
+
+
 def _cost(action: Action, split: bool, forward_cost: float, backward_cost: float) -> float:
     if action.kind == "F":
         return forward_cost
