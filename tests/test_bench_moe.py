@@ -58,3 +58,40 @@ def test_bench_moe_rows_and_deepspeed_peer(write_recipe, tmp_path):
         assert 0.1 < ratio < 10  # one round on a shared machine: a ratio, not a verdict
     assert rows["ep2"]["paired_ratios"] == [rows["ep2"]["vs_deepspeed-moe-ep2"]]  # one round: its ratio
     assert "all-to-all" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEEPSPEED, reason="deepspeed not installed (DS_BUILD_OPS=0 pip install deepspeed)")
+def test_layer_bench_compares_like_with_like(capsys, monkeypatch):
+    """`python -m sdtrain.bench.moe_layer`: DeepSpeed's layer gets sdtrain's weights, so both
+    route, drop and compute the same, output and input gradient (balancing loss included)
+    alike; then both are timed."""
+    import torch
+    import torch.distributed as dist
+
+    from sdtrain.bench import moe_layer
+    from sdtrain.launch.plan import free_port
+
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)  # this process alone, as under torchrun
+    moe_layer.join(deepspeed_too=True)
+    try:
+        args = moe_layer.parse_args(["--tokens", "96", "--d-model", "32", "--capacity-factor", "1.0"])
+        torch.manual_seed(0)
+        ours = moe_layer.sdtrain_layer(args)
+        theirs = moe_layer.deepspeed_layer(args, ours)
+        x = torch.randn(args.tokens, args.d_model, requires_grad=True)
+        mine = ours(x)
+        (grad_mine,) = torch.autograd.grad(mine.sum(), x)
+        out, aux, _ = theirs(x)  # sdtrain's layer starts its aux loss's gradient itself
+        (grad_theirs,) = torch.autograd.grad(out.sum() + ours.moe.aux_loss_coef * aux, x)
+        torch.testing.assert_close(mine, out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad_mine, grad_theirs, rtol=1e-5, atol=1e-6)
+        assert ours.stats[3] > 0  # capacity factor 1: some assignments dropped, the same in both
+
+        moe_layer.main(["--tokens", "64", "--d-model", "32", "--rounds", "2"])
+    finally:
+        dist.destroy_process_group()
+    printed = capsys.readouterr().out
+    assert "sdtrain" in printed and "deepspeed / sdtrain:" in printed
