@@ -20,6 +20,7 @@ gradient norm over the pipeline too, the loss from the last stage to everyone.
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,8 @@ from sdtrain.parallel.schedules import bubble_formula, build_schedule, replay
 from sdtrain.parallel.strategy import Strategy
 from sdtrain.parallel.tied_head import TiedHead
 from sdtrain.parallel.weight_grads import DeferredWeightGrads
+
+REPLAYED_STEPS = 100  # a logging interval's last steps the replay covers (log.every may be large)
 
 
 class Pipeline(Strategy):
@@ -53,7 +56,8 @@ class Pipeline(Strategy):
         if pipeline.schedule == "zero_bubble":
             self.split = DeferredWeightGrads(model, skip=(model.lm_head,) if model.lm_head is not None else ())
         self.busy_s = self.step_s = 0.0  # compute time and wall time of the steps since the last report
-        self.action_s: list[list[float]] = []  # per step since then: each action's compute time
+        # each action's compute time, per step since then (the last REPLAYED_STEPS of them)
+        self.action_s: deque[list[float]] = deque(maxlen=REPLAYED_STEPS)
         self.posted: dict[tuple, tuple] = {}  # receives started ahead: (kind, chunk, m) -> (work, buffer)
 
     # --- one step ------------------------------------------------------------------------
@@ -213,7 +217,7 @@ class Pipeline(Strategy):
         mine = torch.tensor([idle, mem_gib, len(self.action_s), *(t for step in self.action_s for t in step)],
                             dtype=torch.float64)
         self.busy_s = self.step_s = 0.0
-        self.action_s = []
+        self.action_s.clear()
         # every rank ran as many steps, each with as many actions: 2 V M (3 M with W)
         every = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
         dist.all_gather(every, mine)
