@@ -21,6 +21,7 @@ from sdtrain.parallel.strategy import Strategy
 from sdtrain.train.checkpoint import Checkpointer
 from sdtrain.train.data import Batches
 from sdtrain.train.faults import inject_fault, nan_loss_drill
+from sdtrain.train.heap import HeapTrimmer
 from sdtrain.train.hang_drill import inject_hang
 from sdtrain.train.metrics import MetricsLog, memory_gib, peak_memory_gib
 from sdtrain.train.nonfinite import StepGuard
@@ -66,6 +67,7 @@ class Trainer:
         self.state_bytes: dict[str, int] = {}
         self.tokens_per_step = plan.global_batch * recipe.model.seq_len
         self.guard = guard  # non-finite loss/gradients and preemption, decided before each update
+        self.heap = HeapTrimmer(env.device)  # CPU: freed memory back to the system when the heap creeps
         if guard is not None:
             strategy.gate_updates(guard)
 
@@ -89,6 +91,7 @@ class Trainer:
         grad_norm = self.strategy.step(lr_at(step, self.recipe.train), self.recipe.train.grad_clip)
         if self.guard is not None:
             self.guard.after_step(grad_norm)
+        self.heap.after_step()
         if not self.state_bytes:  # first step done: every piece of model state now exists
             self.state_bytes = self.strategy.state_bytes()
         return loss_sum, grad_norm
@@ -132,6 +135,8 @@ class Trainer:
                 record.update(self.strategy.log_metrics(record["mem_gib"]))
                 if self.guard is not None and self.guard.skipped:
                     record["skipped_steps"] = self.guard.skipped
+                if self.heap.trims:
+                    record["heap_trims"] = self.heap.trims
                 result.final_loss = loss_value
                 result.train_s += elapsed
                 if eval_now:
