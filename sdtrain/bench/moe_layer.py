@@ -15,6 +15,7 @@ slowest rank's. Without DeepSpeed it times sdtrain's layer alone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import statistics
@@ -83,14 +84,9 @@ def join(deepspeed_too: bool) -> None:
 def deepspeed_layer(args, ours):
     """DeepSpeed's MoE at the same E, k, capacity and EP, routing as sdtrain's gating
     defines, holding a copy of `ours`'s weights."""
-    from deepspeed.moe.layer import MoE
+    from sdtrain.bench.peer_deepspeed_moe import deepspeed_moe
 
-    from sdtrain.bench.peer_deepspeed_moe import ExpertMLP
-
-    layer = MoE(args.d_model, ExpertMLP(args.d_model, 4 * args.d_model), num_experts=args.experts,
-                ep_size=expert_parallel_size(),
-                k=args.top_k, capacity_factor=args.capacity_factor, min_capacity=args.min_capacity, use_rts=False,
-                top2_2nd_expert_sampling=False)
+    layer = deepspeed_moe(args.d_model, 4 * args.d_model, dataclasses.asdict(ours.moe), expert_parallel_size())
     with torch.no_grad():  # both hold the same global experts on a rank: rank x E / EP onwards
         layer.deepspeed_moe.gate.wg.weight.copy_(ours.router.weight)
         for e, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):

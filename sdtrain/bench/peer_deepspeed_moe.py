@@ -47,18 +47,23 @@ class ExpertMLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
+def deepspeed_moe(d_model: int, hidden: int, moe: dict, ep: int) -> nn.Module:
+    """`deepspeed.moe.layer.MoE` at sdtrain's E, top-k, capacity and dropping, routing as
+    sdtrain's gating defines (random token selection and second-expert sampling off)."""
+    from deepspeed.moe.layer import MoE
+
+    return MoE(d_model, ExpertMLP(d_model, hidden), num_experts=moe["num_experts"], ep_size=ep, k=moe["top_k"],
+               capacity_factor=moe["capacity_factor"], eval_capacity_factor=moe["eval_capacity_factor"],
+               min_capacity=moe["min_capacity"], drop_tokens=moe["drop_tokens"], use_rts=False,
+               top2_2nd_expert_sampling=False)
+
+
 class DeepSpeedMoEMLP(nn.Module):
     """A block's MLP slot holding DeepSpeed's MoE; keeps the layer's aux loss for the step's loss."""
 
     def __init__(self, cfg: GPTConfig, moe: dict, ep: int):
         super().__init__()
-        from deepspeed.moe.layer import MoE
-
-        self.moe = MoE(cfg.d_model, ExpertMLP(cfg.d_model, cfg.mlp_ratio * cfg.d_model),
-                       num_experts=moe["num_experts"], ep_size=ep, k=moe["top_k"],
-                       capacity_factor=moe["capacity_factor"], eval_capacity_factor=moe["eval_capacity_factor"],
-                       min_capacity=moe["min_capacity"], drop_tokens=moe["drop_tokens"], use_rts=False,
-                       top2_2nd_expert_sampling=False)
+        self.moe = deepspeed_moe(cfg.d_model, cfg.mlp_ratio * cfg.d_model, moe, ep)
         self.aux_loss = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
