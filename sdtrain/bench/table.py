@@ -1,7 +1,7 @@
 """The bench results as a rich table. A pipeline row's bubble (its stages' idle share of a step,
-measured from the schedule's timeline) stands beside its replay (the schedule run again on the
-row's own compute times with free communication: what the stages' imbalance alone leaves idle)
-and the schedule's formula (equal stages); an MoE row's
+measured from the schedule's timeline) stands beside its replay (the schedule run again on each
+step's own compute times with free communication: what imbalance and jitter alone leave idle)
+and the schedule's formula (equal stages, steady compute); an MoE row's
 all-to-all column is the share of its step time spent in dispatch and combine."""
 
 from __future__ import annotations

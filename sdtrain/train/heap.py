@@ -33,6 +33,7 @@ def _malloc_trim():
 class HeapTrimmer:
     def __init__(self, device: torch.device, margin: float = GROWTH_MARGIN):
         self.trim = _malloc_trim() if device.type == "cpu" else None
+        self.process = psutil.Process() if self.trim is not None else None  # read after every step
         self.margin = margin
         self.baseline: int | None = None  # resident bytes after the first step
         self.trims = 0
@@ -40,8 +41,7 @@ class HeapTrimmer:
     def after_step(self) -> None:
         if self.trim is None:
             return
-        process = psutil.Process()
-        resident = process.memory_info().rss
+        resident = self.process.memory_info().rss
         if self.baseline is None:
             self.baseline = resident
             return
@@ -49,7 +49,7 @@ class HeapTrimmer:
             return
         self.trim(0)
         self.trims += 1
-        resident = process.memory_info().rss
+        resident = self.process.memory_info().rss
         if resident > self.baseline * (1 + self.margin):
             # The memory is in use, not free: this is the run's size now. Without this,
             # a run that simply holds more than after its first step would trim every step.
