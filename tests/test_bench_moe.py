@@ -95,3 +95,25 @@ def test_layer_bench_compares_like_with_like(capsys, monkeypatch):
         dist.destroy_process_group()
     printed = capsys.readouterr().out
     assert "sdtrain" in printed and "deepspeed / sdtrain:" in printed
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--top-k", "9"], "--top-k must be between 1 and --experts (8)"),
+    (["--capacity-factor", "0"], "--capacity-factor must be above 0"),
+    (["--tokens", "0"], "must be at least 1"),
+])
+def test_layer_bench_bad_flags_exit_2_before_anything_runs(flags, named):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "sdtrain.bench.moe_layer", *flags], capture_output=True, text=True)
+    assert result.returncode == 2 and named in result.stderr, result.stderr
+
+
+def test_layer_bench_experts_must_divide_over_the_ranks(monkeypatch, capsys):
+    from sdtrain.bench import moe_layer
+
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc-per-node 3 sets it
+    with pytest.raises(SystemExit) as exit_:
+        moe_layer.parse_args(["--experts", "8"])
+    assert exit_.value.code == 2 and "must divide over the 3 torchrun ranks" in capsys.readouterr().err

@@ -37,7 +37,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-capacity", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=40, help="timed steps of each layer, after 3 untimed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: as one of 2 workers on 2 cores)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    ep = expert_parallel_size()
+    for wrong, why in [
+        (min(args.tokens, args.d_model, args.experts, args.rounds, args.threads) < 1,
+         "--tokens, --d-model, --experts, --rounds and --threads must be at least 1"),
+        (not 1 <= args.top_k <= args.experts, f"--top-k must be between 1 and --experts ({args.experts})"),
+        (args.capacity_factor <= 0, "--capacity-factor must be above 0 (1.25: a quarter to spare)"),
+        (args.experts % ep, f"--experts {args.experts} must divide over the {ep} torchrun ranks (expert parallel)"),
+    ]:
+        if wrong:
+            parser.error(why)  # exit 2, before anything starts
+    return args
 
 
 def expert_parallel_size() -> int:
