@@ -58,12 +58,18 @@ def test_runs_figure_has_every_panel_and_every_run_named(tmp_path):
 
 
 def test_bubble_and_all_to_all_panels_appear_when_a_run_has_them(tmp_path):
-    write_run(tmp_path / "pipe", extra={"bubble_fraction": 0.25})
-    write_run(tmp_path / "moe", extra={"all_to_all_share": 0.1})
+    """The keys the trainer itself writes (pipeline.py's log_metrics, expert_parallel.py's moe_metrics)."""
+    write_run(tmp_path / "pipe", extra={"bubble": 0.25, "bubble_formula": 0.2, "bubble_per_stage": [0.2, 0.3]})
+    write_run(tmp_path / "moe", extra={"moe_all_to_all_share": 0.1, "moe_dropped": 0.02, "moe_aux_loss": 1.0})
+    write_run(tmp_path / "peer", extra={"a2a_share": 0.3})  # another tool's name for it
     write_run(tmp_path / "plain")
-    axes = axes_by_title(runs_figure(load_runs([tmp_path / "pipe", tmp_path / "moe", tmp_path / "plain"])))
-    assert legend_labels(axes["pipeline bubble"]) == ["pipe"] and legend_labels(axes["all-to-all share"]) == ["moe"]
+    axes = axes_by_title(runs_figure(load_runs([tmp_path / "peer", tmp_path / "plain"])))
+    assert legend_labels(axes["all-to-all share"]) == ["peer"]
+    axes = axes_by_title(runs_figure(load_runs([tmp_path / name for name in ("pipe", "moe", "peer", "plain")])))
+    assert legend_labels(axes["pipeline bubble"]) == ["pipe"] and legend_labels(axes["MoE dropped tokens"]) == ["moe"]
+    assert legend_labels(axes["all-to-all share"]) == ["moe"]
     assert "bubble" in axes["pipeline bubble"].get_ylabel()
+    assert list(axes["pipeline bubble"].get_lines()[0].get_ydata())[:1] == [0.25]  # `bubble`, not its formula
 
 
 def test_plot_command_writes_a_png(tmp_path):

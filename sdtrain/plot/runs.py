@@ -1,8 +1,9 @@
 """`sdtrain plot RUN_DIR...`: one figure, one panel per metric, every run overlaid by name.
 
 Loss (and eval loss) against step and against tokens, tokens/s, memory and gradient norm;
-pipeline bubble and all-to-all share too where a run's metrics.jsonl has them (any key
-starting with `bubble`, or with `all_to_all` / `a2a`).
+where a run's metrics.jsonl has them, the pipeline bubble (`bubble`), the MoE all-to-all
+share of step time (`moe_all_to_all_share`, as the trainer writes it; `all_to_all*` / `a2a*`
+from other tools) and the share of MoE token assignments dropped (`moe_dropped`).
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ PANELS = [
     ("gradient norm", "global grad norm (before clipping)", "step", [("grad_norm", "", "-")]),
 ]
 OPTIONAL = [("pipeline bubble", "bubble, fraction of step time", ("bubble",)),
-            ("all-to-all share", "all-to-all, fraction of step time", ("all_to_all", "a2a"))]
+            ("all-to-all share", "all-to-all, fraction of step time", ("moe_all_to_all", "all_to_all", "a2a")),
+            ("MoE dropped tokens", "dropped, fraction of assignments", ("moe_dropped",))]
 
 
 def panels_for(runs: list[Run]) -> list[tuple]:
     panels = list(PANELS)
+    present = {key for run in runs for key in run.keys()}
     for title, label, prefixes in OPTIONAL:
-        keys = sorted({key for run in runs for key in run.keys() if key.startswith(prefixes)})
+        # the first prefix any run has, and its shortest key: `bubble`, not `bubble_formula`
+        keys = next((sorted(k for k in present if k.startswith(p)) for p in prefixes
+                     if any(k.startswith(p) for k in present)), [])
         if keys:
             panels.append((title, label, "step", [(keys[0], "", "-")]))
     return panels
