@@ -10,13 +10,15 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from sdtrain.errors import RecipeError, decode_utf8, excerpt
+from sdtrain.errors import RecipeError, excerpt
 from sdtrain.parallel.partition import check_pipeline_layout
+from sdtrain.user_files import BoundedLoader, read_text
+from sdtrain.user_files import parse_yaml as parse_user_yaml
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything near this is a mistake
 MAX_RECIPE_NODES = 10_000  # values after YAML aliases are expanded: refuses "billion laughs"
@@ -26,6 +28,22 @@ class Section(BaseModel):
     # strict: `steps: true` or `lr: "fast"` is an error, not 1 or a crash later; finite:
     # `lr: .inf` is refused here rather than turning the first step into NaN.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _enum_values_yaml_read_as_booleans(cls, data):
+        # YAML 1.1 reads an unquoted `off` (and no, false) as False, `on` (yes, true) as True:
+        # where an enum has such a value, the boolean is that value, so `memory_check: off`
+        # means what it says, in a recipe and in --set alike.
+        if not isinstance(data, dict):
+            return data
+        spelled = {}
+        for name, value in data.items():
+            field = cls.model_fields.get(name) if isinstance(value, bool) else None
+            word = field and _boolean_spelling(field.annotation, value)
+            if word:
+                spelled[name] = word
+        return {**data, **spelled} if spelled else data
 
 
 class MoEConfig(Section):
@@ -246,7 +264,7 @@ class Recipe(Section):
     log: LogConfig = LogConfig()
 
     @model_validator(mode="after")
-    def _strategy_options_compatible(self):
+    def _strategy_options_compatible(self, info: ValidationInfo):
         stage, train = self.parallel.zero_stage, self.train
         if stage >= 1 and train.precision == "fp16":
             raise ValueError(
@@ -259,7 +277,7 @@ class Recipe(Section):
                 "weights in hooks around it, which torch.compile cannot trace; use zero_stage 2, "
                 "or compile: false"
             )
-        self._check_experts()
+        self._check_experts(checked_at_launch=bool((info.context or {}).get(LAYOUT_CHECKED_AT_LAUNCH)))
         pipeline = self.parallel.pipeline
         if pipeline.stages > 1:
             check_pipeline_layout(pipeline, self.model.n_layers)
@@ -272,17 +290,15 @@ class Recipe(Section):
                                  "turn those off, or use schedule 1f1b")
         return self
 
-    def _check_experts(self):
+    def _check_experts(self, checked_at_launch: bool):
         moe, ep = self.model.moe, self.parallel.expert_parallel
         if not moe.num_experts:
             if ep > 1:
                 raise ValueError(f"parallel.expert_parallel {ep} without experts (model.moe.num_experts 0): there "
                                  "is nothing to split; set model.moe.num_experts, or expert_parallel 1")
             return
-        if moe.num_experts % ep:
-            raise ValueError(f"model.moe.num_experts {moe.num_experts} is not divisible by parallel.expert_parallel "
-                             f"{ep}: each rank holds the same number of experts; use expert_parallel in "
-                             f"{_divisors(moe.num_experts)}")
+        if moe.num_experts % ep and not checked_at_launch:  # the launcher checks it with the world size known
+            raise ValueError(expert_layout_problem(moe.num_experts, ep))
         if self.train.precision == "fp16":
             raise ValueError("model.moe with train.precision fp16: the router's loss terms have no loss scaling; "
                              "use precision bf16")
@@ -296,7 +312,7 @@ class Recipe(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-class RecipeLoader(yaml.SafeLoader):
+class RecipeLoader(BoundedLoader):
     """YAML 1.1 reads `3e-4` as a string (it wants `3.0e-4`); a recipe means a number."""
 
 
@@ -308,55 +324,58 @@ RecipeLoader.add_implicit_resolver(
 
 
 def parse_yaml(text: str, source: str):
-    """Safe YAML (data only, never objects), bounded in what its aliases expand to."""
-    try:
-        value = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{source} is not valid YAML: {exc}") from None
-    if _expanded_size(value, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
-        raise RecipeError(
-            f"{source} expands to more than {MAX_RECIPE_NODES:,} values (YAML aliases nested into "
-            "each other?); a recipe is a few dozen keys: write them out"
-        )
-    return value
+    """Safe YAML (data only, never objects), bounded in depth, integers and what its aliases expand to."""
+    return parse_user_yaml(text, source, RecipeLoader, MAX_RECIPE_NODES, RecipeError)
 
 
-def _expanded_size(value, limit: int) -> int:
-    """How many values `value` holds with every alias written out, counting stops past `limit`."""
-    count, stack = 0, [value]
-    while stack and count <= limit:
-        item = stack.pop()
-        count += 1
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-    return count
+# Validation context: the launcher checks the expert layout itself once it knows the world
+# size (check_expert_layout), so that the values it suggests fit the data-parallel size too.
+LAYOUT_CHECKED_AT_LAUNCH = "expert_layout_checked_at_launch"
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read, override and validate a recipe; RecipeError says what is wrong and where."""
+def expert_layout_problem(num_experts: int, ep: int, world: int | None = None, stages: int = 1) -> str | None:
+    """Why expert_parallel `ep` cannot split `num_experts` experts (over `world` ranks in
+    `stages` pipeline stages, where known), with only the values that pass every check; None if it can."""
+    dp = world // stages if world and world % stages == 0 else None
+    fits = [d for d in _divisors(num_experts) if dp is None or dp % d == 0]
+    if num_experts % ep:
+        also = f" (those that also divide the data-parallel size {dp})" if dp is not None else ""
+        return (f"model.moe.num_experts {num_experts} is not divisible by parallel.expert_parallel {ep}: each rank "
+                f"holds the same number of experts; use expert_parallel in {fits}{also}")
+    if dp is not None and dp % ep:
+        return (f"parallel.expert_parallel {ep} does not divide the data-parallel size {dp} (world {world} / pipeline "
+                f"stages {stages}): expert groups are carved out of data-parallel ranks; use expert_parallel in {fits} "
+                f"(values that divide both {dp} and model.moe.num_experts {num_experts})")
+    return None
+
+
+def check_expert_layout(recipe: Recipe, world: int) -> None:
+    """At launch: expert_parallel divides both the experts and the data-parallel size."""
+    if recipe.model.moe.num_experts:
+        problem = expert_layout_problem(recipe.model.moe.num_experts, recipe.parallel.expert_parallel, world,
+                                        recipe.parallel.pipeline.stages)
+        if problem:
+            raise RecipeError(problem)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), layout_checked_at_launch: bool = False) -> Recipe:
+    """Read, override and validate a recipe; RecipeError says what is wrong and where.
+    `layout_checked_at_launch`: the caller runs check_expert_layout once the world size is known."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(f"recipe {path} does not exist (pass the path to a .yaml recipe)")
-    if path.stat().st_size > MAX_RECIPE_BYTES:
-        raise RecipeError(f"recipe {path} is {path.stat().st_size:,} bytes; a recipe is YAML of at most {MAX_RECIPE_BYTES:,}")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
-    raw = parse_yaml(decode_utf8(data, f"recipe {path}", RecipeError), f"recipe {path}") or {}
+    text = read_text(path, "recipe", MAX_RECIPE_BYTES, "YAML", RecipeError)
+    raw = parse_yaml(text, f"recipe {path}") or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         apply_override(raw, override)
-    return validate_recipe(raw, source=str(path))
+    return validate_recipe(raw, source=str(path), context={LAYOUT_CHECKED_AT_LAUNCH: layout_checked_at_launch})
 
 
-def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+def validate_recipe(raw: dict, source: str = "recipe", context: dict | None = None) -> Recipe:
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate(raw, context=context)
     except ValidationError as exc:
         raise RecipeError(f"{source}: " + "; ".join(_explain(err) for err in exc.errors())) from None
 
@@ -418,6 +437,21 @@ def _suggest(word: str, candidates) -> str:
     if close:
         return f" (did you mean {close[0]!r}?)"
     return f" (known keys: {', '.join(candidates)})" if candidates else ""
+
+
+YAML_BOOLEAN_WORDS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
+
+
+def enum_values(annotation) -> list:
+    """The values of the Literal(s) in a field's type (inside Optional or Union too)."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    return [value for arg in get_args(annotation) for value in enum_values(arg)]
+
+
+def _boolean_spelling(annotation, value: bool) -> str | None:
+    words = [word for word in enum_values(annotation) if word in YAML_BOOLEAN_WORDS[value]]
+    return words[0] if len(words) == 1 else None
 
 
 def _divisors(n: int) -> list[int]:

@@ -1,11 +1,12 @@
 """Recipe validation: typos, types, ranges, overrides and batch arithmetic, all exit 2."""
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from conftest import sdtrain
 from sdtrain.batch import derive_batch
 from sdtrain.errors import RecipeError
-from sdtrain.recipe import load_recipe
+from sdtrain.recipe import Recipe, apply_override, enum_values, expert_layout_problem, load_recipe, parse_yaml
 
 
 def test_defaults_and_overrides(write_recipe):
@@ -107,3 +108,91 @@ def test_not_yaml_is_refused(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(RecipeError, match="must be a mapping"):
         load_recipe(bad)
+
+
+# --- every documented enum value works unquoted (issue 19: YAML 1.1 reads `off` as false) ---
+
+def enum_fields(model=Recipe, prefix=""):
+    """(dotted path, value) for every string value of every enum field of the schema."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from enum_fields(annotation, f"{prefix}{name}.")
+        for value in enum_values(annotation):
+            yield f"{prefix}{name}", value
+
+
+ENUM_CASES = sorted(set(enum_fields()))
+
+
+def errors_at(raw: dict, path: str) -> list[str]:
+    """Messages about `path` itself; other checks (interleaved needs virtual_stages) may fail."""
+    try:
+        Recipe.model_validate(raw)
+    except ValidationError as exc:
+        where = tuple(path.split("."))
+        return [e["msg"] for e in exc.errors() if tuple(map(str, e["loc"]))[: len(where)] == where]
+    return []
+
+
+def nested(path: str, text: str) -> str:
+    """`a.b.c` and `v` -> YAML `a:\n  b:\n    c: v\n` (the value unquoted, as a user writes it)."""
+    parts = path.split(".")
+    return "".join("  " * depth + f"{part}:\n" for depth, part in enumerate(parts[:-1])) + \
+        "  " * (len(parts) - 1) + f"{parts[-1]}: {text}\n"
+
+
+def test_the_walk_finds_the_enums():
+    assert ("launch.memory_check", "off") in ENUM_CASES and ("parallel.pipeline.schedule", "1f1b") in ENUM_CASES
+    assert ("launch.nproc_per_node", "auto") in ENUM_CASES and ("parallel.pipeline.partition", "uniform") in ENUM_CASES
+
+
+@pytest.mark.parametrize("path, value", ENUM_CASES, ids=[f"{p}={v}" for p, v in ENUM_CASES])
+def test_every_enum_value_works_unquoted_in_a_recipe_and_in_set(path, value):
+    from_file = parse_yaml(nested(path, value), "recipe")
+    from_set: dict = {}
+    apply_override(from_set, f"{path}={value}")
+    for raw in (from_file, from_set):
+        assert errors_at(raw, path) == [], (raw, errors_at(raw, path))
+        try:
+            node = Recipe.model_validate(raw)
+        except ValidationError:
+            continue  # refused for another field's sake (interleaved wants virtual_stages), not this value's
+        for part in path.split("."):
+            node = getattr(node, part)
+        assert node == value
+
+
+def test_memory_check_off_unquoted(write_recipe):
+    recipe = write_recipe()
+    recipe.write_text(recipe.read_text().replace("launch:\n", "launch:\n  memory_check: off\n"))
+    assert load_recipe(recipe).launch.memory_check == "off"
+    assert load_recipe(write_recipe(), ["launch.memory_check=off"]).launch.memory_check == "off"
+    assert load_recipe(write_recipe(), ["launch.memory_check=no"]).launch.memory_check == "off"
+    with pytest.raises(RecipeError, match="launch.memory_check: Input should be 'error', 'warn' or 'off'"):
+        load_recipe(write_recipe(), ["launch.memory_check=on"])  # no enum value reads as true
+    with pytest.raises(RecipeError, match="checkpoint.at_end: Input should be a valid boolean"):
+        load_recipe(write_recipe(), ["checkpoint.at_end=warn"])  # booleans stay booleans
+
+
+# --- expert parallelism: only suggestions that pass every other check (issue 19) ---
+
+def test_expert_parallel_suggestions_fit_the_world_size():
+    assert "use expert_parallel in [1, 3]" in expert_layout_problem(3, 2)  # world unknown: the experts decide
+    problem = expert_layout_problem(3, 2, world=2)
+    assert "use expert_parallel in [1]" in problem  # 3 divides the experts but not 2 ranks
+    problem = expert_layout_problem(8, 4, world=6, stages=1)
+    assert "does not divide the data-parallel size 6" in problem and "use expert_parallel in [1, 2]" in problem
+    assert "use expert_parallel in [1, 2, 4]" in expert_layout_problem(8, 8, world=8, stages=2)
+    assert expert_layout_problem(8, 4, world=8, stages=2) is None
+    for experts, ep, world, stages in [(3, 2, 2, 1), (12, 8, 12, 2), (6, 4, 4, 1), (16, 3, 8, 1)]:
+        fits = eval(expert_layout_problem(experts, ep, world, stages).split("use expert_parallel in ")[1].split("]")[0] + "]")
+        assert fits and all(expert_layout_problem(experts, choice, world, stages) is None for choice in fits)
+
+
+def test_launch_suggests_an_expert_parallel_that_launches(write_recipe, tmp_path):
+    recipe = write_recipe({"model": {"moe": {"num_experts": 3}}, "parallel": {"expert_parallel": 2}})
+    result = sdtrain("launch", recipe, "--nproc-per-node", "2", "--dry-run", "--run-dir", tmp_path / "run")
+    assert result.returncode == 2, result.stderr
+    text = " ".join(result.stderr.split())
+    assert "use expert_parallel in [1] (those that also divide the data-parallel size 2)" in text, text

@@ -28,7 +28,7 @@ from sdtrain.model.size import count_params
 from sdtrain.parallel.dims import ParallelDims
 from sdtrain.parallel.memory import per_device_bytes
 from sdtrain.parallel.partition import check_schedule, describe_stages
-from sdtrain.recipe import Recipe, load_recipe
+from sdtrain.recipe import Recipe, check_expert_layout, load_recipe
 from sdtrain.train.checkpoint_layout import checkpoint_dir, latest_checkpoint
 from sdtrain.train.checkpoint_verify import FIX, newest_whole_checkpoint, verify_checkpoint
 from sdtrain.train.faults import check_drills
@@ -119,7 +119,7 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
              request: LaunchRequest | None = None) -> Job:
     """Everything `launch` will do, decided and checked, with no side effects."""
     request = request or LaunchRequest()
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_recipe(recipe_path, overrides, layout_checked_at_launch=True)
     nproc = 0  # with a hostfile, its slots say how many workers each host runs
     if not request.hostfile:
         nproc = nproc_per_node if nproc_per_node is not None else resolve_nproc(recipe.launch.nproc_per_node, recipe.launch.backend)
@@ -130,6 +130,7 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
     # "auto" is decided where the workers run: here for a local launch, on each node otherwise.
     plan.backend = resolve_backend(recipe.launch.backend) if launcher == "local" else recipe.launch.backend
     train = recipe.train
+    check_expert_layout(recipe, plan.world_size)  # suggests only values that fit this world size too
     dims = ParallelDims(plan.world_size, recipe.parallel.pipeline.stages, recipe.parallel.expert_parallel)
     batch = derive_batch(train.global_batch_size, train.micro_batch_size, train.grad_accum_steps, dims.dp)
     check_schedule(recipe.parallel.pipeline, batch.grad_accum)
