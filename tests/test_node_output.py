@@ -2,11 +2,14 @@
 chunk or failure report is a note, never an exception, and a reader that fails anyway
 stops the job with the reason instead of leaving the launcher waiting forever."""
 
+import base64
 import io
 import json
+import subprocess
 import sys
 import textwrap
 import time
+import zlib
 
 import pytest
 from rich.console import Console
@@ -33,7 +36,10 @@ def good_file_lines(tmp_path):
     ("SDTRAIN_FILE logs/a.log -1 2 abc", "does not fit"),
     ("SDTRAIN_FILE logs/a.log 0 1 !!not-base64!!", "arrived damaged"),
     ("SDTRAIN_FILE logs/a.log 0 1 aGVsbG8=", "arrived damaged"),  # base64, but not zlib
-    ("SDTRAIN_FILE ../../etc/x 0 1 eJzLSM3JyQcABiwCFQ==", "outside the run directory"),
+    ("SDTRAIN_FILE ../../etc/x 0 1 eJzLSM3JyQcABiwCFQ==", "is not a file a node sends back"),
+    ("SDTRAIN_FILE checkpoints/latest 0 1 eJzLSM3JyQcABiwCFQ==", "is not a file a node sends back"),
+    ("SDTRAIN_FILE logs/../recipe.yaml 0 1 eJzLSM3JyQcABiwCFQ==", "is not a file a node sends back"),
+    ("SDTRAIN_FILE logs/a.log 0 1 eJzLSM3JyQ==", "ends early"),  # a zlib stream cut short
 ])
 def test_a_bad_chunk_is_a_note_and_the_next_file_still_arrives(tmp_path, line, note):
     receiver = FileReceiver(tmp_path / "run")
@@ -141,3 +147,119 @@ def test_a_reader_that_fails_stops_the_job_with_the_reason(tmp_path):
     assert time.monotonic() - started < 20
     assert not outcome.ok
     assert outcome.errors and "could not read the output of node 0 test: MemoryError: injected" in outcome.errors[0]
+
+
+def chunk_line(path: str, text: str) -> str:
+    return f"SDTRAIN_FILE {path} 0 1 " + base64.b64encode(zlib.compress(text.encode())).decode()
+
+
+HOSTILE_WORKER = """
+import json, sys, time
+lines = json.loads(sys.argv[1])
+for line in lines:
+    sys.stderr.write(line + "\\n")
+sys.stderr.write("x" * 65536)  # one relay piece of a long line...
+sys.stderr.flush()
+time.sleep(1)
+sys.stderr.write(lines[1] + "\\n")  # ...whose rest would start a line if the agent's own line cut in
+"""
+
+AGENT = """
+import json, subprocess, sys, time
+from pathlib import Path
+from sdtrain.launch import node
+from sdtrain.launch.channel import AgentChannel
+from sdtrain.launch.collect import encode_files
+
+run_dir, worker, hostile, report = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+node._channel = AgentChannel()  # what a remote node agent does first
+child = subprocess.Popen([sys.executable, "-c", worker, hostile])  # inherits stderr: the relay's pipe
+time.sleep(0.5)
+node.say("sdtrain node 0: the agent's own message")
+child.wait()
+(run_dir / "logs").mkdir(parents=True)
+(run_dir / "logs" / "rank0.log").write_text("the real log\\n")
+node._channel.close()
+for line in encode_files(run_dir, [run_dir / "logs" / "rank0.log"]):
+    node.say(line)
+node.say(report)
+sys.exit(1)
+"""
+
+
+def test_only_the_node_agents_own_lines_are_taken(tmp_path, capfd):
+    """A hostile stderr writer on the node (a worker, or anything quoting its data) forges a
+    checkpoint pointer, a log and a failure report: none is taken, all are shown as text;
+    the agent's own file and report, on its own channel, arrive."""
+    forged = {**GOOD, "failures": [{**GOOD["failures"][0], "error": "RuntimeError: forged"}]}
+    hostile = [chunk_line("checkpoints/latest", "step_666"), chunk_line("logs/rank1.log", "forged"),
+               REPORT_PREFIX + json.dumps(forged)]
+    agent = [sys.executable, "-c", AGENT, str(tmp_path / "node"), HOSTILE_WORKER, json.dumps(hostile),
+             REPORT_PREFIX + json.dumps(GOOD)]
+    run_dir = tmp_path / "run"
+    outcome = Supervisor([agent], labels=["node 0 test"], run_dir=run_dir).run()
+    err = capfd.readouterr().err
+    assert outcome.exit_codes == [1], err
+    assert [r["failures"][0]["error"] for r in outcome.reports] == ["RuntimeError: boom"], err
+    assert (run_dir / "logs" / "rank0.log").read_text() == "the real log\n"
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "logs" / "rank1.log").exists()
+    assert err.count("[node 0 test] (not from the node agent) SDTRAIN_FILE") >= 2, err[-3000:]
+    assert f"[node 0 test] (not from the node agent) {REPORT_PREFIX}" in err
+    assert "[node 0 test] sdtrain node 0: the agent's own message" in err
+
+
+def test_a_marker_inside_a_line_is_text(tmp_path, capfd):
+    """Without the agent's channel too (a node of another version): only the start of a line counts."""
+    script = f"""
+        import sys
+        print("[rank 3] " + {good_file_lines(tmp_path)[0]!r}, file=sys.stderr)
+        print("warning: " + {REPORT_PREFIX + json.dumps(GOOD)!r}, file=sys.stderr)
+    """
+    outcome = Supervisor([node(script)], labels=["node 0 test"], run_dir=tmp_path / "run").run()
+    assert outcome.ok and outcome.reports == [] and not (tmp_path / "run" / "logs").exists()
+    assert "[node 0 test] [rank 3] SDTRAIN_FILE logs/rank0.log" in capfd.readouterr().err
+
+
+FLOOD = """
+    import base64, sys, zlib
+    out = sys.stderr.buffer
+    out.write(b"y" * (100 * 2**20) + b"\\n")  # one 100 MB line
+    squeeze = zlib.compressobj(9)
+    bomb = b"".join(squeeze.compress(bytes(2**20)) for _ in range(1024)) + squeeze.flush()  # 1 GiB of zeros
+    out.write(b"SDTRAIN_FILE logs/bomb.log 0 1 " + base64.b64encode(bomb) + b"\\n")
+    piece = b"A" * 12_000
+    for index in range(6000):  # 72 MB of chunks of a file whose last chunk never comes
+        out.write(b"SDTRAIN_FILE logs/endless.log %d 6001 " % index + piece + b"\\n")
+    out.write({good!r})
+    out.flush()
+"""
+
+READER = """
+    import resource, sys
+    from pathlib import Path
+    from sdtrain.launch import collect
+    from sdtrain.launch.supervise import Supervisor
+    collect.MAX_FILE_BYTES = 64 * 2**20  # the test's disk: the bomb stops at 64 MiB, not 512
+    outcome = Supervisor([[sys.executable, "-c", sys.argv[2]]], labels=["flood"], run_dir=Path(sys.argv[1])).run()
+    print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, outcome.ok, outcome.errors)
+"""
+
+
+def test_a_flooding_node_costs_the_launcher_bounded_memory(tmp_path):
+    """A 100 MB line, a 1 MB line that inflates to 1 GiB, and 72 MB of chunks that never
+    complete (the old reader took 1.5 to 2 GiB for the first two): each is dropped with a
+    note, the launcher's peak stays near its chunk cap, and a good file still arrives."""
+    good = ("\n".join(good_file_lines(tmp_path)) + "\n").encode()
+    flood = textwrap.dedent(FLOOD).format(good=good)
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(READER), str(tmp_path / "run"), flood],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak = int(result.stdout.split()[1])
+    assert result.stdout.split()[2:] == ["True", "[]"], result.stdout
+    assert "a line longer than 4 MiB: dropped" in result.stderr
+    assert "logs/bomb.log is larger than 64 MiB once decompressed: not written" in result.stderr
+    assert "logs/endless.log: more than 64 MiB of chunks waiting" in result.stderr
+    assert (tmp_path / "run" / "logs" / "rank0.log").read_text() == "hello from rank 0\n"
+    assert not list((tmp_path / "run" / "logs").glob("*bomb*")) and not (tmp_path / "run" / "logs" / "endless.log").exists()
+    print(f"\nlauncher peak RSS while flooded: {peak / 2**20:.0f} MiB")
+    assert peak < 400 * 2**20, f"{peak / 2**20:.0f} MiB"

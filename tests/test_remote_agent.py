@@ -59,7 +59,8 @@ def test_files_round_trip_in_chunks_interleaved(tmp_path):
     assert len(lines) > 2 and all(len(line) < CHUNK + 100 for line in lines)
     receiver = FileReceiver(dst)
     for line in lines[1::2] + lines[0::2]:  # any order, as long as every chunk comes
-        assert receiver.feed("127.0.0.2: " + line)  # a runner's label in front is fine
+        assert not receiver.feed("127.0.0.2: " + line)  # only at the start of a line
+        assert receiver.feed(line)
     assert not receiver.feed("ordinary stderr line")
     assert (dst / "logs" / "rank2.log").read_bytes() == big
     assert (dst / "metrics.jsonl").read_text() == '{"step": 1}\n'

@@ -46,6 +46,18 @@ def root_cause(failures: list[dict]) -> dict:
     return min(primary, key=lambda f: (f["timestamp"], f["rank"]))
 
 
+TEXT_LIMIT = 16_000  # characters of a rank's error, traceback or log tail in a report
+
+
+def clip(text: str, keep: str = "tail", limit: int = TEXT_LIMIT) -> str:
+    """At most `limit` characters: the end of a traceback or log says why, the start of an error."""
+    if len(text) <= limit:
+        return text
+    if keep == "head":
+        return text[:limit] + f"\n... ({len(text) - limit:,} more characters cut)"
+    return f"... ({len(text) - limit:,} characters cut)\n" + text[-limit:]
+
+
 def log_tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -5,8 +5,9 @@ standard streams, so nothing delivers SIGHUP to it when the launcher or its conn
 dies: without a lifeline, a remote job outlives its launcher. The agent watches its pipes
 instead:
 
-- stderr: once the reading end is gone (the ssh connection, srun or orted died), poll()
-  reports POLLERR/POLLHUP on it, without writing anything;
+- stderr (the runner's, which the agent keeps for itself: channel.py): once the reading
+  end is gone (the ssh connection, srun or orted died), poll() reports POLLERR/POLLHUP on
+  it, without writing anything;
 - stdin (ssh only, where the launcher holds it open and closes it to ask for a stop):
   end of file.
 
@@ -32,13 +33,13 @@ def _is_pipe(fd: int) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
-def start_lifeline(on_lost: Callable[[str], None], watch_stdin: bool) -> bool:
+def start_lifeline(on_lost: Callable[[str], None], watch_stdin: bool, stderr_fd: int = 2) -> bool:
     """Watch stderr (and stdin if asked); False when there is no pipe to watch."""
     poller = select.poll()
     watched = {}
-    if _is_pipe(2):
-        poller.register(2, 0)  # no events asked: POLLERR/POLLHUP are always reported
-        watched[2] = "the launcher's connection closed"
+    if _is_pipe(stderr_fd):
+        poller.register(stderr_fd, 0)  # no events asked: POLLERR/POLLHUP are always reported
+        watched[stderr_fd] = "the launcher's connection closed"
     if watch_stdin and _is_pipe(0):
         poller.register(0, select.POLLIN)
         watched[0] = "the launcher asked to stop"

@@ -7,9 +7,10 @@ worker as soon as one fails — and adds what the launcher needs on top: a threa
 per worker, the node's devices (its hostfile slots), and a failure report naming the
 failing rank, its exit and its traceback.
 
-Started on a remote node (`--remote`), it also: prints the failure report to stderr for
-the launcher; stops its workers when the launcher is gone (lifeline.py); and where it does
-not share the launcher's run directory, sends its logs back at the end (rundir.py).
+Started on a remote node (`--remote`), it also: keeps the runner's stderr as a channel of
+its own (channel.py), on which it prints the failure report for the launcher; stops its
+workers when the launcher is gone (lifeline.py); and where it does not share the
+launcher's run directory, sends its logs back at the end (rundir.py).
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from sdtrain.errors import UserInputError
+from sdtrain.launch.channel import AgentChannel
 from sdtrain.launch.collect import encode_files
 from sdtrain.launch.disk import describe
 from sdtrain.launch.failures import (
     REPORT_PREFIX,
+    clip,
     describe_exit,
     log_tail,
     root_cause,
@@ -85,15 +88,21 @@ def restrict_devices(slots: str) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
 
 
+_channel: AgentChannel | None = None  # a remote agent's own stderr (main opens it)
+
+
 def say(message: str) -> None:
     """stderr may be a closed pipe on a remote node whose launcher is gone."""
+    if _channel is not None:
+        _channel.send(message)
+        return
     try:
         print(message, file=sys.stderr, flush=True)
     except OSError:
         pass
 
 
-def stop_when_launcher_is_gone(watch_stdin: bool) -> None:
+def stop_when_launcher_is_gone(watch_stdin: bool, stderr_fd: int = 2) -> None:
     """SIGTERM to ourselves (torch's agent then stops the workers); if anything of this
     node is still alive LIFELINE_GRACE_S later, kill it and leave."""
 
@@ -104,7 +113,7 @@ def stop_when_launcher_is_gone(watch_stdin: bool) -> None:
         last_resort.daemon = True  # a node that stopped in time exits without waiting for it
         last_resort.start()
 
-    start_lifeline(on_lost, watch_stdin)
+    start_lifeline(on_lost, watch_stdin, stderr_fd)
 
 
 def pass_preemption_on(run_dir: Path) -> None:
@@ -136,10 +145,12 @@ def threads_per_worker(nproc: int) -> int:
 
 
 def main(argv=None) -> int:
+    global _channel
     args = parse_args(argv)
     shared = True
     if args.remote:
-        stop_when_launcher_is_gone(args.stop_on_stdin_eof)
+        _channel = AgentChannel()  # first: whatever starts later writes to the relay, not to the launcher
+        stop_when_launcher_is_gone(args.stop_on_stdin_eof, _channel.fd)
         shared = is_shared(args.run_dir, args.run_id)
         if not shared:
             why = needs_shared_dir(json.loads(args.recipe_json), args.resume_from)
@@ -171,6 +182,8 @@ def main(argv=None) -> int:
     try:
         return run_workers(args)
     finally:
+        if _channel is not None:
+            _channel.close()  # the workers' last words before the files
         if not shared:
             for line in encode_files(args.run_dir, files_to_send(args.run_dir)):
                 say(line)
@@ -257,9 +270,10 @@ def failure_report(exc: ChildFailedError, args) -> dict:
                 "exitcode": failure.exitcode,
                 "exit": describe_exit(failure.exitcode),
                 "timestamp": failure.timestamp,
-                "error": error,
-                "traceback": traceback,
-                "log_tail": log_tail(args.run_dir / "logs" / f"rank{rank}.log"),
+                # Clipped: the report travels as one line that the launcher reads with a cap.
+                "error": clip(error, keep="head"),
+                "traceback": clip(traceback),
+                "log_tail": clip(log_tail(args.run_dir / "logs" / f"rank{rank}.log")),
             }
         )
         failures[-1]["oom"] = oom.diagnose(failures[-1], args.run_dir, args.nproc)  # None unless out of memory

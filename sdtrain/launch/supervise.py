@@ -11,9 +11,12 @@ Guarantees the launcher gives:
 For remote nodes (ssh, pdsh, srun, mpirun) the commands run here are the runners; how a
 node is asked to stop depends on the runner (runners.STOP_BY), and each node's stderr is
 read here: failure reports and files sent back are picked out of it (the run directory
-need not be shared), everything else is echoed with the node's name in front. A line that
-does not parse is echoed with a note; a reader that fails anyway stops the job, saying why
-(a launcher that stopped reading a node would otherwise wait for it forever).
+need not be shared), everything else is echoed with the node's name in front. Only a line
+that starts with a marker is taken for a report or a file (the node agent writes those on a
+channel of its own, channel.py). A line that does not parse is echoed with a note, one
+longer than MAX_LINE_BYTES is dropped with a note without ever being held whole; a reader
+that fails anyway stops the job, saying why (a launcher that stopped reading a node would
+otherwise wait for it forever).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ TEARDOWN_GRACE_S = 10.0
 REPORT_GRACE_S = 3.0  # after a node fails, how long the others have to report before they are stopped
 POLL_S = 0.2
 TAIL_LINES = 20
+MAX_LINE_BYTES = 4 * 2**20  # far above a file chunk line or a node's failure report (node.py clips its texts)
 
 
 @dataclass
@@ -123,17 +127,19 @@ class Supervisor:
 
     def _read_stderr(self, index: int, proc: subprocess.Popen, tail: collections.deque) -> None:
         try:
-            for raw in proc.stderr:
+            for raw in bounded_lines(proc.stderr, MAX_LINE_BYTES):
+                if raw is None:
+                    self._echo(index, f"(sdtrain: a line longer than {MAX_LINE_BYTES // 2**20} MiB: dropped)")
+                    continue
                 self._read_line(index, raw.decode(errors="replace").rstrip("\n"), tail)
         except Exception as exc:  # whatever it is, the job must not wait for a reader that is gone
             self.errors.append(f"the launcher could not read the output of {self.labels[index]}: "
                                f"{type(exc).__name__}: {exc}")
 
     def _read_line(self, index: int, line: str, tail: collections.deque) -> None:
-        at = line.find(REPORT_PREFIX)
-        if at >= 0:
+        if line.startswith(REPORT_PREFIX):
             try:
-                self.reports.append(checked_report(json.loads(line[at + len(REPORT_PREFIX):])))
+                self.reports.append(checked_report(json.loads(line[len(REPORT_PREFIX):])))
                 self.reported.append(index)  # a list: read while reader threads append
                 return
             except (ValueError, RecursionError) as exc:
@@ -227,6 +233,21 @@ class Supervisor:
                 p.send_signal(sig)  # psutil checks pid and start time
             except psutil.NoSuchProcess:
                 pass
+
+
+def bounded_lines(stream, limit: int):
+    """The lines of a binary stream; None in place of one longer than `limit` bytes, which
+    is read past in pieces, never held whole (a node once sent a 300 MB line)."""
+    while True:
+        line = stream.readline(limit + 1)
+        if not line:
+            return
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = stream.readline(limit)
+        yield None
 
 
 def _descends_from(p: psutil.Process, ancestor: int) -> bool:
