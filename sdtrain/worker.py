@@ -7,14 +7,29 @@ restores a checkpoint if asked, and runs the Trainer. Its stdout and stderr go t
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
+import signal
 import sys
-import traceback
-from pathlib import Path
 
-import torch
+
+def stop_quietly_while_starting(signum, frame) -> None:
+    """Ctrl-C reaches the workers too (they share the terminal's process group). While they
+    still import torch their output is the terminal, not yet their rank log, and Python's
+    answer would be a 50-line import traceback from every rank; the launcher already says
+    the job was interrupted. One line, and 130 (128 + SIGINT) as a shell has it."""
+    os.write(2, f"rank {os.environ.get('RANK', '?')}: interrupted while starting\n".encode())
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, stop_quietly_while_starting)  # until main() starts: see run()
+
+import argparse  # noqa: E402 - after the handler: importing torch takes seconds
+import json  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 from rich.console import Console
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -28,12 +43,13 @@ from sdtrain.train.checkpoint import Checkpointer
 from sdtrain.train.data import TRAIN, VAL, Batches
 from sdtrain.train.memory_watch import start_memory_watch
 from sdtrain.train.faults import weights_digest
-from sdtrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib, summary_table
+from sdtrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib
 from sdtrain.train.nonfinite import StepGuard
 from sdtrain.train.preempt import PreemptRequest, write_preempted
 from sdtrain.train.progress import start_progress
 from sdtrain.train.sources import load_corpus
 from sdtrain.train.strict_json import dumps_strict
+from sdtrain.train.summary import run_means, summary_table, whole_run_evals
 from sdtrain.train.trainer import Trainer
 
 
@@ -133,8 +149,9 @@ def main(argv=None) -> None:
             "name": recipe.name,
             "steps": result.last_step,
             "world_size": env.world_size,
+            "first_step": first_step,  # past 0: a resumed run, whose tokens/s and world_size are this launch's
             "final_loss": result.final_loss,
-            "eval_losses": result.eval_losses,
+            "eval_losses": whole_run_evals(log.history, result.eval_losses),
             "tokens_per_s": result.tokens_per_s,
             "mfu": trainer.mfu(result.tokens_per_s),
             "peak_mem_gib": peak_mem,
@@ -147,6 +164,7 @@ def main(argv=None) -> None:
             "checkpoint": result.checkpoint,
             "skipped_steps": result.skipped_steps,
             "checkpoint_stall_s": result.checkpoint_stall_s,
+            "means": run_means(log.history + log.records),  # step time, MoE and pipeline shares
         }
         if result.preempted:  # the launcher exits PREEMPTED_EXIT on seeing it
             write_preempted(args.run_dir, result.last_step, result.checkpoint)
@@ -168,6 +186,7 @@ def run() -> None:
     finalization (see leave_process_group): @record has already written the traceback for
     the node agent, and finalizing with a live gloo group can turn exit code 1 into a
     SIGABRT that hides the real root cause."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # imports done: a run's failure from here on
     try:
         main()
     except BaseException as error:  # noqa: BLE001 - every failure must keep its exit code

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from sdtrain.parallel.comm import ALL_GATHER, REDUCE_SCATTER
+
 RANK_STEP = 100.0  # rank r adds r * RANK_STEP to the pattern
 DEST_STEP = 10_000.0  # all_to_all: the chunk for rank j adds j * DEST_STEP
 PERIOD = 97  # the pattern repeats: values stay far below 2^24, where float32 stops being exact
@@ -58,7 +60,7 @@ def _all_gather(n, chunk, rank, world, device) -> Case:
     mine = pattern(chunk, rank * RANK_STEP, device)
     out = torch.empty(n, device=device)
     expected = torch.cat([pattern(chunk, r * RANK_STEP, device) for r in range(world)])
-    return Case("all_gather", lambda: out.fill_(-1), lambda: dist.all_gather_into_tensor(out, mine), out, expected)
+    return Case("all_gather", lambda: out.fill_(-1), lambda: getattr(dist, ALL_GATHER)(out, mine), out, expected)
 
 
 def _reduce_scatter(n, chunk, rank, world, device) -> Case:
@@ -67,7 +69,7 @@ def _reduce_scatter(n, chunk, rank, world, device) -> Case:
     expected = (pattern(n, 0.0, device) * world + _ranks_sum(world))[rank * chunk:(rank + 1) * chunk]
     # On gloo, torch runs this as an all-reduce of a copy (gloo has no reduce-scatter): that
     # is what a gloo job gets, so that is what is measured.
-    run = lambda: dist.reduce_scatter_tensor(out, full)  # noqa: E731
+    run = lambda: getattr(dist, REDUCE_SCATTER)(out, full)  # noqa: E731
     return Case("reduce_scatter", lambda: out.fill_(-1), run, out, expected)
 
 

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 KEPT = 32  # collectives kept per rank: enough to see the pattern before a hang
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+               "reduce_scatter_tensor", "reduce_scatter_single",
                "broadcast", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single", "barrier",
                "monitored_barrier", "all_gather_object", "gather_object", "broadcast_object_list",
                "scatter_object_list")

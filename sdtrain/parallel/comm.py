@@ -12,13 +12,19 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed the flat-buffer collectives and warns (FutureWarning, in every rank's
+# log) on the old names; older torch has only those. Looked up at call time: the hang
+# watchdog's record wraps torch.distributed's functions after this module is imported.
+ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+
 
 class Comm:
     def __init__(self, group, overlap: bool = True):
         self.group = group
         self.overlap = overlap
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        # gloo has no reduce-scatter of its own: its reduce_scatter_tensor clones the input
+        # gloo has no reduce-scatter of its own: its reduce-scatter clones the input
         # and all-reduces the clone. Doing that all-reduce in place is the same traffic
         # without the copy (measured: 1.5x the buffer in temporaries, and slower).
         self.reduce_scatter_by_all_reduce = dist.get_backend(group) == "gloo"
@@ -27,7 +33,7 @@ class Comm:
     def all_gather(self, full: torch.Tensor, shard: torch.Tensor, async_op: bool = False):
         """full <- concatenation of every rank's shard."""
         self.bytes["all_gather"] += full.numel() * full.element_size()
-        return dist.all_gather_into_tensor(full, shard, group=self.group, async_op=async_op)
+        return getattr(dist, ALL_GATHER)(full, shard, group=self.group, async_op=async_op)
 
     def reduce_scatter(self, full: torch.Tensor, async_op: bool = False) -> tuple[object, torch.Tensor]:
         """This rank's chunk of the average of every rank's `full`, as (work, chunk); the
@@ -40,7 +46,7 @@ class Comm:
             work = dist.all_reduce(full, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
             return work, full[self.rank * chunk_size : (self.rank + 1) * chunk_size]
         chunk = torch.empty(chunk_size, dtype=full.dtype, device=full.device)
-        work = dist.reduce_scatter_tensor(chunk, full, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
+        work = getattr(dist, REDUCE_SCATTER)(chunk, full, op=dist.ReduceOp.AVG, group=self.group, async_op=async_op)
         return work, chunk
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,6 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
-from rich.text import Text
 
 from sdtrain.train.strict_json import dumps_strict
 
@@ -70,9 +68,10 @@ class MetricsLog:
     def __init__(self, run_dir: Path, console: Console, total_steps: int, first_step: int, tensorboard: bool):
         self.path = run_dir / "metrics.jsonl"
         self.console = console
+        self.total_steps = total_steps
         self.start = time.perf_counter()
-        self.records: list[dict] = []
-        self._truncate_after(first_step)
+        self.records: list[dict] = []  # this launch's
+        self.history = self._truncate_after(first_step)  # the earlier launches' records of this run
         self.file = self.path.open("a")
         self.writer = _tensorboard(run_dir) if tensorboard else None
         self.progress = None
@@ -88,12 +87,12 @@ class MetricsLog:
             self.task = self.progress.add_task("train", total=total_steps, completed=first_step, status="")
             self.progress.start()
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int) -> list[dict]:
         """On resume, drop lines past the checkpoint so the file reads as one clean run.
         A line that is not a whole record (a crash mid-write leaves half a line) is dropped
         with a note rather than ending the resume."""
         if not self.path.exists():
-            return
+            return []
         kept = []
         for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
             record = _parse_record(line)
@@ -102,8 +101,9 @@ class MetricsLog:
                     self.console.print(f"note: {self.path} line {number} is not a whole metrics record "
                                        "(a crash mid-write?): dropped", highlight=False, markup=False)
             elif record["step"] <= step:
-                kept.append(dumps_strict(record))
-        self.path.write_text("".join(line + "\n" for line in kept))
+                kept.append(record)
+        self.path.write_text("".join(dumps_strict(record) + "\n" for record in kept))
+        return kept
 
     def log(self, record: dict) -> None:
         record = {**record, "elapsed_s": round(time.perf_counter() - self.start, 3)}
@@ -114,11 +114,11 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, record["step"])
-        status = _status(record)
-        if self.progress is not None:
-            self.progress.update(self.task, completed=record["step"], status=status)
-        else:
-            self.console.print(f"step {record['step']}: {status}", highlight=False)
+        step_text = step_line(record, self.total_steps)
+        if self.progress is not None:  # printed above the bar, so the history stays on screen
+            self.progress.update(self.task, completed=record["step"], status=f"loss {_number(record.get('loss'), '.4f')}")
+        for line in fit_width(step_text, self.console.width):
+            self.note(line)
 
     def note(self, text: str) -> None:
         """A line for the console only (metrics.jsonl keeps one schema per row)."""
@@ -143,17 +143,44 @@ def _parse_record(line: str) -> dict | None:
     return record if isinstance(record, dict) and type(record.get("step")) is int else None
 
 
-def _status(record: dict) -> str:
-    parts = []
+def step_line(record: dict, total_steps: int) -> list[str]:
+    """A logged step as the console shows it, in pieces that stay whole when the line wraps."""
+    parts = [f"step {record['step']}/{total_steps}:"]
     if "loss" in record:
-        parts.append(f"loss {record['loss']:.4f}")
+        parts.append(f"loss {_number(record['loss'], '.4f')}")
     if "eval_loss" in record:
-        parts.append(f"eval {record['eval_loss']:.4f}")
+        parts.append(f"eval {_number(record['eval_loss'], '.4f')}")
+    if record.get("lr") is not None:
+        parts.append(f"lr {record['lr']:.2e}")
+    if "grad_norm" in record:
+        parts.append(f"gnorm {_number(record['grad_norm'], '.3g')}")  # the global norm, before clipping
+    if record.get("step_s"):
+        parts.append(f"{record['step_s']:.3f} s/step")
     if record.get("tokens_per_s"):
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
     if record.get("mfu") is not None:
         parts.append(f"MFU {100 * record['mfu']:.1f}%")
-    return "  ".join(parts)
+    for key, label in (("moe_dropped", "dropped"), ("moe_all_to_all_share", "all-to-all"), ("bubble", "bubble")):
+        if isinstance(record.get(key), (int, float)):
+            parts.append(f"{label} {100 * record[key]:.1f}%")
+    return parts
+
+
+def fit_width(parts: list[str], width: int) -> list[str]:
+    """The pieces joined into lines of at most `width` columns; a continuation is indented."""
+    lines, line = [], ""
+    for part in parts:
+        candidate = (f"{line}{' ' if line.endswith(':') else '  '}{part}") if line else part
+        if line and len(candidate) > width:
+            lines.append(line)
+            candidate = "    " + part
+        line = candidate
+    return [*lines, line]
+
+
+def _number(value, spec: str) -> str:
+    """A metric that may be null (non-finite, written as null by dumps_strict) or NaN."""
+    return format(value, spec) if isinstance(value, (int, float)) else "nan"
 
 
 def _tensorboard(run_dir: Path):
@@ -162,22 +189,3 @@ def _tensorboard(run_dir: Path):
     )
 
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-
-
-def summary_table(summary: dict) -> Table:
-    table = Table(title=f"run {summary['name']}: {summary['steps']} steps", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    evals = summary["eval_losses"]
-    rows = [
-        ("final loss", f"{summary['final_loss']:.4f}"),
-        ("eval loss", f"{evals[0][1]:.4f} (step {evals[0][0]}) -> {evals[-1][1]:.4f} (step {evals[-1][0]})" if evals else "-"),
-        ("tokens/s", f"{summary['tokens_per_s']:,.0f} over {summary['world_size']} ranks"),
-        ("MFU", f"{100 * summary['mfu']:.1f}%" if summary["mfu"] is not None else "- (no peak known for this device)"),
-        ("peak memory / rank", ", ".join(f"{m:.2f}" for m in summary["peak_mem_gib"]) + " GiB"),
-        ("train time", f"{summary['train_s']:.1f} s"),
-        ("checkpoint", summary["checkpoint"] or "-"),
-    ]
-    for label, value in rows:
-        table.add_row(label, Text(value))  # a value may be a user's path: `[` is not markup there
-    return table

@@ -127,6 +127,7 @@ class Trainer:
                     "loss": loss_value,
                     "lr": lr_at(step, train),
                     "grad_norm": grad_norm.item(),
+                    "step_s": round(elapsed / interval_steps, 4),
                     "tokens_per_s": tokens_per_s,
                     "mfu": self.mfu(tokens_per_s),
                     "mem_gib": memory_gib(self.env.device),
