@@ -39,6 +39,8 @@ def host_options(command):
                      help="Rendezvous port (default: recipe launch.master_port, a free port, or 29500 on a remote master)."),
         click.option("--ssh-port", "--ssh_port", "ssh_port", type=click.IntRange(1, 65535), help="ssh port of the hosts."),
         click.option("--ssh-options", default="", metavar="'OPTS'", help="Extra ssh arguments, e.g. '-i ~/.ssh/id_train'."),
+        click.option("--allow-env-file-var", "allow_env_file_vars", multiple=True, metavar="NAME",
+                     help="Let .sdtrain_env set NAME though it is PYTHON*, LD_* or SDTRAIN_INJECT_* (refused otherwise)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -92,6 +94,12 @@ def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json, **place
     job = plan_job(recipe, list(overrides), nproc_per_node, run_dir, LaunchRequest(**placement))
     for warning in job.warnings:
         err_console.print(f"[yellow]warning[/]: {escape(warning)}", highlight=False)
+    if job.env_file.notice():
+        err_console.print(job.env_file.notice(), markup=False, highlight=False)
+    if job.drills:
+        from sdtrain.launch.drills import banner
+
+        err_console.print(banner(job.drills), style="bold yellow", markup=False, highlight=False)
     if dry_run:
         if as_json:
             click.echo(json.dumps(job.as_dict(), indent=2))

@@ -70,6 +70,7 @@ def test_hung_rank_is_named_with_its_line_and_the_waiting_collective(write_recip
     assert result.returncode == 1, result.stdout + err
     assert f"root cause: hang: rank 1 stuck at {drill_line()} while the others wait in all_reduce" in err, err
     assert "likely culprit: rank 1" in err and "which rank 0 waits in" in err
+    assert "(injected)" in err and "injected by SDTRAIN_INJECT_HANG=1:3" in err  # a drill's hang never reads as a real one
     assert "rank 0: waiting in all_reduce" in err
     assert ended - hang_began(run_dir, 1) < HANG_TIMEOUT_S + 15
     stacks = (run_dir / "hang" / "rank1.txt").read_text()

@@ -174,7 +174,7 @@ def test_env_file_reaches_the_nodes_and_a_raising_rank_is_named(sshd, tmp_path):
     second node, raise at step 3: its traceback comes back as the root cause."""
     (tmp_path / ".sdtrain_env").write_text("# fault drill\nexport SDTRAIN_INJECT_FAULT='2:3'\n")
     result = sdtrain("launch", write(tmp_path, LONG), *ssh_args(sshd, tmp_path), "--run-dir", tmp_path / "run",
-                     cwd=tmp_path, timeout=120)
+                     "--allow-env-file-var", "SDTRAIN_INJECT_FAULT", cwd=tmp_path, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "root cause: rank 2 on 127.0.0.2" in result.stderr and "exit code 1" in result.stderr
     assert "RuntimeError: fault injected by SDTRAIN_INJECT_FAULT=2:3" in result.stderr and "in train_step" in result.stderr
@@ -367,7 +367,8 @@ def test_ssh_hang_on_the_second_node_is_diagnosed(sshd, tmp_path):
     run_dir = tmp_path / "run"
     recipe = merge(LONG, {"launch": {"hang_timeout_s": HANG_TIMEOUT_S}})
     (tmp_path / ".sdtrain_env").write_text("export SDTRAIN_INJECT_HANG=3:3\n")
-    result, procs, ended = run_watching(["launch", write(tmp_path, recipe), *ssh_args(sshd, tmp_path), "--run-dir", run_dir],
+    result, procs, ended = run_watching(["launch", write(tmp_path, recipe), *ssh_args(sshd, tmp_path), "--run-dir", run_dir,
+                                         "--allow-env-file-var", "SDTRAIN_INJECT_HANG"],
                                         {"OMP_NUM_THREADS": "1"}, cwd=tmp_path, job=lambda: job_processes(run_dir))
     err = result.stderr
     assert result.returncode == 1, result.stdout + err

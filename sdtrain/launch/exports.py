@@ -6,11 +6,20 @@ file in the working directory, else in the home directory, adds KEY=VALUE lines 
 over the launcher's environment. Values are plain strings here; the runners quote them for
 whatever shell they pass through. A local launch's node agent inherits the launcher's
 environment anyway, and gets `.sdtrain_env` on top, as remote nodes do.
+
+The file is found, not named: a checkout someone else wrote can carry one, and one left in
+the home directory applies to every later launch. So the names that decide which code runs
+(PYTHON*: PYTHONPATH, PYTHONSTARTUP; LD_*: LD_PRELOAD, LD_LIBRARY_PATH) and the drills that
+make a run fail on purpose (SDTRAIN_INJECT_*) are refused from it, before anything starts,
+unless the launch allows each by name (--allow-env-file-var NAME). The launcher's own
+environment is the user's and passes as it is.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdtrain.errors import UserInputError, decode_utf8, excerpt
@@ -18,22 +27,53 @@ from sdtrain.errors import UserInputError, decode_utf8, excerpt
 EXPORTED_PREFIXES = ("NCCL_", "PYTHON", "CUDA_", "OMP_", "SDTRAIN_")
 NOT_EXPORTED = {"CUDA_VISIBLE_DEVICES"}
 ENV_FILE = ".sdtrain_env"
+GUARDED_PREFIXES = ("PYTHON", "LD_", "SDTRAIN_INJECT_")
+ALLOW_FLAG = "--allow-env-file-var"
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def exported_environment(environ: dict[str, str], cwd: Path, home: Path) -> dict[str, str]:
-    env = {k: v for k, v in sorted(environ.items()) if k.startswith(EXPORTED_PREFIXES) and k not in NOT_EXPORTED}
-    path = find_env_file(cwd, home)
-    if path is not None:
-        env.update(read_env_file(path))
-    return env
+@dataclass(frozen=True)
+class EnvFile:
+    """The `.sdtrain_env` a launch read (path None: there was none) and what it sets."""
+
+    path: Path | None = None
+    variables: dict[str, str] = field(default_factory=dict)
+
+    def notice(self) -> str | None:
+        """What the launch says it read: the names only (values may be secrets)."""
+        if self.path is None:
+            return None
+        names = ", ".join(self.variables) or "nothing"
+        return f"read {self.path}: sets {names}"
 
 
-def env_file_variables(cwd: Path, home: Path) -> dict[str, str]:
-    """`.sdtrain_env`'s variables alone (a local launch inherits the rest)."""
+def launcher_exports(environ: dict[str, str]) -> dict[str, str]:
+    """The launcher's variables that travel to remote nodes."""
+    return {k: v for k, v in sorted(environ.items()) if k.startswith(EXPORTED_PREFIXES) and k not in NOT_EXPORTED}
+
+
+def exported_environment(environ: dict[str, str], cwd: Path, home: Path, allowed: Collection[str] = ()) -> dict[str, str]:
+    return {**launcher_exports(environ), **load_env_file(cwd, home, allowed).variables}
+
+
+def load_env_file(cwd: Path, home: Path, allowed: Collection[str] = ()) -> EnvFile:
+    """The `.sdtrain_env` that applies, checked: UserInputError for a bad line or a guarded
+    name the launch did not allow."""
     path = find_env_file(cwd, home)
-    return read_env_file(path) if path is not None else {}
+    if path is None:
+        return EnvFile()
+    variables = read_env_file(path)
+    check_guarded(variables, path, allowed)
+    return EnvFile(path, variables)
+
+
+def check_guarded(variables: dict[str, str], path: Path, allowed: Collection[str] = ()) -> None:
+    refused = [name for name in variables if name.startswith(GUARDED_PREFIXES) and name not in allowed]
+    if refused:
+        flags = " ".join(f"{ALLOW_FLAG} {name}" for name in refused)
+        raise UserInputError(f"{path} sets {', '.join(refused)}: a {ENV_FILE} may set PYTHON*, LD_* or SDTRAIN_INJECT_* "
+                             f"variables only when the launch allows each by name ({flags}); or remove them from the file")
 
 
 def find_env_file(cwd: Path, home: Path) -> Path | None:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from sdtrain.batch import BatchPlan, derive_batch
 from sdtrain.errors import CheckpointError, UserInputError
-from sdtrain.launch.exports import env_file_variables, exported_environment
+from sdtrain.launch.drills import ActiveDrill, drills_reaching_workers
+from sdtrain.launch.exports import EnvFile, launcher_exports, load_env_file
 from sdtrain.launch.memory_check import check_memory
 from sdtrain.launch.placement import LaunchRequest, build_plan
 from sdtrain.launch.plan import LaunchPlan, resolve_backend, resolve_nproc
@@ -47,6 +48,8 @@ class Job:
     warnings: list[str] = field(default_factory=list)  # allowed, but likely not what the user wants
     # (resume_from, attempt) -> every node's command: a restart resumes from a newer checkpoint
     build_commands: Callable[[str, int], list[list[str]]] | None = None
+    env_file: EnvFile = field(default_factory=EnvFile)  # the .sdtrain_env read, if any
+    drills: list[ActiveDrill] = field(default_factory=list)  # SDTRAIN_INJECT_* reaching the workers
 
     @property
     def dims(self) -> ParallelDims:
@@ -112,6 +115,9 @@ class Job:
             "placement": self.plan.placement(self.dims),
             "batch": self.batch.as_dict(),
             "recipe": self.recipe.model_dump(mode="json"),
+            # names only: a value may be a secret
+            "env_file": {"path": str(self.env_file.path) if self.env_file.path else None, "sets": list(self.env_file.variables)},
+            "drills": [{"name": d.name, "value": d.value, "source": d.source} for d in self.drills],
         }
 
 
@@ -144,7 +150,8 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
     resume_from = resolve_resume(recipe, run_path, notes)
     check_run_dir(run_path, moves_earlier_run(request.node_rank, resume_from, run_path))
     recipe_json = json.dumps(recipe.model_dump(mode="json"))
-    setup = remote_setup(request) if launcher != "local" else None
+    env_file = load_env_file(Path.cwd(), Path.home(), request.allow_env_file_vars)
+    setup = remote_setup(request, env_file) if launcher != "local" else None
 
     def build_commands(resume: str, attempt: int) -> list[list[str]]:
         args = (plan, str(run_path), recipe_json, resume)
@@ -152,10 +159,12 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
 
     plan.commands = build_commands(str(resume_from or ""), 0)
     if launcher == "local":
-        plan.env = env_file_variables(Path.cwd(), Path.home())
-    check_drills({**os.environ, **plan.env} if setup is None else {**os.environ, **setup.env})
+        plan.env = dict(env_file.variables)
+    worker_env = {**os.environ, **plan.env} if setup is None else {**os.environ, **setup.env}
+    check_drills(worker_env)
     return Job(recipe, plan, batch, run_path, resume_from, data_summary, request.node_rank,
-               oversubscription(plan, launcher) + slow_precision(recipe, plan) + memory_warnings + notes, build_commands)
+               oversubscription(plan, launcher) + slow_precision(recipe, plan) + memory_warnings + notes, build_commands,
+               env_file=env_file, drills=drills_reaching_workers(worker_env, env_file))
 
 
 def oversubscription(plan: LaunchPlan, launcher: str) -> list[str]:
@@ -178,16 +187,19 @@ def slow_precision(recipe: Recipe, plan: LaunchPlan) -> list[str]:
             "and needs loss scaling; use --set train.precision=bf16"]
 
 
-def remote_setup(request: LaunchRequest) -> RemoteSetup:
-    """Remote nodes run this interpreter in this directory, with the exported environment."""
+def remote_setup(request: LaunchRequest, env_file: EnvFile | None = None) -> RemoteSetup:
+    """Remote nodes run this interpreter in this directory, with the exported environment
+    (`env_file`: the .sdtrain_env already read, else it is read here)."""
     try:
         ssh_options = tuple(shlex.split(request.ssh_options))
     except ValueError as exc:
         raise UserInputError(f"--ssh-options {request.ssh_options!r}: {exc}") from None
+    if env_file is None:
+        env_file = load_env_file(Path.cwd(), Path.home(), request.allow_env_file_vars)
     return RemoteSetup(
         cwd=os.getcwd(),
         python=sys.executable,
-        env=exported_environment(dict(os.environ), Path.cwd(), Path.home()),
+        env={**launcher_exports(dict(os.environ)), **env_file.variables},
         ssh_port=request.ssh_port,
         ssh_options=ssh_options,
         run_as_root=os.geteuid() == 0,

@@ -51,6 +51,7 @@ class LaunchRequest:
     node_rank: int | None = None  # run only this node of the plan, here
     ssh_port: int | None = None
     ssh_options: str = ""  # extra ssh arguments, split like a shell would
+    allow_env_file_vars: tuple[str, ...] = ()  # guarded names .sdtrain_env may set (exports.py)
 
     @property
     def filters(self) -> dict:

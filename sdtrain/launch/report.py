@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sdtrain.launch.disk import DISK_ERRORS, describe, unwritable
+from sdtrain.launch.drills import hang_injected, injected_by, injected_line, not_injected_note
 from sdtrain.launch.failures import merge_reports, read_reports, root_cause
 from sdtrain.launch.hang_report import hang_diagnosis
 from sdtrain.launch.node_death import node_died
@@ -117,7 +118,13 @@ def print_failure(console: Console, job, outcome) -> None:
     if cause.get("oom"):  # named as what it is, with the numbers and the changes that fit
         title += ": out of memory" if cause["oom"]["certain"] else ": likely out of memory"
         body = explain_oom(job, cause["oom"]) + "\n\n" + body
+    drill = injected_by(cause, job.drills)
+    if drill is not None:  # a drill's failure never reads as a real one
+        title += " (injected)"
+        body = injected_line(drill) + "\n\n" + body
     console.print(Panel(Text(body.strip() or "(no output)"), title=escape(title), title_align="left", border_style="red"))
+    if job.drills and drill is None:
+        console.print(not_injected_note(job.drills), markup=False, highlight=False)
     others = [f for f in failures if f is not cause]
     for f in sorted(others, key=lambda f: f["rank"]):
         first_line = (f["error"] or "").strip().splitlines()[:1]
@@ -131,7 +138,11 @@ def print_hang(console: Console, job) -> bool:
     if diagnosis is None:
         return False
     cause, lines = diagnosis
+    drill = hang_injected(cause, lines, job.drills)
     body = "\n".join(lines) + f"\n\nfull stacks and each rank's last collectives: {job.run_dir / 'hang'}"
+    if drill is not None:
+        cause += " (injected)"
+        body = injected_line(drill) + "\n\n" + body
     console.print(Panel(Text(body), title=escape(f"root cause: {cause}"), title_align="left", border_style="red"))
     return True
 

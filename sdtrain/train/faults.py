@@ -12,7 +12,8 @@ SDTRAIN_DUMP_WEIGHTS=1                        each rank logs a digest of its wei
 Each entry fires only on its attempt of the job (default 0, the first launch): a job that
 restarts (launch.max_restarts) gets past it. The attempt reaches the workers as
 SDTRAIN_ATTEMPT, set by the node agent. Torch-free: the launcher checks the variables
-before it starts anything.
+before it starts anything, refuses an SDTRAIN_INJECT_* name that is no drill (a misspelt
+drill would do nothing, silently), and says which drills are active (launch/drills.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ DRILLS = ("SDTRAIN_INJECT_FAULT", "SDTRAIN_INJECT_NAN", "SDTRAIN_INJECT_HANG")
 _ENTRY = re.compile(r"^\s*(\d+):(\d+)(?:@(\d+))?\s*$")
 ADDRESS_LIMIT = "SDTRAIN_INJECT_ADDRESS_LIMIT"
 _ADDRESS_LIMIT = re.compile(r"^\s*(\d+):(\d+)\s*$")
+INJECT_PREFIX = "SDTRAIN_INJECT_"
+KNOWN_DRILLS = (*DRILLS, ADDRESS_LIMIT)
 
 
 def parse_drill(variable: str, value: str) -> list[tuple[int, int, int]]:
@@ -51,8 +54,17 @@ def parse_address_limit(value: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def active_drills(environ: dict[str, str]) -> dict[str, str]:
+    """Every SDTRAIN_INJECT_* variable that is set and not empty, by name."""
+    return {name: value for name, value in sorted(environ.items()) if name.startswith(INJECT_PREFIX) and value}
+
+
 def check_drills(environ: dict[str, str]) -> None:
-    """Refuse a malformed drill before launch (a worker would otherwise fail on it)."""
+    """Refuse a malformed or unknown drill before launch (a worker would otherwise fail on
+    it, or ignore it)."""
+    for name in active_drills(environ):
+        if name not in KNOWN_DRILLS:
+            raise UserInputError(f"{name} is no drill sdtrain knows: the drills are {', '.join(KNOWN_DRILLS)}")
     for variable in DRILLS:
         if environ.get(variable):
             parse_drill(variable, environ[variable])
@@ -90,6 +102,14 @@ def nan_loss_drill(strategy, rank: int, step: int):
         yield
     finally:
         del model.loss
+
+
+def injected_nan(ranks: list[int], step: int) -> str | None:
+    """`SDTRAIN_INJECT_NAN=VALUE` when that drill turned the loss of one of `ranks` NaN in this
+    step (0-based): a planted NaN is no divergence, and no learning rate would fix it."""
+    if any(drill_fires("SDTRAIN_INJECT_NAN", rank, step) for rank in ranks):
+        return f"SDTRAIN_INJECT_NAN={os.environ['SDTRAIN_INJECT_NAN']}"
+    return None
 
 
 def weights_digest(weights: dict) -> str:

@@ -26,6 +26,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from sdtrain.train.faults import injected_nan
 from sdtrain.train.preempt import PreemptRequest
 
 
@@ -70,15 +71,20 @@ class StepGuard:
             f"gradient norm ({float(norm)}) on rank(s) {_ranks(bad_norm)}" if bad_norm else "",
         ]))
         where = f"step {self.step + 1}"
+        drill = injected_nan(bad_loss, self.step)
+        if drill:  # planted on purpose: tuning advice would send the user after a cause that is not there
+            where += f", injected by {drill} (a drill, not a divergence)"
         if self.policy == "stop":
+            advice = ("Unset SDTRAIN_INJECT_NAN for a real run" if drill else
+                      "Lower train.lr, raise warmup_steps or grad_clip, or set train.on_nonfinite=skip")
             raise NonFiniteError(f"non-finite {what} at {where}; train.on_nonfinite is stop: no update was made, "
-                                 "the last checkpoint stays the latest. Lower train.lr, raise warmup_steps or "
-                                 "grad_clip, or set train.on_nonfinite=skip")
+                                 f"the last checkpoint stays the latest. {advice}")
         self.skipped += 1
         self.in_a_row += 1
         if self.in_a_row > self.max_skipped:
+            verdict = "the drill's NaNs came faster than skip mode lets pass" if drill else "the run diverged (lower train.lr)"
             raise NonFiniteError(f"non-finite {what} at {where}: {self.in_a_row} updates skipped in a row, more than "
-                                 f"train.max_skipped_steps {self.max_skipped}; the run diverged (lower train.lr)")
+                                 f"train.max_skipped_steps {self.max_skipped}; {verdict}")
         print(f"rank {self.env.rank}: skipped the update of {where}: non-finite {what}", flush=True)
         return False
 
