@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from sdtrain.parallel.ddp_buckets import settle_buckets
 from sdtrain.parallel.expert_parallel import after_step, balancer_state, expert_squares, is_expert, moe_metrics
 from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.strategy import (
@@ -29,6 +30,7 @@ from sdtrain.parallel.strategy import (
 class DataParallel(Strategy):
     def __init__(self, model: nn.Module, train, env: DistEnv):
         self.env = env
+        self.comm_counted = 0
         # Under a pipeline, a stage's forward runs one chunk at a time, which DDP's reducer
         # cannot follow: its replicas average their gradients once, in step().
         self.average_in_step = env.dp_size > 1 and env.pp_size > 1
@@ -46,7 +48,8 @@ class DataParallel(Strategy):
                 gradient_as_bucket_view=True,  # grads live in the buckets: one copy fewer
             )
             model.register_comm_hook(self, _counting_allreduce)
-        self.comm_counted = 0
+            settle_buckets(model, [p for n, p in model.module.named_parameters() if n not in experts])
+        self.comm_counted = 0  # after settle_buckets: its all-reduce of zeros is no step's traffic
         self.model = model
         self.named = [(base_name(n), p) for n, p in self.plain.named_parameters()]
         self.experts = [p for n, p in self.named if n in {base_name(e) for e in experts}]
