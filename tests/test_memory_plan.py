@@ -146,6 +146,7 @@ def test_out_of_memory_is_named_with_the_numbers(tmp_path):
     assert result.returncode == 1
     text = " ".join(result.stderr.split())
     assert "rank 1" in text and "out of memory: the allocator refused" in text
+    assert f"injected by SDTRAIN_INJECT_ADDRESS_LIMIT=1:{500 * 2**20}" in text  # the drill's doing, and said so
     for words in ("last measured memory of the rank:", "estimate per rank:", "limit:", "--set "):
         assert words in text, text[-3000:]
 
