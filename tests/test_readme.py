@@ -257,7 +257,7 @@ def test_readme_names_only_files_that_ship():
     bare = set(re.findall(r"(?<![\w/.-])([\w.-]+\.yaml)\b", README)) - {"recipe.yaml"}
     missing = [n for n in sorted(bare) if not any((REPO / d / n).exists() for d in ("recipes", "launcher"))]
     assert not missing, f"the README names recipes that are not shipped: {missing}"
-    modules = set(re.findall(r"python -m (sdtrain[\w.]*)", README))
+    modules = set(re.findall(r"-m (sdtrain[\w.]*\w)", README))
     missing = [m for m in sorted(modules) if importlib.util.find_spec(m) is None]
     assert not missing, f"the README runs modules that do not exist: {missing}"
     targets = set(re.findall(r"`make ([\w-]+)", README)) | set(re.findall(r"^make ([\w-]+)", README, re.M))
