@@ -36,3 +36,10 @@ def decode_utf8(data: bytes, source: str, error: type[UserInputError] = UserInpu
         raise error(
             f"{source} line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
         ) from None
+
+
+def printable(value) -> str:
+    """str(value) with control and other invisible characters written as escapes (`\\x1b`, as
+    repr writes them): user input echoed in a message cannot recolour the terminal, move the
+    cursor or fake a line of output."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in str(value))

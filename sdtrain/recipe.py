@@ -15,7 +15,7 @@ from typing import Literal, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from sdtrain.errors import RecipeError, excerpt
+from sdtrain.errors import RecipeError, excerpt, printable
 from sdtrain.parallel.partition import check_pipeline_layout
 from sdtrain.user_files import BoundedLoader, read_text
 from sdtrain.user_files import parse_yaml as parse_user_yaml
@@ -363,14 +363,14 @@ def load_recipe(path: str | Path, overrides: list[str] = (), layout_checked_at_l
     `layout_checked_at_launch`: the caller runs check_expert_layout once the world size is known."""
     path = Path(path)
     if not path.exists():
-        raise RecipeError(f"recipe {path} does not exist (pass the path to a .yaml recipe)")
+        raise RecipeError(f"recipe {printable(path)} does not exist (pass the path to a .yaml recipe)")
     text = read_text(path, "recipe", MAX_RECIPE_BYTES, "YAML", RecipeError)
-    raw = parse_yaml(text, f"recipe {path}") or {}
+    raw = parse_yaml(text, f"recipe {printable(path)}") or {}
     if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(raw).__name__}")
+        raise RecipeError(f"recipe {printable(path)} must be a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         apply_override(raw, override)
-    return validate_recipe(raw, source=str(path), context={LAYOUT_CHECKED_AT_LAUNCH: layout_checked_at_launch})
+    return validate_recipe(raw, source=printable(path), context={LAYOUT_CHECKED_AT_LAUNCH: layout_checked_at_launch})
 
 
 def validate_recipe(raw: dict, source: str = "recipe", context: dict | None = None) -> Recipe:
@@ -391,8 +391,8 @@ def apply_override(raw: dict, override: str) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise RecipeError(f"--set {key}: {part} is not a section")
-    node[parts[-1]] = parse_yaml(text, f"--set {key}") if text else ""
+            raise RecipeError(f"--set {printable(key)}: {printable(part)} is not a section")
+    node[parts[-1]] = parse_yaml(text, f"--set {printable(key)}") if text else ""
 
 
 def _check_path(parts: list[str]) -> None:
@@ -401,17 +401,17 @@ def _check_path(parts: list[str]) -> None:
         fields = model.model_fields
         if part not in fields:
             where = ".".join(parts[: depth + 1])
-            raise RecipeError(f"--set {where}: unknown key{_suggest(part, fields)}")
+            raise RecipeError(f"--set {printable(where)}: unknown key{_suggest(part, fields)}")
         annotation = fields[part].annotation
         if depth < len(parts) - 1:
             if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-                raise RecipeError(f"--set {'.'.join(parts)}: {part} is a value, not a section")
+                raise RecipeError(f"--set {printable('.'.join(parts))}: {part} is a value, not a section")
             model = annotation
 
 
 def _explain(err: dict) -> str:
     loc = [str(p) for p in err["loc"]]
-    where = ".".join(loc) or "recipe"
+    where = printable(".".join(loc)) or "recipe"
     if err["type"] == "extra_forbidden":
         return f"unknown key {where}{_suggest(loc[-1], _fields_at(loc[:-1]))}"
     message = err["msg"].removeprefix("Value error, ")

@@ -11,6 +11,7 @@ than a few dozen). Every refusal is one line naming the file and, where known, t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from sdtrain.errors import UserInputError, decode_utf8
+from sdtrain.errors import UserInputError, decode_utf8, printable
 
 MAX_DEPTH = 32  # a recipe nests 4 levels, a ds_config 3; 32 is no config
 MAX_INT_DIGITS = 32  # 2**64 has 20 digits; a count, size or seed never needs more
@@ -32,32 +33,44 @@ def read_text(path: str | Path, what: str, max_bytes: int, form: str = "text",
     `what` names the file in messages ("recipe", "hostfile"); `form` says what it should hold
     ("YAML"), for the size message.
     """
-    path = Path(path)
+    path, shown = Path(path), printable(path)
     try:
         # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting forever;
         # it changes nothing for a regular file.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise error(f"{what} {path} does not exist") from None
     except OSError as exc:
-        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as file:
-        mode, size = os.fstat(fd).st_mode, os.fstat(fd).st_size
-        if not stat.S_ISREG(mode):
-            raise error(f"{what} {path} is {_kind(mode)}, not a regular file; pass the file itself")
-        if size > max_bytes:
-            raise error(f"{what} {path} is {size:,} bytes; a {what} is {form} of at most {max_bytes:,}")
-        try:
-            data = file.read(max_bytes + 1)  # + 1: a file that grew since fstat is still caught
-        except OSError as exc:
-            raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+        raise error(f"cannot read {what} {shown}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):  # worded as reading one says it (Is a directory)
+            raise error(f"cannot read {what} {shown}: {os.strerror(errno.EISDIR)}")
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{what} {shown} is {_kind(info.st_mode)}, not a regular file; pass the file itself")
+        if info.st_size > max_bytes:
+            raise error(f"{what} {shown} is {info.st_size:,} bytes; a {what} is {form} of at most {max_bytes:,}")
+        data = _read_at_most(fd, max_bytes + 1)  # + 1: a file that grew since fstat is still caught
+    except OSError as exc:
+        raise error(f"cannot read {what} {shown}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > max_bytes:
-        raise error(f"{what} {path} is over {max_bytes:,} bytes; a {what} is {form} of at most {max_bytes:,}")
-    return decode_utf8(data, f"{what} {path}", error)
+        raise error(f"{what} {shown} is over {max_bytes:,} bytes; a {what} is {form} of at most {max_bytes:,}")
+    return decode_utf8(data, f"{what} {shown}", error)
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks, size = [], 0
+    while size < limit:
+        chunk = os.read(fd, min(limit - size, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _kind(mode: int) -> str:
-    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+    kinds = [(stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
     return next((name for test, name in kinds if test(mode)), "not a plain file")
 

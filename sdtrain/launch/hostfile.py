@@ -16,10 +16,13 @@ that leaves nothing), these refuse with an error that names the line or the filt
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 from pathlib import Path
 
-from sdtrain.errors import UserInputError, decode_utf8, excerpt
+from sdtrain.errors import UserInputError, excerpt, printable
+from sdtrain.user_files import read_text
 
 # host -> the local slot (device) ids its workers use, in local-rank order; insertion order is rank order
 Resources = dict[str, list[int]]
@@ -30,6 +33,9 @@ _LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S*)$")
 # characters of pdsh's and Slurm's host-list syntax (`,`, `[`, `]`) or our filters' (`@`, `:`).
 _HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 MAX_SLOTS = 1024  # per host; a slot is a device
+MAX_HOSTS = 65_536  # in a Slurm host list: more nodes than the largest machines have
+MAX_RANGE_DIGITS = 9  # in a host list's [01-16]
+MAX_HOSTFILE_BYTES = 1 << 20  # a line per host: tens of thousands of hosts
 
 
 def check_host(host: str, where: str) -> str:
@@ -46,12 +52,8 @@ class HostfileError(UserInputError):
 
 
 def read_hostfile(path: str | Path) -> dict[str, int]:
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise HostfileError(f"cannot read hostfile {path}: {exc.strerror}") from None
-    return parse_hostfile(decode_utf8(data, f"hostfile {path}", HostfileError), str(path))
+    text = read_text(path, "hostfile", MAX_HOSTFILE_BYTES, "text", HostfileError)  # a FIFO is refused, not waited on
+    return parse_hostfile(text, printable(path))
 
 
 def parse_hostfile(text: str, source: str = "hostfile") -> dict[str, int]:
@@ -67,7 +69,7 @@ def parse_hostfile(text: str, source: str = "hostfile") -> dict[str, int]:
         if not match:
             raise HostfileError(f"{where}: expected 'HOST slots=N' (e.g. 'worker-1 slots=8')")
         host, slots = check_host(match["host"], where), match["slots"]
-        if not (slots.isascii() and slots.isdigit()) or not 1 <= int(slots) <= MAX_SLOTS:
+        if not (slots.isascii() and slots.isdigit() and len(slots) <= 4) or not 1 <= int(slots) <= MAX_SLOTS:
             raise HostfileError(f"{where}: slots must be an integer from 1 to {MAX_SLOTS}, got {excerpt(slots)}")
         if host in hosts:
             raise HostfileError(f"{where}: host {host} is already listed on line {first_seen[host]}")
@@ -87,8 +89,9 @@ def parse_filter(spec: str, flag: str) -> dict[str, list[int]]:
         slots = nodes.setdefault(host, [])
         if ":" in part:
             for slot in slot_text.split(","):
-                if not (slot.strip().isascii() and slot.strip().isdigit()):
-                    raise HostfileError(f"{flag} {excerpt(spec)}: slot {excerpt(slot)} of host {host} is not a non-negative integer")
+                if not (slot.strip().isascii() and slot.strip().isdigit() and len(slot.strip()) <= 4):
+                    raise HostfileError(f"{flag} {excerpt(spec)}: slot {excerpt(slot)} of host {printable(host)} is not "
+                                        f"a non-negative integer below {MAX_SLOTS}")
                 if int(slot) not in slots:
                     slots.append(int(slot))
     return nodes
@@ -120,11 +123,11 @@ def select_resources(hosts: dict[str, int], include: str = "", exclude: str = ""
 def _filter(pool: Resources, wanted: dict[str, list[int]], flag: str, spec: str, keep: bool) -> Resources:
     for host, slots in wanted.items():
         if host not in pool:
-            raise HostfileError(f"{flag} {excerpt(spec)}: host {host} is not in the hostfile (hosts: {', '.join(pool)})")
+            raise HostfileError(f"{flag} {excerpt(spec)}: host {printable(host)} is not in the hostfile (hosts: {', '.join(pool)})")
         unknown = [s for s in slots if s not in pool[host]]
         if unknown:
             raise HostfileError(
-                f"{flag} {excerpt(spec)}: host {host} has slots {_span(pool[host])}, no slot {', '.join(map(str, unknown))}"
+                f"{flag} {excerpt(spec)}: host {printable(host)} has slots {_span(pool[host])}, no slot {', '.join(map(str, unknown))}"
             )
     chosen: Resources = {}
     for host, slots in pool.items():  # hostfile order, whatever order the filter named them in
@@ -145,25 +148,51 @@ def _span(slots: list[int]) -> str:
     return f"{slots[0]}..{slots[-1]}" if len(slots) > 1 else str(slots[0])
 
 
-def expand_hostlist(text: str) -> list[str]:
-    """Slurm's compact host list (`gpu[01-03,7],login1`) -> names, in order."""
-    hosts, depth, start = [], 0, 0
+def expand_hostlist(text: str, source: str = "host list") -> list[str]:
+    """Slurm's compact host list (`gpu[01-03,7],login1`) -> names, in order; how many names it
+    makes is counted before any is made, so `gpu[0-99999999]` is refused at once."""
+    items, depth, start = [], 0, 0
     for i, ch in enumerate(text + ","):
         depth += {"[": 1, "]": -1}.get(ch, 0)
         if ch == "," and depth == 0:
-            hosts.extend(_expand_one(text[start:i]))
+            items.append(_parse_item(text[start:i], text, source))
             start = i + 1
+    total = sum(math.prod(len(numbers) for numbers in item[1::2]) for item in items)
+    if total > MAX_HOSTS:
+        raise HostfileError(f"{source} {excerpt(text)} names {total:,} hosts; a job runs on at most {MAX_HOSTS:,}")
+    hosts = [
+        "".join(choice)
+        for item in items
+        for choice in itertools.product(*[[part] if k % 2 == 0 else _names(part) for k, part in enumerate(item)])
+    ]
     return [h for h in hosts if h]
 
 
-def _expand_one(item: str) -> list[str]:
-    match = re.match(r"^(.*?)\[([^\]]*)\](.*)$", item)
-    if not match:
-        return [item]
-    prefix, ranges, rest = match.groups()
-    names = []
-    for part in ranges.split(","):
-        low, _, high = part.partition("-")
-        for n in range(int(low), int(high or low) + 1):
-            names.append(f"{prefix}{n:0{len(low)}d}")
-    return [name + tail for name in names for tail in _expand_one(rest)]
+def _parse_item(item: str, text: str, source: str) -> list:
+    """`gpu[1-3]x[7]` -> ["gpu", Ranges, "x", Ranges, ""]: text and ranges alternate."""
+    pieces: list = re.split(r"\[([^\]]*)\]", item)
+    for k in range(1, len(pieces), 2):
+        pieces[k] = _Ranges(pieces[k], text, source)
+    return pieces
+
+
+class _Ranges:
+    """`01-03,7`: (low, high, digits) per part; len() counts the numbers without making them."""
+
+    def __init__(self, spec: str, text: str, source: str):
+        self.parts = []
+        for part in spec.split(","):
+            low, _, high = part.partition("-")
+            high = high or low
+            if not all(n.isascii() and n.isdigit() and len(n) <= MAX_RANGE_DIGITS for n in (low, high)) \
+                    or int(high) < int(low):
+                raise HostfileError(f"{source} {excerpt(text)}: {excerpt(part)} is not a range like 01-16 or a number "
+                                    f"(of at most {MAX_RANGE_DIGITS} digits)")
+            self.parts.append((int(low), int(high), len(low)))
+
+    def __len__(self) -> int:
+        return sum(high - low + 1 for low, high, _ in self.parts)
+
+
+def _names(ranges: _Ranges) -> list[str]:
+    return [f"{n:0{width}d}" for low, high, width in ranges.parts for n in range(low, high + 1)]

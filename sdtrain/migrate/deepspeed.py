@@ -19,12 +19,13 @@ from pathlib import Path
 
 import yaml
 
-from sdtrain.errors import UserInputError, decode_utf8
+from sdtrain.errors import UserInputError, printable
 from sdtrain.migrate import deepspeed_keys as keys
 from sdtrain.migrate.deepspeed_optim import convert_optimizer, convert_scheduler
 from sdtrain.migrate.deepspeed_parallel import convert_pipeline, convert_zero
 from sdtrain.migrate.deepspeed_values import AUTO, Carried, Converter, Dropped, Unresolved
 from sdtrain.recipe import ModelConfig, Recipe, apply_override, validate_recipe
+from sdtrain.user_files import parse_json, read_text
 
 MAX_CONFIG_BYTES = 1 << 20
 BATCH = {
@@ -87,15 +88,9 @@ def import_deepspeed(path: str | Path, overrides: list[str] = ()) -> Imported:
 
 def read_config(path: Path) -> dict:
     """The config as JSON (DeepSpeed reads it with json.load and refuses duplicate keys)."""
-    try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise UserInputError(f"{path} is {path.stat().st_size:,} bytes; a ds_config is JSON of at most {MAX_CONFIG_BYTES:,}")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserInputError(f"cannot read DeepSpeed config {path}: {exc.strerror}") from None
-    text = decode_utf8(data, f"DeepSpeed config {path}")
-    try:
-        config = json.loads(text, object_pairs_hook=_refuse_duplicates)
+    text = read_text(path, "DeepSpeed config", MAX_CONFIG_BYTES, "JSON")  # a FIFO is refused, not waited on
+    try:  # bounded: nesting and integer length (parse_json)
+        config = parse_json(text, f"DeepSpeed config {printable(path)}", object_pairs_hook=_refuse_duplicates)
     except json.JSONDecodeError as exc:
         raise UserInputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except ValueError as exc:  # a duplicate key

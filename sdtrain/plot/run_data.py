@@ -7,9 +7,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from sdtrain.errors import UserInputError, printable
+from sdtrain.user_files import parse_json, parse_yaml, read_text
 
-from sdtrain.errors import UserInputError
+MAX_METRICS_BYTES = 256 * 2**20  # a line per logged step: a million steps at log.every 1 is ~400 MB
+MAX_RECIPE_BYTES = 1 << 20  # as sdtrain.recipe (not imported: plotting needs no schema)
 
 
 @dataclass
@@ -43,33 +45,34 @@ def load_runs(paths: list[str]) -> list[Run]:
 def load_run(path: Path) -> Run:
     metrics = path / "metrics.jsonl"
     if not path.is_dir():
-        raise UserInputError(f"{path} is not a run directory (a folder with metrics.jsonl)")
-    if not metrics.is_file():
-        raise UserInputError(f"{path} has no metrics.jsonl: not a run directory, or a run that never logged a step")
+        raise UserInputError(f"{printable(path)} is not a run directory (a folder with metrics.jsonl)")
+    if not metrics.exists():
+        raise UserInputError(f"{printable(path)} has no metrics.jsonl: not a run directory, or a run that never logged a step")
     rows = []
-    try:
-        lines = metrics.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserInputError(f"cannot read {metrics}: {exc}") from None
+    lines = read_text(metrics, "metrics file", MAX_METRICS_BYTES, "JSON lines").splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"{printable(metrics)} line {number}"
         try:
-            row = json.loads(line)
+            row = parse_json(line, where)
         except json.JSONDecodeError as exc:
-            raise UserInputError(f"{metrics} line {number} is not JSON: {exc.msg}") from None
+            raise UserInputError(f"{where} is not JSON: {exc.msg}") from None
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise UserInputError(f"{metrics} line {number} has no integer 'step'")
+            raise UserInputError(f"{where} has no integer 'step'")
         rows.append(row)
     if not rows:
-        raise UserInputError(f"{metrics} is empty: the run logged no step yet")
+        raise UserInputError(f"{printable(metrics)} is empty: the run logged no step yet")
     return Run(path.resolve().name, rows, _tokens_per_step(path / "recipe.yaml"))
 
 
 def _tokens_per_step(recipe: Path) -> int | None:
+    if not recipe.exists():
+        return None
+    text = read_text(recipe, "recipe", MAX_RECIPE_BYTES, "YAML")  # a FIFO or a huge file is refused, not read
     try:
-        data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+        data = parse_yaml(text, f"recipe {printable(recipe)}")
         batch, seq_len = data["train"]["global_batch_size"], data["model"]["seq_len"]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+    except (UserInputError, KeyError, TypeError):  # not the recipe of a run: no tokens axis, as without one
         return None
     return batch * seq_len if isinstance(batch, int) and isinstance(seq_len, int) else None
