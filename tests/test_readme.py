@@ -271,3 +271,18 @@ def test_readme_speaks_of_the_project_not_its_tracker():
     wording = [r"\.\./shared", r"\bis next\b", r"\b(?:the|this) issue\b", r"\blent\b"]
     found = [m.group(0) for pattern in wording for m in re.finditer(pattern, README, re.I)]
     assert not found, f"the README still says: {found}"
+
+
+@pytest.mark.parametrize("wrong", [
+    "sdtrain launch RECIPE --no-such-flag",
+    "sdtrain generate CHECKPOINT",
+    "sdtrain bench RECIPE --peers deepspeed-moo",
+    "sdtrain bench RECIPE --strategies pp2-onef1b",
+    "sdtrain estimate RECIPE --device tpu",
+    "sdtrain launch RECIPE --set train.stpes=3",
+    "sdtrain launch RECIPE --launcher mvapich",
+])
+def test_the_check_refuses_what_the_cli_lacks(wrong):
+    """The check above is no rubber stamp: a README line with any of these would fail it."""
+    with pytest.raises((AssertionError, pytest.fail.Exception)):
+        check_against_cli(wrong)
