@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from rich.table import Table
-
 from sdtrain.bench.comm_spec import format_size
+from sdtrain.console_table import FoldingColumn, FoldingTable
 
 
-def comm_table(result: dict) -> Table:
+def comm_table(result: dict) -> FoldingTable:
+    """At 80 columns the columns are dealt into tables led by op and size (console_table.py)."""
     title = (f"sdtrain bench comm: {result['backend']} on {result['device']}, {result['world_size']} ranks on "
              f"{result['nodes']} node(s), float32, best of {result['repeats']}; bus bandwidth as nccl-tests")
-    table = Table(title=title)
-    for column in ("op", "size", "iters", "time us", "algbw GB/s", "busbw GB/s", "correct", "plain loop busbw", "vs plain"):
-        table.add_column(column, justify="left" if column in ("op", "correct") else "right")
+    columns = ("op", "size", "iters", "time us", "algbw GB/s", "busbw GB/s", "correct", "plain loop busbw", "vs plain")
+    table = FoldingTable(title, [FoldingColumn(c, "left" if c in ("op", "correct") else "right", wraps=c == "correct")
+                                 for c in columns], key_columns=2)
     for row in result["results"]:
         plain = row.get("plain_busbw_gbps")
         table.add_row(

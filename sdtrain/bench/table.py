@@ -1,22 +1,27 @@
-"""The bench results as a rich table. A pipeline row's bubble (its stages' idle share of a step,
+"""The bench results as a table. A pipeline row's bubble (its stages' idle share of a step,
 measured from the schedule's timeline) stands beside its replay (the schedule run again on each
 step's own compute times with free communication: what imbalance and jitter alone leave idle)
 and the schedule's formula (equal stages, steady compute); an MoE row's
-all-to-all column is the share of its step time spent in dispatch and combine."""
+all-to-all column is the share of its step time spent in dispatch and combine.
+
+At 80 columns the columns are dealt into several tables, each led by the run's name
+(console_table.py): no number is ever cut to "…"."""
 
 from __future__ import annotations
 
-from rich.table import Table
+from sdtrain.console_table import FoldingColumn, FoldingTable
+
+# (header, wraps): a list of every rank's numbers, or of ratios, may wrap in its cell
+COLUMNS = (("run", True), ("world", False), ("step s", False), ("tokens/s", False), ("MFU", False),
+           ("bubble", False), ("replayed", False), ("formula", False), ("all-to-all", False),
+           ("peak mem/rank GiB", True), ("model state/rank MiB", False), ("comm/step MiB", False), ("ratios", True))
 
 
-def bench_table(results: dict) -> Table:
+def bench_table(results: dict) -> FoldingTable:
     title = (f"sdtrain bench: {results['recipe']}, {results['precision']}, {results['steps']} steps, "
              f"best of {results['repeats']}")
-    table = Table(title=title)
-    columns = ("run", "world", "step s", "tokens/s", "MFU", "bubble", "replayed", "formula", "all-to-all", "peak mem/rank GiB",
-               "model state/rank MiB", "comm/step MiB", "ratios")
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("run", "ratios") else "right")
+    table = FoldingTable(title, [FoldingColumn(name, "left" if name in ("run", "ratios") else "right", wraps)
+                                 for name, wraps in COLUMNS])
     for row in results["results"]:
         ratios = ", ".join(f"{k.removeprefix('vs_')} {v:.2f}" for k, v in row.items() if k.startswith("vs_"))
         state = row["model_state_bytes"]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from rich.table import Table
+from rich.text import Text
 
+from sdtrain.console_table import FoldingColumn, FoldingTable
 from sdtrain.estimate.terms import ALWAYS, Estimate
 
 
-def estimate_table(estimate: Estimate, title: str) -> Table:
-    table = Table(title=title)
-    for column in ("term", "when", "GiB", "how it is counted"):
-        table.add_column(column, justify="right" if column == "GiB" else "left")
+def estimate_table(estimate: Estimate, title: str) -> FoldingTable:
+    """The explanation wraps in its cell; at 80 columns nothing is cut (console_table.py)."""
+    table = FoldingTable(title, [FoldingColumn("term", wraps=True), FoldingColumn("when"), FoldingColumn("GiB", "right"),
+                                 FoldingColumn("how it is counted", wraps=True)])
     peak = estimate.peak_phase
     for term in estimate.terms:
         live = term.phase in (ALWAYS, peak)
@@ -18,7 +19,7 @@ def estimate_table(estimate: Estimate, title: str) -> Table:
         table.add_row(term.name, term.phase, gib if live else f"({gib})", term.detail)
     dominant = estimate.largest(1)[0]
     table.add_section()
-    table.add_row("[bold]peak[/]", peak, f"[bold]{estimate.total / 2**30:.3f}[/]",
+    table.add_row(Text("peak", style="bold"), peak, Text(f"{estimate.total / 2**30:.3f}", style="bold"),
                   f"dominated by {dominant.name} ({100 * dominant.bytes / estimate.total:.0f}%); "
                   "terms in () belong to the other phase")
     return table

@@ -18,8 +18,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from rich.table import Table
-
+from sdtrain.console_table import FoldingColumn, FoldingTable
 from sdtrain.launch.hostfile import read_hostfile, select_resources
 from sdtrain.launch.placement import (
     DEFAULT_MASTER_PORT,
@@ -174,11 +173,11 @@ def _memory(report: HostReport, found: dict, node: Node, plan) -> None:
         report.check("memory", FAIL, detail, f"will not fit: largest terms {verdict.largest_terms()}; {verdict.advice()}")
 
 
-def preflight_table(reports: list[HostReport]) -> Table:
-    table = Table(title="preflight")
-    table.add_column("host", no_wrap=True)
-    for column in COLUMNS:
-        table.add_column(column)
+def preflight_table(reports: list[HostReport]) -> FoldingTable:
+    """Where the checks do not fit across, each host's stand in a table of their own: nothing is
+    cut to "…" (console_table.py)."""
+    table = FoldingTable("preflight", [FoldingColumn(column, wraps=True) for column in ("host", *COLUMNS)],
+                         stack_when_narrow=True)
     for report in reports:
         cells = [report.checks.get(column, (NONE, "")) for column in COLUMNS]
         table.add_row(report.node.host, *(f"{mark} {detail}".strip() for mark, detail in cells))
