@@ -84,12 +84,23 @@ def _propose_global(g: int, unit: int, name: str, value: int) -> str:
 def _propose_micro(g: int, dp: int) -> str:
     if g % dp:
         return f" (global_batch_size must be a multiple of data_parallel {dp})"
-    micros = [m for m in range(1, g // dp + 1) if (g // dp) % m == 0]
-    return f"; or keep global_batch_size {g} with micro_batch_size in {micros[-6:]}"
+    micros = sorted(g // dp // d for d in _smallest_divisors(g // dp))  # the largest divisors
+    return f"; or keep global_batch_size {g} with micro_batch_size in {micros}"
 
 
 def _propose_accum(g: int, dp: int) -> str:
     if g % dp:
         return f" (global_batch_size must be a multiple of data_parallel {dp})"
-    accums = [a for a in range(1, g // dp + 1) if (g // dp) % a == 0]
-    return f"; or keep global_batch_size {g} with grad_accum_steps in {accums[:6]}"
+    return f"; or keep global_batch_size {g} with grad_accum_steps in {_smallest_divisors(g // dp)}"
+
+
+def _smallest_divisors(n: int, count: int = 6, scan: int = 100_000) -> list[int]:
+    """Up to `count` smallest divisors of n, looking no further than `scan`: a batch size can be
+    any integer a user typed, and a suggestion must not take longer than the typo."""
+    found = []
+    for d in range(1, min(n, scan) + 1):
+        if n % d == 0:
+            found.append(d)
+            if len(found) == count:
+                break
+    return found

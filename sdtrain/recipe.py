@@ -455,5 +455,5 @@ def _boolean_spelling(annotation, value: bool) -> str | None:
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0 and d <= 64]
+    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]  # bounded: n may be any integer a user typed
 

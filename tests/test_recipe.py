@@ -1,12 +1,14 @@
 """Recipe validation: typos, types, ranges, overrides and batch arithmetic, all exit 2."""
 
+import time
+
 import pytest
 from pydantic import BaseModel, ValidationError
 
 from conftest import sdtrain
 from sdtrain.batch import derive_batch
 from sdtrain.errors import RecipeError
-from sdtrain.recipe import Recipe, apply_override, enum_values, expert_layout_problem, load_recipe, parse_yaml
+from sdtrain.recipe import ModelConfig, Recipe, apply_override, enum_values, expert_layout_problem, load_recipe, parse_yaml
 
 
 def test_defaults_and_overrides(write_recipe):
@@ -196,3 +198,16 @@ def test_launch_suggests_an_expert_parallel_that_launches(write_recipe, tmp_path
     assert result.returncode == 2, result.stderr
     text = " ".join(result.stderr.split())
     assert "use expert_parallel in [1] (those that also divide the data-parallel size 2)" in text, text
+
+
+def test_suggestions_for_huge_numbers_come_at_once():
+    """The suggestions used to try every integer up to the typed one: 10**12 never answered."""
+    start = time.monotonic()
+    with pytest.raises(RecipeError, match="micro_batch_size in \\[50000000000, .*, 500000000000\\]"):
+        derive_batch(10**12, 3, None, 2)
+    with pytest.raises(RecipeError, match="grad_accum_steps in \\[1, 2, 4, 5, 8, 10\\]"):
+        derive_batch(10**12, None, 3, 2)
+    with pytest.raises(ValidationError, match="pick n_heads from \\[1, 2, 3"):
+        ModelConfig(d_model=6 * 10**15, n_heads=7)
+    assert "use expert_parallel in [1, 2" in expert_layout_problem(2 * 10**15, 7)
+    assert time.monotonic() - start < 1
