@@ -8,9 +8,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.syntax import Syntax
-from rich.table import Table
 from rich.text import Text
 
+from sdtrain.console_table import FoldingColumn, FoldingTable
 from sdtrain.launch.disk import DISK_ERRORS, describe, unwritable
 from sdtrain.launch.drills import hang_injected, injected_by, injected_line, not_injected_note
 from sdtrain.launch.failures import merge_reports, read_reports, root_cause
@@ -27,12 +27,13 @@ def print_plan(console: Console, job) -> None:
     console.print("[bold]data[/]: " + escape(job.data_summary))
     console.print("[bold]model[/]: " + model_size_line(job.recipe.model))
     console.print("[bold]run dir[/]: " + escape(str(job.run_dir) + (f"  (resuming from {job.resume_from})" if job.resume_from else "")))
-    table = Table(title=f"placement: world size {plan.world_size}, master {plan.master_addr}:{plan.master_port}, "
-                        f"backend {plan.backend}, runner {plan.launcher}")
-    for column in ("host", "node", "local rank", "global rank", "device", "pipeline stage", "dp rank", "expert group"):
-        table.add_column(column)
-    for row in plan.placement(job.dims):
-        table.add_row(*(str(row[key]) for key in ("host", "node_rank", "local_rank", "rank", "device",
+    # At 80 columns a host name wraps in its cell, never cut to "…" (console_table.py).
+    table = FoldingTable(f"placement: world size {plan.world_size}, master {plan.master_addr}:{plan.master_port}, "
+                         f"backend {plan.backend}, runner {plan.launcher}",
+                         [FoldingColumn(c, wraps=c == "host") for c in ("rank", "host", "node", "local rank",
+                                                                        "device", "pipeline stage", "dp rank", "expert group")])
+    for row in plan.placement(job.dims):  # the global rank leads: every part of a folded table repeats it
+        table.add_row(*(str(row[key]) for key in ("rank", "host", "node_rank", "local_rank", "device",
                                                   "pipeline_stage", "dp_rank", "expert_group")))
     console.print(table)
     if job.dims.pp > 1:
@@ -56,11 +57,10 @@ def model_size_line(model) -> str:
 
 def print_stages(console: Console, job) -> None:
     pipeline = job.recipe.parallel.pipeline
-    table = Table(title=f"pipeline: {pipeline.stages} stages x {job.dims.dp} data-parallel, schedule {pipeline.schedule}"
-                        + (f", {pipeline.virtual_stages} virtual stages" if pipeline.virtual_stages > 1 else "")
-                        + f", {job.batch.grad_accum} micro-batches per step")
-    for column in ("stage", "layers", "parameters", "model state / rank"):
-        table.add_column(column)
+    table = FoldingTable(f"pipeline: {pipeline.stages} stages x {job.dims.dp} data-parallel, schedule {pipeline.schedule}"
+                         + (f", {pipeline.virtual_stages} virtual stages" if pipeline.virtual_stages > 1 else "")
+                         + f", {job.batch.grad_accum} micro-batches per step",
+                         [FoldingColumn(c, wraps=c == "layers") for c in ("stage", "layers", "parameters", "model state / rank")])
     for row in job.stages():
         layers = ", ".join(f"{chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else str(chunk[0]) for chunk in row["layers"])
         table.add_row(str(row["stage"]), layers, f"{row['params']:,}", f"{row['state_bytes_per_rank'] / 2**20:,.1f} MiB")
