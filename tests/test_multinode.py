@@ -178,6 +178,7 @@ def test_env_file_reaches_the_nodes_and_a_raising_rank_is_named(sshd, tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "root cause: rank 2 on 127.0.0.2" in result.stderr and "exit code 1" in result.stderr
     assert "RuntimeError: fault injected by SDTRAIN_INJECT_FAULT=2:3" in result.stderr and "in train_step" in result.stderr
+    assert f"injected by SDTRAIN_INJECT_FAULT=2:3 (from {tmp_path / '.sdtrain_env'})" in " ".join(result.stderr.split())
     assert not job_processes(tmp_path / "run")
 
 
