@@ -199,15 +199,18 @@ def concrete(argv: list[str]) -> bool:
     return not any(re.search(r"[\[\]|<>]|\.\.\.", t) or PLACEHOLDER.match(t) for t in argv)
 
 
-def expected_exit(block: str, command: str) -> int:
-    """0, or the code the README shows: a comment `# exit N` on the command's line, or 2 where
-    the output below it starts with `error:`."""
+def expected_outcome(block: str, command: str) -> tuple[int, str]:
+    """The exit code the README shows, and the reason it shows for a refusal: a comment
+    `# exit N` on the command's line, or 2 where the output below it is `error: REASON: ...`."""
     lines = block.splitlines()
     at = next(i for i, line in enumerate(lines) if command in line)
     said = re.search(r"#\s*exit (\d+)", lines[at])
     if said:
-        return int(said[1])
-    return 2 if lines[at + 1:at + 2] and lines[at + 1].startswith("error:") else 0
+        return int(said[1]), ""
+    shown = lines[at + 1] if at + 1 < len(lines) else ""
+    if shown.startswith("error: "):
+        return 2, shown.removeprefix("error: ").split(":")[0]
+    return 0, ""
 
 
 EXAMPLES = [(block, c) for block in fenced_blocks(README) for c in block_commands(block) if concrete(split(c)[1])]
@@ -230,9 +233,9 @@ def test_readme_example_runs(block, command, tmp_path, monkeypatch):
     env, argv = split(command)
     path, _, _ = resolve(argv)
     if path not in RUN_AS_WRITTEN:
-        argv, expected = [*path, "--help"], 0
+        argv, (expected, reason) = [*path, "--help"], (0, "")
     else:
-        expected = expected_exit(block, command)
+        expected, reason = expected_outcome(block, command)
         for option, placed in (("--run-dir", tmp_path / "run"), ("--out", tmp_path / "out.yaml")):
             if option in argv:
                 argv[argv.index(option) + 1] = str(placed)
@@ -241,6 +244,7 @@ def test_readme_example_runs(block, command, tmp_path, monkeypatch):
     assert path != ("launch",) or "--dry-run" in argv or "--help" in argv  # never a real run from here
     code, output = invoke(argv, env)
     assert code == expected, f"`sdtrain {' '.join(argv)}` exited {code}, the README shows {expected}:\n{output[-2000:]}"
+    assert " ".join(reason.split()) in " ".join(output.split()), f"the README shows `error: {reason}`; today:\n{output}"
 
 
 def test_readme_examples_are_found():
