@@ -3,7 +3,10 @@ by the launcher for a resume (before a worker starts), and by `sdtrain export`.
 
 A damaged checkpoint (a truncated shard, a broken `.metadata`, a missing file) would
 otherwise pass the launcher and fail inside every worker; a crafted one must be refused
-before any of it is unpickled. `checkpoint_problems` lists every problem (for a tool that
+before any of it is unpickled, and before a loader allocates what its metadata describes:
+every file is one of its folder (no link out of it), and the tensors it records are no
+larger than the model of its sdtrain.json with its optimizer state (a sparse file can make
+a 2^40-element tensor look whole). `checkpoint_problems` lists every problem (for a tool that
 reports them all, or that falls back to an earlier checkpoint); `verify_checkpoint`
 raises with the first.
 
@@ -13,15 +16,27 @@ checked (its `.metadata` and extra files need it).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
 
 from sdtrain.errors import CheckpointError
-from sdtrain.train.checkpoint_layout import checkpoint_dir, read_info
-from sdtrain.train.checkpoint_manifest import MANIFEST, manifest_problems
+from sdtrain.train.checkpoint_layout import INFO, identity, read_info, step_checkpoints
+from sdtrain.train.checkpoint_manifest import manifest_problems
 
 METADATA = ".metadata"
 FIX = "use an earlier checkpoint (checkpoints/step_<N>), or start afresh with --set train.resume=never"
 MAX_WORLD_SIZE = 1 << 20  # sdtrain.json is input too: a world size bounds a loop below
+MAX_LAYERS = 1 << 16  # and its n_layers bounds the loop that sizes the model
+# What a checkpoint may hold, in elements: the weights and Adam's two moments are 3 copies of
+# the model; one more copy is room for state a strategy may add (fp32 masters beside low-precision
+# weights); SMALL_STATE covers the step count and MoE balancer biases.
+STATE_COPIES = 4
+SMALL_STATE = 1 << 20
+# torch.save's zip framing around a tensor's bytes (about 1.6 KB measured for every record of
+# a checkpoint, ZeRO shards included: DCP saves each with a storage of its own size).
+FRAMING_BYTES = 64 << 10
 
 
 def verify_checkpoint(path: str | Path, checksums: bool = True) -> dict:
@@ -39,6 +54,9 @@ def checkpoint_problems(path: str | Path, checksums: bool = True) -> list[str]:
     """Every problem of the checkpoint at `path`, each naming its file; [] if it is whole.
     `checksums` also compares sha256 with the manifest (~0.3 s per 100 MB on one core)."""
     path = Path(path)
+    links = link_problems(path) if path.is_dir() else []
+    if links:  # nothing is read through them, not even to hash it
+        return links
     try:
         info = read_info(path)
     except CheckpointError as exc:
@@ -52,7 +70,69 @@ def checkpoint_problems(path: str | Path, checksums: bool = True) -> list[str]:
         metadata = read_metadata_file(path / METADATA)
     except CheckpointError as exc:
         return problems + [str(exc)]
-    return problems + storage_problems(path, metadata) + extra_problems(path, int(info["world_size"]))
+    problems += storage_problems(path, metadata)
+    return problems + (size_problems(path, metadata, info["model"]) if not problems else []) \
+        + extra_problems(path, int(info["world_size"]))
+
+
+def link_problems(path: Path) -> list[str]:
+    """Every file of the checkpoint lies in its folder. A link out of it would have the
+    verification, the manifest and then a loader read a file the checkpoint does not hold."""
+    folder = os.path.realpath(path)
+    problems = []
+    for entry in sorted(path.iterdir()):
+        if entry.is_symlink() and os.path.dirname(os.path.realpath(entry)) != folder:
+            problems.append(f"{entry} is a link to {os.readlink(entry)!r:.120}, outside the checkpoint folder "
+                            "(a checkpoint's files are its own; copy them in)")
+    return problems
+
+
+def size_problems(path: Path, metadata, model: dict) -> list[str]:
+    """The tensors recorded are no more than the model of sdtrain.json can have (with its
+    optimizer state), so whoever loads them allocates what that model needs and no more.
+    Runs after storage_problems, which checked every entry's type and chunks."""
+    meta = path / METADATA
+    params = model_params(model)
+    if params is None:
+        return [f"{path / INFO} records a model sdtrain cannot size ({str(model)[:120]})"]
+    budget = STATE_COPIES * params + SMALL_STATE
+    total = sum(_numel(entry.size) for entry in metadata.state_dict_metadata.values())
+    if total > budget:
+        return [f"{meta} records {total:,} tensor elements, more than a checkpoint of its model ({params:,} parameters, "
+                f"{path / INFO}) can hold with its optimizer state ({budget:,}); refusing to allocate them "
+                "(the file may be corrupt or crafted)"]
+    for fqn, entry in metadata.state_dict_metadata.items():
+        itemsize = entry.properties.dtype.itemsize
+        for chunk in entry.chunks:
+            length = metadata.storage_data[_index(fqn, chunk.offsets)].length
+            if length > _numel(chunk.sizes) * itemsize + FRAMING_BYTES:
+                return [f"{meta} records {length:,} bytes for {fqn!r:.80} at offsets {tuple(chunk.offsets)}, far more "
+                        f"than its {_numel(chunk.sizes):,} elements take (the file may be corrupt or crafted)"]
+    return []
+
+
+def model_params(model: dict) -> int | None:
+    """The parameter count of a checkpoint's model (its sdtrain.json, input like the rest),
+    or None if it is not a model shape sdtrain could have saved."""
+    from sdtrain.model.size import count_params
+
+    sizes = ("n_layers", "d_model", "seq_len", "vocab_size", "mlp_ratio")
+    if not all(type(model.get(k)) is int and model[k] > 0 for k in sizes) or model["n_layers"] > MAX_LAYERS:
+        return None
+    moe = model.get("moe")
+    if moe is not None and not (isinstance(moe, dict) and all(type(moe.get(k)) is int and moe[k] >= 0
+                                                              for k in ("num_experts", "top_k", "every_n_layers"))):
+        return None
+    try:
+        return count_params(SimpleNamespace(**{"bias": True, **model}))
+    except (TypeError, KeyError, ValueError, ZeroDivisionError, AttributeError):
+        return None
+
+
+def _index(fqn: str, offsets):
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    return MetadataIndex(fqn, offsets)
 
 
 def storage_problems(path: Path, metadata) -> list[str]:
@@ -147,30 +227,35 @@ def _plain_file_name(name) -> bool:
     return type(name) is str and name not in ("", ".", "..") and Path(name).name == name and "\\" not in name
 
 
-def newest_whole_checkpoint(run_dir: Path, by_manifest: bool = False) -> tuple[Path | None, list[str]]:
-    """The newest of a run's checkpoints whose files verify (`train.resume: auto`, and a
-    restart), and why each newer one was skipped; (None, reasons) if none does. A crash mid
+def newest_whole_checkpoint(run_dir: Path, problems: Callable[[Path], list[str]] = checkpoint_problems,
+                            refused: dict | None = None) -> tuple[Path | None, list[str]]:
+    """The newest of a run's checkpoints with no `problems` (`train.resume: auto`, and a
+    restart), and why each newer one was skipped; (None, reasons) if none passes. A crash mid
     -save, a disk that lost a shard or flipped a byte then costs one checkpoint interval,
-    not the run. `by_manifest`: where a checkpoint has a manifest, its sizes and sha256 decide,
-    torch-free (a restart: the job wrote them itself, and importing torch in the launcher
-    takes seconds; the workers' reader still refuses anything crafted)."""
-    root = checkpoint_dir(run_dir)
-    found = [p for p in root.glob("step_*") if p.is_dir() and p.name.removeprefix("step_").isdigit()] if root.is_dir() else []
+    not the run. `refused` ({identity: reason}) is a job's memory: a checkpoint refused once
+    is skipped without a second look, and every refusal here is added to it."""
+
+    def checked(path: Path) -> list[str]:
+        if path.is_symlink():  # the run's own checkpoints are folders it saved, not links elsewhere
+            return [f"{path} is a link to {os.readlink(path)!r:.120}, not a checkpoint saved in this run"]
+        return problems(path)
+
+    return first_passing(step_checkpoints(run_dir), checked, refused if refused is not None else {})
+
+
+def first_passing(candidates: list[Path], problems: Callable[[Path], list[str]],
+                  refused: dict) -> tuple[Path | None, list[str]]:
+    """The first of `candidates` that has no problems and was not refused before; the
+    reason each one before it was skipped."""
     skipped = []
-    for path in sorted(found, key=lambda p: int(p.name.removeprefix("step_")), reverse=True):
-        if by_manifest and (path / MANIFEST).is_file():
-            problems = _info_problems(path) or manifest_problems(path)
-        else:
-            problems = checkpoint_problems(path)
-        if not problems:
+    for path in candidates:
+        key = identity(path)
+        if key in refused:
+            skipped.append(f"skipped checkpoint {path.name}: refused earlier in this job ({refused[key]})")
+            continue
+        found = problems(path)
+        if not found:
             return path, skipped
-        skipped.append(f"skipped checkpoint {path.name}: {problems[0]}")
+        refused[key] = found[0]
+        skipped.append(f"skipped checkpoint {path.name}: {found[0]}")
     return None, skipped
-
-
-def _info_problems(path: Path) -> list[str]:
-    try:
-        read_info(path)
-    except CheckpointError as exc:
-        return [str(exc)]
-    return []

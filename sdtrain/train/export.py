@@ -43,17 +43,28 @@ def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     info = verify_checkpoint(path)  # whole, and its metadata safe, before anything is loaded
     reader = SafeFileSystemReader(path)
     metadata = reader.read_metadata()
-    state = {
-        key: torch.empty(md.size, dtype=md.properties.dtype)
-        for key, md in metadata.state_dict_metadata.items()
-        if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
-    }
-    if not state:
+    weights = {key: md for key, md in metadata.state_dict_metadata.items()
+               if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    if not weights:
         raise CheckpointError(f"checkpoint {path} holds no model weights")
+    check_fits_in_memory(path, sum(md.size.numel() * md.properties.dtype.itemsize for md in weights.values()))
+    state = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in weights.items()}
     with warnings.catch_warnings():  # "no process group: loading in one process" is the point
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
     return {key.removeprefix("model."): tensor for key, tensor in state.items()}, info
+
+
+def check_fits_in_memory(path: Path, nbytes: int) -> None:
+    """Export holds every weight in memory at once: a model larger than this machine's free
+    memory is refused before anything is allocated (verification bounds the tensors by the
+    model its sdtrain.json names, but that model may itself be beyond this machine)."""
+    import psutil
+
+    free = psutil.virtual_memory().available
+    if nbytes > free:
+        raise CheckpointError(f"checkpoint {path} holds {nbytes / 2**30:,.1f} GiB of model weights and this machine has "
+                              f"{free / 2**30:,.1f} GiB of memory free: export needs them all in memory at once")
 
 
 def export_safetensors(checkpoint: str | Path, out: str | Path, force: bool = False) -> int:
