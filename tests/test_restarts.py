@@ -67,6 +67,7 @@ def test_fault_restarts_from_the_checkpoint_on_the_same_trajectory(full_run, tmp
 
 @pytest.mark.parametrize("section, expected", [
     ({"launch": {"max_restarts": -1}}, "launch.max_restarts: Input should be greater than or equal to 0"),
+    ({"launch": {"max_restarts": 101}}, "launch.max_restarts: Input should be less than or equal to 100"),
     ({"checkpoint": {"on_preempt": True, "at_end": False}},
      "on_preempt saves a checkpoint to resume from, but checkpointing is off (every 0, at_end false)"),
     ({"train": {"on_nonfinite": "retry"}}, "train.on_nonfinite: Input should be 'stop' or 'skip'"),
@@ -89,6 +90,39 @@ def test_a_malformed_drill_is_refused_before_launch(write_recipe, tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "SDTRAIN_INJECT_ADDRESS_LIMIT=1:5e8: not RANK:BYTES" in words(result.stderr)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_restart_never_takes_a_checkpoint_the_launch_refused(full_run, tmp_path):
+    """Issue 19's reproduction: step_10's shard is a link to a file outside its folder, with
+    the same bytes, so its manifest matches. The launch (train.resume auto) refuses it and
+    resumes from step_5; after a fault, the restart used to check manifests only and took
+    step_10, reading the file outside. Now it skips it as refused earlier in the job."""
+    import shutil
+
+    recipe, reference = full_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    shard, outside = run_dir / "checkpoints" / "step_10" / "__1_0.distcp", tmp_path / "elsewhere.distcp"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)
+    step_5 = run_dir / "checkpoints" / "step_5"
+    result = sdtrain("launch", recipe, "--run-dir", run_dir, "--set", "train.resume=auto", "--set", "train.steps=12",
+                     "--set", "launch.max_restarts=1", env={"SDTRAIN_INJECT_FAULT": "1:7", "OMP_NUM_THREADS": "1"})
+    out, err = words(result.stdout), words(result.stderr)
+    assert result.returncode == 0, out[-3000:] + err[-3000:]
+    assert f"skipped checkpoint step_10: {shard} is a link to {str(outside)!r}, outside the checkpoint folder" in err
+    assert f"resuming from {step_5}" in out
+    assert "restart 1/1 after a failure of attempt 0: rank 1 on" in err and "starting again in 1 s" in err
+    assert "note: skipped checkpoint step_10: refused earlier in this job" in err
+    assert f"restart 1: resuming from {step_5}" in err
+    [record] = [json.loads(line) for line in (run_dir / "restarts.jsonl").read_text().splitlines()]
+    assert record["resume_step"] == 5 and record["backoff_s"] == 1.0
+
+
+def test_restarts_back_off_doubling_up_to_a_minute():
+    from sdtrain.launch.restarts import backoff_s
+
+    assert [backoff_s(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
 
 
 @pytest.mark.slow

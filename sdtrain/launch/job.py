@@ -23,6 +23,7 @@ from sdtrain.launch.exports import EnvFile, launcher_exports, load_env_file
 from sdtrain.launch.memory_check import check_memory
 from sdtrain.launch.placement import LaunchRequest, build_plan
 from sdtrain.launch.plan import LaunchPlan, resolve_backend, resolve_nproc
+from sdtrain.launch.resume_target import recipe_problems
 from sdtrain.launch.rundir import MARKER, check_run_dir, prepare
 from sdtrain.launch.runners import STOP_BY, RemoteSetup, local_commands, remote_commands
 from sdtrain.model.size import count_params
@@ -50,6 +51,7 @@ class Job:
     build_commands: Callable[[str, int], list[list[str]]] | None = None
     env_file: EnvFile = field(default_factory=EnvFile)  # the .sdtrain_env read, if any
     drills: list[ActiveDrill] = field(default_factory=list)  # SDTRAIN_INJECT_* reaching the workers
+    refused: dict = field(default_factory=dict)  # checkpoints refused in this job: never chosen later
 
     @property
     def dims(self) -> ParallelDims:
@@ -147,7 +149,8 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
     data_summary = check_source(recipe.data, recipe.model.seq_len, recipe.model.vocab_size)
     run_path = Path(run_dir or Path("runs") / recipe.name).absolute()
     notes: list[str] = []
-    resume_from = resolve_resume(recipe, run_path, notes)
+    refused: dict = {}
+    resume_from = resolve_resume(recipe, run_path, notes, refused)
     check_run_dir(run_path, moves_earlier_run(request.node_rank, resume_from, run_path))
     recipe_json = json.dumps(recipe.model_dump(mode="json"))
     env_file = load_env_file(Path.cwd(), Path.home(), request.allow_env_file_vars)
@@ -164,7 +167,7 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
     check_drills(worker_env)
     return Job(recipe, plan, batch, run_path, resume_from, data_summary, request.node_rank,
                oversubscription(plan, launcher) + slow_precision(recipe, plan) + memory_warnings + notes, build_commands,
-               env_file=env_file, drills=drills_reaching_workers(worker_env, env_file))
+               env_file=env_file, drills=drills_reaching_workers(worker_env, env_file), refused=refused)
 
 
 def oversubscription(plan: LaunchPlan, launcher: str) -> list[str]:
@@ -217,14 +220,15 @@ def _with_batch(recipe: Recipe, batch: BatchPlan, nproc: int) -> Recipe:
     return resolved
 
 
-def resolve_resume(recipe: Recipe, run_dir: Path, notes: list[str] | None = None) -> Path | None:
+def resolve_resume(recipe: Recipe, run_dir: Path, notes: list[str] | None = None, refused: dict | None = None) -> Path | None:
     """The checkpoint to continue from, checked against the recipe; None to start fresh.
-    `auto` takes the newest checkpoint that verifies; why it skipped newer ones goes to `notes`."""
+    `auto` takes the newest checkpoint that verifies; why it skipped newer ones goes to `notes`,
+    and what it refused to `refused` (resume_target.py: a restart never picks those)."""
     resume = recipe.train.resume
     if resume == "never":
         return None
     if resume == "auto":
-        path, skipped = newest_whole_checkpoint(run_dir)
+        path, skipped = newest_whole_checkpoint(run_dir, refused=refused)
         if notes is not None:
             notes.extend(skipped)
         if path is None and skipped:
@@ -239,16 +243,9 @@ def resolve_resume(recipe: Recipe, run_dir: Path, notes: list[str] | None = None
         if (checkpoint_dir(path) / "latest").exists():
             path = latest_checkpoint(path) or path
     info = verify_checkpoint(path)  # whole, and safe to unpickle, before any worker loads it
-    wanted = recipe.model.model_dump(exclude={"dropout"})
-    saved = {k: v for k, v in info["model"].items() if k != "dropout"}
-    if saved != wanted:
-        diff = ", ".join(f"{k}: checkpoint {saved.get(k)} vs recipe {wanted.get(k)}" for k in wanted if saved.get(k) != wanted.get(k))
-        raise CheckpointError(f"checkpoint {path} holds a different model ({diff}); resume needs the same model shape")
-    if info["step"] >= recipe.train.steps:
-        raise CheckpointError(
-            f"checkpoint {path} is at step {info['step']} and train.steps is {recipe.train.steps}: "
-            f"nothing left to train; raise train.steps (e.g. --set train.steps={info['step'] * 2})"
-        )
+    problems = recipe_problems(recipe, path, info)  # the same checks a restart makes (resume_target.py)
+    if problems:
+        raise CheckpointError(problems[0])
     return path
 
 

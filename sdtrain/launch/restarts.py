@@ -4,11 +4,15 @@ verified checkpoint, every node of it.
 A failure anywhere already stops every worker on every node (supervise.py's fail-fast).
 The launcher then starts the whole fleet again, as it started it the first time, with the
 next attempt number (node agent `--attempt N`, the workers' SDTRAIN_ATTEMPT) and the newest
-checkpoint of the run that verifies (checkpoint_verify.py), or the first launch's resume
-target if there is none yet (step 0 for a fresh run). Starting every node afresh, rather
+checkpoint of the run that passes the launch's own verification (resume_target.py), or the
+first launch's resume target if none does (step 0 for a fresh run). Starting every node afresh, rather
 than asking agents to restart their workers, needs nothing new of the nodes: whatever
 reached them the first time (ssh, pdsh, srun, mpirun) reaches them again, and no agent of
 a failed attempt survives into the next.
+
+Restarts back off: attempt N starts BACKOFF_BASE_S x 2^(N-1) seconds after the failure, at most
+BACKOFF_MAX_S (a crash loop then costs a minute an attempt, not a hammering of a sick node or
+a shared filesystem); the recipe bounds launch.max_restarts.
 
 Each restart is printed, appended to `restarts.jsonl` in the run directory, and counted in
 `summary.json` (`restarts`, `restart_causes`). Not restarted: a stop by a signal, a node
@@ -26,11 +30,19 @@ from typing import Callable
 
 from sdtrain.launch.failures import merge_reports, read_reports, root_cause
 from sdtrain.launch.hang_report import hang_diagnosis
+from sdtrain.launch.resume_target import restart_target
 from sdtrain.launch.supervise import JobOutcome
-from sdtrain.train.checkpoint_verify import newest_whole_checkpoint
 
 RESTARTS_FILE = "restarts.jsonl"
 NOT_RESTARTED = ("NonFiniteError",)  # errors that the same steps would raise again
+# 1 s keeps a test's single restart quick; doubling reaches the cap by the 7th attempt.
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 60.0
+
+
+def backoff_s(attempt: int) -> float:
+    """How long attempt `attempt` (1 for the first restart) waits after the failure."""
+    return min(BACKOFF_BASE_S * 2.0 ** (attempt - 1), BACKOFF_MAX_S)
 
 
 def failure_cause(job, outcome: JobOutcome) -> dict:
@@ -96,7 +108,7 @@ def count_in_summary(run_dir: Path, causes: list[dict]) -> None:
 
 
 def run_with_restarts(job, run_attempt: Callable[[list[list[str]]], JobOutcome],
-                      say: Callable[[str], None]) -> tuple[JobOutcome, list[dict]]:
+                      say: Callable[[str], None], sleep: Callable[[float], None] = time.sleep) -> tuple[JobOutcome, list[dict]]:
     """Run the job, restarting it after a failure up to launch.max_restarts times.
     Returns the last attempt's outcome and the cause of every failed attempt."""
     max_restarts = job.recipe.launch.max_restarts
@@ -112,18 +124,24 @@ def run_with_restarts(job, run_attempt: Callable[[list[list[str]]], JobOutcome],
             break
         archive_failures(job.run_dir, attempt)
         stopped_at = time.time()
-        newest, skipped = newest_whole_checkpoint(job.run_dir, by_manifest=True)
-        resume = newest or job.resume_from
         attempt += 1
+        delay = backoff_s(attempt)
+        say(f"restart {attempt}/{max_restarts} after a failure of attempt {attempt - 1}: {describe_cause(cause)}; "
+            f"starting again in {delay:g} s")
+        sleep(delay)
+        # Chosen after the wait, right before the start: what is verified is what the workers load.
+        resume, skipped, go_on = restart_target(job)
         for note in skipped:
             say(f"note: {note}")
-        start = f"resuming from {resume}" if resume else "no checkpoint yet: starting over from step 0"
-        say(f"restart {attempt}/{max_restarts} after a failure of attempt {attempt - 1}: {describe_cause(cause)}; {start}")
+        if not go_on:
+            say(f"not restarted: the job resumed from {job.resume_from}, and no checkpoint passes verification now")
+            break
+        say(f"restart {attempt}: " + (f"resuming from {resume}" if resume else "no checkpoint yet: starting over from step 0"))
         record_restart(job.run_dir, {
             "attempt": attempt, "cause": cause, "resume_from": str(resume) if resume else None,
             "resume_step": int(resume.name.removeprefix("step_")) if resume and resume.name.startswith("step_") else 0,
             "failed_at": cause["timestamp"], "stopped_at": stopped_at, "restarted_at": time.time(),
-            "skipped_checkpoints": skipped,
+            "backoff_s": delay, "skipped_checkpoints": skipped,
         })
     if outcome.ok:
         count_in_summary(job.run_dir, causes)
