@@ -4,7 +4,6 @@ failure report says "injected" instead of advice for a cause that is not there."
 import io
 import json
 import sys
-import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -98,7 +97,7 @@ def test_the_failure_report_says_injected_or_that_it_was_not(tmp_path, write_rec
     job = plan_job(str(write_recipe()), [], 1, str(run_dir))
     assert job.drills == [FAULT]
     script = f"import sys; print({report_of(error)!r}, file=sys.stderr); sys.exit(1)"
-    outcome = Supervisor([[sys.executable, "-c", textwrap.dedent(script)]], labels=["node 0 test"], run_dir=run_dir).run()
+    outcome = Supervisor([[sys.executable, "-c", script]], labels=["node 0 test"], run_dir=run_dir).run()
     out = io.StringIO()
     print_failure(Console(file=out, width=300), job, outcome)
     assert says in out.getvalue()
