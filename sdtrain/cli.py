@@ -70,7 +70,7 @@ def launcher_option(command):
 
 
 @cli.command()
-@click.argument("recipe")
+@click.argument("recipe", required=False)
 @click.option("--nproc-per-node", type=int, help="Workers on this node (default: recipe launch.nproc_per_node).")
 @host_options
 @launcher_option
@@ -80,8 +80,14 @@ def launcher_option(command):
 @click.option("--run-dir", help="Run directory (default: runs/<recipe name>).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved recipe, batch arithmetic, placement and commands; launch nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as one JSON object.")
-def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json, **placement) -> None:
+@click.option("--deepspeed", is_flag=False, flag_value="", metavar="[CONFIG]",
+              help="DeepSpeed's flag: exit 2 with the `sdtrain import-deepspeed` command that makes a recipe of CONFIG.")
+@click.option("--deepspeed_config", "--deepspeed-config", "deepspeed_config", metavar="CONFIG", help="The same.")
+def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json, deepspeed, deepspeed_config, **placement) -> None:
     """Train with RECIPE (a YAML file) on this machine's workers, or on the hosts of a hostfile."""
+    from sdtrain.migrate.launch_target import check_launch_target
+
+    check_launch_target(recipe, deepspeed, deepspeed_config)  # a script or a ds_config: exit 2 with what to run instead
     from sdtrain.launch.job import plan_job, prepare_run_dir
     from sdtrain.launch.placement import LaunchRequest
     from sdtrain.launch.report import print_failure, print_plan
@@ -451,7 +457,7 @@ def import_deepspeed_command(config, out, lenient, overrides) -> None:
             f.write(text)
     except OSError as exc:
         raise UserInputError(f"cannot write {out}: {exc.strerror}") from None
-    console.print(f"wrote {escape(out)}; next: sdtrain launch {escape(out)} --dry-run", highlight=False)
+    console.print(f"wrote {escape(out)}; {escape(result.next_line(out))}", highlight=False, soft_wrap=True)
 
 
 @cli.group()

@@ -27,3 +27,46 @@ def test_include_and_deepspeed_runners_sdtrain_lacks(write_recipe, tmp_path):
     assert [(n["host"], n["slots"]) for n in json.loads(result.stdout)["nodes"]] == [("127.0.0.2", [1])]
     result = sdtrain("launch", write_recipe(), "--launcher", "mvapich", "--dry-run")
     assert result.returncode == 2 and "DeepSpeed runner sdtrain lacks" in result.stderr.replace("\n", " ")
+
+
+def test_a_ds_config_given_to_launch_names_the_import_command(tmp_path):
+    """A ds_config.json handed to launch: one line with the command that converts it, not one
+    "unknown key" per DeepSpeed key."""
+    config = tmp_path / "ds_config.json"
+    config.write_text(json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    result = sdtrain("launch", config, "--dry-run")
+    error = " ".join(result.stderr.split())  # rich wraps long lines
+    assert result.returncode == 2 and "unknown key" not in error
+    assert f"sdtrain import-deepspeed {config} --out recipe.yaml" in error and "DeepSpeed config" in error
+
+
+def test_a_training_script_given_to_launch_names_the_quickstart(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("import deepspeed\n")
+    result = sdtrain("launch", script)
+    error = " ".join(result.stderr.split())  # rich wraps long lines
+    assert result.returncode == 2 and "Python script" in error and "built-in GPT" in error
+    assert "sdtrain launch recipes/quickstart.yaml" in error  # from the repository, as the README's quickstart
+
+
+def test_deepspeed_config_flags_name_the_import_command(tmp_path):
+    """`--deepspeed ds.json`, `--deepspeed_config ds.json` and a bare `--deepspeed` (DeepSpeed's
+    own switch) are known options that exit 2 with the import command, never "No such option"."""
+    config = tmp_path / "ds.json"
+    config.write_text("{}")
+    for args in (["--deepspeed", config], ["--deepspeed_config", config], ["--deepspeed", "--deepspeed_config", config],
+                 [tmp_path / "train.py", "--deepspeed"], ["--deepspeed-config", config]):
+        result = sdtrain("launch", *args)
+        error = " ".join(result.stderr.split())  # rich wraps long lines
+        assert result.returncode == 2 and "No such option" not in error, (args, error)
+        assert "sdtrain import-deepspeed" in error and "sdtrain launch recipe.yaml" in error, (args, error)
+    assert sdtrain("launch").returncode == 2  # no recipe at all: exit 2 with an example
+
+
+def test_a_recipe_written_as_json_still_launches(tmp_path):
+    from conftest import TINY
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(TINY))
+    result = sdtrain("launch", recipe, "--dry-run", "--json", "--run-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr

@@ -140,7 +140,7 @@ def test_fp16_static_loss_scale_and_fp16_with_zero(tmp_path):
     config = ds("fp16_warmup_decay.json")
     config["zero_optimization"] = {"stage": 2}
     result, out = run_import(tmp_path, "fp16_zero.json", "--lenient", config=config)
-    assert result.returncode == 0 and "fp16 with ZeRO stage 2" in result.stdout
+    assert result.returncode == 0 and "! fp16.enabled: true, with ZeRO stage 2" in result.stdout
     assert load_recipe(out).train.precision == "bf16"
 
 
@@ -188,3 +188,146 @@ def test_reduce_bucket_conversion_is_stated_per_dtype(tmp_path):
     result, out = run_import(tmp_path, "fp32.json", config=config)
     assert result.returncode == 0 and "x 4 bytes (fp32)" in result.stdout
     assert math.isclose(load_recipe(out).parallel.zero.reduce_bucket_mb, 5e8 * 4 / 2**20, rel_tol=1e-6)
+
+
+def carried_lines(stdout: str) -> list[str]:
+    """The account's "carried over" block, one line per key."""
+    block = stdout.split("carried over (", 1)[1].split("not carried over (", 1)[0]
+    return block.splitlines()[1:]
+
+
+def test_fp16_is_listed_once_and_set_precision_settles_its_refusal(tmp_path):
+    """fp16 with ZeRO is not carried over (the recipe trains in bf16): it must not also be
+    listed as carried, and neither must its loss-scaler keys; choosing the precision with
+    --set settles the refusal without --lenient, static loss scale included."""
+    config = ds("fp16_warmup_decay.json")
+    config["zero_optimization"] = {"stage": 2}
+    result, out = run_import(tmp_path, "fp16_zero.json", "--lenient", config=config)
+    assert result.returncode == 0, result.stderr
+    assert not [line for line in carried_lines(result.stdout) if "fp16" in line]
+    assert "! fp16.enabled" in result.stdout and "- fp16.initial_scale_power: fp16 is not carried over" in result.stdout
+    config["fp16"]["loss_scale"] = 128
+    result, _ = run_import(tmp_path, "fp16_zero.json", config=config)
+    assert result.returncode == 2 and "fp16.enabled" in result.stderr
+    result, out = run_import(tmp_path, "fp16_zero.json", "--set", "train.precision=bf16", config=config)
+    assert result.returncode == 0, result.stderr
+    assert load_recipe(out).train.precision == "bf16" and "--set train.precision=bf16 chooses instead" in result.stdout
+    # --set parallel.zero_stage=0 lifts the conflict the other way: fp16 is carried over.
+    config["fp16"]["loss_scale"] = 0
+    result, out = run_import(tmp_path, "fp16_zero.json", "--set", "parallel.zero_stage=0", config=config)
+    assert result.returncode == 0, result.stderr
+    assert load_recipe(out).train.precision == "fp16"
+
+
+def test_every_key_deepspeed_reads_has_a_reason_and_a_typo_gets_a_suggestion():
+    """The table of DeepSpeed's keys decides: none of them is "a key DeepSpeed does not read"."""
+    from sdtrain.errors import UserInputError
+    from sdtrain.migrate.deepspeed import convert_config
+    from sdtrain.migrate.deepspeed_known import TOP_LEVEL, ZERO
+    from sdtrain.migrate.deepspeed_parallel import convert_zero
+    from sdtrain.migrate.deepspeed_values import Converter
+    from sdtrain.recipe import ModelConfig
+
+    for key in sorted(TOP_LEVEL):
+        c = Converter("ds_config.json")
+        try:
+            convert_config(c, {key: {}}, ModelConfig())
+        except UserInputError:
+            continue  # a converter of its own read it (and wants another type than {})
+        assert not [d for d in c.dropped if d.ds_key == key and "reads no key" in d.reason], key
+    for key in sorted(ZERO - {"stage"}):
+        c = Converter("ds_config.json")
+        try:
+            convert_zero(c, {"stage": 3, key: 1}, "bf16", ModelConfig())
+        except UserInputError:
+            continue
+        assert not [d for d in c.dropped if "not a key of DeepSpeed's" in d.reason], key
+    c = Converter("ds_config.json")
+    convert_config(c, {"zero_optimisation": {"stage": 2}, "torch_autocast": {"enabled": True}}, ModelConfig())
+    reasons = {d.ds_key: d for d in c.dropped}
+    assert "did you mean 'zero_optimization'" in reasons["zero_optimisation"].reason
+    assert "typo" not in reasons["torch_autocast"].reason and reasons["torch_autocast"].numerics
+
+
+def test_documented_keys_are_listed_with_their_reason(tmp_path):
+    config = {"train_micro_batch_size_per_gpu": 2, "tensor_parallel": {"autotp_size": 1},
+              "torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "graph_harvesting": False}
+    result, _ = run_import(tmp_path, "documented.json", config=config)
+    assert result.returncode == 2 and "torch_autocast" in result.stderr and "tensor_parallel" not in result.stderr
+    assert "- tensor_parallel: AutoTP" in result.stdout and "- graph_harvesting" in result.stdout
+    assert "typo" not in result.stdout
+    result, out = run_import(tmp_path, "documented.json", "--set", "train.precision=bf16", config=config)
+    assert result.returncode == 0, result.stderr  # the precision chosen settles torch_autocast
+    assert load_recipe(out).train.precision == "bf16"
+
+
+def test_account_says_what_the_recipe_trains_on(tmp_path):
+    result, out = run_import(tmp_path, "zero2_bf16.json")
+    assert result.returncode == 0, result.stderr
+    for text in (result.stdout, out.read_text()):
+        assert "a ds_config has neither" in text and "built-in GPT" in text
+        assert "--set model.n_layers=" in text and "--set data.source=PATH" in text
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello world\n" * 2000)
+    result, out = run_import(tmp_path, "zero2_bf16.json", "--set", f"data.source={corpus}", "--set", "model.n_layers=2")
+    assert result.returncode == 0, result.stderr
+    assert f"data: {corpus} (your --set data.source)" in result.stdout and "your --set model.*" in result.stdout
+
+
+NEXT = [("zero2_bf16.json", ()), ("zero3_offload.json", ()), ("fp16_warmup_decay.json", ()),
+        ("pipeline_bf16.json", ()), ("hf_trainer_auto.json", ("--set", "train.micro_batch_size=4", "--lenient"))]
+
+
+def next_command(stdout: str) -> list[str]:
+    import shlex
+
+    line = next(line for line in stdout.splitlines() if "next: " in line)
+    command = shlex.split(line.split("next: ", 1)[1].split("  (", 1)[0])
+    assert command[:2] == ["sdtrain", "launch"]
+    return command[2:]
+
+
+@pytest.mark.parametrize("name, args", NEXT)
+def test_the_printed_next_command_launches_the_written_recipe(tmp_path, name, args):
+    result, out = run_import(tmp_path, name, *args)
+    assert result.returncode == 0, result.stderr
+    launch = sdtrain("launch", *next_command(result.stdout), "--dry-run", "--json", "--run-dir", tmp_path / "run")
+    assert launch.returncode == 0, launch.stderr
+    config, plan = ds(name), json.loads(launch.stdout)
+    sizes = [config.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")]
+    if all(isinstance(size, int) for size in sizes):
+        # The three batch sizes fix the world size, and the recipe says it: 32 / (4 x 4) = 2 here.
+        assert plan["world_size"] == sizes[0] // (sizes[1] * sizes[2]) > 1
+
+
+def test_three_batch_sizes_that_do_not_divide_exit_2(tmp_path):
+    config = {"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4}
+    result, out = run_import(tmp_path, "odd.json", config=config)
+    assert result.returncode == 2 and "DeepSpeed refuses it too" in result.stderr and not out.exists()
+
+
+def test_tensorboard_without_the_extra_is_written_off(tmp_path):
+    from importlib.util import find_spec
+
+    config = {"train_micro_batch_size_per_gpu": 2, "tensorboard": {"enabled": True, "output_path": "tb/"}}
+    result, out = run_import(tmp_path, "tb.json", config=config)
+    assert result.returncode == 0, result.stderr
+    installed = find_spec("tensorboard") is not None
+    assert load_recipe(out).log.tensorboard is installed
+    if not installed:
+        assert "- tensorboard.enabled: true, but tensorboard is not installed" in result.stdout
+    launch = sdtrain("launch", *next_command(result.stdout), "--dry-run", "--run-dir", tmp_path / "run")
+    assert launch.returncode == 0, launch.stderr
+
+
+def test_imported_recipe_trains_two_steps_as_written(tmp_path):
+    """One real launch of the next command (2 workers, as the config's batch sizes say)."""
+    result, _ = run_import(tmp_path, "zero2_bf16.json")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    short = ["train.steps=2", "train.warmup_steps=1", "data.max_bytes=262144", "log.every=1", "checkpoint.at_end=false",
+             "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.seq_len=32"]  # seconds, not a minute
+    launch = sdtrain("launch", *next_command(result.stdout), *[arg for s in short for arg in ("--set", s)],
+                     "--run-dir", run, env={"OMP_NUM_THREADS": "1"})
+    assert launch.returncode == 0, launch.stderr
+    assert [m["step"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m] == [1, 2]

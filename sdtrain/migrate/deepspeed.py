@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
-
-import yaml
 
 from sdtrain.errors import UserInputError, printable
 from sdtrain.migrate import deepspeed_keys as keys
+from sdtrain.migrate import deepspeed_known as known
+from sdtrain.migrate.deepspeed_account import Imported
 from sdtrain.migrate.deepspeed_optim import convert_optimizer, convert_scheduler
 from sdtrain.migrate.deepspeed_parallel import convert_pipeline, convert_zero
-from sdtrain.migrate.deepspeed_values import AUTO, Carried, Converter, Dropped, Unresolved
-from sdtrain.recipe import ModelConfig, Recipe, apply_override, validate_recipe
+from sdtrain.migrate.deepspeed_precision import SECTIONS, convert_precision, lookup
+from sdtrain.migrate.deepspeed_values import AUTO, Converter
+from sdtrain.recipe import ModelConfig, apply_override, validate_recipe
 from sdtrain.user_files import parse_json, read_text
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -35,47 +36,14 @@ BATCH = {
 }
 
 
-@dataclass
-class Imported:
-    recipe: Recipe
-    carried: list[Carried]
-    dropped: list[Dropped]
-    autos: list[Unresolved]
-
-    @property
-    def changes_numerics(self) -> list[Dropped]:
-        return [d for d in self.dropped if d.numerics]
-
-    def to_yaml(self, source: str) -> str:
-        """Only the keys the config set (sdtrain's defaults stay implicit), under a header
-        that lists what was left out, so the account travels with the recipe."""
-        data = self.recipe.model_dump(mode="json", exclude_unset=True)
-        header = [f"# Imported from {source} by `sdtrain import-deepspeed`."]
-        header += [f"# not carried over: {d.ds_key}: {d.reason}" for d in self.dropped]
-        header += [f"# not set by the file: {a.ds_key} -> {a.target}: {a.reason}" for a in self.autos]
-        return "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False)
-
-    def report_lines(self) -> list[str]:
-        lines = [f"carried over ({len(self.carried)}):"]
-        for c in self.carried:
-            target = f" -> {c.target} {c.value!r}" if c.target else ""
-            lines.append(f"  {c.ds_key}{target}" + (f"  ({c.note})" if c.note else ""))
-        if self.dropped:
-            lines.append(f"not carried over ({len(self.dropped)}; ! changes what training computes):")
-            lines += [f"  {'!' if d.numerics else '-'} {d.ds_key}: {d.reason}" for d in self.dropped]
-        if self.autos:
-            lines.append(f"not set by the file (\"auto\" for the HF Trainer to fill, or left to your script) "
-                         f"({len(self.autos)}; sdtrain's value stays, set yours with --set):")
-            lines += [f"  ? {a.ds_key} -> {a.target}: {a.reason}" for a in self.autos]
-        return lines
-
-
 def import_deepspeed(path: str | Path, overrides: list[str] = ()) -> Imported:
     """Convert the config at `path`; `overrides` (dotted.key=value) apply to the recipe last."""
     config = read_config(Path(path))
     c = Converter(str(path))
-    model = _model_shape(overrides)
-    convert_config(c, config, model)
+    wanted: dict = {}  # the overrides alone, so the conversion knows what the user has decided
+    for override in overrides:
+        apply_override(wanted, override)
+    convert_config(c, config, _model_shape(wanted), wanted)
     c.recipe.setdefault("name", _name(Path(path)))
     raw = json.loads(json.dumps(c.recipe))  # a plain copy for the overrides to edit
     for override in overrides:
@@ -83,7 +51,7 @@ def import_deepspeed(path: str | Path, overrides: list[str] = ()) -> Imported:
         c.carry_note(f"--set {override}", "given on the command line")
     _check_batch(raw, c)
     recipe = validate_recipe(raw, source=f"recipe imported from {path}")
-    return Imported(recipe, c.carried, c.dropped, c.autos)
+    return Imported(recipe, c.carried, c.dropped, c.autos, wanted)
 
 
 def read_config(path: Path) -> dict:
@@ -109,9 +77,11 @@ def _refuse_duplicates(pairs):
     return seen
 
 
-def convert_config(c: Converter, config: dict, model: ModelConfig) -> None:
+def convert_config(c: Converter, config: dict, model: ModelConfig, wanted: dict | None = None) -> None:
+    """Fill `c` from `config`; `wanted` (the --set overrides as a nested dict) settles what they decide."""
+    wanted = wanted or {}
     _batch(c, config)
-    precision = _precision(c, config)
+    precision = convert_precision(c, config, wanted)
     handlers = {
         "zero_optimization": lambda v: convert_zero(c, v, precision, model),
         "pipeline": lambda v: convert_pipeline(c, v),
@@ -123,8 +93,9 @@ def convert_config(c: Converter, config: dict, model: ModelConfig) -> None:
         "tensorboard": lambda v: _tensorboard(c, v),
         "compile": lambda v: _compile(c, v),
     }
+    asked = lookup(wanted, "train.precision")
     for key, value in config.items():
-        if key in BATCH or key in ("bf16", "bfloat16", "fp16"):
+        if key in BATCH or key in SECTIONS:
             continue
         if key in handlers:
             handlers[key](value)
@@ -132,21 +103,22 @@ def convert_config(c: Converter, config: dict, model: ModelConfig) -> None:
             c.drop(key, keys.SAME_NUMBERS[key])
         elif key in keys.OTHER_NUMBERS:
             off = isinstance(value, dict) and value.get("enabled") is False
-            c.drop(key, "enabled: false, nothing to carry" if off else keys.OTHER_NUMBERS[key], numerics=not off)
+            if off:
+                c.drop(key, "enabled: false, nothing to carry")
+            elif key in keys.PRECISION_KEYS and asked is not None:
+                c.drop(key, f"{keys.OTHER_NUMBERS[key]}; --set train.precision={asked} has chosen")
+            else:
+                c.drop(key, keys.OTHER_NUMBERS[key], numerics=True)
         else:
-            c.drop(key, "not a DeepSpeed key sdtrain knows: DeepSpeed would use it or, a typo, ignore it", numerics=True)
+            c.drop(key, f"DeepSpeed reads no key by this name{known.closest(key, known.TOP_LEVEL)}: it ignores it "
+                   "silently, so a typo here changes the run unnoticed", numerics=True)
+    _workers(c, config, wanted)
     if "gradient_clipping" not in config:
         c.put("train.grad_clip", 0.0, "gradient_clipping", "absent: DeepSpeed does not clip (sdtrain's default would be 1.0)")
     for key, what in (("optimizer", "the optimizer"), ("scheduler", "the LR schedule")):
         if key not in config:
             c.unresolved(key, "train", f"none in the config: your script makes {what}; sdtrain's AdamW and schedule "
                          "defaults stay (train.lr, warmup_steps, decay: see `sdtrain recipe`)")
-    if c.get("train.precision") == "fp16" and (c.get("parallel.zero_stage", 0) >= 1 or c.get("parallel.pipeline.stages", 1) > 1):
-        what = (f"ZeRO stage {c.get('parallel.zero_stage')}" if c.get("parallel.zero_stage", 0) >= 1
-                else f"{c.get('parallel.pipeline.stages')} pipeline stages")
-        c.drop("fp16", f"fp16 with {what}: sdtrain scales no loss across shards or stages (bf16 or fp32 there); "
-               "the recipe gets train.precision bf16", numerics=True)
-        c.put("train.precision", "bf16", "fp16", f"instead of fp16, which sdtrain lacks with {what}")
     if c.get("train.compile") and c.get("parallel.zero_stage") == 3:
         c.drop("compile", "sdtrain's stage 3 gathers weights in hooks torch.compile cannot trace: not compiled")
         del c.recipe["train"]["compile"]
@@ -163,11 +135,6 @@ def _batch(c: Converter, config: dict) -> None:
         else:
             c.put(target, c.integer(key, config[key], minimum=1), key)
     concrete = [k for k in BATCH if k in config and config[k] != AUTO]
-    if len(concrete) == 3:
-        m, a = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
-        c.carry_note("train_batch_size", f"all three given: they fix data_parallel = {config['train_batch_size']} / "
-                     f"({m} x {a}) = {config['train_batch_size'] / (m * a):g} ranks, as in DeepSpeed; sdtrain refuses "
-                     "another world size with the arithmetic (drop grad_accum_steps to let it follow the world size)")
     for key, target in autos:
         if len(concrete) >= 2:
             c.carry_note(key, f"auto: derived from {' and '.join(concrete)} at launch ({target})")
@@ -175,60 +142,33 @@ def _batch(c: Converter, config: dict) -> None:
             c.unresolved(key, target, "the HF Trainer fills it from its batch arguments")
 
 
+def _workers(c: Converter, config: dict, wanted: dict) -> None:
+    """All three batch sizes fix the world size (DeepSpeed refuses any other); the recipe says
+    how many workers that is, so `sdtrain launch recipe.yaml` runs as it is written."""
+    values = {key: lookup(wanted, target, config.get(key)) for key, target in BATCH.items()}
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values.values()):
+        return  # fewer than three (or "auto"): the world size decides the rest at launch
+    total, micro, accum = values.values()
+    ranks, rest = divmod(total, micro * accum)
+    if rest or not ranks:
+        c.fail(f"train_batch_size {total} is not train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps "
+               f"{accum} x a whole number of data-parallel ranks; DeepSpeed refuses it too")
+    stages = lookup(wanted, "parallel.pipeline.stages", c.get("parallel.pipeline.stages", 1))
+    if lookup(wanted, "launch.nproc_per_node") is not None or not isinstance(stages, int):
+        return
+    world = ranks * stages
+    layout = f"{ranks} data-parallel ranks" + (f" x {stages} pipeline stages = {world} workers" if stages > 1 else "")
+    c.put("launch.nproc_per_node", world, "train_batch_size",
+          f"with train_micro_batch_size_per_gpu and gradient_accumulation_steps: {total} / ({micro} x {accum}) = "
+          f"{layout}, as DeepSpeed requires; on several nodes a hostfile's slots must add up to {world} (drop "
+          "train.grad_accum_steps to let the world size decide instead)")
+
+
 def _check_batch(raw: dict, c: Converter) -> None:
     train = raw.get("train", {})
     if isinstance(train, dict) and train.get("global_batch_size") is None and train.get("micro_batch_size") is None:
         c.fail("the batch size is not in the config (\"auto\" or absent): give it, e.g. --set train.micro_batch_size=8 "
                "(the HF Trainer's per_device_train_batch_size) or --set train.global_batch_size=N")
-
-
-def _precision(c: Converter, config: dict) -> str:
-    chosen = {}
-    for key in ("bf16", "bfloat16", "fp16"):
-        if key not in config:
-            continue
-        section = c.section(key, config[key])
-        enabled = section.get("enabled", False)
-        if enabled == AUTO:
-            c.unresolved(f"{key}.enabled", "train.precision", "the HF Trainer enables it from its --bf16/--fp16 arguments")
-        elif c.boolean(f"{key}.enabled", enabled):
-            chosen[key] = section
-        for sub, value in section.items():
-            if sub != "enabled":
-                _precision_key(c, key, sub, value, enabled in (True, AUTO))
-    if "fp16" in chosen and ("bf16" in chosen or "bfloat16" in chosen):
-        c.fail("bf16 and fp16 are both enabled; DeepSpeed refuses that too: enable one")
-    if not chosen:
-        return "fp32"
-    precision = "fp16" if "fp16" in chosen else "bf16"
-    key = next(iter(chosen))
-    c.put("train.precision", precision, f"{key}.enabled",
-          "autocast with dynamic loss scaling" if precision == "fp16" else "bf16 compute, fp32 master weights under ZeRO")
-    return precision
-
-
-def _precision_key(c: Converter, section: str, key: str, value, enabled: bool) -> None:
-    where = f"{section}.{key}"
-    if not enabled:
-        c.drop(where, f"{section} is not enabled")
-    elif section != "fp16":
-        c.drop(where, "a DeepSpeed bf16 implementation setting" if key in ("immediate_grad_update", "check_grad_overflow")
-               else f"{value!r}: sdtrain's bf16 has no such setting", numerics=key not in ("immediate_grad_update", "check_grad_overflow"))
-    elif key == "loss_scale":
-        if value in (0, 0.0):
-            c.carry_note(where, "0: dynamic loss scaling, as sdtrain's fp16")
-        else:
-            c.drop(where, f"{value}: a static loss scale; sdtrain's fp16 scales dynamically (torch's GradScaler)", numerics=True)
-    elif key == "initial_scale_power":
-        if value == 16:
-            c.carry_note(where, "16: sdtrain's GradScaler starts at 2^16 too")
-        else:
-            c.drop(where, f"{value}: the scaler starts at 2^{value}; sdtrain's GradScaler starts at 2^16 (dynamic scaling "
-                   "skips the steps that overflow either way)")
-    elif key in keys.FP16_SCALER:
-        c.drop(where, keys.FP16_SCALER[key])
-    else:
-        c.drop(where, f"{value!r}: sdtrain's fp16 has no such setting", numerics=True)
 
 
 def _clipping(c: Converter, value) -> None:
@@ -253,7 +193,14 @@ def _checkpointing(c: Converter, section) -> None:
 
 def _tensorboard(c: Converter, section) -> None:
     section = c.section("tensorboard", section)
-    c.put("log.tensorboard", c.boolean("tensorboard.enabled", section.get("enabled", False)), "tensorboard.enabled")
+    enabled = c.boolean("tensorboard.enabled", section.get("enabled", False))
+    if enabled and find_spec("tensorboard") is None:
+        # A recipe with log.tensorboard on would stop `sdtrain launch` here: written off, and said so.
+        c.drop("tensorboard.enabled", "true, but tensorboard is not installed here: the recipe has log.tensorboard "
+               "false; pip install 'sdtrain[tensorboard]' and set it true (or --set log.tensorboard=true)")
+        c.substitute("log.tensorboard", False)
+    else:
+        c.put("log.tensorboard", enabled, "tensorboard.enabled")
     for key in section:
         if key != "enabled":
             c.drop(f"tensorboard.{key}", "sdtrain writes TensorBoard logs into the run directory")
@@ -267,14 +214,10 @@ def _compile(c: Converter, section) -> None:
             c.drop(f"compile.{key}", f"{value!r}: sdtrain compiles with torch.compile's defaults")
 
 
-def _model_shape(overrides: list[str]) -> ModelConfig:
+def _model_shape(wanted: dict) -> ModelConfig:
     """The model the recipe will have: a ds_config holds none, so sdtrain's default unless --set says."""
-    raw: dict = {}
-    for override in overrides:
-        if override.startswith("model."):
-            apply_override(raw, override)
     try:
-        return ModelConfig.model_validate(raw.get("model", {}))
+        return ModelConfig.model_validate(wanted.get("model", {}))
     except ValueError:
         return ModelConfig()  # the whole recipe's validation reports it, with the path
 

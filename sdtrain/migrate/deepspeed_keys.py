@@ -3,8 +3,9 @@
 `SAME_NUMBERS` keys change where memory lives, how fast a step runs, or what is logged, but
 not the values a training step computes: leaving them out is safe. `OTHER_NUMBERS` keys
 change what is computed (an optimizer, a precision, a data schedule sdtrain does not have):
-an import that meets one stops (exit 2) unless the user says `--lenient`. A key in neither
-table is unknown here; DeepSpeed itself might use it or (a typo) ignore it, so it counts as
+an import that meets one stops (exit 2) unless the user says `--lenient`. Every key DeepSpeed
+reads (deepspeed_known.py) is in one of the two or has a converter; a name DeepSpeed does not
+read either is most likely a typo, which DeepSpeed ignores at the top level: it counts as
 changing the numbers until the user has looked.
 """
 
@@ -34,6 +35,15 @@ SAME_NUMBERS = {
     "timers": "DeepSpeed's timers; metrics.jsonl has the step times",
     "nebula": "a checkpoint service; " + _DCP,
     "elasticity": "elastic batch sizes; sdtrain keeps train.global_batch_size fixed across world sizes",
+    "graph_harvesting": "CUDA-graph capture of short kernel sequences: speed, not values",
+    "disable_allgather": "ZeRO-1 broadcasts partitions instead of all-gathering them: the same values",
+    "vocabulary_size": "a size hint for DeepSpeed's embedding handling; the recipe's vocabulary is model.vocab_size",
+    "use_data_before_expert_parallelism": "the rank order of expert and data groups, a layout: sdtrain carves expert "
+                                          "groups out of the data-parallel ranks",
+    "seq_parallel_communication_data_type": "the gradient dtype of Ulysses sequence parallelism, which sdtrain does not "
+                                            "have: nothing it would apply to",
+    "tensor_parallel": "AutoTP tensor parallelism of the script's model: a layout sdtrain does not apply here (every rank "
+                       "holds whole layers: the same values, more memory per rank); its ranks count as data parallel",
 }
 
 OTHER_NUMBERS = {
@@ -50,7 +60,13 @@ OTHER_NUMBERS = {
     "weight_quantization": "quantized weights, which sdtrain lacks",
     "eigenvalue": "eigenvalue-based layer scaling, which sdtrain lacks",
     "hybrid_engine": "RLHF generation engine, which sdtrain lacks",
+    "torch_autocast": "torch autocast over DeepSpeed's module list (lower_precision_safe_modules); sdtrain autocasts the "
+                      "whole forward: choose it with --set train.precision=bf16 (or fp16)",
 }
+
+# Of those, the ones that only choose the autocast precision: a --set train.precision settles
+# them (the user has chosen sdtrain's). Gradient and communication dtypes are another matter.
+PRECISION_KEYS = {"amp", "torch_autocast"}
 
 # Inside zero_optimization.
 ZERO_SAME_NUMBERS = {
@@ -79,6 +95,7 @@ ZERO_SAME_NUMBERS = {
     "use_multi_rank_bucket_allreduce": _IMPL,
     "memory_efficient_linear": _IMPL,
     "stage3_module_granularity_threshold": _IMPL,
+    "module_granularity_threshold": _IMPL,
     "use_all_reduce_for_fetch_params": _IMPL,
     "log_trace_cache_warnings": _IMPL,
     "pipeline_loading_checkpoint": _IMPL,
@@ -86,12 +103,18 @@ ZERO_SAME_NUMBERS = {
     "zero_hpz_partition_size": "hierarchical partitioning (ZeRO++ hpZ): a layout, not other values",
     "mics_shard_size": "MiCS sharding groups: a layout, not other values",
     "mics_hierarchical_params_gather": "MiCS gathering: a layout, not other values",
+    "stage3_use_all_reduce_for_fetch_params": _IMPL,
+    "cpu_offload_param": "where parameters live (deprecated key); sdtrain keeps them on the device",
+    "model_persistence_threshold": "a bound on parameters kept whole on every rank: memory, not values",
+    "stage3_model_persistence_threshold": "a bound on parameters kept whole on every rank: memory, not values",
 }
 
 ZERO_OTHER_NUMBERS = {
     "zero_quantized_weights": "ZeRO++ quantized weight gathering changes the values; sdtrain gathers in full precision",
     "zero_quantized_gradients": "ZeRO++ quantized gradients change the values; sdtrain reduces in full precision",
     "zero_quantized_nontrainable_weights": "quantized frozen weights; sdtrain trains every weight in full precision",
+    "zeropp_loco_param": "ZeRO++ LoCo error feedback for quantized gradients; sdtrain reduces in full precision",
+    "zenflow": "ZenFlow's CPU optimizer applies some updates steps late; sdtrain updates every weight each step",
 }
 
 # Inside activation_checkpointing: how DeepSpeed's checkpointing stores what it keeps.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from sdtrain.migrate import deepspeed_keys as keys
+from sdtrain.migrate import deepspeed_known as known
 from sdtrain.migrate.deepspeed_values import AUTO, Converter
 from sdtrain.model.size import count_params
 from sdtrain.recipe import ModelConfig
@@ -50,7 +51,8 @@ def convert_zero(c: Converter, zero, precision: str, model: ModelConfig) -> None
             c.drop(where, "off: nothing to carry" if value in (False, 0, None) else keys.ZERO_OTHER_NUMBERS[key],
                    numerics=value not in (False, 0, None))
         else:
-            c.drop(where, "not a ZeRO setting sdtrain knows: DeepSpeed would use it or, a typo, ignore it", numerics=True)
+            c.drop(where, f"not a key of DeepSpeed's zero_optimization{known.closest(key, known.ZERO)}: DeepSpeed refuses "
+                   "the config with it", numerics=True)
 
 
 # The HF Trainer's "auto" for ZeRO sizes, from the model's hidden size d (transformers'

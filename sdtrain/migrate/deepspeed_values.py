@@ -47,12 +47,16 @@ class Converter:
     autos: list[Unresolved] = field(default_factory=list)
 
     def put(self, target: str, value, ds_key: str, note: str = "") -> None:
+        self.substitute(target, value)  # a later key that sets the same recipe key wins, as its note says
+        self.carried.append(Carried(ds_key, target, value, note))
+
+    def substitute(self, target: str, value) -> None:
+        """Set a recipe key in place of a key left out: the Dropped line that says so is its account."""
         node = self.recipe
         *sections, last = target.split(".")
         for part in sections:
             node = node.setdefault(part, {})
-        node[last] = value  # a later key that sets the same recipe key wins, as its note says
-        self.carried.append(Carried(ds_key, target, value, note))
+        node[last] = value
 
     def get(self, target: str, default=None):
         node = self.recipe
