@@ -32,3 +32,19 @@ def test_a_resumed_runs_summary_covers_the_whole_run(write_recipe, tmp_path):
     assert "(step 2) -> " in text and "(step 6)" in text
     for line in (first.stdout + second.stdout).splitlines():
         assert len(line) <= 80 and "…" not in line, line
+
+
+def test_whole_run_evals_put_the_earlier_launches_first():
+    from sdtrain.train.summary import whole_run_evals
+
+    history = [{"step": 2, "loss": 4.0, "eval_loss": 3.9}, {"step": 3, "loss": 3.8}, {"step": 4, "eval_loss": None}]
+    assert whole_run_evals(history, [(6, 3.1)]) == [(2, 3.9), (6, 3.1)]  # a null (non-finite) eval is no point
+    assert whole_run_evals([], [(0, 5.3), (6, 3.1)]) == [(0, 5.3), (6, 3.1)]
+
+
+def test_run_means_of_the_shares_a_strategy_logs():
+    from sdtrain.train.summary import run_means
+
+    records = [{"step": 1, "bubble": 0.2, "step_s": 1.0}, {"step": 2, "bubble": 0.4, "step_s": 3.0, "moe_dropped": 0.1}]
+    assert run_means(records) == {"step_s": 2.0, "moe_dropped": 0.1, "bubble": 0.3}
+    assert run_means([{"step": 1, "loss": 3.0}]) == {}
