@@ -5,6 +5,7 @@ import tracemalloc
 
 import pytest
 from conftest import TINY, sdtrain
+from sdtrain.bench.comm_spec import check_memory
 from sdtrain.errors import DataError, UserInputError
 from sdtrain.launch.exports import read_env_file
 from sdtrain.recipe import DataConfig
@@ -164,3 +165,20 @@ def test_brackets_in_paths_are_printed_not_parsed(write_recipe, tmp_path):
 def test_master_addr_must_be_a_host(write_recipe, addr):
     refused(sdtrain("launch", write_recipe(), "--master-addr", addr, "--dry-run"), "--master-addr")
 
+
+
+# --- bench comm sizes that cannot fit (issue 19) ---
+
+def test_comm_sizes_past_memory_exit_2_before_launch():
+    """16G buffers on 8 gloo ranks are ~900 GiB: refused at once, not an OOM kill minutes in."""
+    result = sdtrain("bench", "comm", "--sizes", "1K,16G", "--nproc", "8", "--backend", "gloo", timeout=60)
+    text = refused(result, "--sizes up to 16G: 8 rank(s) on this machine hold about 7 buffers", "GiB available")
+    assert "use --sizes up to" in text
+
+
+def test_comm_memory_check_names_the_largest_size_that_fits():
+    check_memory([2**30], ranks=2, available_bytes=14 * 2**30)  # 14 GiB needed, 14 there: fits
+    with pytest.raises(UserInputError, match="14.0 GiB, and this machine has 13.0 GiB available; use --sizes up to 512M"):
+        check_memory([2**20, 2**30], ranks=2, available_bytes=13 * 2**30)
+    with pytest.raises(UserInputError, match="use fewer ranks"):
+        check_memory([2**10], ranks=1024, available_bytes=2**20)

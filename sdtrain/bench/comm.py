@@ -16,6 +16,9 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import psutil
+
+from sdtrain.bench.comm_spec import check_memory
 from sdtrain.errors import UserInputError
 from sdtrain.launch.placement import LaunchRequest, build_plan
 from sdtrain.launch.plan import Node, resolve_backend, visible_gpu_count
@@ -53,6 +56,8 @@ def run_comm_bench(request: LaunchRequest, nproc: int | None, backend: str, ops:
         raise UserInputError(f"backend nccl with {plan.world_size} ranks needs as many GPUs here; {visible_gpu_count()} visible")
     spec = {"ops": ops, "sizes": sizes, "iters": iters, "repeats": repeats, "timeout_s": timeout_s,
             "backend": resolve_backend(backend) if launcher == "local" else backend}  # "auto" decided on each node
+    if launcher == "local" and spec["backend"] == "gloo":  # every rank's buffers in this machine's memory
+        check_memory(sizes, plan.world_size, psutil.virtual_memory().available)
     with tempfile.TemporaryDirectory(prefix="sdtrain-comm-") as tmp:
         run_dir = Path(tmp)
         (run_dir / MARKER).write_text(plan.run_id + "\n")  # remote nodes that see it share the directory

@@ -19,6 +19,10 @@ ELEMENT_BYTES = 4  # float32: integer-valued patterns stay exact, so every resul
 MAX_SIZES = 64
 MAX_BYTES = 16 * 2**30
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+# Bytes a rank holds at its peak, in buffers of the measured size: all_reduce builds its data,
+# a copy to restore it, the expected result and their int64 index patterns (6 measured on CPU),
+# and gloo reduces through a working copy of its own.
+PEAK_BUFFERS = 7
 
 
 def bus_factor(op: str, world: int) -> float:
@@ -86,6 +90,18 @@ def parse_size(text: str) -> int:
     if not 0 < size <= MAX_BYTES:
         raise UserInputError(f"--sizes: {text!r} must be between 1 byte and {MAX_BYTES // 2**30}G")
     return size
+
+
+def check_memory(sizes: list[int], ranks: int, available_bytes: int, where: str = "this machine") -> None:
+    """Refuse, before anything starts, sizes whose buffers `ranks` ranks cannot hold in `available_bytes`."""
+    need = max(sizes) * PEAK_BUFFERS * ranks
+    if need <= available_bytes:
+        return
+    fits = [size for size in (2**k for k in range(10, 35)) if size * PEAK_BUFFERS * ranks <= available_bytes]
+    advice = f"use --sizes up to {format_size(fits[-1])}" if fits else "use fewer ranks (--nproc)"
+    raise UserInputError(
+        f"--sizes up to {format_size(max(sizes))}: {ranks} rank(s) on {where} hold about {PEAK_BUFFERS} buffers of that "
+        f"size each, {need / 2**30:.1f} GiB, and {where} has {available_bytes / 2**30:.1f} GiB available; {advice}")
 
 
 def _factor(text: str, part: str) -> int:
