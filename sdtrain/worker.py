@@ -49,7 +49,7 @@ from sdtrain.train.preempt import PreemptRequest, write_preempted
 from sdtrain.train.progress import start_progress
 from sdtrain.train.sources import load_corpus
 from sdtrain.train.strict_json import dumps_strict
-from sdtrain.train.summary import run_means, summary_table, whole_run_evals
+from sdtrain.train.summary import earlier_baseline, run_means, summary_table, whole_run_evals
 from sdtrain.train.trainer import Trainer
 
 
@@ -130,8 +130,9 @@ def main(argv=None) -> None:
         first_step = trainer.checkpointer.load(Path(args.resume_from), strategy)
         print(f"rank {rank}: resumed from {args.resume_from} at step {first_step}")
 
-    log = None
+    log, baseline = None, None
     if env.is_main:
+        baseline = earlier_baseline(args.run_dir / "summary.json") if first_step else None  # before it is rewritten
         log = MetricsLog(args.run_dir, console, recipe.train.steps, first_step, recipe.log.tensorboard)
     try:
         result = trainer.fit(first_step, log)
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
             "world_size": env.world_size,
             "first_step": first_step,  # past 0: a resumed run, whose tokens/s and world_size are this launch's
             "final_loss": result.final_loss,
-            "eval_losses": whole_run_evals(log.history, result.eval_losses),
+            "eval_losses": whole_run_evals(log.history, result.eval_losses, baseline),
             "tokens_per_s": result.tokens_per_s,
             "mfu": trainer.mfu(result.tokens_per_s),
             "peak_mem_gib": peak_mem,

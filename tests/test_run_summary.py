@@ -22,14 +22,13 @@ def test_a_resumed_runs_summary_covers_the_whole_run(write_recipe, tmp_path):
                      "--set", "train.resume=auto", env={"COLUMNS": "80", "OMP_NUM_THREADS": "1"})
     assert second.returncode == 0, second.stdout + second.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
-    # metrics.jsonl keeps the first launch's evals (steps 2 and 4); the baseline at step 0
-    # lived only in the first launch's summary
-    assert [step for step, _ in summary["eval_losses"]] == [2, 4, 6], summary["eval_losses"]
+    # metrics.jsonl keeps the first launch's evals (steps 2 and 4), its summary the baseline at step 0
+    assert [step for step, _ in summary["eval_losses"]] == [0, 2, 4, 6], summary["eval_losses"]
     assert summary["world_size"] == 1 and summary["first_step"] == 4
     assert summary["means"]["step_s"] > 0
     text = " ".join(second.stdout.split())
     assert "at step 4: speed and time are of steps 5-6" in text and " on 1 rank " in text, second.stdout
-    assert "(step 2) -> " in text and "(step 6)" in text
+    assert "(step 0) -> " in text and "(step 6)" in text
     for line in (first.stdout + second.stdout).splitlines():
         assert len(line) <= 80 and "…" not in line, line
 
@@ -40,6 +39,19 @@ def test_whole_run_evals_put_the_earlier_launches_first():
     history = [{"step": 2, "loss": 4.0, "eval_loss": 3.9}, {"step": 3, "loss": 3.8}, {"step": 4, "eval_loss": None}]
     assert whole_run_evals(history, [(6, 3.1)]) == [(2, 3.9), (6, 3.1)]  # a null (non-finite) eval is no point
     assert whole_run_evals([], [(0, 5.3), (6, 3.1)]) == [(0, 5.3), (6, 3.1)]
+    assert whole_run_evals(history, [(6, 3.1)], (0, 5.3)) == [(0, 5.3), (2, 3.9), (6, 3.1)]
+
+
+def test_an_earlier_summary_is_read_as_data(tmp_path):
+    from sdtrain.train.summary import earlier_baseline
+
+    path = tmp_path / "summary.json"
+    for text, expected in (('{"eval_losses": [[0, 5.3], [4, 3.0]]}', (0, 5.3)), ('{"eval_losses": [[2, 3.9]]}', None),
+                           ('{"eval_losses": []}', None), ('[1, 2]', None), ('{"eval_losses": [[0, "x"]]}', None),
+                           ('{"eval_losses": [[0, null]]}', None), ('not json', None)):
+        path.write_text(text)
+        assert earlier_baseline(path) == expected, text
+    assert earlier_baseline(tmp_path / "absent.json") is None
 
 
 def test_run_means_of_the_shares_a_strategy_logs():

@@ -9,6 +9,9 @@ run on another number of ranks, so the summary says which steps they cover.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from rich.table import Table
 from rich.text import Text
 
@@ -22,14 +25,27 @@ RUN_MEANS = (
 )
 
 
-def whole_run_evals(history: list[dict], this_launch: list) -> list:
-    """(step, eval loss) over the whole run: the earlier launches' from metrics.jsonl, then
-    this launch's own (which has the step-0 baseline when it started the run)."""
+def whole_run_evals(history: list[dict], this_launch: list, baseline: tuple | None = None) -> list:
+    """(step, eval loss) over the whole run: the step-0 baseline (this launch's, or the one an
+    earlier launch's summary kept), the earlier launches' from metrics.jsonl, then this launch's."""
     mine = [tuple(e) for e in this_launch]
+    earlier = [(r["step"], r["eval_loss"]) for r in history if isinstance(r.get("eval_loss"), (int, float))]
+    if baseline is not None:
+        earlier.insert(0, baseline)
     steps = {step for step, _ in mine}
-    earlier = [(r["step"], r["eval_loss"]) for r in history
-               if isinstance(r.get("eval_loss"), (int, float)) and r["step"] not in steps]
-    return sorted(earlier + mine, key=lambda e: e[0])
+    return sorted([e for e in earlier if e[0] not in steps] + mine, key=lambda e: e[0])
+
+
+def earlier_baseline(summary_path: Path) -> tuple | None:
+    """The step-0 eval an earlier launch of this run wrote into summary.json (metrics.jsonl
+    has no row for step 0), or None. The file is only read as data: anything unexpected is None."""
+    try:
+        evals = json.loads(summary_path.read_text()).get("eval_losses")
+        step, loss = evals[0]
+    except (OSError, ValueError, AttributeError, TypeError, IndexError, KeyError):
+        return None
+    ok = step == 0 and type(step) is int and isinstance(loss, (int, float)) and not isinstance(loss, bool)
+    return (0, loss) if ok else None
 
 
 def run_means(records: list[dict]) -> dict:
