@@ -175,6 +175,9 @@ def test_control_characters_in_keys_hosts_and_paths_are_escaped(tmp_path, write_
     with pytest.raises(HostfileError) as err:
         select_resources(hosts, include=f"w{ESC}1")
     cases.append(str(err.value))
+    with pytest.raises(HostfileError) as err:
+        parse_hostfile(f"w{ESC}0 slots=1\n")
+    cases.append(str(err.value))
     with pytest.raises(UserInputError) as err:
         read_text(tmp_path / f"missing{ESC}", "recipe", 1024)
     cases.append(str(err.value))
