@@ -112,11 +112,45 @@ def test_a_restart_never_takes_a_checkpoint_the_launch_refused(full_run, tmp_pat
     assert result.returncode == 0, out[-3000:] + err[-3000:]
     assert f"skipped checkpoint step_10: {shard} is a link to {str(outside)!r}, outside the checkpoint folder" in err
     assert f"resuming from {step_5}" in out
-    assert "restart 1/1 after a failure of attempt 0: rank 1 on" in err and "starting again in 1 s" in err
+    assert "restart 1/1 after a failure of attempt 0: rank 1 on" in err and "back-off 1 s" in err
     assert "note: skipped checkpoint step_10: refused earlier in this job" in err
     assert f"restart 1: resuming from {step_5}" in err
     [record] = [json.loads(line) for line in (run_dir / "restarts.jsonl").read_text().splitlines()]
     assert record["resume_step"] == 5 and record["backoff_s"] == 1.0
+
+
+def test_a_restart_target_passes_what_the_launch_checks(full_run, tmp_path):
+    """restart_target on a real planned job (nothing started): a checkpoint of another model
+    is skipped as the launch would refuse it, and a job that resumed from a checkpoint that no
+    longer verifies is not restarted from step 0 (that would drop the weights it continued)."""
+    import shutil
+
+    from sdtrain.launch.job import plan_job
+    from sdtrain.launch.resume_target import restart_target
+    from sdtrain.train.checkpoint_manifest import MANIFEST
+
+    recipe, reference = full_run
+    external = tmp_path / "elsewhere" / "step_5"
+    shutil.copytree(reference / "checkpoints" / "step_5", external)
+    job = plan_job(str(recipe), [f"train.resume={external}", "train.steps=20"], 2, str(tmp_path / "run"))
+    assert job.resume_from == external and restart_target(job) == (external, [], True)
+
+    other = job.run_dir / "checkpoints" / "step_10"  # as if another model's run had saved here
+    shutil.copytree(reference / "checkpoints" / "step_10", other)
+    info = json.loads((other / "sdtrain.json").read_text())
+    info["model"]["n_heads"] = 4
+    (other / "sdtrain.json").write_text(json.dumps(info))
+    (other / MANIFEST).unlink()
+    target, skipped, go_on = restart_target(job)
+    assert (target, go_on) == (external, True)
+    assert skipped == [f"skipped checkpoint step_10: checkpoint {other} holds a different model "
+                       "(n_heads: checkpoint 4 vs recipe 2); resume needs the same model shape"]
+
+    shard = external / "__0_0.distcp"
+    os.truncate(shard, shard.stat().st_size // 2)
+    target, skipped, go_on = restart_target(job)
+    assert (target, go_on) == (None, False) and "refused earlier in this job" in skipped[0]
+    assert skipped[1].startswith(f"skipped checkpoint step_5: {shard} has") and "truncated" in skipped[1]
 
 
 def test_restarts_back_off_doubling_up_to_a_minute():

@@ -108,7 +108,7 @@ def count_in_summary(run_dir: Path, causes: list[dict]) -> None:
 
 
 def run_with_restarts(job, run_attempt: Callable[[list[list[str]]], JobOutcome],
-                      say: Callable[[str], None], sleep: Callable[[float], None] = time.sleep) -> tuple[JobOutcome, list[dict]]:
+                      say: Callable[[str], None]) -> tuple[JobOutcome, list[dict]]:
     """Run the job, restarting it after a failure up to launch.max_restarts times.
     Returns the last attempt's outcome and the cause of every failed attempt."""
     max_restarts = job.recipe.launch.max_restarts
@@ -127,21 +127,22 @@ def run_with_restarts(job, run_attempt: Callable[[list[list[str]]], JobOutcome],
         attempt += 1
         delay = backoff_s(attempt)
         say(f"restart {attempt}/{max_restarts} after a failure of attempt {attempt - 1}: {describe_cause(cause)}; "
-            f"starting again in {delay:g} s")
-        sleep(delay)
-        # Chosen after the wait, right before the start: what is verified is what the workers load.
+            f"back-off {delay:g} s")
+        # The verification (seconds: it imports torch into the launcher) is part of the wait.
         resume, skipped, go_on = restart_target(job)
+        verified_at = time.time()
         for note in skipped:
             say(f"note: {note}")
         if not go_on:
             say(f"not restarted: the job resumed from {job.resume_from}, and no checkpoint passes verification now")
             break
         say(f"restart {attempt}: " + (f"resuming from {resume}" if resume else "no checkpoint yet: starting over from step 0"))
+        time.sleep(max(0.0, stopped_at + delay - time.time()))
         record_restart(job.run_dir, {
             "attempt": attempt, "cause": cause, "resume_from": str(resume) if resume else None,
             "resume_step": int(resume.name.removeprefix("step_")) if resume and resume.name.startswith("step_") else 0,
-            "failed_at": cause["timestamp"], "stopped_at": stopped_at, "restarted_at": time.time(),
-            "backoff_s": delay, "skipped_checkpoints": skipped,
+            "failed_at": cause["timestamp"], "stopped_at": stopped_at, "verified_at": verified_at,
+            "restarted_at": time.time(), "backoff_s": delay, "skipped_checkpoints": skipped,
         })
     if outcome.ok:
         count_in_summary(job.run_dir, causes)

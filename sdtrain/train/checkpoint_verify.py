@@ -117,7 +117,7 @@ def model_params(model: dict) -> int | None:
     from sdtrain.model.size import count_params
 
     sizes = ("n_layers", "d_model", "seq_len", "vocab_size", "mlp_ratio")
-    if not all(type(model.get(k)) is int and model[k] > 0 for k in sizes) or model["n_layers"] > MAX_LAYERS:
+    if not isinstance(model, dict) or not all(type(model.get(k)) is int and model[k] > 0 for k in sizes) or model["n_layers"] > MAX_LAYERS:
         return None
     moe = model.get("moe")
     if moe is not None and not (isinstance(moe, dict) and all(type(moe.get(k)) is int and moe[k] >= 0
