@@ -43,7 +43,7 @@ SAME_NUMBERS = {
     "seq_parallel_communication_data_type": "the gradient dtype of Ulysses sequence parallelism, which sdtrain does not "
                                             "have: nothing it would apply to",
     "tensor_parallel": "AutoTP tensor parallelism of the script's model: a layout sdtrain does not apply here (every rank "
-                       "holds whole layers: the same values, more memory per rank); its ranks count as data parallel",
+                       "holds whole layers: the same values, more memory per rank)",
 }
 
 OTHER_NUMBERS = {
