@@ -33,7 +33,8 @@ def test_a_ds_config_given_to_launch_names_the_import_command(tmp_path):
     """A ds_config.json handed to launch: one line with the command that converts it, not one
     "unknown key" per DeepSpeed key."""
     config = tmp_path / "ds_config.json"
-    config.write_text(json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    config.write_text(json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
+                                  "checkpoint": {"tag_validation": "Warn"}}))  # a recipe section's name too
     result = sdtrain("launch", config, "--dry-run")
     error = " ".join(result.stderr.split())  # rich wraps long lines
     assert result.returncode == 2 and "unknown key" not in error

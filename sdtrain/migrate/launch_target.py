@@ -48,7 +48,7 @@ def check_launch_target(recipe: str | None, deepspeed: str | None, deepspeed_con
 
 
 def looks_like_deepspeed_config(path: Path) -> bool:
-    """A mapping with DeepSpeed's top-level keys and none of a recipe's sections."""
+    """A mapping with DeepSpeed's top-level keys and none of a recipe's own sections."""
     try:
         if not path.is_file() or path.stat().st_size > MAX_SNIFF_BYTES:
             return False
@@ -65,7 +65,8 @@ def looks_like_deepspeed_config(path: Path) -> bool:
     if not isinstance(data, dict):
         return False
     names = {key for key in data if isinstance(key, str)}
-    return bool(names & TOP_LEVEL) and not names & RECIPE_SECTIONS
+    # `checkpoint` is both a DeepSpeed key and a recipe section: it decides nothing.
+    return bool(names & (TOP_LEVEL - RECIPE_SECTIONS)) and not names & (RECIPE_SECTIONS - TOP_LEVEL)
 
 
 def import_command(config: str) -> str:
