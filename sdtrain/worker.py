@@ -8,28 +8,19 @@ restores a checkpoint if asked, and runs the Trainer. Its stdout and stderr go t
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
+from sdtrain.quiet_start import quiet_until_started, started
 
-def stop_quietly_while_starting(signum, frame) -> None:
-    """Ctrl-C reaches the workers too (they share the terminal's process group). While they
-    still import torch their output is the terminal, not yet their rank log, and Python's
-    answer would be a 50-line import traceback from every rank; the launcher already says
-    the job was interrupted. One line, and 130 (128 + SIGINT) as a shell has it."""
-    os.write(2, f"rank {os.environ.get('RANK', '?')}: interrupted while starting\n".encode())
-    os._exit(128 + signum)
+if __name__ == "__main__":  # the imports below take seconds (torch): Ctrl-C there is one line
+    quiet_until_started(f"rank {os.environ.get('RANK', '?')}")
 
+import argparse
+import json
+import traceback
+from pathlib import Path
 
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, stop_quietly_while_starting)  # until main() starts: see run()
-
-import argparse  # noqa: E402 - after the handler: importing torch takes seconds
-import json  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 from rich.console import Console
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -187,7 +178,7 @@ def run() -> None:
     finalization (see leave_process_group): @record has already written the traceback for
     the node agent, and finalizing with a live gloo group can turn exit code 1 into a
     SIGABRT that hides the real root cause."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # imports done: a run's failure from here on
+    started()  # imports done: Ctrl-C from here on is a run's failure, reported as one
     try:
         main()
     except BaseException as error:  # noqa: BLE001 - every failure must keep its exit code

@@ -26,6 +26,11 @@ import threading
 import uuid
 from pathlib import Path
 
+from sdtrain.quiet_start import quiet_until_started, started
+
+if __name__ == "__main__":  # the imports below take seconds (torch): Ctrl-C there is one line
+    quiet_until_started("sdtrain node agent")
+
 import psutil
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -146,6 +151,7 @@ def threads_per_worker(nproc: int) -> int:
 
 def main(argv=None) -> int:
     global _channel
+    started()
     args = parse_args(argv)
     shared = True
     if args.remote:
