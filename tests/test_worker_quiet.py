@@ -1,6 +1,6 @@
 """What a worker leaves on the terminal and in its rank log besides the run's own output:
 no deprecation warnings from torch, and one line (not an import traceback) when Ctrl-C
-arrives while it still imports torch."""
+arrives while it or its node agent still imports torch."""
 
 import os
 import signal
@@ -9,6 +9,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from conftest import REPO, sdtrain
 
@@ -24,8 +25,10 @@ def test_a_zero3_run_leaves_no_future_warning_in_the_rank_logs(write_recipe, tmp
         assert "Warning" not in text, text
 
 
-def test_ctrl_c_while_the_worker_imports_torch_is_one_line_and_130(tmp_path):
-    worker = subprocess.Popen([sys.executable, "-m", "sdtrain.worker", "--run-dir", str(tmp_path), "--recipe-json", "{}"],
+@pytest.mark.parametrize("module, who", [("sdtrain.worker", "rank 3"), ("sdtrain.launch.node", "sdtrain node agent")])
+def test_ctrl_c_while_importing_torch_is_one_line_and_130(tmp_path, module, who):
+    """Ctrl-C in a terminal reaches the node agent and the workers too, often while they import torch."""
+    worker = subprocess.Popen([sys.executable, "-m", module, "--run-dir", str(tmp_path), "--recipe-json", "{}"],
                               cwd=REPO, env={**os.environ, "RANK": "3"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     process = psutil.Process(worker.pid)
@@ -36,4 +39,4 @@ def test_ctrl_c_while_the_worker_imports_torch_is_one_line_and_130(tmp_path):
     worker.send_signal(signal.SIGINT)
     out, err = worker.communicate(timeout=30)
     assert worker.returncode == 130, err
-    assert err == "rank 3: interrupted while starting\n" and not out, err
+    assert err == f"{who}: interrupted while starting\n" and not out, err
