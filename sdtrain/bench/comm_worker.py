@@ -26,6 +26,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from sdtrain.bench.comm_ops import make_case
 from sdtrain.bench.comm_spec import ELEMENT_BYTES, bandwidths, buffer_elements
+from sdtrain.parallel.join import join_process_group
 
 LOOP_BYTES = 2**28  # each timed loop moves about this much per rank (auto iterations)
 MIN_ITERS, MAX_ITERS = 5, 100
@@ -140,7 +141,7 @@ def main(argv=None) -> None:
     log_to_file(args.run_dir, rank)
     spec = json.loads(args.spec_json)
     backend, device = pick_device(spec["backend"], int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=timedelta(seconds=spec["timeout_s"]))
+    join_process_group(backend, timedelta(seconds=spec["timeout_s"]))  # the node agent's store: a private file on one node
     hosts = [None] * world
     dist.all_gather_object(hosts, socket.gethostname())
     print(f"rank {rank}: {backend} on {device}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)

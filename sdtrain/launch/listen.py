@@ -1,12 +1,17 @@
-"""Where a job listens: the master address only, never every interface.
+"""Where a job listens: nowhere for a job on one node; the master address only for more.
 
-Torch's static rendezvous starts its TCPStore on node 0 listening on every interface
-(`::`), and the store has no authentication: anyone who reaches the port can read and
-write the job's keys. TCPStore also accepts a socket that is already listening
-(`master_listen_fd`), so node 0 binds that socket itself, to the address the master name
-resolves to here: loopback for a job on one machine, the master's interface for a
-multi-node job. Every other node and every worker is only a client of that store (torch's
-agent store), so nothing else listens for it.
+A job on one node keeps its stores in files (the agent's, and its workers' beside it) in a
+directory made for the job, which only its user can enter (0700) and which is removed
+after it: another user of the machine has no port to reach and no file to open.
+
+A multi-node job needs a store its nodes reach over the network. Torch's static rendezvous
+starts its TCPStore on node 0 listening on every interface (`::`); TCPStore also accepts a
+socket that is already listening (`master_listen_fd`), so node 0 binds that socket itself,
+to the address the master name resolves to here: the interface the other nodes use. The
+store has no authentication: while the job runs, whoever can reach that address and port
+can read and write its keys (README, "Multi-node: what the rendezvous exposes"). Every
+other node and every worker is only a client of that store (torch's agent store), so
+nothing else listens for it.
 
 A job whose master is a loopback address runs on this machine only, so its workers'
 collectives (gloo, NCCL's bootstrap) are kept on the loopback interface too, unless the
@@ -16,14 +21,26 @@ user chose an interface. Imported by the node agent only: it needs torch.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
 
 import psutil
-from torch.distributed import TCPStore
-from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters, rendezvous_handler_registry
+from torch.distributed import FileStore, PrefixStore, TCPStore
+from torch.distributed.elastic.rendezvous import (
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousParameters,
+    rendezvous_handler_registry,
+)
+from torch.distributed.elastic.rendezvous.api import RendezvousStoreInfo
 from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous, create_rdzv_handler
 
 from sdtrain.launch.placement import is_loopback
+from sdtrain.parallel.join import STORE_FILE_VARIABLE
 
 BACKEND = "sdtrain-static"
 
@@ -70,8 +87,63 @@ class MasterOnlyRendezvous(StaticTCPRendezvous):
         return super().next_rendezvous()
 
 
+class PrivateFileRendezvous(RendezvousHandler):
+    """A job on one node: the agent's store is a file in `directory`; its workers make
+    their own beside it (STORE_FILE_VARIABLE), not a client of this one."""
+
+    def __init__(self, directory: Path, master_addr: str, master_port: int, run_id: str, timeout_s: int):
+        self.directory, self.run_id = directory, run_id
+        self.bootstrap = RendezvousStoreInfo(master_addr, master_port)  # torch's agent wants one; nobody listens there
+        self._store = FileStore(str(directory / "agent"), 1)
+        self._store.set_timeout(timedelta(seconds=timeout_s))
+
+    def get_backend(self) -> str:
+        return BACKEND
+
+    @property
+    def use_agent_store(self) -> bool:
+        return False
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        return RendezvousInfo(PrefixStore(self.run_id, self._store), 0, 1, self.bootstrap)
+
+    def is_closed(self) -> bool:
+        return False
+
+    def set_closed(self) -> None:
+        pass
+
+    def num_nodes_waiting(self) -> int:
+        return 0
+
+    def get_run_id(self) -> str:
+        return self.run_id
+
+    def shutdown(self) -> bool:
+        return True
+
+
+@contextmanager
+def rendezvous_configs(node_rank: int, nnodes: int, timeout_s: int = 300, environ=os.environ):
+    """torch's rdzv_configs for this node. One node: a private directory for the stores
+    (mkdtemp makes it 0700), the workers told where, and the directory removed after."""
+    if nnodes > 1:
+        environ.pop(STORE_FILE_VARIABLE, None)
+        yield {"rank": node_rank, "timeout": timeout_s}
+        return
+    directory = tempfile.mkdtemp(prefix="sdtrain-store-")
+    environ[STORE_FILE_VARIABLE] = os.path.join(directory, "workers")
+    try:
+        yield {"rank": node_rank, "timeout": timeout_s, "store_dir": directory}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def _create_handler(params: RendezvousParameters) -> RendezvousHandler:
     static = create_rdzv_handler(params)
+    if params.config.get("store_dir"):
+        return PrivateFileRendezvous(Path(params.config["store_dir"]), static.master_addr, static.master_port,
+                                     static.run_id, int(static.timeout.total_seconds()))
     return MasterOnlyRendezvous(static.master_addr, static.master_port, static.rank, static.world_size,
                                 static.run_id, int(static.timeout.total_seconds()))
 

@@ -50,9 +50,10 @@ from sdtrain.launch.failures import (
 )
 from sdtrain.launch.lifeline import start_lifeline
 from sdtrain.launch import oom
-from sdtrain.launch.listen import MasterBindError, keep_collectives_on_loopback, register_backend
+from sdtrain.launch.listen import MasterBindError, keep_collectives_on_loopback, register_backend, rendezvous_configs
 from sdtrain.launch.watchdog import HangWatchdog
 from sdtrain.launch.rundir import files_to_send, is_shared, move_aside, needs_shared_dir
+from sdtrain.parallel.join import AGENT_PID_VARIABLE
 from sdtrain.train.faults import ATTEMPT_VARIABLE
 from sdtrain.train.preempt import request_preemption
 
@@ -214,20 +215,27 @@ def launch_workers(args, worker: list[str], watchdog: HangWatchdog | None = None
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(args.nproc)))
+    os.environ[AGENT_PID_VARIABLE] = str(os.getpid())  # the workers die with this agent (parallel/join.py)
     keep_collectives_on_loopback(args.master_addr)
-    config = LaunchConfig(
-        min_nodes=args.nnodes,
-        max_nodes=args.nnodes,
-        nproc_per_node=args.nproc,
-        run_id=args.run_id or uuid.uuid4().hex,
-        rdzv_backend=register_backend(),  # torch's static rendezvous, listening on the master address only
-        rdzv_endpoint=f"{args.master_addr}:{args.master_port}",
-        rdzv_configs={"rank": args.node_rank, "timeout": 300},
-        max_restarts=0,
-        monitor_interval=0.2,
-        start_method="spawn",
-        shutdown_timeout=5,  # SIGTERM, then SIGKILL after 5 s: a hung worker cannot stall teardown
-    )
+    with rendezvous_configs(args.node_rank, args.nnodes) as rdzv_configs:
+        config = LaunchConfig(
+            min_nodes=args.nnodes,
+            max_nodes=args.nnodes,
+            nproc_per_node=args.nproc,
+            run_id=args.run_id or uuid.uuid4().hex,
+            # One node: stores in private files; more: torch's static rendezvous on the master address only.
+            rdzv_backend=register_backend(),
+            rdzv_endpoint=f"{args.master_addr}:{args.master_port}",
+            rdzv_configs=rdzv_configs,
+            max_restarts=0,
+            monitor_interval=0.2,
+            start_method="spawn",
+            shutdown_timeout=5,  # SIGTERM, then SIGKILL after 5 s: a hung worker cannot stall teardown
+        )
+        return _run_and_report(args, config, worker, watchdog)
+
+
+def _run_and_report(args, config: LaunchConfig, worker: list[str], watchdog: HangWatchdog | None) -> int:
     if watchdog is not None:
         watchdog.start()
     oom.arm()  # the cgroup's OOM-kill count before the workers start

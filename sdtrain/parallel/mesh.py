@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from sdtrain.parallel.dims import ParallelDims
+from sdtrain.parallel.join import join_process_group
 
 
 @dataclass
@@ -113,7 +114,7 @@ def init_distributed(backend: str, timeout_s: int, pipeline_stages: int = 1, exp
         device = torch.device("cpu")
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    join_process_group(backend, timedelta(seconds=timeout_s))  # the node agent's store: a private file on one node
     dims = ParallelDims(world, pipeline_stages, expert_parallel)
     mesh = init_device_mesh(device.type, (dims.pp, dims.dp), mesh_dim_names=("pp", "dp"))
     env = DistEnv(rank, world, local_rank, device, mesh, dims)
