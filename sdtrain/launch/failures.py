@@ -41,6 +41,11 @@ def is_symptom(failure: dict) -> bool:
     return bool(_SYMPTOMS.search(failure.get("error") or ""))
 
 
+def only_symptoms(failures: list[dict]) -> bool:
+    """True when every failure looks like the consequence of another's death (or there are none)."""
+    return all(is_symptom(f) for f in failures)
+
+
 def root_cause(failures: list[dict]) -> dict:
     primary = [f for f in failures if not is_symptom(f)] or failures
     return min(primary, key=lambda f: (f["timestamp"], f["rank"]))

@@ -3,7 +3,10 @@
 Its workers die with it and nobody is left to write a failure report; the launcher only
 sees the node's command end by a signal (or ssh's 255 once the job was under way). Then
 the useful words are which node, at which step, and that its agent or connection was
-killed, not "failed before any rank reported".
+killed, not "failed before any rank reported". The ranks of the other nodes fail a moment
+later in their next collective ("Connection reset by peer"): those are what its death did
+to them, so the dead node is the root cause and they are listed as stopped with it
+(report.py), unless one of them failed of something else.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 from sdtrain.launch.failures import describe_exit
 
 KILLED_CODES = (255, 128 + 9, 128 + 15)  # ssh's lost connection; a shell's report of SIGKILL / SIGTERM
+DIED_HINT = ("its agent and workers are gone and left no failure report; the ranks of the other nodes "
+             "stopped because it was gone. Its last lines:")
 
 
 def last_step(run_dir: Path) -> int | None:

@@ -13,9 +13,9 @@ from rich.text import Text
 from sdtrain.console_table import FoldingColumn, FoldingTable
 from sdtrain.launch.disk import DISK_ERRORS, describe, unwritable
 from sdtrain.launch.drills import hang_injected, injected_by, injected_line, not_injected_note
-from sdtrain.launch.failures import merge_reports, read_reports, root_cause
+from sdtrain.launch.failures import merge_reports, only_symptoms, read_reports, root_cause
 from sdtrain.launch.hang_report import hang_diagnosis
-from sdtrain.launch.node_death import node_died
+from sdtrain.launch.node_death import DIED_HINT, node_died
 from sdtrain.launch.oom import explain as explain_oom
 
 
@@ -96,18 +96,27 @@ def print_failure(console: Console, job, outcome) -> None:
     reported = {report["node_rank"] for report in reports}
     silent = [(node, code, tail) for i, (node, code, tail) in enumerate(_node_outcomes(job, outcome))
               if i in outcome.failed_first and node.node_rank not in reported]
+    failures = [f for report in reports for f in report["failures"]]
+    dead_cause = None  # a node that died mid-run: the other ranks' errors are what its death did to them
     for node, code, tail in silent:
         if disk is not None and not tail:
             continue  # a local node's output went to the terminal already; the disk says why
         hint = _EXIT_HINTS.get(code, "its last lines say why")
         body = "\n".join(tail) or "(no output)"
-        title = node_died(node, code, job.run_dir) or \
-            f"node {node.node_rank} ({node.host}) failed before any rank reported: exit code {code}"
+        title = node_died(node, code, job.run_dir)
+        if title is None:
+            title = f"node {node.node_rank} ({node.host}) failed before any rank reported: exit code {code}"
+        else:
+            hint = DIED_HINT
+            if dead_cause is None and disk is None and only_symptoms(failures):
+                dead_cause, title = node, f"root cause: {title}"
         console.print(Panel(Text(f"{hint}\n\n{body}"), title=escape(title), title_align="left", border_style="red"))
-    failures = [f for report in reports for f in report["failures"]]
     if not failures:
         if not (silent or outcome.errors or disk):
             console.print("[bold red]the job failed[/] but no rank left a report; see the logs/ folder of the run directory")
+        return
+    if dead_cause is not None:
+        print_also_stopped(console, failures)
         return
     cause = root_cause(failures)
     # A Python traceback says it all; a rank killed by a signal left none, its log may say more.
@@ -125,8 +134,11 @@ def print_failure(console: Console, job, outcome) -> None:
     console.print(Panel(Text(body.strip() or "(no output)"), title=escape(title), title_align="left", border_style="red"))
     if job.drills and drill is None:
         console.print(not_injected_note(job.drills), markup=False, highlight=False)
-    others = [f for f in failures if f is not cause]
-    for f in sorted(others, key=lambda f: f["rank"]):
+    print_also_stopped(console, [f for f in failures if f is not cause])
+
+
+def print_also_stopped(console: Console, failures: list[dict]) -> None:
+    for f in sorted(failures, key=lambda f: f["rank"]):
         first_line = (f["error"] or "").strip().splitlines()[:1]
         line = f"  also stopped: rank {f['rank']} on {f['host']} {f['exit']}" + (f": {first_line[0]}" if first_line else "")
         console.print(line, markup=False, highlight=False)
