@@ -171,7 +171,8 @@ def test_memory_check_off_unquoted(write_recipe):
     assert load_recipe(recipe).launch.memory_check == "off"
     assert load_recipe(write_recipe(), ["launch.memory_check=off"]).launch.memory_check == "off"
     assert load_recipe(write_recipe(), ["launch.memory_check=no"]).launch.memory_check == "off"
-    with pytest.raises(RecipeError, match="launch.memory_check: Input should be 'error', 'warn' or 'off'"):
+    with pytest.raises(RecipeError, match="launch.memory_check: Input should be 'error', 'warn' or 'off' "
+                                          r"\(got True\); YAML reads an unquoted on, off, yes"):
         load_recipe(write_recipe(), ["launch.memory_check=on"])  # no enum value reads as true
     with pytest.raises(RecipeError, match="checkpoint.at_end: Input should be a valid boolean"):
         load_recipe(write_recipe(), ["checkpoint.at_end=warn"])  # booleans stay booleans
