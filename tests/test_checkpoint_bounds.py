@@ -81,7 +81,8 @@ def test_a_shard_linked_out_of_its_folder_is_refused_unread(full_run, tmp_path):
     assert checkpoint_problems(ckpt) == []
 
 
-@pytest.mark.parametrize("case", ["2^40 elements", "bytes beyond the tensor", "a model too big to size"])
+@pytest.mark.parametrize("case", ["2^40 elements", "bytes beyond the tensor", "a model too big to size",
+                                  "a 1 TiB .metadata", "a 1 TiB extra file"])
 def test_sizes_beyond_the_model_are_refused_before_allocating(full_run, tmp_path, case):
     ckpt = copy_step(full_run, tmp_path / "ckpt")
     if case == "2^40 elements":
@@ -90,6 +91,14 @@ def test_sizes_beyond_the_model_are_refused_before_allocating(full_run, tmp_path
     elif case == "bytes beyond the tensor":
         claim(ckpt, extra_bytes=HUGE)
         expected = f"{ckpt / '.metadata'} records 1,099,511,"
+    elif case == "a 1 TiB .metadata":  # a byte string inside could say it is that long
+        os.truncate(ckpt / ".metadata", HUGE)
+        (ckpt / MANIFEST).unlink()
+        expected = f"{ckpt / '.metadata'} is more than the 1,073,741,824 bytes checkpoint metadata takes"
+    elif case == "a 1 TiB extra file":  # torch.load allocates what its records say
+        os.truncate(ckpt / "rank1.extra.pt", HUGE)
+        (ckpt / MANIFEST).unlink()
+        expected = f"{ckpt / 'rank1.extra.pt'} is 1,099,511,627,776 bytes, not a rank's RNG and loss-scaler state"
     else:
         info = json.loads((ckpt / "sdtrain.json").read_text())
         info["model"]["n_layers"] = HUGE  # sizing it would loop 2^40 times

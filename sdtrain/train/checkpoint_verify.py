@@ -37,6 +37,9 @@ SMALL_STATE = 1 << 20
 # torch.save's zip framing around a tensor's bytes (about 1.6 KB measured for every record of
 # a checkpoint, ZeRO shards included: DCP saves each with a storage of its own size).
 FRAMING_BYTES = 64 << 10
+# rank<R>.extra.pt is an RNG state and a loss scaler's numbers (about 6.5 KB); torch.load
+# allocates what its records say, so a sparse file is refused by its size before it is read.
+MAX_EXTRA_BYTES = 16 << 20
 
 
 def verify_checkpoint(path: str | Path, checksums: bool = True) -> dict:
@@ -210,6 +213,10 @@ def extra_problems(path: Path, world_size: int) -> list[str]:
         file = path / f"rank{rank}.extra.pt"
         if not file.is_file():
             problems.append(f"{file} is missing (the checkpoint was saved by {world_size} ranks)")
+            continue
+        if file.stat().st_size > MAX_EXTRA_BYTES:
+            problems.append(f"{file} is {file.stat().st_size:,} bytes, not a rank's RNG and loss-scaler state "
+                            "(the file may be corrupt or crafted)")
             continue
         try:
             extra = torch.load(file, weights_only=True)  # never anything but tensors and numbers

@@ -37,6 +37,11 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from sdtrain.errors import CheckpointError
 
+# A .metadata is read whole, and a pickle's byte strings say their own length: bound it by the
+# file (a sparse one can claim terabytes). Real ones: 24 KB for 2 ranks of a tiny model; about
+# 100 bytes per tensor chunk, so ~100 MB for a 7B model's ZeRO-3 shards over 1,000 ranks.
+MAX_METADATA_BYTES = 1 << 30
+
 # DCP's record types: made empty by NEWOBJ and filled by BUILD, never called.
 _RECORDS = {
     ("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name)
@@ -114,9 +119,16 @@ class _MetadataUnpickler(pickle._Unpickler):
 def read_metadata_file(path: Path) -> Metadata:
     """A checkpoint's `.metadata`, unpickled with the allow-list above; CheckpointError naming
     the file if it is crafted, damaged or not DCP metadata."""
-    try:
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+    too_big = CheckpointError(f"{path} is more than the {MAX_METADATA_BYTES:,} bytes checkpoint metadata takes; "
+                              "refusing to read it (the file may be corrupt or crafted)")
+    if path.stat().st_size > MAX_METADATA_BYTES:
+        raise too_big
+    with open(path, "rb") as f:
+        data = f.read(MAX_METADATA_BYTES + 1)
+    if len(data) > MAX_METADATA_BYTES:
+        raise too_big
+    try:  # from memory: a length inside the pickle can then never ask for more than the file holds
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - damaged bytes can fail in any way
