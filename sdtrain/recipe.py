@@ -216,9 +216,10 @@ class LaunchSection(Section):
         "a rank that begins no step and completes no collective for this long (3x on a process's first step) "
         "is a hang: every rank's stack and last collectives go to hang/, the launcher names the stuck rank "
         "and stops the job"))
-    max_restarts: int = Field(0, ge=0, description=(
+    max_restarts: int = Field(0, ge=0, le=100, description=(
         "a failed worker stops every worker of the job, which then restarts from the latest verified checkpoint "
-        "(or step 0), up to this many times; each restart goes to restarts.jsonl"))
+        "(or step 0), up to this many times, waiting 1 s, 2 s, 4 s ... (at most 60 s) before each; "
+        "each restart goes to restarts.jsonl"))
 
     @model_validator(mode="after")
     def _positive_procs(self):
