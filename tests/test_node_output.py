@@ -263,3 +263,33 @@ def test_a_flooding_node_costs_the_launcher_bounded_memory(tmp_path):
     assert not list((tmp_path / "run" / "logs").glob("*bomb*")) and not (tmp_path / "run" / "logs" / "endless.log").exists()
     print(f"\nlauncher peak RSS while flooded: {peak / 2**20:.0f} MiB")
     assert peak < 400 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+def test_a_report_of_many_long_failures_fits_the_launchers_line():
+    """64 ranks each failing with a megabyte of traceback: the node's report line still fits
+    the cap the launcher reads with, and keeps the root cause's traceback."""
+    from sdtrain.launch.failures import checked_report, clip, report_line
+    from sdtrain.launch.supervise import MAX_LINE_BYTES
+
+    huge = "Traceback (most recent call last):\n" + "  frame ü\n" * 100_000 + "RuntimeError: boom"
+    failures = [{**GOOD["failures"][0], "rank": rank, "error": clip(huge, keep="head"), "traceback": clip(huge),
+                 "log_tail": clip(huge)} for rank in range(64)]
+    line = report_line({"node_rank": 0, "root_cause": 5, "failures": failures}, MAX_LINE_BYTES)
+    assert len(line.encode()) <= MAX_LINE_BYTES and line.startswith(REPORT_PREFIX)
+    report = checked_report(json.loads(line[len(REPORT_PREFIX):]))
+    kept = {f["rank"]: f["traceback"] for f in report["failures"]}
+    assert kept[5].endswith("RuntimeError: boom") and kept[0] == ""
+
+
+def test_the_agents_own_traceback_still_reaches_the_launcher(tmp_path, capfd):
+    """An agent that dies of an exception after opening its channel: the traceback, written
+    to the relay's pipe, is passed on before the process ends."""
+    script = """
+        from sdtrain.launch import node
+        from sdtrain.launch.channel import AgentChannel
+        node._channel = AgentChannel()
+        raise RuntimeError("the agent itself fails")
+    """
+    outcome = Supervisor([node(script)], labels=["node 0 test"], run_dir=tmp_path / "run").run()
+    assert outcome.exit_codes == [1]
+    assert "[node 0 test] RuntimeError: the agent itself fails" in capfd.readouterr().err

@@ -12,7 +12,9 @@ agent's is passed on behind a mark, as text.
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 import threading
 
 from sdtrain.launch.collect import FILE_PREFIX
@@ -35,6 +37,7 @@ class AgentChannel:
         self._at_line_start = True  # where the launcher's reading of the channel stands
         self._relay = threading.Thread(target=self._pass_on, args=(read_fd,), name="sdtrain-relay", daemon=True)
         self._relay.start()
+        atexit.register(self.close)  # the agent's own last traceback, if it dies of one, still reaches the launcher
 
     def send(self, text: str) -> None:
         """The agent's own line(s), verbatim; a line after the first that starts like a
@@ -48,7 +51,11 @@ class AgentChannel:
 
     def close(self, wait_s: float = 2.0) -> None:
         """fd 2 back to the runner's stderr, and what the others wrote passed on first
-        (the relay ends once no process of the node holds the pipe)."""
+        (the relay ends once no process of the node holds the pipe). Twice is harmless."""
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
         os.dup2(self.fd, 2)
         self._relay.join(timeout=wait_s)
 

@@ -63,6 +63,25 @@ def clip(text: str, keep: str = "tail", limit: int = TEXT_LIMIT) -> str:
     return f"... ({len(text) - limit:,} characters cut)\n" + text[-limit:]
 
 
+def report_line(report: dict, limit: int) -> str:
+    """The report as the one line a remote node sends, at most `limit` bytes: where many
+    ranks failed with long texts, only the root cause keeps its traceback and log tail."""
+    line = REPORT_PREFIX + json.dumps(report)
+    if len(line) <= limit:
+        return line
+    cause = report.get("root_cause")
+    for failure in report["failures"]:
+        if failure["rank"] != cause:
+            failure.update(traceback="", log_tail="", error=clip(failure["error"], keep="head", limit=300))
+    line = REPORT_PREFIX + json.dumps(report)
+    if len(line) <= limit:
+        return line
+    for failure in report["failures"]:
+        failure.update(traceback=clip(failure["traceback"], limit=1000), log_tail="",
+                       error=clip(failure["error"], keep="head", limit=300))
+    return REPORT_PREFIX + json.dumps(report)
+
+
 def log_tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

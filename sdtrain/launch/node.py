@@ -41,10 +41,10 @@ from sdtrain.launch.channel import AgentChannel
 from sdtrain.launch.collect import encode_files
 from sdtrain.launch.disk import describe
 from sdtrain.launch.failures import (
-    REPORT_PREFIX,
     clip,
     describe_exit,
     log_tail,
+    report_line,
     root_cause,
     write_report,
 )
@@ -53,6 +53,7 @@ from sdtrain.launch import oom
 from sdtrain.launch.listen import MasterBindError, keep_collectives_on_loopback, register_backend, rendezvous_configs
 from sdtrain.launch.watchdog import HangWatchdog
 from sdtrain.launch.rundir import files_to_send, is_shared, move_aside, needs_shared_dir
+from sdtrain.launch.supervise import MAX_LINE_BYTES
 from sdtrain.parallel.join import AGENT_PID_VARIABLE
 from sdtrain.train.faults import ATTEMPT_VARIABLE
 from sdtrain.train.preempt import request_preemption
@@ -253,7 +254,7 @@ def _run_and_report(args, config: LaunchConfig, worker: list[str], watchdog: Han
             say(f"sdtrain node {args.node_rank}: cannot write its failure report: {describe(error)}. "
                 f"Root cause here: rank {cause['rank']} {cause['exit']}" + (f": {what[0]}" if what[0] else ""))
         if getattr(args, "report_to_stderr", False) or args.remote:
-            say(REPORT_PREFIX + json.dumps(report))
+            say(report_line(report, MAX_LINE_BYTES))  # the launcher reads lines up to MAX_LINE_BYTES
         return 1
     except MasterBindError as exc:
         say(f"sdtrain node {args.node_rank}: {exc}")
