@@ -126,3 +126,16 @@ def test_dry_run_placement_at_80_columns(tmp_path):
     tables = result.stdout[result.stdout.index("placement"):result.stdout.index("\nnode 0 (")]
     assert_fits(tables)  # the commands after it are one line each, to copy as they are
     assert "worker-node-with-a-long-name-0002.cluste" in tables and "pipeline" in tables
+
+
+def test_dry_run_recipe_keeps_a_long_data_path_whole(tmp_path):
+    """rich's Syntax cuts a line at the console's edge without a mark; the recipe wraps instead."""
+    folder = tmp_path / "a-rather-long-folder-name-for-the-team-datasets" / "2026-12-04" / "tokenized-corpus-v2"
+    folder.mkdir(parents=True)
+    (folder / "train.txt").write_text((REPO / "README.md").read_text())
+    result = sdtrain("launch", REPO / "recipes" / "quickstart.yaml", "--set", f"data.source={folder / 'train.txt'}",
+                     "--dry-run", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    recipe = result.stdout[:result.stdout.index("\nbatch")]
+    assert_fits(recipe)
+    assert str(folder / "train.txt") in "".join(line.strip() for line in recipe.splitlines())

@@ -21,7 +21,8 @@ from sdtrain.launch.oom import explain as explain_oom
 
 def print_plan(console: Console, job) -> None:
     plan, batch = job.plan, job.batch
-    console.print(Syntax(job.recipe.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
+    # word_wrap: a long value (a data path) wraps; without it rich cuts the line at the console edge
+    console.print(Syntax(job.recipe.to_yaml(), "yaml", theme="ansi_dark", background_color="default", word_wrap=True))
     # Paths and data names are the user's: `[` in them must not be read as markup.
     console.print("[bold]batch[/]: " + escape(f"{batch.explain()}  ({batch.global_batch * job.recipe.model.seq_len:,} tokens per step)"))
     console.print("[bold]data[/]: " + escape(job.data_summary))
