@@ -119,8 +119,10 @@ def model_params(model: dict) -> int | None:
     or None if it is not a model shape sdtrain could have saved."""
     from sdtrain.model.size import count_params
 
+    if not isinstance(model, dict):
+        return None
     sizes = ("n_layers", "d_model", "seq_len", "vocab_size", "mlp_ratio")
-    if not isinstance(model, dict) or not all(type(model.get(k)) is int and model[k] > 0 for k in sizes) or model["n_layers"] > MAX_LAYERS:
+    if not all(type(model.get(k)) is int and model[k] > 0 for k in sizes) or model["n_layers"] > MAX_LAYERS:
         return None
     moe = model.get("moe")
     if moe is not None and not (isinstance(moe, dict) and all(type(moe.get(k)) is int and moe[k] >= 0
