@@ -73,7 +73,7 @@ class FoldingTable:
         """One table per row, titled by its key: each column's header beside its value."""
         for row in self.rows:
             key = " ".join(cell.plain for cell in row[:self.key_columns])
-            table = Table(title=f"{self.title}: {key}" if self.title else key, title_justify="left",
+            table = Table(title=_title(f"{self.title}: {key}" if self.title else key), title_justify="left",
                           show_header=False)
             table.add_column(no_wrap=True, style="bold")
             table.add_column(overflow="fold")
@@ -111,7 +111,7 @@ class FoldingTable:
         return parts
 
     def _table(self, indexes: list[int], widths: list[int], title: str | None) -> Table:
-        table = Table(title=title, show_header=self.show_header)
+        table = Table(title=_title(title), show_header=self.show_header)
         for i in indexes:
             column = self.columns[i]
             table.add_column(column.header, justify=column.justify, style=column.style, width=widths[i],
@@ -121,3 +121,8 @@ class FoldingTable:
                 table.add_section()
             table.add_row(*(row[i] if i < len(row) else Text("") for i in indexes))
         return table
+
+
+def _title(title: str | None) -> Text | None:
+    """A title names user data (a recipe, a host): text, never markup."""
+    return None if title is None else Text(title, style="table.title")

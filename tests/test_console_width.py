@@ -112,9 +112,15 @@ def test_step_lines_wrap_between_their_parts():
 
 
 def test_a_folding_table_is_one_table_where_it_fits():
-    table = FoldingTable("t", [FoldingColumn("a"), FoldingColumn("b", wraps=True)])
+    table = FoldingTable("run [red]x[/red]", [FoldingColumn("a"), FoldingColumn("b", wraps=True)])
     table.add_row("x[bold]", "y")  # data, not markup
-    assert rendered(table).count("┏") == 1 and "x[bold]" in rendered(table)
+    text = rendered(table)
+    assert text.count("┏") == 1 and "x[bold]" in text and "run [red]x[/red]" in " ".join(text.split())
+    table.stack_when_narrow = True
+    table.add_row("host[/]", "a value " * 20)
+    text = rendered(table, width=40)
+    assert_fits(text, 40)
+    assert text.count("┌") == 2 and "run [red]x[/red]: host[/]" in text
 
 
 def test_dry_run_placement_at_80_columns(tmp_path):
