@@ -77,7 +77,7 @@ def test_a_dead_node_is_the_root_cause_and_the_reset_ranks_stop_with_it(tmp_path
 
 
 @pytest.mark.multinode
-@pytest.mark.parametrize("victim", ["agent", "ssh"])
+@pytest.mark.parametrize("victim", ["agent", pytest.param("ssh", marks=pytest.mark.slow)])
 def test_a_node_killed_mid_run_over_ssh_is_the_root_cause(sshd, tmp_path, victim):
     """The reproduction over a real sshd: node 1's agent (on 127.0.0.2), or the launcher's ssh
     connection to it, killed once training runs."""
