@@ -60,7 +60,7 @@ def run_means(records: list[dict]) -> dict:
 
 def summary_table(summary: dict) -> Table:
     """Two columns, label and value; a value wraps inside its cell rather than being cut."""
-    table = Table(title=f"run {summary['name']}: {summary['steps']} steps", show_header=False)
+    table = Table(title=Text(f"run {summary['name']}: {summary['steps']} steps", style="table.title"), show_header=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
     for label, value in summary_rows(summary):
