@@ -1,5 +1,6 @@
 """Is a checkpoint whole, and safe to load? One check, made before anything loads one:
-by the launcher for a resume (before a worker starts), and by `sdtrain export`.
+by the launcher for a resume (before a worker starts) and before every restart
+(launch/resume_target.py), and by `sdtrain export`.
 
 A damaged checkpoint (a truncated shard, a broken `.metadata`, a missing file) would
 otherwise pass the launcher and fail inside every worker; a crafted one must be refused
