@@ -33,19 +33,10 @@ def read_text(path: str | Path, what: str, max_bytes: int, form: str = "text",
     `what` names the file in messages ("recipe", "hostfile"); `form` says what it should hold
     ("YAML"), for the size message.
     """
-    path, shown = Path(path), printable(path)
-    try:
-        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting forever;
-        # it changes nothing for a regular file.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise error(f"cannot read {what} {shown}: {exc.strerror}") from None
+    shown = printable(path)
+    fd = open_regular(path, what, error)
     try:
         info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):  # worded as reading one says it (Is a directory)
-            raise error(f"cannot read {what} {shown}: {os.strerror(errno.EISDIR)}")
-        if not stat.S_ISREG(info.st_mode):
-            raise error(f"{what} {shown} is {_kind(info.st_mode)}, not a regular file; pass the file itself")
         if info.st_size > max_bytes:
             raise error(f"{what} {shown} is {info.st_size:,} bytes; a {what} is {form} of at most {max_bytes:,}")
         data = _read_at_most(fd, max_bytes + 1)  # + 1: a file that grew since fstat is still caught
@@ -56,6 +47,25 @@ def read_text(path: str | Path, what: str, max_bytes: int, form: str = "text",
     if len(data) > max_bytes:
         raise error(f"{what} {shown} is over {max_bytes:,} bytes; a {what} is {form} of at most {max_bytes:,}")
     return decode_utf8(data, f"{what} {shown}", error)
+
+
+def open_regular(path: str | Path, what: str, error: type[UserInputError] = UserInputError) -> int:
+    """A read-only descriptor of the regular file at `path` (the caller closes it); a FIFO, a
+    device, a socket or a directory is refused in one line, without blocking."""
+    shown = printable(path)
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting forever;
+        # it changes nothing for a regular file.
+        fd = os.open(Path(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise error(f"cannot read {what} {shown}: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode  # fstat of an open descriptor does not fail
+    if stat.S_ISREG(mode):
+        return fd
+    os.close(fd)
+    if stat.S_ISDIR(mode):  # worded as reading one says it (Is a directory)
+        raise error(f"cannot read {what} {shown}: {os.strerror(errno.EISDIR)}")
+    raise error(f"{what} {shown} is {_kind(mode)}, not a regular file; pass the file itself")
 
 
 def _read_at_most(fd: int, limit: int) -> bytes:

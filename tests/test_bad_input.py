@@ -1,7 +1,10 @@
 """Bad input is exit 2 before anything starts, with a message that names the problem and
 quotes at most a bounded excerpt of the input (issue 7, items 5-8)."""
 
+import os
+import signal
 import tracemalloc
+from contextlib import contextmanager
 
 import pytest
 from conftest import TINY, sdtrain
@@ -57,6 +60,47 @@ def test_a_line_longer_than_the_bound_is_refused(tmp_path):
     path.write_text('{"text": "' + "z" * (4 * 4096 + 2**20 + 10) + '"}\n')
     with pytest.raises(DataError, match="one-line.jsonl:1: the line is longer than"):
         check_source(DataConfig(source=str(path), max_bytes=4096), 16, 256)
+
+
+# --- data.source that is not a regular file (issue 19) ---
+
+@contextmanager
+def fails_after(seconds: int):
+    """A hang becomes a test failure: SIGALRM interrupts a blocked open() or read()."""
+    def hung(signum, frame):
+        raise AssertionError(f"still blocked after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("layout", ["corpus.txt", "corpus.jsonl", "tokens.bin", "folder/part.txt", "bins/train.bin"])
+def test_a_fifo_as_data_is_refused_not_waited_on(tmp_path, layout):
+    """Nobody writes to the FIFO: a plain open() would wait forever, on the launcher and every rank."""
+    fifo = tmp_path / layout
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    source = fifo if fifo.parent == tmp_path else fifo.parent
+    with fails_after(10), pytest.raises(DataError, match=f"{fifo.name} is a FIFO \\(named pipe\\), not a regular file"):
+        check_source(DataConfig(source=str(source)), 16, 1000)
+
+
+def test_a_device_as_data_is_refused_not_read(tmp_path):
+    """/dev/zero would be read to max_bytes of zeros and trained on without a word."""
+    with pytest.raises(DataError, match="data.source /dev/zero is a character device, not a regular file"):
+        check_source(DataConfig(source="/dev/zero", format="text"), 16, 256)
+
+
+def test_a_fifo_as_data_exits_2_from_launch(write_recipe, tmp_path):
+    os.mkfifo(tmp_path / "corpus.txt")
+    recipe = write_recipe({"data": {"source": str(tmp_path / "corpus.txt")}})
+    refused(sdtrain("launch", recipe, "--run-dir", tmp_path / "run", timeout=60),
+            "corpus.txt is a FIFO (named pipe), not a regular file")
+    assert not (tmp_path / "run").exists()
 
 
 # --- files that are not UTF-8 (item 7) ---

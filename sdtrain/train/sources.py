@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sdtrain.errors import DataError
+from sdtrain.user_files import open_regular
 
 STDLIB = "stdlib"
 BYTE_VOCAB = 256
@@ -94,20 +95,25 @@ def _read_texts(cfg, fmt: str):
     if fmt == "jsonl":
         yield from _read_jsonl(path, cfg.max_bytes)
         return
-    files = list(_walk_sorted(path, suffix=None)) if path.is_dir() else [path]
+    if not path.is_dir():
+        yield from _read_files([path], cfg.max_bytes, what="data.source")
+        return
+    files = list(_walk_sorted(path, suffix=None))
     if not files:
         raise DataError(f"data.source {path} is an empty folder; put text files in it")
-    yield from _read_files(files, cfg.max_bytes)
+    yield from _read_files(files, cfg.max_bytes, what="data.source file")
 
 
-def _read_files(files, max_bytes: int, errors: str = "strict"):
+def _read_files(files, max_bytes: int, errors: str = "strict", what: str = "file"):
     left = max_bytes
     for file in files:
+        # open_regular: a FIFO or a device (a folder may hold one) is refused, not waited on
+        # or read without end.
         try:
-            with open(file, "rb") as f:
+            with os.fdopen(open_regular(file, what, DataError), "rb") as f:
                 data = f.read(left)
         except OSError as exc:
-            raise DataError(f"cannot read {file}: {exc.strerror}") from None
+            raise DataError(f"cannot read {what} {file}: {exc.strerror}") from None
         if data:
             yield _decode(data, str(file), errors, cut=len(data) == left)
         left -= len(data)
@@ -120,7 +126,7 @@ def _read_jsonl(path: Path, max_bytes: int):
     up to a bound too: a single multi-gigabyte line is an error, not a hang."""
     line_cap = 4 * max_bytes + 2**20  # JSON escapes take up to 6 bytes a character; most take 1
     left = max_bytes
-    with path.open("rb") as f:
+    with os.fdopen(open_regular(path, "data.source", DataError), "rb") as f:
         for number in itertools.count(1):
             raw = f.readline(line_cap)
             if not raw:
@@ -184,8 +190,9 @@ def _load_bin(path: Path, val_fraction: float, seq_len: int) -> Corpus:
 
 
 def _memmap(path: Path) -> np.ndarray:
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path} is missing; a .bin folder needs train.bin (and optionally val.bin)")
+    os.close(open_regular(path, "data.source file", DataError))  # a FIFO or a device is named as one
     if path.stat().st_size % 2:
         raise DataError(f"{path} has an odd size; .bin files hold uint16 tokens (nanoGPT layout)")
     if path.stat().st_size == 0:
