@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from sdtrain.launch.collect import encode_files
-from sdtrain.launch.node import launch_workers, restrict_devices, say, stop_when_launcher_is_gone
+from sdtrain.launch.node import launch_workers, restrict_devices, say, start_remote
 from sdtrain.launch.rundir import is_shared
 
 RESULT = "comm.json"
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     shared = True
     if args.remote:
-        stop_when_launcher_is_gone(args.stop_on_stdin_eof)
+        start_remote(args.stop_on_stdin_eof)  # its own channel to the launcher, and the lifeline
         shared = is_shared(args.run_dir, args.run_id)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     restrict_devices(args.slots)

@@ -123,6 +123,14 @@ def stop_when_launcher_is_gone(watch_stdin: bool, stderr_fd: int = 2) -> None:
     start_lifeline(on_lost, watch_stdin, stderr_fd)
 
 
+def start_remote(watch_stdin: bool) -> None:
+    """A remote agent: its own channel to the launcher first (whatever starts later writes
+    to the relay, not to the launcher), then the lifeline on that channel."""
+    global _channel
+    _channel = AgentChannel()
+    stop_when_launcher_is_gone(watch_stdin, _channel.fd)
+
+
 def pass_preemption_on(run_dir: Path) -> None:
     """SIGUSR1 (Slurm's --signal=USR1, scancel --signal=USR1) becomes the run's preemption
     request, which this node's workers see at their next step (train/preempt.py); its
@@ -152,13 +160,11 @@ def threads_per_worker(nproc: int) -> int:
 
 
 def main(argv=None) -> int:
-    global _channel
     started()
     args = parse_args(argv)
     shared = True
     if args.remote:
-        _channel = AgentChannel()  # first: whatever starts later writes to the relay, not to the launcher
-        stop_when_launcher_is_gone(args.stop_on_stdin_eof, _channel.fd)
+        start_remote(args.stop_on_stdin_eof)
         shared = is_shared(args.run_dir, args.run_id)
         if not shared:
             why = needs_shared_dir(json.loads(args.recipe_json), args.resume_from)
