@@ -5,6 +5,7 @@ stops the job with the reason instead of leaving the launcher waiting forever.""
 import base64
 import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -293,3 +294,23 @@ def test_the_agents_own_traceback_still_reaches_the_launcher(tmp_path, capfd):
     outcome = Supervisor([node(script)], labels=["node 0 test"], run_dir=tmp_path / "run").run()
     assert outcome.exit_codes == [1]
     assert "[node 0 test] RuntimeError: the agent itself fails" in capfd.readouterr().err
+
+
+def test_a_file_that_never_completes_does_not_starve_the_others(tmp_path):
+    """Chunks that never complete fill the pending cap to the brim; the next file's chunks
+    push it over, and the endless one is dropped, not the newcomer."""
+    from sdtrain.launch.collect import MAX_PENDING_BYTES
+
+    src = tmp_path / "node"
+    (src / "logs").mkdir(parents=True)
+    (src / "logs" / "rank1.log").write_bytes(os.urandom(20_000))  # incompressible: several chunks
+    receiver = FileReceiver(tmp_path / "run")
+    piece = "A" * 12_000
+    for index in range(MAX_PENDING_BYTES // len(piece)):
+        receiver.feed(f"SDTRAIN_FILE logs/endless.log {index} 999999 {piece}")
+    assert receiver.notes == []
+    for line in encode_files(src, [src / "logs" / "rank1.log"]):
+        receiver.feed(line)
+    assert (tmp_path / "run" / "logs" / "rank1.log").read_bytes() == (src / "logs" / "rank1.log").read_bytes()
+    assert len(receiver.notes) == 1 and receiver.notes[0].startswith("logs/endless.log: more than 64 MiB")
+    assert receiver.pending_bytes == 0

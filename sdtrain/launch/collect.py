@@ -101,10 +101,13 @@ class FileReceiver:
         self.pending_bytes += len(chunk) - len(parts.get(index, ""))
         parts[index] = chunk
         if self.pending_bytes > MAX_PENDING_BYTES:
-            self.notes.append(f"{relative}: more than {MAX_PENDING_BYTES // 2**20} MiB of chunks waiting for the rest "
-                              "of their files: this file is dropped")
-            self._drop(relative)
-            return
+            # The file holding the most goes: one that never completes cannot starve the others.
+            largest = max(self.parts, key=lambda path: sum(map(len, self.parts[path][1].values())))
+            self.notes.append(f"{largest}: more than {MAX_PENDING_BYTES // 2**20} MiB of chunks waiting for the rest "
+                              "of their files: the largest, this one, is dropped")
+            self._drop(largest)
+            if largest == relative:
+                return
         if len(parts) == count:
             self._drop(relative)
             self._write(relative, [parts[i] for i in range(count)])
