@@ -363,6 +363,21 @@ def load_recipe(path: str | Path, overrides: list[str] = (), layout_checked_at_l
     """Read, override and validate a recipe; RecipeError says what is wrong and where.
     `layout_checked_at_launch`: the caller runs check_expert_layout once the world size is known."""
     path = Path(path)
+    try:
+        return _load_recipe(path, overrides, layout_checked_at_launch)
+    except RecipeError:
+        # Only a file that fails as a recipe is looked at again (a good recipe pays nothing): a
+        # training script or a ds_config gets the command to run instead, as launch gives it,
+        # not a YAML error or one "unknown key" per DeepSpeed key.
+        from sdtrain.migrate.launch_target import not_a_recipe
+
+        problem = not_a_recipe(str(path))
+        if problem:
+            raise RecipeError(problem) from None
+        raise
+
+
+def _load_recipe(path: Path, overrides: list[str], layout_checked_at_launch: bool) -> Recipe:
     if not path.exists():
         raise RecipeError(f"recipe {printable(path)} does not exist (pass the path to a .yaml recipe)")
     text = read_text(path, "recipe", MAX_RECIPE_BYTES, "YAML", RecipeError)

@@ -3,6 +3,8 @@ in the README's "Coming from DeepSpeed")."""
 
 import json
 
+import pytest
+
 from conftest import sdtrain
 
 
@@ -48,6 +50,27 @@ def test_a_training_script_given_to_launch_names_the_quickstart(tmp_path):
     error = " ".join(result.stderr.split())  # rich wraps long lines
     assert result.returncode == 2 and "Python script" in error and "built-in GPT" in error
     assert "sdtrain launch recipes/quickstart.yaml" in error  # from the repository, as the README's quickstart
+
+
+RECIPE_COMMANDS = [("estimate", "{}", "--gpus", "8"), ("recipe", "show", "{}"), ("bench", "{}"),
+                   ("preflight", "--hostfile", "{hosts}", "--recipe", "{}")]
+
+
+@pytest.mark.parametrize("command", RECIPE_COMMANDS, ids=lambda c: c[0])
+def test_every_command_that_takes_a_recipe_answers_a_ds_config_or_a_script_as_launch_does(tmp_path, command):
+    """The answer lives where every recipe load fails (load_recipe), not in each command."""
+    (tmp_path / "hosts").write_text("127.0.0.1 slots=1\n")  # preflight reads it before the recipe
+    config = tmp_path / "ds_config.json"
+    config.write_text(json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    script = tmp_path / "train.py"
+    script.write_text("import deepspeed\n")
+    for target, needles in [(config, [f"sdtrain import-deepspeed {config} --out recipe.yaml", "DeepSpeed config"]),
+                            (script, ["Python script", "built-in GPT", "sdtrain launch recipes/quickstart.yaml"])]:
+        args = [arg.format(target, hosts=tmp_path / "hosts") for arg in command]
+        result = sdtrain(*args, timeout=120)
+        error = " ".join(result.stderr.split())  # rich wraps long lines
+        assert result.returncode == 2 and "unknown key" not in error and "Traceback" not in error, (args, error)
+        assert all(needle in error for needle in needles), (args, error)
 
 
 def test_deepspeed_config_flags_name_the_import_command(tmp_path):

@@ -37,14 +37,24 @@ def check_launch_target(recipe: str | None, deepspeed: str | None, deepspeed_con
                              f"of {config} (listing every key it cannot carry over); {THEN}{script}")
     if recipe is None:
         raise UserInputError(f"launch needs a RECIPE (a YAML file), e.g. {quickstart_command()}")
+    problem = not_a_recipe(recipe)
+    if problem:
+        raise UserInputError(problem)
+
+
+def not_a_recipe(recipe: str) -> str | None:
+    """What to run instead when `recipe` is a training script or a DeepSpeed config; None when
+    it may be a recipe. Every command that takes a RECIPE answers the same: launch before
+    anything else, the others where the recipe reader fails (recipe.load_recipe)."""
     if _is_script(recipe):
-        raise UserInputError(f"{recipe} is a Python script: sdtrain runs no training scripts, it trains its built-in GPT "
-                             "(the recipe's model.*) on the data the recipe names (data.source); start from "
-                             f"{quickstart_command()} (`sdtrain recipe show` lists every key); from a DeepSpeed "
-                             f"config, {import_command('ds_config.json')} makes a recipe")
+        return (f"{recipe} is a Python script: sdtrain runs no training scripts, it trains its built-in GPT "
+                "(the recipe's model.*) on the data the recipe names (data.source); start from "
+                f"{quickstart_command()} (`sdtrain recipe show` lists every key); from a DeepSpeed "
+                f"config, {import_command('ds_config.json')} makes a recipe")
     if looks_like_deepspeed_config(Path(recipe)):
-        raise UserInputError(f"{recipe} is a DeepSpeed config, not an sdtrain recipe: {import_command(recipe)} makes a "
-                             f"recipe of it (listing every key it cannot carry over); {THEN}")
+        return (f"{recipe} is a DeepSpeed config, not an sdtrain recipe: {import_command(recipe)} makes a "
+                f"recipe of it (listing every key it cannot carry over); {THEN}")
+    return None
 
 
 def looks_like_deepspeed_config(path: Path) -> bool:
