@@ -91,7 +91,9 @@ class FoldingTable:
             wanted = min(max(longest_word, min(longest_line, WRAPPED_CELL)), console_width // 2)
         else:
             wanted = longest_line
-        if self.show_header:
+        if self.show_header and not wrap:  # the whole table fits: no header wraps
+            wanted = max(wanted, cell_len(column.header))
+        elif self.show_header:
             # the header wraps at its spaces (a word stays whole); a short one stays on one line
             wanted = max(wanted, header_word, min(cell_len(column.header), 10))
         return max(1, min(wanted, console_width - 1 - BORDER))

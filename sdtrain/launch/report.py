@@ -29,13 +29,15 @@ def print_plan(console: Console, job) -> None:
     console.print("[bold]model[/]: " + model_size_line(job.recipe.model))
     console.print("[bold]run dir[/]: " + escape(str(job.run_dir) + (f"  (resuming from {job.resume_from})" if job.resume_from else "")))
     # At 80 columns a host name wraps in its cell, never cut to "…" (console_table.py).
+    columns = {"rank": "rank", "host": "host", "node": "node_rank", "local rank": "local_rank", "device": "device",
+               "pipeline stage": "pipeline_stage", "dp rank": "dp_rank"}
+    if job.dims.ep > 1:  # without expert parallelism every rank is its own expert group: no news
+        columns["expert group"] = "expert_group"
     table = FoldingTable(f"placement: world size {plan.world_size}, master {plan.master_addr}:{plan.master_port}, "
                          f"backend {plan.backend}, runner {plan.launcher}",
-                         [FoldingColumn(c, wraps=c == "host") for c in ("rank", "host", "node", "local rank",
-                                                                        "device", "pipeline stage", "dp rank", "expert group")])
+                         [FoldingColumn(header, wraps=header == "host") for header in columns])
     for row in plan.placement(job.dims):  # the global rank leads: every part of a folded table repeats it
-        table.add_row(*(str(row[key]) for key in ("rank", "host", "node_rank", "local_rank", "device",
-                                                  "pipeline_stage", "dp_rank", "expert_group")))
+        table.add_row(*(str(row[key]) for key in columns.values()))
     console.print(table)
     if job.dims.pp > 1:
         print_stages(console, job)
