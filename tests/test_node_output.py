@@ -314,3 +314,19 @@ def test_a_file_that_never_completes_does_not_starve_the_others(tmp_path):
     assert (tmp_path / "run" / "logs" / "rank1.log").read_bytes() == (src / "logs" / "rank1.log").read_bytes()
     assert len(receiver.notes) == 1 and receiver.notes[0].startswith("logs/endless.log: more than 64 MiB")
     assert receiver.pending_bytes == 0
+
+
+def test_each_nodes_notes_are_echoed_under_its_own_name(tmp_path, capfd):
+    """Two nodes sending bad chunks at once: every note is shown under the node that caused
+    it, and the readers never trip over each other."""
+    script = """
+        import sys
+        for _ in range(3000):
+            print("SDTRAIN_FILE logs/{name}.log 5 2 abc", file=sys.stderr)
+    """
+    outcome = Supervisor([node(script.format(name="a")), node(script.format(name="b"))], labels=["node a", "node b"],
+                         run_dir=tmp_path / "run").run()
+    assert outcome.ok and outcome.errors == []
+    notes = [line for line in capfd.readouterr().err.splitlines() if "a file sent back" in line]
+    assert len(notes) == 6000
+    assert all(line.startswith("[node a]") == ("logs/a.log" in line) for line in notes)

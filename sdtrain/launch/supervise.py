@@ -34,7 +34,7 @@ from pathlib import Path
 
 import psutil
 
-from sdtrain.launch.collect import FileReceiver
+from sdtrain.launch.collect import FILE_PREFIX, FileReceiver
 from sdtrain.launch.failures import REPORT_PREFIX, checked_report
 
 TEARDOWN_GRACE_S = 10.0
@@ -83,6 +83,7 @@ class Supervisor:
         self.labels = labels
         self.stop_by = stop_by
         self.receiver = FileReceiver(run_dir) if run_dir is not None else None
+        self.receiving = threading.Lock()
         self.procs: list[subprocess.Popen] = []
         self.readers: list[threading.Thread] = []
         self.reports: list[dict] = []
@@ -144,16 +145,22 @@ class Supervisor:
                 return
             except (ValueError, RecursionError) as exc:
                 self._echo(index, f"(sdtrain: a failure report line that cannot be used, {exc}; shown as it came)")
-        if self.receiver is not None and self.receiver.feed(line):
-            while self.receiver.notes:
-                self._echo(index, f"(sdtrain: a file sent back: {self.receiver.notes.pop(0)})")
-            return
+        if self.receiver is not None and line.startswith(FILE_PREFIX):
+            with self.receiving:  # one node's line at a time: the notes taken are this line's, not another node's
+                taken = self.receiver.feed(line)
+                notes = self.receiver.notes[:]
+                self.receiver.notes.clear()
+            for note in notes:
+                self._echo(index, f"(sdtrain: a file sent back: {note})")
+            if taken:
+                return
         tail.append(line)
         self._echo(index, line)
 
     def _echo(self, index: int, line: str) -> None:
         try:
-            print(f"[{self.labels[index]}] {line}", file=sys.stderr, flush=True)
+            sys.stderr.write(f"[{self.labels[index]}] {line}\n")  # one write: two nodes' lines never merge
+            sys.stderr.flush()
         except (OSError, ValueError):
             pass
 
