@@ -34,8 +34,8 @@ def copy_step(full_run, dest, step=10):
     return dest
 
 
-def claim(ckpt, elements: int | None = None, extra_bytes: int = 0):
-    """Rewrite the embedding's metadata: `elements` elements (as [elements / 2^20, 2^20]),
+def claim(ckpt, elements: int | None = None, extra_bytes: int = 0, shape: tuple | None = None):
+    """Rewrite the embedding's metadata: `elements` elements (as [elements / 2^20, 2^20]) or `shape`,
     stored at the end of its shard with `extra_bytes` more than they take, the shard made
     long enough by a hole. The manifest goes: whoever crafts a checkpoint rewrites or drops it."""
     metadata = read_metadata_file(ckpt / ".metadata")
@@ -44,6 +44,8 @@ def claim(ckpt, elements: int | None = None, extra_bytes: int = 0):
     where = metadata.storage_data.pop(MetadataIndex(EMBEDDING, chunk.offsets))
     if elements is not None:
         entry.size = chunk.sizes = torch.Size([elements >> 20, 1 << 20])
+    if shape is not None:
+        entry.size = chunk.sizes = torch.Size(shape)
     shard = ckpt / where.relative_path
     offset = shard.stat().st_size
     length = entry.size.numel() * entry.properties.dtype.itemsize + 2048 + extra_bytes
@@ -81,8 +83,8 @@ def test_a_shard_linked_out_of_its_folder_is_refused_unread(full_run, tmp_path):
     assert checkpoint_problems(ckpt) == []
 
 
-@pytest.mark.parametrize("case", ["2^40 elements", "bytes beyond the tensor", "a model too big to size",
-                                  "a 1 TiB .metadata", "a 1 TiB extra file"])
+@pytest.mark.parametrize("case", ["2^40 elements", "bytes beyond the tensor", "a weight of another shape",
+                                  "a model too big to size", "a 1 TiB .metadata", "a 1 TiB extra file"])
 def test_sizes_beyond_the_model_are_refused_before_allocating(full_run, tmp_path, case):
     ckpt = copy_step(full_run, tmp_path / "ckpt")
     if case == "2^40 elements":
@@ -91,6 +93,10 @@ def test_sizes_beyond_the_model_are_refused_before_allocating(full_run, tmp_path
     elif case == "bytes beyond the tensor":
         claim(ckpt, extra_bytes=HUGE)
         expected = f"{ckpt / '.metadata'} records 1,099,511,"
+    elif case == "a weight of another shape":  # twice the rows: within the model's total, not its shape
+        claim(ckpt, shape=(512, 32))
+        expected = (f"{ckpt / '.metadata'} records 'model.tok_emb.weight' as (512, 32); the model of "
+                    f"{ckpt / 'sdtrain.json'} has it as (256, 32)")
     elif case == "a 1 TiB .metadata":  # a byte string inside could say it is that long
         os.truncate(ckpt / ".metadata", HUGE)
         (ckpt / MANIFEST).unlink()
@@ -119,13 +125,13 @@ def test_sizes_beyond_the_model_are_refused_before_allocating(full_run, tmp_path
 
 
 def test_export_refuses_a_model_bigger_than_this_machine(full_run, tmp_path):
-    """sdtrain.json itself claims a 2^40-parameter embedding, so the metadata is consistent
-    with it: verification passes, and export, which holds every weight at once, says the
-    model does not fit here instead of dying in the allocation."""
+    """sdtrain.json itself claims a 2^40-element embedding (a vocabulary of 2^35 tokens), so the
+    metadata is consistent with it: verification passes, and export, which holds every weight
+    at once, says the model does not fit here instead of dying in the allocation."""
     ckpt = copy_step(full_run, tmp_path / "ckpt")
-    claim(ckpt, elements=HUGE)
+    claim(ckpt, shape=(HUGE >> 5, 32))
     info = json.loads((ckpt / "sdtrain.json").read_text())
-    info["model"].update(vocab_size=HUGE >> 20, d_model=1 << 20)
+    info["model"].update(vocab_size=HUGE >> 5)
     (ckpt / "sdtrain.json").write_text(json.dumps(info))
     assert checkpoint_problems(ckpt) == []
     result = sdtrain("export", ckpt, tmp_path / "out.safetensors")

@@ -29,7 +29,7 @@ from sdtrain.train.checkpoint_manifest import manifest_problems
 METADATA = ".metadata"
 FIX = "use an earlier checkpoint (checkpoints/step_<N>), or start afresh with --set train.resume=never"
 MAX_WORLD_SIZE = 1 << 20  # sdtrain.json is input too: a world size bounds a loop below
-MAX_LAYERS = 1 << 16  # and its n_layers bounds the loop that sizes the model
+MAX_LAYERS = 4096  # and its n_layers bounds sizing and building the model (about 1 ms a block)
 # What a checkpoint may hold, in elements: the weights and Adam's two moments are 3 copies of
 # the model; one more copy is room for state a strategy may add (fp32 masters beside low-precision
 # weights); SMALL_STATE covers the step count and MoE balancer biases.
@@ -75,8 +75,9 @@ def checkpoint_problems(path: str | Path, checksums: bool = True) -> list[str]:
     except CheckpointError as exc:
         return problems + [str(exc)]
     problems += storage_problems(path, metadata)
-    return problems + (size_problems(path, metadata, info["model"]) if not problems else []) \
-        + extra_problems(path, int(info["world_size"]))
+    if not problems:  # the entries are well-formed: now what they describe
+        problems += size_problems(path, metadata, info["model"]) or shape_problems(path, metadata, info["model"])
+    return problems + extra_problems(path, int(info["world_size"]))
 
 
 def link_problems(path: Path) -> list[str]:
@@ -112,6 +113,28 @@ def size_problems(path: Path, metadata, model: dict) -> list[str]:
             if length > _numel(chunk.sizes) * itemsize + FRAMING_BYTES:
                 return [f"{meta} records {length:,} bytes for {fqn!r:.80} at offsets {tuple(chunk.offsets)}, far more "
                         f"than its {_numel(chunk.sizes):,} elements take (the file may be corrupt or crafted)"]
+    return []
+
+
+def shape_problems(path: Path, metadata, model: dict) -> list[str]:
+    """Every model weight recorded has the shape the model of sdtrain.json gives it (built on
+    the meta device, as the worker builds it from the recipe: no memory). Export allocates
+    these; a resume, whose recipe must hold that same model, is refused here with exit 2
+    rather than by DCP in every worker."""
+    import torch
+
+    from sdtrain.model.gpt import GPT, GPTConfig
+
+    try:
+        with torch.device("meta"):
+            shapes = {f"model.{k}": tuple(v.shape) for k, v in GPT(GPTConfig(**model)).state_dict().items()}
+    except Exception as exc:  # noqa: BLE001 - values no model takes fail in many ways
+        return [f"{path / INFO} records a model sdtrain cannot build ({type(exc).__name__}: {str(exc)[:120]})"]
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if fqn.startswith("model.") and shapes.get(fqn) != tuple(entry.size):
+            has = f"has it as {shapes[fqn]}" if fqn in shapes else "has no such weight"
+            return [f"{path / METADATA} records {fqn!r:.80} as {tuple(entry.size)!r:.80}; the model of {path / INFO} {has} "
+                    "(the file may be corrupt or crafted)"]
     return []
 
 
