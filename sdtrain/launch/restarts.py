@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from sdtrain.launch.drills import hang_injected, injected_by, naming_the_drill
 from sdtrain.launch.failures import merge_reports, read_reports, root_cause
 from sdtrain.launch.hang_report import hang_diagnosis
 from sdtrain.launch.resume_target import restart_target
@@ -55,10 +56,13 @@ def failure_cause(job, outcome: JobOutcome) -> dict:
         cause = root_cause(failures)
         error = (cause["error"] or "").strip().splitlines()
         hang = hang_diagnosis(job.run_dir, job.plan.world_size) if any(r.get("hang") for r in reports) else None
+        # A drill's failure never reads as a real one: the restart line, restarts.jsonl and
+        # summary.json's restart_causes say "injected", as the failure report does.
         if hang is not None:  # the watchdog's SIGKILLs are not the cause: the hang it diagnosed is
-            return {"rank": None, "host": None, "exit": "stopped by the hang watchdog", "error": hang[0],
-                    "timestamp": cause["timestamp"]}
-        return {"rank": cause["rank"], "host": cause["host"], "exit": cause["exit"], "error": error[-1] if error else "",
+            return {"rank": None, "host": None, "exit": "stopped by the hang watchdog",
+                    "error": naming_the_drill(hang[0], hang_injected(*hang, job.drills)), "timestamp": cause["timestamp"]}
+        return {"rank": cause["rank"], "host": cause["host"], "exit": cause["exit"],
+                "error": naming_the_drill(error[-1] if error else "", injected_by(cause, job.drills)),
                 "timestamp": cause["timestamp"]}
     codes = [code for code in outcome.exit_codes if code not in (None, 0)]
     why = "; ".join(outcome.errors) or f"a node exited with {codes[0] if codes else 'no code'} before any rank reported"
@@ -136,7 +140,8 @@ def run_with_restarts(job, run_attempt: Callable[[list[list[str]]], JobOutcome],
         if not go_on:
             say(f"not restarted: the job resumed from {job.resume_from}, and no checkpoint passes verification now")
             break
-        say(f"restart {attempt}: " + (f"resuming from {resume}" if resume else "no checkpoint yet: starting over from step 0"))
+        fresh = "no checkpoint passes verification" if skipped else "no checkpoint yet"
+        say(f"restart {attempt}: " + (f"resuming from {resume}" if resume else f"{fresh}: starting over from step 0"))
         time.sleep(max(0.0, stopped_at + delay - time.time()))
         record_restart(job.run_dir, {
             "attempt": attempt, "cause": cause, "resume_from": str(resume) if resume else None,
