@@ -92,7 +92,7 @@ class PrivateFileRendezvous(RendezvousHandler):
     their own beside it (STORE_FILE_VARIABLE), not a client of this one."""
 
     def __init__(self, directory: Path, master_addr: str, master_port: int, run_id: str, timeout_s: int):
-        self.directory, self.run_id = directory, run_id
+        self.run_id = run_id
         self.bootstrap = RendezvousStoreInfo(master_addr, master_port)  # torch's agent wants one; nobody listens there
         self._store = FileStore(str(directory / "agent"), 1)
         self._store.set_timeout(timedelta(seconds=timeout_s))
