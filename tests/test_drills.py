@@ -115,3 +115,51 @@ def test_a_nan_drill_run_reports_injected_not_lower_lr(write_recipe, tmp_path):
     assert "exit code 1 (injected)" in err and "injected by SDTRAIN_INJECT_NAN=0:1 (from the launcher's environment)" in err
     assert "at step 2, injected by SDTRAIN_INJECT_NAN=0:1 (a drill, not a divergence)" in err
     assert "Lower train.lr" not in err
+
+
+def hang_report(run_dir, file: str, function: str) -> None:
+    """hang/node0.json as the watchdog writes it: rank 0 waits in an all_reduce that rank 1,
+    asleep in `function` of `file`, never entered."""
+    waiting = {"seq": 1, "group_seq": 1, "op": "all_reduce", "group": "world[0, 1]", "ranks": [0, 1], "bytes": 4,
+               "entered": 1.0, "completed": None}
+    stack = f'Current thread 0x0000000000000001 (most recent call first):\n  File "/x/{file}", line 19 in {function}\n'
+    (run_dir / "hang").mkdir(parents=True)
+    (run_dir / "hang" / "node0.json").write_text(json.dumps({"node_rank": 0, "timeout_s": 5, "ranks": {
+        "0": {"recent": [waiting], "step": 3}, "1": {"recent": [], "step": 3, "stacks": stack, "main_thread": 1}}}))
+
+
+@pytest.mark.parametrize("file, function, injected", [("sdtrain/train/hang_drill.py", "inject_hang", True),
+                                                     ("sdtrain/model/gpt.py", "forward", False)])
+def test_a_restart_after_a_drill_hang_says_injected(tmp_path, write_recipe, monkeypatch, file, function, injected):
+    """The restart line, restarts.jsonl and summary.json's causes say "injected" for a hang the
+    drill caused, as a fault's or a NaN's error text does; a real hang under a drill does not."""
+    from sdtrain.launch.job import plan_job
+    from sdtrain.launch.restarts import describe_cause, failure_cause
+    from sdtrain.launch.supervise import JobOutcome
+
+    monkeypatch.setenv("SDTRAIN_INJECT_HANG", "1:3@0")
+    run_dir = tmp_path / "run"
+    job = plan_job(str(write_recipe({"launch": {"nproc_per_node": 2}})), [], 2, str(run_dir))
+    hang_report(run_dir, file, function)
+    killed = {"rank": 1, "local_rank": 1, "host": "h", "pid": 7, "exitcode": -9, "exit": "signal SIGKILL",
+              "timestamp": 1.0, "error": "", "traceback": "", "log_tail": ""}
+    outcome = JobOutcome(exit_codes=[1], interrupted=None, wall_s=1.0,
+                         reports=[{"node_rank": 0, "hang": True, "failures": [killed]}])
+    line = describe_cause(failure_cause(job, outcome))
+    assert line.startswith("stopped by the hang watchdog: hang: rank 1 stuck at sdtrain/"), line
+    assert ("(injected by SDTRAIN_INJECT_HANG=1:3@0)" in line) == injected, line
+
+
+def test_a_restart_after_an_address_limit_drill_says_injected(tmp_path, write_recipe, monkeypatch):
+    """The address-space drill shows as an out-of-memory error that names no drill itself."""
+    from sdtrain.launch.job import plan_job
+    from sdtrain.launch.restarts import describe_cause, failure_cause
+    from sdtrain.launch.supervise import JobOutcome
+
+    monkeypatch.setenv("SDTRAIN_INJECT_ADDRESS_LIMIT", "0:524288000")
+    job = plan_job(str(write_recipe()), [], 1, str(tmp_path / "run"))
+    oom = {"rank": 0, "local_rank": 0, "host": "h", "pid": 7, "exitcode": 1, "exit": "exit code 1", "timestamp": 1.0,
+           "error": "MemoryError", "traceback": "", "log_tail": "", "oom": {"certain": True}}
+    outcome = JobOutcome(exit_codes=[1], interrupted=None, wall_s=1.0, reports=[{"node_rank": 0, "failures": [oom]}])
+    assert describe_cause(failure_cause(job, outcome)).endswith(
+        "MemoryError (injected by SDTRAIN_INJECT_ADDRESS_LIMIT=0:524288000)")

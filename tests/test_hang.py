@@ -137,6 +137,8 @@ def test_a_hang_restarts_under_max_restarts(write_recipe, tmp_path):
     assert f"restart 1/1 after a failure of attempt 0: stopped by the hang watchdog: hang: rank 1 stuck at {drill_line()}" \
         in " ".join(result.stderr.split()), result.stderr
     assert (run_dir / "hang" / "diagnosis.txt").read_text().startswith(f"hang: rank 1 stuck at {drill_line()}")
+    [record] = [json.loads(line) for line in (run_dir / "restarts.jsonl").read_text().splitlines()]
+    assert record["cause"]["error"].endswith("(injected by SDTRAIN_INJECT_HANG=1:3@0)")  # the drill's, not a real hang
 
 
 @pytest.mark.slow

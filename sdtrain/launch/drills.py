@@ -59,6 +59,14 @@ def hang_injected(cause: str, lines: list[str], drills: list[ActiveDrill]) -> Ac
     return drill if drill is not None and any("inject_hang" in text for text in (cause, *lines)) else None
 
 
+def naming_the_drill(text: str, drill: ActiveDrill | None) -> str:
+    """`text` (a failure's one-line cause) naming the drill that caused it, as the fault and NaN
+    drills' own errors do; a hang or an address-space limit says nothing of a drill itself."""
+    if drill is None or f"{drill.name}=" in text:
+        return text
+    return f"{text} (injected by {drill.name}={drill.value})"
+
+
 def injected_line(drill: ActiveDrill) -> str:
     return f"injected by {drill}: a drill, not a real failure (unset {drill.name} for a real run)"
 
