@@ -206,7 +206,8 @@ class LaunchSection(Section):
         "workers per node; `auto`: one per GPU, or 1 on CPU"))
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="`auto`: NCCL on CUDA, gloo on CPU")
     master_port: Optional[int] = Field(None, ge=1024, le=65535, description=(
-        "rendezvous port; null: a free port (29500 when the master is another machine)"))
+        "rendezvous port of a multi-node job (a job on one machine listens on none); null: a free port (29500 "
+        "when the master is another machine)"))
     timeout_s: int = Field(300, ge=10, description=(
         "collective timeout: how long a hang may last before it fails the run"))
     memory_check: Literal["error", "warn", "off"] = Field("error", description=(

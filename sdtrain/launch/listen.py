@@ -9,7 +9,7 @@ starts its TCPStore on node 0 listening on every interface (`::`); TCPStore also
 socket that is already listening (`master_listen_fd`), so node 0 binds that socket itself,
 to the address the master name resolves to here: the interface the other nodes use. The
 store has no authentication: while the job runs, whoever can reach that address and port
-can read and write its keys (README, "Multi-node: what the rendezvous exposes"). Every
+can read and write its keys (README, "Multi-node", the runners paragraph). Every
 other node and every worker is only a client of that store (torch's agent store), so
 nothing else listens for it.
 
