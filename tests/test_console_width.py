@@ -145,3 +145,18 @@ def test_dry_run_recipe_keeps_a_long_data_path_whole(tmp_path):
     recipe = result.stdout[:result.stdout.index("\nbatch")]
     assert_fits(recipe)
     assert str(folder / "train.txt") in "".join(line.strip() for line in recipe.splitlines())
+
+
+def test_a_failure_title_too_long_for_its_box_is_printed_whole_above_it():
+    """rich cuts a panel title wider than the box to '…': a host name or '(injected)' lost."""
+    from sdtrain.launch.report import print_red_panel
+
+    title = f"root cause: rank 3 on {HOST} (local rank 1, pid 4242) exit code 1 (injected)"
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    print_red_panel(console, title, "RuntimeError: fault injected")
+    text = console.export_text()
+    assert_fits(text)
+    assert title in words(text) and "RuntimeError: fault injected" in text
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    print_red_panel(console, "root cause: rank 0", "boom")
+    assert console.export_text().splitlines()[0].startswith("╭─ root cause: rank 0 ")  # a short one stays in the box

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
@@ -81,14 +82,14 @@ _EXIT_HINTS = {
 
 def print_failure(console: Console, job, outcome) -> None:
     for error in outcome.errors:
-        console.print(Panel(Text(error), title="the launcher stopped the job", title_align="left", border_style="red"))
+        print_red_panel(console, "the launcher stopped the job", error)
     # Every process that writes there fails when the run directory cannot be written; the
     # directory itself says why in one line, which no traceback of theirs puts first.
     disk = unwritable(job.run_dir)
     disk = disk if disk is not None and disk.errno in DISK_ERRORS else None
     if disk is not None:
-        console.print(Panel(Text(f"{describe(disk)}\n{DISK_ERRORS[disk.errno]}"), border_style="red", title_align="left",
-                            title=escape(f"cause: the run directory {job.run_dir} cannot be written")))
+        print_red_panel(console, f"cause: the run directory {job.run_dir} cannot be written",
+                        f"{describe(disk)}\n{DISK_ERRORS[disk.errno]}")
     from_files, notes = read_reports(job.run_dir / "failures")
     for note in notes:
         console.print(f"note: {note}", markup=False, highlight=False)
@@ -113,7 +114,7 @@ def print_failure(console: Console, job, outcome) -> None:
             hint = DIED_HINT
             if dead_cause is None and disk is None and only_symptoms(failures):
                 dead_cause, title = node, f"root cause: {title}"
-        console.print(Panel(Text(f"{hint}\n\n{body}"), title=escape(title), title_align="left", border_style="red"))
+        print_red_panel(console, title, f"{hint}\n\n{body}")
     if not failures:
         if not (silent or outcome.errors or disk):
             console.print("[bold red]the job failed[/] but no rank left a report; see the logs/ folder of the run directory")
@@ -134,10 +135,20 @@ def print_failure(console: Console, job, outcome) -> None:
     if drill is not None:  # a drill's failure never reads as a real one
         title += " (injected)"
         body = injected_line(drill) + "\n\n" + body
-    console.print(Panel(Text(body.strip() or "(no output)"), title=escape(title), title_align="left", border_style="red"))
+    print_red_panel(console, title, body.strip() or "(no output)")
     if job.drills and drill is None:
         console.print(not_injected_note(job.drills), markup=False, highlight=False)
     print_also_stopped(console, [f for f in failures if f is not cause])
+
+
+def print_red_panel(console: Console, title: str, body: str) -> None:
+    """A failure in a red box. A title too long for the box's top edge (a host name, a path, a
+    drill's "(injected)") goes whole on the line above it: rich would cut it to '…'."""
+    heading = Text(title, style="bold red")  # the user's paths and host names: text, never markup
+    if cell_len(title) + 6 > console.width:  # the corners, the rule and a space each side
+        console.print(heading)
+        heading = None
+    console.print(Panel(Text(body), title=heading, title_align="left", border_style="red"))
 
 
 def print_also_stopped(console: Console, failures: list[dict]) -> None:
@@ -158,7 +169,7 @@ def print_hang(console: Console, job) -> bool:
     if drill is not None:
         cause += " (injected)"
         body = injected_line(drill) + "\n\n" + body
-    console.print(Panel(Text(body), title=escape(f"root cause: {cause}"), title_align="left", border_style="red"))
+    print_red_panel(console, f"root cause: {cause}", body)
     return True
 
 
