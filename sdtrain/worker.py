@@ -40,7 +40,7 @@ from sdtrain.train.preempt import PreemptRequest, write_preempted
 from sdtrain.train.progress import start_progress
 from sdtrain.train.sources import load_corpus
 from sdtrain.train.strict_json import dumps_strict
-from sdtrain.train.summary import earlier_baseline, run_means, summary_table, whole_run_evals
+from sdtrain.train.summary import run_means, summary_table, whole_run_evals
 from sdtrain.train.trainer import Trainer
 
 
@@ -121,9 +121,8 @@ def main(argv=None) -> None:
         first_step = trainer.checkpointer.load(Path(args.resume_from), strategy)
         print(f"rank {rank}: resumed from {args.resume_from} at step {first_step}")
 
-    log, baseline = None, None
+    log = None
     if env.is_main:
-        baseline = earlier_baseline(args.run_dir / "summary.json") if first_step else None  # before it is rewritten
         log = MetricsLog(args.run_dir, console, recipe.train.steps, first_step, recipe.log.tensorboard)
     try:
         result = trainer.fit(first_step, log)
@@ -141,9 +140,11 @@ def main(argv=None) -> None:
             "name": recipe.name,
             "steps": result.last_step,
             "world_size": env.world_size,
-            "first_step": first_step,  # past 0: a resumed run, whose tokens/s and world_size are this launch's
+            "first_step": first_step,  # past 0: a resumed run, whose tokens/s, world_size and means are this launch's
             "final_loss": result.final_loss,
-            "eval_losses": whole_run_evals(log.history, result.eval_losses, baseline),
+            # a resumed launch's step-0 eval is the one its checkpoint carries
+            "eval_losses": whole_run_evals(log.history, result.eval_losses,
+                                           trainer.checkpointer.eval_baseline if first_step else None),
             "tokens_per_s": result.tokens_per_s,
             "mfu": trainer.mfu(result.tokens_per_s),
             "peak_mem_gib": peak_mem,
@@ -156,7 +157,7 @@ def main(argv=None) -> None:
             "checkpoint": result.checkpoint,
             "skipped_steps": result.skipped_steps,
             "checkpoint_stall_s": result.checkpoint_stall_s,
-            "means": run_means(log.history + log.records),  # step time, MoE and pipeline shares
+            "means": run_means(log.records),  # this launch's: step time and shares depend on the layout
         }
         if result.preempted:  # the launcher exits PREEMPTED_EXIT on seeing it
             write_preempted(args.run_dir, result.last_step, result.checkpoint)

@@ -7,7 +7,8 @@ Layout of `checkpoints/step_<N>/`:
   rank<R>.extra.pt               this rank's RNG state and loss-scaler state (tensors and
                                  numbers only: loaded weights-only)
   sdtrain.json                   step, model shape, world size and layout (pp, dp, ep),
-                                 readable without torch
+                                 and the run's step-0 eval loss (`eval_baseline`), readable
+                                 without torch
   manifest.json                  name, size and sha256 of every other file, written last
 `checkpoints/latest` holds the name of the newest complete checkpoint.
 
@@ -25,6 +26,7 @@ checkpoint_verify.py checks a checkpoint against all of this before anything loa
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -48,6 +50,10 @@ class Checkpointer:
         self.env = env
         self.async_group = dist.new_group(backend="gloo") if async_save else None
         self.pending = None  # (future, step, model_shape) of an async save not yet completed
+        # The run's step-0 eval loss, kept in every checkpoint of the run: metrics.jsonl has no
+        # row for step 0, and a launch that fails writes no summary, so a resumed launch (after
+        # a restart, or on another world size) reads it from the checkpoint it resumes.
+        self.eval_baseline: float | None = None
 
     def save(self, step: int, strategy: Strategy, model_shape: dict) -> Path:
         """Save at `step`; with async_save, return once the state is copied (the files
@@ -90,6 +96,8 @@ class Checkpointer:
         if self.env.is_main:
             info = {"step": step, "model": model_shape, "world_size": self.env.world_size,
                     "layout": self.env.dims.as_dict(), "time": time.time()}
+            if self.eval_baseline is not None and math.isfinite(self.eval_baseline):  # NaN is no JSON
+                info["eval_baseline"] = self.eval_baseline
             (partial / INFO).write_text(json.dumps(info, indent=2))
             write_manifest(partial, {name: d for files in every_rank for name, d in files.items()})
             if final.exists():
@@ -104,6 +112,7 @@ class Checkpointer:
         dcp.load(strategy.checkpoint_state(), storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
         strategy.after_load()
         info = read_info(path)
+        self.eval_baseline = eval_baseline_in(info)
         extra_file = path / f"rank{self.env.rank}.extra.pt"
         # RNG and loss-scaler state belong to a rank's place in the layout it was written in.
         same_layout = info["world_size"] == self.env.world_size and info.get("layout", {}).get("pp", 1) == self.env.dims.pp
@@ -121,6 +130,15 @@ class Checkpointer:
         for old in steps[: -self.keep]:
             if old.name != keep_name:
                 shutil.rmtree(old)
+
+
+def eval_baseline_in(info: dict) -> float | None:
+    """The step-0 eval loss a checkpoint's sdtrain.json carries, or None. sdtrain.json is
+    input (read_info bounds its size): anything but a finite number is None."""
+    value = info.get("eval_baseline")
+    if type(value) not in (int, float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _rng_state() -> dict:

@@ -1,21 +1,19 @@
 """The end-of-run summary: summary.json's whole-run numbers and the table rank 0 prints.
 
 A resumed run is one run in several launches. Its metrics.jsonl holds every logged step up
-to now (the lines past the checkpoint are dropped on resume), so the eval losses and the
-strategy's shares (MoE dropped tokens and all-to-all time, the pipeline bubble) are read from
-all of it. Throughput and the rank count are this launch's own: an earlier launch may have
-run on another number of ranks, so the summary says which steps they cover.
+to now (the lines past the checkpoint are dropped on resume), so the eval losses are read from
+all of it, after the step-0 baseline the resumed checkpoint carries. Throughput, the rank count
+and the means (step time, and the strategy's shares: MoE dropped tokens and all-to-all time,
+the pipeline bubble) are this launch's own: an earlier launch may have run on another layout,
+where all of them differ, so the summary says which steps they cover.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from rich.table import Table
 from rich.text import Text
 
-# metrics.jsonl keys whose mean over the run goes into summary.json and the table:
+# metrics.jsonl keys whose mean over this launch's logged steps goes into summary.json and the table:
 # (key, label, as a percentage?)
 RUN_MEANS = (
     ("step_s", "step time", False),
@@ -25,31 +23,20 @@ RUN_MEANS = (
 )
 
 
-def whole_run_evals(history: list[dict], this_launch: list, baseline: tuple | None = None) -> list:
-    """(step, eval loss) over the whole run: the step-0 baseline (this launch's, or the one an
-    earlier launch's summary kept), the earlier launches' from metrics.jsonl, then this launch's."""
+def whole_run_evals(history: list[dict], this_launch: list, baseline: float | None = None) -> list:
+    """(step, eval loss) over the whole run: the step-0 baseline (this launch's, or the one the
+    resumed checkpoint carries), the earlier launches' from metrics.jsonl, then this launch's."""
     mine = [tuple(e) for e in this_launch]
     earlier = [(r["step"], r["eval_loss"]) for r in history if isinstance(r.get("eval_loss"), (int, float))]
     if baseline is not None:
-        earlier.insert(0, baseline)
+        earlier.insert(0, (0, baseline))
     steps = {step for step, _ in mine}
     return sorted([e for e in earlier if e[0] not in steps] + mine, key=lambda e: e[0])
 
 
-def earlier_baseline(summary_path: Path) -> tuple | None:
-    """The step-0 eval an earlier launch of this run wrote into summary.json (metrics.jsonl
-    has no row for step 0), or None. The file is only read as data: anything unexpected is None."""
-    try:
-        evals = json.loads(summary_path.read_text()).get("eval_losses")
-        step, loss = evals[0]
-    except (OSError, ValueError, AttributeError, TypeError, IndexError, KeyError):
-        return None
-    ok = step == 0 and type(step) is int and isinstance(loss, (int, float)) and not isinstance(loss, bool)
-    return (0, loss) if ok else None
-
-
 def run_means(records: list[dict]) -> dict:
-    """Mean of each RUN_MEANS key over the logged steps that carry it (keys no step has are left out)."""
+    """Mean of each RUN_MEANS key over the logged steps that carry it (keys no step has are left
+    out). Give it this launch's records only: step time and the shares depend on the layout."""
     means = {}
     for key, _, _ in RUN_MEANS:
         values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
@@ -83,8 +70,8 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
         ("eval loss", eval_text),
     ]
     first = summary.get("first_step", 0)
-    if first:  # this launch's speed, ranks and time: an earlier one may have had other ranks
-        rows.append(("resumed", f"at step {first}: speed and time are of steps {first + 1}-{summary['steps']}"))
+    if first:  # this launch's speed, ranks, time and means: an earlier one may have had another layout
+        rows.append(("resumed", f"at step {first}: speed, time and means are of steps {first + 1}-{summary['steps']}"))
     rows += [
         ("tokens/s", throughput),
         ("MFU", f"{100 * summary['mfu']:.1f}%" if summary["mfu"] is not None else "- (no peak known for this device)"),
