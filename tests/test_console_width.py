@@ -2,6 +2,7 @@
 80): no line wider than the console, no value cut to "…" — long values wrap, wide tables
 are dealt into parts that repeat the row's key, or stack one row per table."""
 
+import json
 import re
 
 from rich.console import Console
@@ -132,6 +133,20 @@ def test_dry_run_placement_at_80_columns(tmp_path):
     tables = result.stdout[result.stdout.index("placement"):result.stdout.index("\nnode 0 (")]
     assert_fits(tables)  # the commands after it are one line each, to copy as they are
     assert "worker-node-with-a-long-name-0002.cluste" in tables and "pipeline" in tables
+    assert f"master{HOST}:29500" in "".join(words(tables).split())  # two nodes meet at node 0's address
+
+
+def test_a_one_node_dry_run_says_its_rendezvous_listens_nowhere(tmp_path):
+    """One node keeps its rendezvous in private files (listen.py): the title shows no master
+    address, where nothing would listen; --json keeps master_addr and master_port (a contract)."""
+    args = ("launch", REPO / "recipes" / "quickstart.yaml", "--nproc-per-node", 2, "--run-dir", tmp_path / "run", "--dry-run")
+    result = sdtrain(*args, env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    tables = words(result.stdout[result.stdout.index("placement"):result.stdout.index("\nnode 0 (")])
+    assert tables.startswith("placement: world size 2, rendezvous: private file store, backend gloo"), tables
+    assert "master" not in tables
+    plan = json.loads(sdtrain(*args, "--json").stdout)
+    assert plan["master_addr"] == "127.0.0.1" and isinstance(plan["master_port"], int)
 
 
 def test_dry_run_recipe_keeps_a_long_data_path_whole(tmp_path):

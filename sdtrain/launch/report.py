@@ -34,7 +34,10 @@ def print_plan(console: Console, job) -> None:
                "pipeline stage": "pipeline_stage", "dp rank": "dp_rank"}
     if job.dims.ep > 1:  # without expert parallelism every rank is its own expert group: no news
         columns["expert group"] = "expert_group"
-    table = FoldingTable(f"placement: world size {plan.world_size}, master {plan.master_addr}:{plan.master_port}, "
+    # One node keeps its rendezvous in private files (listen.py): no address to show, nothing listens.
+    rendezvous = ("rendezvous: private file store" if len(plan.nodes) == 1
+                  else f"master {plan.master_addr}:{plan.master_port}")
+    table = FoldingTable(f"placement: world size {plan.world_size}, {rendezvous}, "
                          f"backend {plan.backend}, runner {plan.launcher}",
                          [FoldingColumn(header, wraps=header == "host") for header in columns])
     for row in plan.placement(job.dims):  # the global rank leads: every part of a folded table repeats it
