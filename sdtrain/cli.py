@@ -420,9 +420,11 @@ def recipe_group(ctx, schema, markdown) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. train.steps=50.")
 def recipe_show(path, overrides) -> None:
     """Print RECIPE with every key, defaults filled in, as YAML (derived batch sizes: `launch --dry-run`)."""
-    from sdtrain.recipe import load_recipe
+    from sdtrain.recipe import check_expert_layout, load_recipe
 
-    resolved = load_recipe(path, list(overrides))
+    resolved = load_recipe(path, list(overrides), layout_checked_at_launch=True)
+    nproc = resolved.launch.nproc_per_node  # an integer is the world size of a launch on this machine
+    check_expert_layout(resolved, nproc if isinstance(nproc, int) else None)
     click.echo(resolved.to_yaml(), nl=False)
     train = resolved.train
     if None in (train.global_batch_size, train.micro_batch_size, train.grad_accum_steps):

@@ -1,27 +1,33 @@
-"""YAML recipe -> validated Recipe.
+"""The recipe schema: every section, key, type, range and default, and the checks that
+span sections (strategies that do not combine). Every section forbids unknown keys, so a
+typo is an error naming its dotted path and the closest real key, never a silently ignored
+setting.
 
-Every section forbids unknown keys, so a typo is an error naming its dotted path and the
-closest real key, never a silently ignored setting. `--set a.b=c` overrides are applied to
-the raw YAML before validation, so they get exactly the same checks.
+Reading a file and `--set` overrides: recipe_load.py; enum values YAML reads as booleans:
+recipe_booleans.py; where expert parallelism fits: recipe_experts.py. Their public names
+are imported from here too, as callers always have.
 """
 
 from __future__ import annotations
 
-import difflib
-import re
-from pathlib import Path
-from typing import Literal, Optional, Union, get_args, get_origin
+from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-from sdtrain.errors import RecipeError, excerpt, printable
+from sdtrain.divisors import divisors
+from sdtrain.errors import RecipeError  # noqa: F401 - callers import it from here
 from sdtrain.parallel.partition import check_pipeline_layout
-from sdtrain.user_files import BoundedLoader, read_text
-from sdtrain.user_files import parse_yaml as parse_user_yaml
-
-MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything near this is a mistake
-MAX_RECIPE_NODES = 10_000  # values after YAML aliases are expanded: refuses "billion laughs"
+from sdtrain.recipe_booleans import YAML_BOOLEAN_WORDS, enum_values, spell_enum_booleans  # noqa: F401
+from sdtrain.recipe_experts import LAYOUT_CHECKED_AT_LAUNCH, check_expert_layout, expert_layout_problem  # noqa: F401
+from sdtrain.recipe_load import (  # noqa: F401 - reading recipes; it imports the schema only when called
+    MAX_RECIPE_BYTES,
+    MAX_RECIPE_NODES,
+    apply_override,
+    load_recipe,
+    parse_yaml,
+    validate_recipe,
+)
 
 
 class Section(BaseModel):
@@ -32,18 +38,7 @@ class Section(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _enum_values_yaml_read_as_booleans(cls, data):
-        # YAML 1.1 reads an unquoted `off` (and no, false) as False, `on` (yes, true) as True:
-        # where an enum has such a value, the boolean is that value, so `memory_check: off`
-        # means what it says, in a recipe and in --set alike.
-        if not isinstance(data, dict):
-            return data
-        spelled = {}
-        for name, value in data.items():
-            field = cls.model_fields.get(name) if isinstance(value, bool) else None
-            word = field and _boolean_spelling(field.annotation, value)
-            if word:
-                spelled[name] = word
-        return {**data, **spelled} if spelled else data
+        return spell_enum_booleans(cls.model_fields, data)  # `memory_check: off` is "off", not False
 
 
 class MoEConfig(Section):
@@ -86,7 +81,7 @@ class ModelConfig(Section):
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}; "
-                f"pick n_heads from {_divisors(self.d_model)}"
+                f"pick n_heads from {divisors(self.d_model)}"
             )
         if self.moe.num_experts and self.moe.every_n_layers > self.n_layers:
             raise ValueError(f"moe.every_n_layers {self.moe.every_n_layers} exceeds n_layers {self.n_layers}: "
@@ -312,167 +307,3 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-class RecipeLoader(BoundedLoader):
-    """YAML 1.1 reads `3e-4` as a string (it wants `3.0e-4`); a recipe means a number."""
-
-
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str, source: str):
-    """Safe YAML (data only, never objects), bounded in depth, integers and what its aliases expand to."""
-    return parse_user_yaml(text, source, RecipeLoader, MAX_RECIPE_NODES, RecipeError)
-
-
-# Validation context: the launcher checks the expert layout itself once it knows the world
-# size (check_expert_layout), so that the values it suggests fit the data-parallel size too.
-LAYOUT_CHECKED_AT_LAUNCH = "expert_layout_checked_at_launch"
-
-
-def expert_layout_problem(num_experts: int, ep: int, world: int | None = None, stages: int = 1) -> str | None:
-    """Why expert_parallel `ep` cannot split `num_experts` experts (over `world` ranks in
-    `stages` pipeline stages, where known), with only the values that pass every check; None if it can."""
-    dp = world // stages if world and world % stages == 0 else None
-    fits = [d for d in _divisors(num_experts) if dp is None or dp % d == 0]
-    if num_experts % ep:
-        also = f" (those that also divide the data-parallel size {dp})" if dp is not None else ""
-        return (f"model.moe.num_experts {num_experts} is not divisible by parallel.expert_parallel {ep}: each rank "
-                f"holds the same number of experts; use expert_parallel in {fits}{also}")
-    if dp is not None and dp % ep:
-        return (f"parallel.expert_parallel {ep} does not divide the data-parallel size {dp} (world {world} / pipeline "
-                f"stages {stages}): expert groups are carved out of data-parallel ranks; use expert_parallel in {fits} "
-                f"(values that divide both {dp} and model.moe.num_experts {num_experts})")
-    return None
-
-
-def check_expert_layout(recipe: Recipe, world: int) -> None:
-    """At launch: expert_parallel divides both the experts and the data-parallel size."""
-    if recipe.model.moe.num_experts:
-        problem = expert_layout_problem(recipe.model.moe.num_experts, recipe.parallel.expert_parallel, world,
-                                        recipe.parallel.pipeline.stages)
-        if problem:
-            raise RecipeError(problem)
-
-
-def load_recipe(path: str | Path, overrides: list[str] = (), layout_checked_at_launch: bool = False) -> Recipe:
-    """Read, override and validate a recipe; RecipeError says what is wrong and where.
-    `layout_checked_at_launch`: the caller runs check_expert_layout once the world size is known."""
-    path = Path(path)
-    try:
-        return _load_recipe(path, overrides, layout_checked_at_launch)
-    except RecipeError:
-        # Only a file that fails as a recipe is looked at again (a good recipe pays nothing): a
-        # training script or a ds_config gets the command to run instead, as launch gives it,
-        # not a YAML error or one "unknown key" per DeepSpeed key.
-        from sdtrain.migrate.launch_target import not_a_recipe
-
-        problem = not_a_recipe(str(path))
-        if problem:
-            raise RecipeError(problem) from None
-        raise
-
-
-def _load_recipe(path: Path, overrides: list[str], layout_checked_at_launch: bool) -> Recipe:
-    if not path.exists():
-        raise RecipeError(f"recipe {printable(path)} does not exist (pass the path to a .yaml recipe)")
-    text = read_text(path, "recipe", MAX_RECIPE_BYTES, "YAML", RecipeError)
-    raw = parse_yaml(text, f"recipe {printable(path)}") or {}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {printable(path)} must be a mapping of sections, got {type(raw).__name__}")
-    for override in overrides:
-        apply_override(raw, override)
-    return validate_recipe(raw, source=printable(path), context={LAYOUT_CHECKED_AT_LAUNCH: layout_checked_at_launch})
-
-
-def validate_recipe(raw: dict, source: str = "recipe", context: dict | None = None) -> Recipe:
-    try:
-        return Recipe.model_validate(raw, context=context)
-    except ValidationError as exc:
-        raise RecipeError(f"{source}: " + "; ".join(_explain(err) for err in exc.errors())) from None
-
-
-def apply_override(raw: dict, override: str) -> None:
-    """Apply one `dotted.key=value` to the raw recipe; the value is parsed as YAML."""
-    key, sep, text = override.partition("=")
-    if not sep or not key:
-        raise RecipeError(f"--set {excerpt(override)} must look like dotted.key=value, e.g. train.steps=50")
-    parts = key.split(".")
-    _check_path(parts)
-    node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise RecipeError(f"--set {printable(key)}: {printable(part)} is not a section")
-    node[parts[-1]] = parse_yaml(text, f"--set {printable(key)}") if text else ""
-
-
-def _check_path(parts: list[str]) -> None:
-    model: type[BaseModel] = Recipe
-    for depth, part in enumerate(parts):
-        fields = model.model_fields
-        if part not in fields:
-            where = ".".join(parts[: depth + 1])
-            raise RecipeError(f"--set {printable(where)}: unknown key{_suggest(part, fields)}")
-        annotation = fields[part].annotation
-        if depth < len(parts) - 1:
-            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-                raise RecipeError(f"--set {printable('.'.join(parts))}: {part} is a value, not a section")
-            model = annotation
-
-
-def _explain(err: dict) -> str:
-    loc = [str(p) for p in err["loc"]]
-    where = printable(".".join(loc)) or "recipe"
-    if err["type"] == "extra_forbidden":
-        return f"unknown key {where}{_suggest(loc[-1], _fields_at(loc[:-1]))}"
-    message = err["msg"].removeprefix("Value error, ")
-    if err["type"] != "value_error" and "input" in err:
-        message += f" (got {excerpt(err['input'])})"
-    if err["type"] == "literal_error" and isinstance(err.get("input"), bool):
-        message += "; YAML reads an unquoted on, off, yes, no, true or false as a boolean"
-    return f"{where}: {message}"
-
-
-def _fields_at(loc: list[str]) -> dict:
-    model: type[BaseModel] = Recipe
-    for part in loc:
-        annotation = model.model_fields.get(part)
-        if annotation is None or not isinstance(annotation.annotation, type):
-            return {}
-        model = annotation.annotation
-        if not issubclass(model, BaseModel):
-            return {}
-    return model.model_fields
-
-
-def _suggest(word: str, candidates) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
-    return f" (known keys: {', '.join(candidates)})" if candidates else ""
-
-
-YAML_BOOLEAN_WORDS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
-
-
-def enum_values(annotation) -> list:
-    """The values of the Literal(s) in a field's type (inside Optional or Union too)."""
-    if get_origin(annotation) is Literal:
-        return list(get_args(annotation))
-    return [value for arg in get_args(annotation) for value in enum_values(arg)]
-
-
-def _boolean_spelling(annotation, value: bool) -> str | None:
-    words = [word for word in enum_values(annotation) if word in YAML_BOOLEAN_WORDS[value]]
-    return words[0] if len(words) == 1 else None
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]  # bounded: n may be any integer a user typed
-

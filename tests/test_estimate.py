@@ -35,3 +35,20 @@ def test_fp32_variant_and_recipe_input():
                                   ("--params", "1B"), (REPO / "recipes" / "quickstart.yaml", "--params", "1B", "--gpus", 2)])
 def test_bad_input_exits_2(args):
     assert sdtrain("estimate", *args).returncode == 2
+
+
+def _one_line(result) -> str:
+    return " ".join(result.stderr.split())
+
+
+@pytest.mark.parametrize("ep, expected", [
+    (2, "use expert_parallel in [1] (those that also divide the data-parallel size 2)"),  # was [1, 3]
+    (3, "parallel.expert_parallel 3 does not divide the data-parallel size 2"),  # was an estimate, exit 0
+])
+def test_expert_layout_is_checked_for_the_gpus_given(write_recipe, tmp_path, ep, expected):
+    """estimate --gpus knows the world size: it refuses as launch does, in the same words."""
+    recipe = write_recipe({"model": {"moe": {"num_experts": 3}}, "parallel": {"expert_parallel": ep}})
+    estimated = sdtrain("estimate", recipe, "--gpus", 2)
+    assert estimated.returncode == 2 and expected in _one_line(estimated), estimated.stderr
+    launched = sdtrain("launch", recipe, "--nproc-per-node", 2, "--dry-run", "--run-dir", tmp_path / "run")
+    assert _one_line(launched) == _one_line(estimated)

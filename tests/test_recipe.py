@@ -8,6 +8,7 @@ from pydantic import BaseModel, ValidationError
 from conftest import sdtrain
 from sdtrain.batch import derive_batch
 from sdtrain.errors import RecipeError
+from sdtrain.divisors import divisors
 from sdtrain.recipe import ModelConfig, Recipe, apply_override, enum_values, expert_layout_problem, load_recipe, parse_yaml
 
 
@@ -199,6 +200,27 @@ def test_launch_suggests_an_expert_parallel_that_launches(write_recipe, tmp_path
     assert result.returncode == 2, result.stderr
     text = " ".join(result.stderr.split())
     assert "use expert_parallel in [1] (those that also divide the data-parallel size 2)" in text, text
+
+
+def test_recipe_show_checks_the_expert_layout_for_its_nproc(write_recipe, tmp_path):
+    """An integer launch.nproc_per_node is the world size: recipe show refuses as launch does."""
+    recipe = write_recipe({"model": {"moe": {"num_experts": 3}}, "parallel": {"expert_parallel": 2},
+                           "launch": {"nproc_per_node": 2}})
+    shown = sdtrain("recipe", "show", recipe)
+    assert shown.returncode == 2, shown.stdout
+    assert "use expert_parallel in [1] (those that also divide" in " ".join(shown.stderr.split())  # was [1, 3]
+    launched = sdtrain("launch", recipe, "--dry-run", "--run-dir", tmp_path / "run")
+    assert " ".join(launched.stderr.split()) == " ".join(shown.stderr.split())
+    auto = write_recipe({"model": {"moe": {"num_experts": 3}}, "parallel": {"expert_parallel": 2},
+                         "launch": {"nproc_per_node": "auto"}}, name="auto.yaml")
+    assert "use expert_parallel in [1, 3]" in " ".join(sdtrain("recipe", "show", auto).stderr.split())  # world unknown
+
+
+def test_every_divisor_is_suggested():
+    """The divisors used to stop at 64: 128 experts never had expert_parallel 128 suggested."""
+    assert "use expert_parallel in [1, 2, 4, 8, 16, 32, 64, 128]" in expert_layout_problem(128, 3)
+    assert divisors(128) == [1, 2, 4, 8, 16, 32, 64, 128] and divisors(1) == [1] and divisors(36)[-3:] == [12, 18, 36]
+    assert divisors(97 * 89) == [1, 89, 97, 97 * 89]
 
 
 def test_suggestions_for_huge_numbers_come_at_once():

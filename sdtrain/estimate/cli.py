@@ -7,12 +7,14 @@ from sdtrain.batch import derive_batch
 from sdtrain.estimate.plan import estimate_recipe
 from sdtrain.estimate.terms import Estimate
 from sdtrain.model.size import count_params
-from sdtrain.recipe import Recipe, load_recipe
+from sdtrain.recipe import Recipe, check_expert_layout, load_recipe
 
 
 def resolved_recipe(path: str, overrides: list[str], ranks: int) -> Recipe:
-    """The recipe with its micro-batch and accumulation derived for `ranks` workers."""
-    recipe = load_recipe(path, overrides)
+    """The recipe with its micro-batch and accumulation derived for `ranks` workers; its expert
+    layout checked for them as launch checks it (no estimate of a layout that cannot launch)."""
+    recipe = load_recipe(path, overrides, layout_checked_at_launch=True)
+    check_expert_layout(recipe, ranks)
     train = recipe.train
     dp = max(1, ranks // recipe.parallel.pipeline.stages)
     batch = derive_batch(train.global_batch_size, train.micro_batch_size, train.grad_accum_steps, dp)
@@ -25,7 +27,7 @@ def recipe_estimates(path: str, overrides: list[str], ranks: int | None,
                      device: str | None) -> tuple[int, int, str, list[Estimate]]:
     """(parameters, ranks, device, one estimate per kind of rank)."""
     if ranks is None:
-        nproc = load_recipe(path, overrides).launch.nproc_per_node
+        nproc = load_recipe(path, overrides, layout_checked_at_launch=True).launch.nproc_per_node
         ranks = nproc if isinstance(nproc, int) else 1
     recipe = resolved_recipe(path, overrides, ranks)
     device = device or ("cuda" if recipe.launch.backend == "nccl" else "cpu")
