@@ -3,6 +3,7 @@ waited on; a huge file is refused before it is read; nesting, integers and host 
 their limits are one line and exit 2, never a RecursionError, an OverflowError or minutes of
 work; control characters in echoed input are escaped."""
 
+import importlib
 import json
 import os
 import time
@@ -14,7 +15,8 @@ from sdtrain.errors import UserInputError, printable
 from sdtrain.launch.hostfile import HostfileError, expand_hostlist, parse_filter, parse_hostfile, read_hostfile
 from sdtrain.migrate.deepspeed import read_config
 from sdtrain.plot.run_data import load_run
-from sdtrain.recipe import RecipeError, load_recipe
+from sdtrain.recipe import DataConfig, RecipeError, load_recipe
+from sdtrain.train.sources import load_corpus
 from sdtrain.user_files import MAX_DEPTH, parse_json, parse_yaml, read_text
 
 HUGE_INT = "1" * 5000  # 10**5000 / 9: past Python's 4,300-digit conversion limit
@@ -24,12 +26,25 @@ def readers(tmp_path):
     """Each reader of a user's file, given the file's path: (name, the file's place, read it)."""
     run = tmp_path / "run"
     run.mkdir(exist_ok=True)
+    (tmp_path / "text.txt").write_text("some text to tokenize\n" * 50)
+    data = {"source": str(tmp_path / "text.txt"), "max_bytes": 1024}  # read whole: f.read(n) allocates n
+    tokenized = lambda path: load_corpus(DataConfig(**data, tokenizer=str(path)), 16)  # noqa: E731
     return [
         ("recipe", tmp_path / "r.yaml", load_recipe),
         ("hostfile", tmp_path / "hosts", read_hostfile),
         ("DeepSpeed config", tmp_path / "ds.json", read_config),
         ("metrics file", run / "metrics.jsonl", lambda path: load_run(path.parent)),
-    ]
+    ] + ([("data.tokenizer", tmp_path / "tokenizer.json", tokenized)]  # a FIFO was "does not exist"
+         if _imported("tokenizers") else [])
+
+
+def _imported(name: str) -> bool:
+    """An optional extra, imported now if installed, so that a reader's measured memory is its own."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def test_a_fifo_is_refused_at_once_by_every_reader(tmp_path):

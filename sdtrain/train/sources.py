@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from sdtrain.errors import DataError
-from sdtrain.user_files import open_regular
+from sdtrain.user_files import open_regular, read_text
 
 STDLIB = "stdlib"
 BYTE_VOCAB = 256
+MAX_TOKENIZER_BYTES = 1 << 28  # the largest tokenizer.json files published are tens of MB
 
 
 @dataclass
@@ -229,9 +230,12 @@ def _load_tokenizer(path: str):
         raise DataError(
             f"data.tokenizer {path} needs the tokenizers package: pip install 'sdtrain[tokenizers]'"
         ) from None
-    if not Path(path).is_file():
+    if not os.path.lexists(path):
         raise DataError(f"data.tokenizer {path} does not exist (a tokenizer.json file)")
+    # read_text: a FIFO or a device is named as one (not "does not exist", not waited on), and
+    # the file is read once, within a bound, for what the library then parses.
+    text = read_text(path, "data.tokenizer", MAX_TOKENIZER_BYTES, "JSON", DataError)
     try:
-        return Tokenizer.from_file(path)
+        return Tokenizer.from_str(text)
     except Exception as exc:  # the library raises a bare Exception for a malformed file
         raise DataError(f"data.tokenizer {path} could not be read: {exc}") from None
