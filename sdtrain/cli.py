@@ -121,7 +121,7 @@ def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json, deepspe
         f"[bold]sdtrain[/]: {job.recipe.name}: {job.plan.world_size} worker(s){nodes}, backend {job.plan.backend}, "
         + escape(f"{job.batch.explain()}{resume}\n  run dir {job.run_dir}")
     )
-    remote = dict(labels=job.labels(), stop_by=job.stop_by, run_dir=job.run_dir) if job.remote else {}
+    remote = dict(labels=job.labels(), nodes=job.plan.nodes, stop_by=job.stop_by, run_dir=job.run_dir) if job.remote else {}
     clear_preemption(job.run_dir)
     preempt = preemption_handler(job.run_dir) if job.recipe.checkpoint.on_preempt else None
     outcome, causes = run_with_restarts(

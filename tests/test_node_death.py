@@ -58,7 +58,8 @@ def test_a_dead_node_is_the_root_cause_and_the_reset_ranks_stop_with_it(tmp_path
         print("rank 1: step 3", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)  # the node's agent (or its connection) killed
     """
-    outcome = Supervisor([stand_in(node0), stand_in(node1)], labels=["node 0", "node 1"], run_dir=job.run_dir).run()
+    outcome = Supervisor([stand_in(node0), stand_in(node1)], labels=["node 0", "node 1"], nodes=job.plan.nodes,
+                         run_dir=job.run_dir).run()
     assert outcome.exit_codes == [1, -signal.SIGKILL]
     from sdtrain.launch.report import print_failure
 

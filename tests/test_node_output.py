@@ -17,6 +17,7 @@ from rich.console import Console
 
 from sdtrain.launch.collect import FileReceiver, encode_files
 from sdtrain.launch.failures import REPORT_PREFIX, read_reports
+from sdtrain.launch.plan import Node
 from sdtrain.launch.supervise import Supervisor
 
 GOOD = {"node_rank": 0, "root_cause": 1, "failures": [
@@ -32,15 +33,17 @@ def good_file_lines(tmp_path):
 
 
 @pytest.mark.parametrize("line, note", [
-    ("SDTRAIN_FILE logs/a.log x 1 abc", "chunk numbers"),
-    ("SDTRAIN_FILE logs/a.log 3 2 abc", "does not fit"),
-    ("SDTRAIN_FILE logs/a.log -1 2 abc", "does not fit"),
-    ("SDTRAIN_FILE logs/a.log 0 1 !!not-base64!!", "arrived damaged"),
-    ("SDTRAIN_FILE logs/a.log 0 1 aGVsbG8=", "arrived damaged"),  # base64, but not zlib
+    ("SDTRAIN_FILE logs/rank5.log x 1 abc", "chunk numbers"),
+    ("SDTRAIN_FILE logs/rank5.log 3 2 abc", "does not fit"),
+    ("SDTRAIN_FILE logs/rank5.log -1 2 abc", "does not fit"),
+    ("SDTRAIN_FILE logs/rank5.log 0 1 !!not-base64!!", "arrived damaged"),
+    ("SDTRAIN_FILE logs/rank5.log 0 1 aGVsbG8=", "arrived damaged"),  # base64, but not zlib
     ("SDTRAIN_FILE ../../etc/x 0 1 eJzLSM3JyQcABiwCFQ==", "is not a file a node sends back"),
     ("SDTRAIN_FILE checkpoints/latest 0 1 eJzLSM3JyQcABiwCFQ==", "is not a file a node sends back"),
     ("SDTRAIN_FILE logs/../recipe.yaml 0 1 eJzLSM3JyQcABiwCFQ==", "is not a file a node sends back"),
-    ("SDTRAIN_FILE logs/a.log 0 1 eJzLSM3JyQ==", "ends early"),  # a zlib stream cut short
+    ("SDTRAIN_FILE logs/rank5.log 0 1 eJzLSM3JyQ==", "ends early"),  # a zlib stream cut short
+    ("SDTRAIN_FILE logs/a.log 0 1 eJzLSM3JyQcABiwCFQ==", "is not a file a node sends back"),  # not a rank's log
+    ("SDTRAIN_FILE logs/rank007.log 0 1 eJzLSM3JyQcABiwCFQ==", "is not a file a node sends back"),
 ])
 def test_a_bad_chunk_is_a_note_and_the_next_file_still_arrives(tmp_path, line, note):
     receiver = FileReceiver(tmp_path / "run")
@@ -49,13 +52,13 @@ def test_a_bad_chunk_is_a_note_and_the_next_file_still_arrives(tmp_path, line, n
     for good in good_file_lines(tmp_path):
         receiver.feed(good)
     assert (tmp_path / "run" / "logs" / "rank0.log").read_text() == "hello from rank 0\n"
-    assert not (tmp_path / "run" / "logs" / "a.log").exists()
+    assert not (tmp_path / "run" / "logs" / "rank5.log").exists() and not (tmp_path / "run" / "logs" / "a.log").exists()
 
 
 def test_chunks_that_disagree_on_their_count_drop_the_file(tmp_path):
     receiver = FileReceiver(tmp_path / "run")
-    assert receiver.feed("SDTRAIN_FILE logs/a.log 0 2 eJzLSM3JyQcABiwCFQ==")
-    assert receiver.feed("SDTRAIN_FILE logs/a.log 1 3 eJzLSM3JyQcABiwCFQ==")
+    assert receiver.feed("SDTRAIN_FILE logs/rank5.log 0 2 eJzLSM3JyQcABiwCFQ==")
+    assert receiver.feed("SDTRAIN_FILE logs/rank5.log 1 3 eJzLSM3JyQcABiwCFQ==")
     assert "expected 2 chunks" in receiver.notes[0] and not (tmp_path / "run" / "logs").exists()
 
 
@@ -75,7 +78,7 @@ def node(script: str) -> list[str]:
 
 
 def test_malformed_lines_are_echoed_with_a_note_and_the_job_goes_on(tmp_path, capfd):
-    lines = ["SDTRAIN_FILE logs/a.log x y z", REPORT_PREFIX + "{not json", REPORT_PREFIX + "[1, 2]",
+    lines = ["SDTRAIN_FILE logs/rank5.log x y z", REPORT_PREFIX + "{not json", REPORT_PREFIX + "[1, 2]",
              REPORT_PREFIX + json.dumps({"node_rank": "zero", "failures": []}), *good_file_lines(tmp_path),
              "an ordinary line"]
     script = f"""
@@ -227,10 +230,12 @@ FLOOD = """
     out.write(b"y" * (100 * 2**20) + b"\\n")  # one 100 MB line
     squeeze = zlib.compressobj(9)
     bomb = b"".join(squeeze.compress(bytes(2**20)) for _ in range(1024)) + squeeze.flush()  # 1 GiB of zeros
-    out.write(b"SDTRAIN_FILE logs/bomb.log 0 1 " + base64.b64encode(bomb) + b"\\n")
+    out.write(b"SDTRAIN_FILE logs/rank8.log 0 1 " + base64.b64encode(bomb) + b"\\n")
     piece = b"A" * 12_000
     for index in range(6000):  # 72 MB of chunks of a file whose last chunk never comes
-        out.write(b"SDTRAIN_FILE logs/endless.log %d 6001 " % index + piece + b"\\n")
+        out.write(b"SDTRAIN_FILE logs/rank9.log %d 6001 " % index + piece + b"\\n")
+    for index in range(600_000):  # empty chunks: nothing but bookkeeping, which counts too
+        out.write(b"SDTRAIN_FILE logs/rank10.log %d 2000000000 \\n" % index)
     out.write({good!r})
     out.flush()
 """
@@ -250,9 +255,10 @@ READER = """
 
 
 def test_a_flooding_node_costs_the_launcher_bounded_memory(tmp_path):
-    """A 100 MB line, a 1 MB line that inflates to 1 GiB, and 72 MB of chunks that never
-    complete (the old reader took 1.5 to 2 GiB for the first two): each is dropped with a
-    note, the launcher's peak stays near its chunk cap, and a good file still arrives."""
+    """A 100 MB line, a 1 MB line that inflates to 1 GiB, 72 MB of chunks that never
+    complete, and 600,000 empty chunks (the old reader took 1.5 to 2 GiB for the first two,
+    and held the empty ones uncounted): each is dropped with a note, the launcher's peak
+    stays near its chunk cap, and a good file still arrives."""
     good = ("\n".join(good_file_lines(tmp_path)) + "\n").encode()
     flood = textwrap.dedent(FLOOD).format(good=good)
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(READER), str(tmp_path / "run"), flood],
@@ -261,10 +267,11 @@ def test_a_flooding_node_costs_the_launcher_bounded_memory(tmp_path):
     peak = int(result.stdout.split()[1])
     assert result.stdout.split()[2:] == ["True", "[]"], result.stdout
     assert "a line longer than 4 MiB: dropped" in result.stderr
-    assert "logs/bomb.log is larger than 64 MiB once decompressed: not written" in result.stderr
-    assert "logs/endless.log: more than 64 MiB of chunks waiting" in result.stderr
+    assert "logs/rank8.log is larger than 64 MiB once decompressed: not written" in result.stderr
+    assert "logs/rank9.log: more than 64 MiB of chunks waiting" in result.stderr
+    assert "logs/rank10.log: more than 64 MiB of chunks waiting" in result.stderr
     assert (tmp_path / "run" / "logs" / "rank0.log").read_text() == "hello from rank 0\n"
-    assert not list((tmp_path / "run" / "logs").glob("*bomb*")) and not (tmp_path / "run" / "logs" / "endless.log").exists()
+    assert sorted(path.name for path in (tmp_path / "run" / "logs").iterdir()) == ["rank0.log"]
     print(f"\nlauncher peak RSS while flooded: {peak / 2**20:.0f} MiB")
     assert peak < 400 * 2**20, f"{peak / 2**20:.0f} MiB"
 
@@ -302,20 +309,20 @@ def test_the_agents_own_traceback_still_reaches_the_launcher(tmp_path, capfd):
 def test_a_file_that_never_completes_does_not_starve_the_others(tmp_path):
     """Chunks that never complete fill the pending cap to the brim; the next file's chunks
     push it over, and the endless one is dropped, not the newcomer."""
-    from sdtrain.launch.collect import MAX_PENDING_BYTES
+    from sdtrain.launch.collect import CHUNK_OVERHEAD, FILE_OVERHEAD, MAX_PENDING_BYTES
 
     src = tmp_path / "node"
     (src / "logs").mkdir(parents=True)
     (src / "logs" / "rank1.log").write_bytes(os.urandom(20_000))  # incompressible: several chunks
     receiver = FileReceiver(tmp_path / "run")
     piece = "A" * 12_000
-    for index in range(MAX_PENDING_BYTES // len(piece)):
-        receiver.feed(f"SDTRAIN_FILE logs/endless.log {index} 999999 {piece}")
+    for index in range((MAX_PENDING_BYTES - FILE_OVERHEAD) // (len(piece) + CHUNK_OVERHEAD)):
+        receiver.feed(f"SDTRAIN_FILE logs/rank7.log {index} 999999 {piece}")
     assert receiver.notes == []
     for line in encode_files(src, [src / "logs" / "rank1.log"]):
         receiver.feed(line)
     assert (tmp_path / "run" / "logs" / "rank1.log").read_bytes() == (src / "logs" / "rank1.log").read_bytes()
-    assert len(receiver.notes) == 1 and receiver.notes[0].startswith("logs/endless.log: more than 64 MiB")
+    assert len(receiver.notes) == 1 and receiver.notes[0].startswith("logs/rank7.log: more than 64 MiB")
     assert receiver.pending_bytes == 0
 
 
@@ -325,11 +332,11 @@ def test_each_nodes_notes_are_echoed_under_its_own_name(tmp_path, capfd):
     script = """
         import sys
         for _ in range(3000):
-            print("SDTRAIN_FILE logs/{name}.log 5 2 abc", file=sys.stderr)
+            print("SDTRAIN_FILE logs/rank{rank}.log 5 2 abc", file=sys.stderr)
     """
-    outcome = Supervisor([node(script.format(name="a")), node(script.format(name="b"))], labels=["node a", "node b"],
-                         run_dir=tmp_path / "run").run()
+    outcome = Supervisor([node(script.format(rank=0)), node(script.format(rank=1))], labels=["node a", "node b"],
+                         nodes=[Node("a", (0,), 0), Node("b", (0,), 1)], run_dir=tmp_path / "run").run()
     assert outcome.ok and outcome.errors == []
     notes = [line for line in capfd.readouterr().err.splitlines() if "a file sent back" in line]
     assert len(notes) == 6000
-    assert all(line.startswith("[node a]") == ("logs/a.log" in line) for line in notes)
+    assert all(line.startswith("[node a]") == ("logs/rank0.log" in line) for line in notes)

@@ -70,7 +70,8 @@ def run_comm_bench(request: LaunchRequest, nproc: int | None, backend: str, ops:
             extra = ["--remote", "--stop-on-stdin-eof"] if launcher == "ssh" else ["--remote"]
             commands = [REMOTE[launcher](node, _agent(plan, node, str(run_dir), json.dumps(spec), setup.python) + extra, setup)
                         for node in plan.nodes]
-            remote = dict(labels=[f"node {n.node_rank} {n.host}" for n in plan.nodes], stop_by=STOP_BY[launcher], run_dir=run_dir)
+            remote = dict(labels=[f"node {n.node_rank} {n.host}" for n in plan.nodes], nodes=plan.nodes, stop_by=STOP_BY[launcher],
+                          run_dir=run_dir)
         outcome = Supervisor(commands, **remote).run()
         if not outcome.ok:
             raise CommBenchFailed(_explain(outcome, run_dir), 130 if outcome.interrupted else 1)

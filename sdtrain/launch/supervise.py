@@ -13,7 +13,9 @@ node is asked to stop depends on the runner (runners.STOP_BY), and each node's s
 read here: failure reports and files sent back are picked out of it (the run directory
 need not be shared), everything else is echoed with the node's name in front. Only a line
 that starts with a marker is taken for a report or a file (the node agent writes those on a
-channel of its own, channel.py). A line that does not parse is echoed with a note, one
+channel of its own, channel.py), and only for that node: the plan says which node each
+command starts, and a node's report or file that names another node (or another's ranks)
+is refused with a note. A line that does not parse is echoed with a note, one
 longer than MAX_LINE_BYTES is dropped with a note without ever being held whole; a reader
 that fails anyway stops the job, saying why (a launcher that stopped reading a node would
 otherwise wait for it forever).
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import psutil
 
-from sdtrain.launch.collect import FILE_PREFIX, FileReceiver
+from sdtrain.launch.collect import FILE_PREFIX, WHOLE_JOB, FileReceiver, Sender, senders
 from sdtrain.launch.failures import REPORT_PREFIX, checked_report
 
 TEARDOWN_GRACE_S = 10.0
@@ -72,10 +74,15 @@ def _die_with_parent() -> None:
 class Supervisor:
     def __init__(self, commands: list[list[str]], env: dict[str, str] | None = None,
                  labels: list[str] | None = None, stop_by: str = "signal", run_dir: Path | None = None,
-                 on_preempt=None):
+                 on_preempt=None, nodes=None):
         """`labels` (one per command) marks the commands as remote runners whose stderr is read.
+        `nodes` (the plan's, one per command, needed for several remote ones): what each may
+        report and send back; without them a single command is the whole job.
         `on_preempt` (checkpoint.on_preempt): called on the first SIGTERM/SIGUSR1 instead of
         stopping the job, which then ends at a step boundary by itself; another signal stops it."""
+        if nodes is None and labels is not None and len(commands) > 1:
+            raise ValueError("several remote nodes: pass the plan's nodes, which say what each may report and send")
+        self.senders: list[Sender] = senders(nodes) if nodes is not None else [WHOLE_JOB] * len(commands)
         self.on_preempt = on_preempt
         self.preempting = False
         self.commands = commands
@@ -138,16 +145,22 @@ class Supervisor:
                                f"{type(exc).__name__}: {exc}")
 
     def _read_line(self, index: int, line: str, tail: collections.deque) -> None:
+        sender = self.senders[index]
         if line.startswith(REPORT_PREFIX):
             try:
-                self.reports.append(checked_report(json.loads(line[len(REPORT_PREFIX):])))
+                report = checked_report(json.loads(line[len(REPORT_PREFIX):]))
+                foreign = [f["rank"] for f in report["failures"] if f["rank"] not in sender.ranks]
+                if report["node_rank"] != sender.node_rank or foreign:  # the root cause is never another node's word
+                    raise ValueError(f"it speaks for node {report['node_rank']}" + (f", rank {foreign[0]}" if foreign else "")
+                                     + f", and came from {sender.describe()}")
+                self.reports.append(report)
                 self.reported.append(index)  # a list: read while reader threads append
                 return
             except (ValueError, RecursionError) as exc:
                 self._echo(index, f"(sdtrain: a failure report line that cannot be used, {exc}; shown as it came)")
         if self.receiver is not None and line.startswith(FILE_PREFIX):
             with self.receiving:  # one node's line at a time: the notes taken are this line's, not another node's
-                taken = self.receiver.feed(line)
+                taken = self.receiver.feed(line, sender)
                 notes = self.receiver.notes[:]
                 self.receiver.notes.clear()
             for note in notes:
