@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -37,6 +38,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from sdtrain.errors import UserInputError
+from sdtrain.heartbeat import progress_dir
 from sdtrain.launch.channel import AgentChannel
 from sdtrain.launch.collect import encode_files
 from sdtrain.launch.disk import describe
@@ -199,8 +201,15 @@ def main(argv=None) -> int:
         if _channel is not None:
             _channel.close()  # the workers' last words before the files
         if not shared:
-            for line in encode_files(args.run_dir, files_to_send(args.run_dir)):
+            for line in encode_files(args.run_dir, files_to_send(args.run_dir) + heartbeats(args.run_dir)):
                 say(line)
+
+
+def heartbeats(run_dir: Path) -> list[Path]:
+    """This node's ranks' last heartbeats (the step each began), sent back with its logs: where
+    rank 0's node is the one that died, its metrics never reach the launcher, and these tell
+    it how far the run had come (node_death.py)."""
+    return sorted(path for path in progress_dir(run_dir).glob("rank*.json") if re.fullmatch(r"rank\d+\.json", path.name))
 
 
 def run_workers(args) -> int:
