@@ -49,9 +49,10 @@ def read_text(path: str | Path, what: str, max_bytes: int, form: str = "text",
     return decode_utf8(data, f"{what} {shown}", error)
 
 
-def open_regular(path: str | Path, what: str, error: type[UserInputError] = UserInputError) -> int:
+def open_regular(path: str | Path, what: str, error: type[UserInputError] = UserInputError,
+                 fix: str = "pass the file itself") -> int:
     """A read-only descriptor of the regular file at `path` (the caller closes it); a FIFO, a
-    device, a socket or a directory is refused in one line, without blocking."""
+    device, a socket or a directory is refused in one line, without blocking, ending in `fix`."""
     shown = printable(path)
     try:
         # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting forever;
@@ -65,7 +66,33 @@ def open_regular(path: str | Path, what: str, error: type[UserInputError] = User
     os.close(fd)
     if stat.S_ISDIR(mode):  # worded as reading one says it (Is a directory)
         raise error(f"cannot read {what} {shown}: {os.strerror(errno.EISDIR)}")
-    raise error(f"{what} {shown} is {_kind(mode)}, not a regular file; pass the file itself")
+    raise error(f"{what} {shown} is {_kind(mode)}, not a regular file; {fix}")
+
+
+def read_lines(path: str | Path, what: str, max_bytes: int, max_line: int, fix: str,
+               error: type[UserInputError] = UserInputError):
+    """The lines of the regular file at `path`, one at a time, as text (newline dropped,
+    undecodable bytes replaced): a FIFO or a device is refused as open_regular does, a file
+    past `max_bytes` before a byte is read (both ending in `fix`), and a line longer than
+    `max_line` comes as None, read through in pieces, never held whole."""
+    shown = printable(path)
+    with os.fdopen(open_regular(path, what, error, fix), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise error(f"{what} {shown} is {size:,} bytes, past the {max_bytes:,} it may have; {fix}")
+        left = max_bytes + 1  # a file that grows while it is read stops here too
+        while left > 0:
+            raw = f.readline(min(max_line + 1, left))
+            if not raw:
+                return
+            left -= len(raw)
+            if len(raw) <= max_line or raw.endswith(b"\n"):
+                yield raw.rstrip(b"\r\n").decode("utf-8", "replace")
+                continue
+            while raw and not raw.endswith(b"\n") and left > 0:  # the rest of the long line
+                raw = f.readline(min(1 << 20, left))
+                left -= len(raw)
+            yield None
 
 
 def _read_at_most(fd: int, limit: int) -> bytes:

@@ -4,6 +4,7 @@ their limits are one line and exit 2, never a RecursionError, an OverflowError o
 work; control characters in echoed input are escaped."""
 
 import importlib
+import io
 import json
 import os
 import time
@@ -11,6 +12,7 @@ import tracemalloc
 
 import pytest
 from conftest import sdtrain
+from test_bad_input import fails_after
 from sdtrain.errors import UserInputError, printable
 from sdtrain.launch.hostfile import HostfileError, expand_hostlist, parse_filter, parse_hostfile, read_hostfile
 from sdtrain.migrate.deepspeed import read_config
@@ -203,3 +205,44 @@ def test_control_characters_in_keys_hosts_and_paths_are_escaped(tmp_path, write_
 def test_the_cli_prints_no_escape_sequence(write_recipe):
     result = sdtrain("launch", write_recipe(), "--set", f"train.st{ESC}eps=1", "--dry-run")
     assert result.returncode == 2 and "\x1b" not in result.stderr and "train.st\\x1b[2J" in result.stderr
+
+
+# --- a run directory's metrics.jsonl, read again on resume (MetricsLog._truncate_after) ---
+
+def _resume_metrics(run_dir, first_step: int = 5):
+    from rich.console import Console
+
+    from sdtrain.train.metrics import MetricsLog
+
+    out = io.StringIO()
+    MetricsLog(run_dir, Console(file=out, width=200), 10, first_step, tensorboard=False).close()
+    return out.getvalue()
+
+
+def test_a_fifo_or_huge_metrics_file_is_refused_on_resume(tmp_path):
+    """read_text used to wait on a FIFO forever, and read a huge file whole."""
+    os.mkfifo(tmp_path / "metrics.jsonl")
+    with fails_after(30), pytest.raises(UserInputError, match="metrics file .* is a FIFO .*; move it out of the run"):
+        _resume_metrics(tmp_path)
+    os.unlink(tmp_path / "metrics.jsonl")
+    with (tmp_path / "metrics.jsonl").open("wb") as f:
+        f.truncate(2**31)  # sparse
+    tracemalloc.start()
+    with pytest.raises(UserInputError, match="metrics file .* is 2,147,483,648 bytes, past the"):
+        _resume_metrics(tmp_path)
+    assert tracemalloc.get_traced_memory()[1] < 2**20
+    tracemalloc.stop()
+
+
+def test_metrics_lines_are_read_within_bounds_on_resume(tmp_path):
+    """A line of megabytes is dropped unread, and a file of broken lines is a few notes, not one per line."""
+    records = [json.dumps({"step": step, "loss": 1.0}) for step in range(1, 9)]
+    broken = ["{" * 5_000_000, *records[:6], *(["not json"] * 1000), *records[6:], '{"step": 9, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(broken))
+    tracemalloc.start()
+    notes = " ".join(_resume_metrics(tmp_path).split())
+    assert tracemalloc.get_traced_memory()[1] < 4 * 2**20  # the 5 MB line never held whole
+    tracemalloc.stop()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert notes.count("is not a whole metrics record") == 3 and "line 1 is not" in notes
+    assert "999 more lines that are not metrics records: dropped" in notes

@@ -22,6 +22,11 @@ from rich.progress import (
 )
 
 from sdtrain.train.strict_json import dumps_strict
+from sdtrain.user_files import read_lines
+
+# A record per logged step is a few hundred bytes: these are past any run's.
+MAX_METRICS_BYTES = 1 << 30
+MAX_RECORD_BYTES = 1 << 20
 
 # Dense peak FLOP/s per device at the precision a run trains in (vendor datasheets, no sparsity).
 PEAK_FLOPS = {
@@ -90,18 +95,28 @@ class MetricsLog:
     def _truncate_after(self, step: int) -> list[dict]:
         """On resume, drop lines past the checkpoint so the file reads as one clean run.
         A line that is not a whole record (a crash mid-write leaves half a line) is dropped
-        with a note rather than ending the resume."""
+        with a note rather than ending the resume. Read within bounds: a FIFO or a device in
+        the file's place is refused at once rather than waited on, a file or a line past any
+        run's size is refused or dropped rather than held in memory."""
         if not self.path.exists():
             return []
-        kept = []
-        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
-            record = _parse_record(line)
+        kept, dropped, count = [], [], 0  # the first few dropped lines' numbers, and how many
+        lines = read_lines(self.path, "metrics file", MAX_METRICS_BYTES, MAX_RECORD_BYTES,
+                           "move it out of the run directory to resume there")
+        for number, line in enumerate(lines, 1):
+            record = _parse_record(line) if line is not None else None
             if record is None:
-                if line.strip():
-                    self.console.print(f"note: {self.path} line {number} is not a whole metrics record "
-                                       "(a crash mid-write?): dropped", highlight=False, markup=False)
+                if line is None or line.strip():
+                    count += 1
+                    dropped += [number] if len(dropped) < 3 else []
             elif record["step"] <= step:
                 kept.append(record)
+        for number in dropped:  # a few say where; a file of them is one more line, not a flood
+            self.console.print(f"note: {self.path} line {number} is not a whole metrics record "
+                               "(a crash mid-write?): dropped", highlight=False, markup=False)
+        if count > len(dropped):
+            self.console.print(f"note: {self.path}: {count - len(dropped):,} more lines that are not metrics "
+                               "records: dropped", highlight=False, markup=False)
         self.path.write_text("".join(dumps_strict(record) + "\n" for record in kept))
         return kept
 
