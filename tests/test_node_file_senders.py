@@ -77,6 +77,16 @@ def test_a_flood_of_new_files_keeps_a_few_under_way(tmp_path):
     assert (tmp_path / "run" / "logs" / "rank0.log").read_text() == "still arrives\n"
 
 
+def test_a_chunk_that_does_not_fit_makes_no_room(tmp_path):
+    """A bad first chunk of a new file is refused before it could push out one under way."""
+    receiver = FileReceiver(tmp_path / "run")
+    for rank in range(MAX_PENDING_FILES_PER_NODE):
+        receiver.feed(f"SDTRAIN_FILE logs/rank{rank}.log 0 2 ")
+    receiver.feed("SDTRAIN_FILE logs/rank99.log 5 2 ")
+    assert len(receiver.notes) == 1 and "chunk 5 of 2 does not fit" in receiver.notes[0]
+    assert list(receiver.parts) == [f"logs/rank{rank}.log" for rank in range(MAX_PENDING_FILES_PER_NODE)]
+
+
 def test_empty_chunks_are_charged_for_their_bookkeeping(tmp_path, monkeypatch):
     """Empty chunks of one file never completing: each costs CHUNK_OVERHEAD of the cap."""
     monkeypatch.setattr(collect, "MAX_PENDING_BYTES", 2**20)  # the cap scaled down: the same arithmetic, faster

@@ -156,8 +156,8 @@ class FileReceiver:
 
     def _take(self, sender: Sender, relative: str, index: str, count: str, chunk: str) -> None:
         if not SENT_BACK.fullmatch(relative):
-            self.notes.append(f"{relative[:200]!r} is not a file a node sends back (logs, failure and hang reports, "
-                              "metrics, summary): not written")
+            self.notes.append(f"{relative[:200]!r} is not a file a node sends back (rank logs and heartbeats, failure "
+                              "and hang reports, metrics, summary): not written")
             return
         if not sender.may_send(relative):
             self.notes.append(f"{relative} is not a file of {sender.describe()} (a node sends its own reports, the "
@@ -169,13 +169,14 @@ class FileReceiver:
             self.notes.append(f"a file chunk line with chunk numbers {index[:20]!r} {count[:20]!r}: ignored")
             return
         pending = self.parts.get(relative)
-        if pending is None:
-            pending = self._start(sender, relative, count)
-        if not 0 <= index < count or count != pending.count:
-            self.notes.append(f"{relative}: chunk {index} of {count} does not fit (expected {pending.count} chunks): "
+        expected = count if pending is None else pending.count
+        if not 0 <= index < count or count != expected:
+            self.notes.append(f"{relative}: chunk {index} of {count} does not fit (expected {expected} chunks): "
                               "the file is not written")
             self._drop(relative)
             return
+        if pending is None:
+            pending = self._start(sender, relative, count)
         added = len(chunk) - len(pending.chunks.get(index, "")) + (0 if index in pending.chunks else CHUNK_OVERHEAD)
         pending.chunks[index] = chunk
         pending.cost += added
