@@ -21,6 +21,7 @@ def run_import(tmp_path, name, *args, config=None):
         source = tmp_path / name
         source.write_text(json.dumps(config))
     out = tmp_path / "recipe.yaml"
+    out.unlink(missing_ok=True)  # each import writes afresh (an existing --out is refused without --force)
     return sdtrain("import-deepspeed", source, "--out", out, *args), out
 
 
@@ -331,3 +332,58 @@ def test_imported_recipe_trains_two_steps_as_written(tmp_path):
                      "--run-dir", run, env={"OMP_NUM_THREADS": "1"})
     assert launch.returncode == 0, launch.stderr
     assert [m["step"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m] == [1, 2]
+
+
+@pytest.mark.parametrize("schedule", ["WarmupLR", "WarmupDecayLR", "WarmupCosineLR"])
+def test_deepspeed_defaults_written_out_never_block(schedule):
+    """Public configs write DeepSpeed's defaults out ("last_batch_iteration": -1, bf16 master
+    weights false): a value that is DeepSpeed's default changes nothing, so it is carried, not "!"."""
+    from sdtrain.migrate.deepspeed import convert_config
+    from sdtrain.migrate.deepspeed_values import Converter
+    from sdtrain.recipe import ModelConfig
+
+    def blocking(config):
+        c = Converter("ds_config.json")
+        convert_config(c, config, ModelConfig())
+        return [d.ds_key for d in c.dropped if d.numerics]
+
+    params = {"warmup_num_steps": 10, "warmup_type": "linear", "total_num_steps": 100, "last_batch_iteration": -1}
+    config = {"train_micro_batch_size_per_gpu": 2, "scheduler": {"type": schedule, "params": params},
+              "bf16": {"enabled": True, "bf16_master_weights_and_grads": False, "bf16_optimizer_states": False},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "bias_correction": True, "amsgrad": False,
+                                                         "fp32_optimizer_states": True, "set_grad_none": True}}}
+    assert blocking(config) == []
+    params["last_batch_iteration"] = 500  # starts the schedule part-way: other LRs
+    config["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
+    config["optimizer"]["params"].update(fp32_optimizer_states=False)
+    assert sorted(blocking(config)) == ["bf16.bf16_master_weights_and_grads", "bf16.bf16_optimizer_states",
+                                        "optimizer.params.fp32_optimizer_states", "scheduler.params.last_batch_iteration"]
+
+
+CONTROL = {"\u001b[2Jzz": 1, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "\u001b]0;x\u0007Lamb"}}
+
+
+def test_control_characters_of_a_config_are_shown_escaped_and_the_recipe_still_launches(tmp_path):
+    result, out = run_import(tmp_path, "ctl.json", config=CONTROL)
+    assert result.returncode == 2 and not out.exists()
+    for text in (result.stdout, result.stderr):
+        assert "\x1b" not in text and "\x07" not in text
+    assert "\\x1b[2Jzz" in result.stdout and "\\x1b]0;x\\x07Lamb" in result.stdout
+    result, out = run_import(tmp_path, "ctl.json", "--lenient", config=CONTROL)
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\x1b" not in out.read_text() and "\\x1b[2Jzz" in out.read_text()
+    launch = sdtrain("launch", *next_command(result.stdout), "--dry-run", "--run-dir", tmp_path / "run")
+    assert launch.returncode == 0, launch.stderr  # the comments are valid YAML
+
+
+def test_out_is_never_overwritten_without_force_and_a_dash_path_launches(tmp_path):
+    (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 2}))
+    (tmp_path / "-r.yaml").write_text("mine\n")
+    result = sdtrain("import-deepspeed", "ds.json", "--out", "-r.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "already exists; pass --force" in result.stderr
+    assert (tmp_path / "-r.yaml").read_text() == "mine\n"
+    result = sdtrain("import-deepspeed", "ds.json", "--out", "-r.yaml", "--force", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert next_command(result.stdout) == ["./-r.yaml"]  # "-r.yaml" would be read as an option
+    launch = sdtrain("launch", *next_command(result.stdout), "--dry-run", "--run-dir", tmp_path / "run", cwd=tmp_path)
+    assert launch.returncode == 0, launch.stderr

@@ -50,22 +50,35 @@ def import_deepspeed(path: str | Path, overrides: list[str] = ()) -> Imported:
         apply_override(raw, override)
         c.carry_note(f"--set {override}", "given on the command line")
     _check_batch(raw, c)
-    recipe = validate_recipe(raw, source=f"recipe imported from {path}")
+    recipe = validate_recipe(raw, source=f"recipe imported from {printable(path)}")
     return Imported(recipe, c.carried, c.dropped, c.autos, wanted)
 
 
 def read_config(path: Path) -> dict:
     """The config as JSON (DeepSpeed reads it with json.load and refuses duplicate keys)."""
     text = read_text(path, "DeepSpeed config", MAX_CONFIG_BYTES, "JSON")  # a FIFO is refused, not waited on
+    shown = printable(path)
     try:  # bounded: nesting and integer length (parse_json)
-        config = parse_json(text, f"DeepSpeed config {printable(path)}", object_pairs_hook=_refuse_duplicates)
+        config = parse_json(text, f"DeepSpeed config {shown}", object_pairs_hook=_refuse_duplicates)
     except json.JSONDecodeError as exc:
-        raise UserInputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except ValueError as exc:  # a duplicate key
-        raise UserInputError(f"{path}: {exc}") from None
+        raise UserInputError(f"{shown} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError as exc:  # a duplicate key (repr, but a repr keeps some invisible characters)
+        raise UserInputError(printable(f"{shown}: {exc}")) from None
     if not isinstance(config, dict):
-        raise UserInputError(f"{path} must hold a JSON object ({{...}}) of DeepSpeed settings, got {type(config).__name__}")
+        raise UserInputError(f"{shown} must hold a JSON object ({{...}}) of DeepSpeed settings, got {type(config).__name__}")
     return config
+
+
+def write_recipe(out: str, text: str, force: bool) -> None:
+    """The recipe into `out`; an existing file only with `force` ("x" also refuses one made
+    since the command checked)."""
+    try:
+        with open(out, "w" if force else "x") as f:
+            f.write(text)
+    except FileExistsError:
+        raise UserInputError(f"{printable(out)} already exists; pass --force to overwrite it, or choose another name") from None
+    except OSError as exc:
+        raise UserInputError(f"cannot write {printable(out)}: {exc.strerror}") from None
 
 
 def _refuse_duplicates(pairs):

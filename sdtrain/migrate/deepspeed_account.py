@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from sdtrain.errors import printable
 from sdtrain.migrate.deepspeed_values import Carried, Dropped, Unresolved
 from sdtrain.recipe import Recipe
 
@@ -35,11 +36,11 @@ class Imported:
         """Only the keys the config set (sdtrain's defaults stay implicit), under a header
         that lists what was left out, so the account travels with the recipe."""
         data = self.recipe.model_dump(mode="json", exclude_unset=True)
-        header = [f"# Imported from {source} by `sdtrain import-deepspeed`."]
-        header += [f"# {line}" for line in self.model_and_data()]
-        header += [f"# not carried over: {d.ds_key}: {d.reason}" for d in self.dropped]
-        header += [f"# not set by the file: {a.ds_key} -> {a.target}: {a.reason}" for a in self.autos]
-        return "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False)
+        header = [f"Imported from {source} by `sdtrain import-deepspeed`.", *self.model_and_data()]
+        header += [f"not carried over: {d.ds_key}: {d.reason}" for d in self.dropped]
+        header += [f"not set by the file: {a.ds_key} -> {a.target}: {a.reason}" for a in self.autos]
+        # printable: a control character in a comment is one YAML refuses, and would stop the launch
+        return "".join(f"# {printable(line)}\n" for line in header) + yaml.safe_dump(data, sort_keys=False)
 
     def report_lines(self) -> list[str]:
         lines = [f"carried over ({len(self.carried)}):"]
@@ -53,7 +54,8 @@ class Imported:
             lines.append(f"not set by the file (\"auto\" for the HF Trainer to fill, or left to your script) "
                          f"({len(self.autos)}; sdtrain's value stays, set yours with --set):")
             lines += [f"  ? {a.ds_key} -> {a.target}: {a.reason}" for a in self.autos]
-        return lines + self.model_and_data()
+        # Keys and values are the config's, echoed: an escape sequence in them is shown, not run.
+        return [printable(line) for line in lines + self.model_and_data()]
 
     def model_and_data(self) -> list[str]:
         """A ds_config has no model and no data: say what the recipe trains on instead."""
@@ -76,11 +78,12 @@ class Imported:
     def next_command(self, out: str) -> list[str]:
         """The launch that takes the written recipe as it is: where the recipe's worker count is
         sdtrain's "auto" (one on a CPU) and a pipeline needs more, it names enough workers."""
-        command = ["sdtrain", "launch", out]
+        # ./-r.yaml: a path that starts with a dash would be read as an option
+        command = ["sdtrain", "launch", f"./{out}" if out.startswith("-") else out]
         stages = self.recipe.parallel.pipeline.stages
         if self.recipe.launch.nproc_per_node == "auto" and stages > 1:
             command += ["--nproc-per-node", str(stages)]
         return command
 
     def next_line(self, out: str) -> str:
-        return f"next: {shlex.join(self.next_command(out))}  (add --dry-run to see the plan without training)"
+        return printable(f"next: {shlex.join(self.next_command(out))}  (add --dry-run to see the plan without training)")

@@ -141,4 +141,4 @@ FP16_SCALER = {
 }
 
 # Parameters of Adam/AdamW that are the implementation, not the math.
-ADAM_IMPLEMENTATION = {"torch_adam", "fused", "foreach", "capturable", "differentiable"}
+ADAM_IMPLEMENTATION = {"torch_adam", "fused", "foreach", "capturable", "differentiable", "set_grad_none"}

@@ -17,6 +17,18 @@ ADAM_TYPES = {"adam", "adamw"}
 FUSED_ADAM_DEFAULTS = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
 TORCH_ADAMW_WEIGHT_DECAY = 0.01
 
+# Adam settings whose DeepSpeed default is what sdtrain's AdamW does: (that default, what it
+# means, why another value is not carried over). FusedAdam, DeepSpeedCPUAdam and torch's AdamW
+# take them; a value equal to the default changes nothing, so it never stops an import.
+ADAM_AS_SDTRAIN = {
+    "bias_correction": (True, "sdtrain's AdamW corrects the moments' bias too",
+                        "Adam without bias correction; sdtrain's AdamW corrects the moments' bias"),
+    "amsgrad": (False, "as in sdtrain's AdamW", "AMSGrad keeps the largest second moment; sdtrain's AdamW does not"),
+    "fp32_optimizer_states": (True, "DeepSpeedCPUAdam keeps Adam's moments in fp32, as sdtrain does",
+                              "moments kept in the weights' low precision; sdtrain keeps them in fp32"),
+    "maximize": (False, "as in sdtrain's AdamW", "maximizes the loss; sdtrain's AdamW minimizes it"),
+}
+
 SCHEDULES = {"WarmupLR": "constant", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}
 
 
@@ -62,10 +74,12 @@ def _adam_params(c: Converter, params: dict, defaults: dict) -> None:
             continue  # decided with the type
         if key in ADAM_IMPLEMENTATION:
             c.drop(where, "how Adam is implemented, not its math")
-        elif key == "bias_correction" and value is True:
-            c.carry_note(where, "true: sdtrain's AdamW corrects the moments' bias too")
-        elif key == "amsgrad" and value is False:
-            c.carry_note(where, "false: as in sdtrain's AdamW")
+        elif key in ADAM_AS_SDTRAIN:
+            default, same, other = ADAM_AS_SDTRAIN[key]
+            if value == default:  # 1 and 0 read as true and false, as in DeepSpeed
+                c.carry_note(where, f"{str(value).lower()}: {same}")
+            else:
+                c.drop(where, f"{value!r}: {other}", numerics=True)
         elif key == "max_grad_norm":
             c.drop(where, "DeepSpeed refuses it here; clipping is gradient_clipping", numerics=True)
         else:
@@ -106,7 +120,7 @@ def convert_scheduler(c: Converter, section) -> None:
         c.put("train.warmup_steps", 0, "scheduler.type", "instead of the schedule left out")
         return
     c.put("train.decay", SCHEDULES[name], "scheduler.type", name)
-    known = {"warmup_num_steps", "warmup_type", "total_num_steps"}
+    known = {"warmup_num_steps", "warmup_type", "total_num_steps", "last_batch_iteration"}
     if name == "WarmupCosineLR":
         known |= {"warmup_min_ratio", "cos_min_ratio"}
         _cosine_params(c, params)
@@ -115,6 +129,7 @@ def convert_scheduler(c: Converter, section) -> None:
         _warmup_lr_params(c, params, name)
     _warmup(c, params)
     _total_steps(c, params, name)
+    _start(c, params)
     for key in params:
         if key not in known:
             c.drop(f"scheduler.params.{key}", f"not a parameter of DeepSpeed's {name}", numerics=True)
@@ -167,6 +182,20 @@ def _warmup(c: Converter, params: dict) -> None:
         c.drop("scheduler.params.warmup_type", f"{shape}" + (" (DeepSpeed's default)" if "warmup_type" not in params else "")
                + ": DeepSpeed raises the LR logarithmically during warmup; sdtrain's warmup is linear "
                "(write \"warmup_type\": \"linear\" to import it as is)", numerics=True)
+
+
+def _start(c: Converter, params: dict) -> None:
+    """All three schedules take last_batch_iteration (default -1: start from the beginning);
+    configs often write the default out. Another value starts the schedule part-way."""
+    if "last_batch_iteration" not in params:
+        return
+    value = params["last_batch_iteration"]
+    if value == -1 and not isinstance(value, bool):
+        c.carry_note("scheduler.params.last_batch_iteration", "-1 (DeepSpeed's default): the schedule starts at step 0, "
+                     "as sdtrain's")
+    else:
+        c.drop("scheduler.params.last_batch_iteration", f"{value!r}: DeepSpeed starts the schedule after that batch; "
+               "sdtrain's starts at step 0 (a resumed run continues its own, train.resume)", numerics=True)
 
 
 def _total_steps(c: Converter, params: dict, name: str) -> None:

@@ -14,6 +14,12 @@ from sdtrain.migrate.deepspeed_values import AUTO, Converter
 
 SECTIONS = ("bf16", "bfloat16", "fp16")
 BF16_IMPLEMENTATION = ("immediate_grad_update", "check_grad_overflow", "check_overflow")
+# bf16 settings whose DeepSpeed default (false) is what sdtrain does; true keeps that state in
+# bf16 instead of fp32, which changes what a step computes. A default written out changes nothing.
+BF16_FP32_STATE = {
+    "bf16_master_weights_and_grads": "master weights and gradients",
+    "bf16_optimizer_states": "the optimizer's moments",
+}
 
 
 def convert_precision(c: Converter, config: dict, wanted: dict) -> str:
@@ -94,6 +100,11 @@ def _live_key(c: Converter, section: str, key: str, value) -> None:
     if section != "fp16":
         if key in BF16_IMPLEMENTATION:
             c.drop(where, "a DeepSpeed bf16 implementation setting")
+        elif key in BF16_FP32_STATE and value is False:
+            c.carry_note(where, f"false (DeepSpeed's default): {BF16_FP32_STATE[key]} in fp32, as sdtrain keeps them")
+        elif key in BF16_FP32_STATE:
+            c.drop(where, f"{value!r}: DeepSpeed keeps {BF16_FP32_STATE[key]} in bf16; sdtrain keeps them in fp32",
+                   numerics=True)
         else:
             c.drop(where, f"{value!r}: sdtrain's bf16 has no such setting", numerics=True)
     elif key == "loss_scale":

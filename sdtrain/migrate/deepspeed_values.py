@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from sdtrain.errors import UserInputError, excerpt
+from sdtrain.errors import UserInputError, excerpt, printable
 
 AUTO = "auto"  # the HF Trainer's placeholder: it writes its own value there before DeepSpeed reads the file
 
@@ -77,7 +77,7 @@ class Converter:
         self.autos.append(Unresolved(ds_key, target, reason))
 
     def fail(self, message: str):
-        raise UserInputError(f"{self.source}: {message}")
+        raise UserInputError(printable(f"{self.source}: {message}"))  # the config's keys and values, shown not run
 
     # Readers: a value of the wrong type is bad input, named by its DeepSpeed key.
 
