@@ -70,7 +70,31 @@ def launcher_option(command):
                         help="How nodes are started (default: local, or ssh with a hostfile); openmpi = mpirun.")(command)
 
 
-@cli.command()
+def exit_with_commands(exc: UserInputError):
+    """A refusal whose commands stand on lines of their own: printed unwrapped, so each copies whole."""
+    err_console.print(f"[bold red]error[/]: {escape(str(exc))}", highlight=False, emoji=False, soft_wrap=True)
+    sys.exit(exc.exit_code)
+
+
+class LaunchCommand(click.Command):
+    """`sdtrain launch train.py --epochs 3`: that the target is a script (or a ds_config, or
+    DeepSpeed's flag is there) is the answer, before click's "No such option '--epochs'"."""
+
+    def parse_args(self, ctx, args):
+        given = list(args)  # click's parser consumes the list it is handed
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError:
+            from sdtrain.migrate.launch_target import check_foreign_arguments
+
+            try:
+                check_foreign_arguments(given)
+            except UserInputError as exc:
+                exit_with_commands(exc)
+            raise
+
+
+@cli.command(cls=LaunchCommand)
 @click.argument("recipe", required=False)
 @click.option("--nproc-per-node", type=int, help="Workers on this node (default: recipe launch.nproc_per_node).")
 @host_options
@@ -88,7 +112,10 @@ def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json, deepspe
     """Train with RECIPE (a YAML file) on this machine's workers, or on the hosts of a hostfile."""
     from sdtrain.migrate.launch_target import check_launch_target
 
-    check_launch_target(recipe, deepspeed, deepspeed_config)  # a script or a ds_config: exit 2 with what to run instead
+    try:
+        check_launch_target(recipe, deepspeed, deepspeed_config)  # a script or a ds_config: exit 2 with what to run instead
+    except UserInputError as exc:
+        exit_with_commands(exc)
     from sdtrain.launch.job import plan_job, prepare_run_dir
     from sdtrain.launch.placement import LaunchRequest
     from sdtrain.launch.report import print_failure, print_plan

@@ -94,3 +94,62 @@ def test_a_recipe_written_as_json_still_launches(tmp_path):
     recipe.write_text(json.dumps(TINY))
     result = sdtrain("launch", recipe, "--dry-run", "--json", "--run-dir", tmp_path / "run")
     assert result.returncode == 0, result.stderr
+
+
+def test_a_script_with_its_own_flags_gets_the_script_answer_not_no_such_option(tmp_path):
+    """`sdtrain launch train.py --epochs 3 --deepspeed ds.json`, as DeepSpeed's launcher is typed:
+    the script and the config are the answer, before click's "No such option '--epochs'"."""
+    script, config = tmp_path / "train.py", tmp_path / "ds.json"
+    script.write_text("import deepspeed\n")
+    config.write_text(json.dumps({"train_batch_size": 8}))
+    for args, needle in [([script, "--epochs", 3, "--deepspeed", config], f"sdtrain import-deepspeed {config} --out"),
+                         ([script, "--epochs", 3], "Python script"),
+                         (["--nproc-per-node", 2, script, "--lr", "1e-4"], "Python script"),
+                         ([config, "--epochs", 3], "is a DeepSpeed config")]:
+        result = sdtrain("launch", *args)
+        error = " ".join(result.stderr.split())
+        assert result.returncode == 2 and "No such option" not in error and needle in error, (args, error)
+    result = sdtrain("launch", "--epochs", 3)  # nothing of DeepSpeed's: click's own answer stands
+    assert result.returncode == 2 and "No such option" in result.stderr
+
+
+def test_a_script_that_does_not_exist_is_said_to_not_exist(tmp_path):
+    result = sdtrain("launch", tmp_path / "nonexist.py")
+    error = " ".join(result.stderr.split())
+    assert result.returncode == 2 and f"{tmp_path / 'nonexist.py'} does not exist" in error
+    assert "is a Python script" not in error and "sdtrain launch recipes/quickstart.yaml" in error
+
+
+def test_each_command_to_copy_stands_whole_on_a_line_of_its_own(tmp_path):
+    """However long the path, the import command is one line a user copies as it is."""
+    folder = tmp_path / ("a-folder-name-long-enough-to-pass-eighty-columns" * 2)
+    folder.mkdir()
+    config = folder / "ds_config.json"
+    config.write_text(json.dumps({"train_batch_size": 8, "bf16": {"enabled": True}}))
+    for args in ([config], ["--deepspeed", config], [folder / "train.py", "--deepspeed", config]):
+        result = sdtrain("launch", *args)
+        assert result.returncode == 2
+        lines = result.stderr.splitlines()
+        assert f"  sdtrain import-deepspeed {config} --out recipe.yaml" in lines, result.stderr
+        assert "  sdtrain launch recipe.yaml" in lines, result.stderr
+
+
+def test_the_launch_target_is_read_once_within_bounds(tmp_path, monkeypatch):
+    """A script's shebang and a ds_config's keys come from one bounded read (user_files), never
+    a second open of a path that may have changed since."""
+    import pathlib
+
+    from sdtrain import user_files
+    from sdtrain.migrate.launch_target import not_a_recipe
+
+    script, config = tmp_path / "train", tmp_path / "ds_config.json"
+    script.write_bytes(b"#!/usr/bin/env python3\nimport deepspeed\n")
+    config.write_bytes(json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": 2}}).encode())
+    opened = []
+    real = user_files.open_regular
+    monkeypatch.setattr(user_files, "open_regular", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
+    for name in ("open", "read_text", "read_bytes"):
+        monkeypatch.setattr(pathlib.Path, name, lambda *a, **k: pytest.fail("read outside user_files"))
+    assert "is a Python script" in not_a_recipe(str(script))
+    assert "is a DeepSpeed config" in not_a_recipe(str(config))
+    assert opened == [str(script), str(config)]
