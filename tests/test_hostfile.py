@@ -1,8 +1,20 @@
 """Hostfiles and resource filters: DeepSpeed's semantics, and every error path."""
 
+import time
+
 import pytest
 
-from sdtrain.launch.hostfile import HostfileError, expand_hostlist, parse_hostfile, read_hostfile, select_resources
+from sdtrain.errors import UserInputError
+from sdtrain.launch.hostfile import (
+    MAX_HOSTS,
+    HostfileError,
+    expand_hostlist,
+    parse_filter,
+    parse_hostfile,
+    read_hostfile,
+    select_resources,
+)
+from sdtrain.launch.placement import _check_in_allocation
 
 HOSTS = """\
 # a comment line, then a blank one
@@ -105,3 +117,35 @@ def test_slurm_hostlist():
     assert expand_hostlist("gpu[08-10,12],login") == ["gpu08", "gpu09", "gpu10", "gpu12", "login"]
     assert expand_hostlist("r[1-2]-n[01-02]") == ["r1-n01", "r1-n02", "r2-n01", "r2-n02"]
     assert expand_hostlist("single") == ["single"]
+
+
+# --- tens of thousands of hosts (issue 19): refused past Slurm's limit, and no work hosts x hosts ---
+
+def many_hosts(count: int) -> str:
+    return "".join(f"h{i} slots=1\n" for i in range(count))
+
+
+def test_a_hostfile_past_the_host_limit_is_refused_at_once(tmp_path):
+    """70,000 hosts fit in the 1 MB size limit; a dry-run of them took minutes, now one line."""
+    (tmp_path / "big").write_text(many_hosts(70_000))
+    start = time.monotonic()
+    with pytest.raises(HostfileError, match="big line 65537: 'h65536 slots=1': host 65,537; "
+                                            "a job runs on at most 65,536 hosts"):
+        read_hostfile(tmp_path / "big")
+    assert time.monotonic() - start < 5
+    assert len(parse_hostfile(many_hosts(MAX_HOSTS))) == MAX_HOSTS  # the limit itself is a hostfile
+
+
+def test_the_largest_plan_is_checked_in_linear_time():
+    """The Slurm allocation check compared every host with every node (a list): minutes at 65,536."""
+    hosts = parse_hostfile(many_hosts(MAX_HOSTS))
+    environ = {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": f"h[0-{MAX_HOSTS - 1}]"}
+    start = time.monotonic()
+    resources = select_resources(hosts, exclude="h5@h7:0")
+    _check_in_allocation(resources, environ)
+    assert time.monotonic() - start < 10
+    with pytest.raises(UserInputError, match=r"hosts h65535 are not in .* \(nodes: h0, h1, .* and 65,527 more\)$"):
+        _check_in_allocation(resources, {**environ, "SLURM_JOB_NODELIST": f"h[0-{MAX_HOSTS - 2}]"})
+    with pytest.raises(HostfileError, match=r"is not in the hostfile \(hosts: h0, .*, h7 and 65,528 more\)$"):
+        select_resources(hosts, include="nowhere")
+    assert parse_filter("a:1,0,1,0@b", "--include") == {"a": [1, 0], "b": []}

@@ -33,7 +33,7 @@ _LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S*)$")
 # characters of pdsh's and Slurm's host-list syntax (`,`, `[`, `]`) or our filters' (`@`, `:`).
 _HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 MAX_SLOTS = 1024  # per host; a slot is a device
-MAX_HOSTS = 65_536  # in a Slurm host list: more nodes than the largest machines have
+MAX_HOSTS = 65_536  # in a hostfile or a Slurm host list: more nodes than the largest machines have
 MAX_RANGE_DIGITS = 9  # in a host list's [01-16]
 MAX_HOSTFILE_BYTES = 1 << 20  # a line per host: tens of thousands of hosts
 
@@ -73,6 +73,9 @@ def parse_hostfile(text: str, source: str = "hostfile") -> dict[str, int]:
             raise HostfileError(f"{where}: slots must be an integer from 1 to {MAX_SLOTS}, got {excerpt(slots)}")
         if host in hosts:
             raise HostfileError(f"{where}: host {host} is already listed on line {first_seen[host]}")
+        if len(hosts) == MAX_HOSTS:  # checked as it reads: the plan, commands and checks grow with each host
+            raise HostfileError(f"{where}: host {MAX_HOSTS + 1:,}; a job runs on at most {MAX_HOSTS:,} hosts "
+                                "(as a Slurm host list does)")
         hosts[host], first_seen[host] = int(slots), number
     if not hosts:
         raise HostfileError(f"{source} lists no hosts: add lines like 'worker-1 slots=8'")
@@ -92,9 +95,9 @@ def parse_filter(spec: str, flag: str) -> dict[str, list[int]]:
                 if not (slot.strip().isascii() and slot.strip().isdigit() and len(slot.strip()) <= 4):
                     raise HostfileError(f"{flag} {excerpt(spec)}: slot {excerpt(slot)} of host {printable(host)} is not "
                                         f"a non-negative integer below {MAX_SLOTS}")
-                if int(slot) not in slots:
-                    slots.append(int(slot))
-    return nodes
+                slots.append(int(slot))
+    # dict.fromkeys: duplicates dropped in one pass, first mention first (a filter may repeat a slot)
+    return {host: list(dict.fromkeys(slots)) for host, slots in nodes.items()}
 
 
 def select_resources(hosts: dict[str, int], include: str = "", exclude: str = "",
@@ -115,7 +118,7 @@ def select_resources(hosts: dict[str, int], include: str = "", exclude: str = ""
     if num_gpus is not None:
         short = [f"{host} ({len(slots)})" for host, slots in pool.items() if len(slots) < num_gpus]
         if num_gpus < 1 or short:
-            raise HostfileError(f"--num-gpus {num_gpus}: needs 1..slots per host; too few slots on {', '.join(short) or 'none'}")
+            raise HostfileError(f"--num-gpus {num_gpus}: needs 1..slots per host; too few slots on {some(short) or 'none'}")
         pool = {host: slots[:num_gpus] for host, slots in pool.items()}
     return pool
 
@@ -123,8 +126,10 @@ def select_resources(hosts: dict[str, int], include: str = "", exclude: str = ""
 def _filter(pool: Resources, wanted: dict[str, list[int]], flag: str, spec: str, keep: bool) -> Resources:
     for host, slots in wanted.items():
         if host not in pool:
-            raise HostfileError(f"{flag} {excerpt(spec)}: host {printable(host)} is not in the hostfile (hosts: {', '.join(pool)})")
-        unknown = [s for s in slots if s not in pool[host]]
+            raise HostfileError(f"{flag} {excerpt(spec)}: host {printable(host)} is not in the hostfile "
+                                f"(hosts: {some(pool)})")
+        have = set(pool[host])
+        unknown = [s for s in slots if s not in have]
         if unknown:
             raise HostfileError(
                 f"{flag} {excerpt(spec)}: host {printable(host)} has slots {_span(pool[host])}, no slot {', '.join(map(str, unknown))}"
@@ -142,6 +147,13 @@ def _filter(pool: Resources, wanted: dict[str, list[int]], flag: str, spec: str,
     if not chosen:
         raise HostfileError(f"{flag} {excerpt(spec)} leaves no slot to run on")
     return chosen
+
+
+def some(names, shown: int = 8) -> str:
+    """The first few of many names, for a message that stays one line whatever the hostfile holds."""
+    names = list(names)
+    more = f" and {len(names) - shown:,} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _span(slots: list[int]) -> str:

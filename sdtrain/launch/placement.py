@@ -29,6 +29,7 @@ from sdtrain.launch.hostfile import (
     expand_hostlist,
     read_hostfile,
     select_resources,
+    some,
 )
 from sdtrain.launch.plan import LaunchPlan, Node, free_port
 from sdtrain.launch.runners import RUNNERS
@@ -140,9 +141,10 @@ def _check_master_addr(addr: str) -> None:
 
 def _check_in_allocation(resources: Resources, environ: dict[str, str]) -> None:
     allocated = allocation_hosts(environ)
-    outside = [host for host in resources if host not in allocated]
+    known = set(allocated)  # a list would make this hosts x nodes: minutes at tens of thousands
+    outside = [host for host in resources if host not in known]
     if outside:
-        raise UserInputError(f"hosts {', '.join(outside)} are not in this Slurm allocation (nodes: {', '.join(allocated)})")
+        raise UserInputError(f"hosts {some(outside)} are not in this Slurm allocation (nodes: {some(allocated)})")
 
 
 def _only_this_machine(resources: Resources) -> bool:
