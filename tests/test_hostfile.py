@@ -3,6 +3,7 @@
 import time
 
 import pytest
+import yaml
 
 from sdtrain.errors import UserInputError
 from sdtrain.launch.hostfile import (
@@ -149,3 +150,12 @@ def test_the_largest_plan_is_checked_in_linear_time():
     with pytest.raises(HostfileError, match=r"is not in the hostfile \(hosts: h0, .*, h7 and 65,528 more\)$"):
         select_resources(hosts, include="nowhere")
     assert parse_filter("a:1,0,1,0@b", "--include") == {"a": [1, 0], "b": []}
+
+
+def test_launch_refuses_too_many_hosts_before_any_work(tmp_path):
+    from conftest import TINY, sdtrain
+
+    (tmp_path / "big").write_text(many_hosts(70_000))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(TINY))
+    result = sdtrain("launch", tmp_path / "r.yaml", "--hostfile", tmp_path / "big", "--dry-run", timeout=60)
+    assert result.returncode == 2 and "a job runs on at most 65,536 hosts" in " ".join(result.stderr.split())
