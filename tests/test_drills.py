@@ -163,3 +163,19 @@ def test_a_restart_after_an_address_limit_drill_says_injected(tmp_path, write_re
     outcome = JobOutcome(exit_codes=[1], interrupted=None, wall_s=1.0, reports=[{"node_rank": 0, "failures": [oom]}])
     assert describe_cause(failure_cause(job, outcome)).endswith(
         "MemoryError (injected by SDTRAIN_INJECT_ADDRESS_LIMIT=0:524288000)")
+
+
+def test_the_drills_of_launches_from_here_are_the_environments_and_the_files(tmp_path, monkeypatch):
+    """What a bench's entries would run with, checked as the launch checks it."""
+    from sdtrain.launch.drills import drills_of_launches_from_here
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".sdtrain_env").write_text("SDTRAIN_INJECT_FAULT=0:2\n")
+    with pytest.raises(UserInputError, match="--allow-env-file-var SDTRAIN_INJECT_FAULT"):
+        drills_of_launches_from_here({})
+    drills = drills_of_launches_from_here({"SDTRAIN_INJECT_NAN": "1:3"}, allowed=["SDTRAIN_INJECT_FAULT"])
+    assert [str(d) for d in drills] == ["SDTRAIN_INJECT_FAULT=0:2 (from " + str(tmp_path / ".sdtrain_env") + ")",
+                                        "SDTRAIN_INJECT_NAN=1:3 (from the launcher's environment)"]
+    with pytest.raises(UserInputError):  # a malformed drill: every launch would refuse it
+        drills_of_launches_from_here({"SDTRAIN_INJECT_NAN": "rank0"}, allowed=["SDTRAIN_INJECT_FAULT"])

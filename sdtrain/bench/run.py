@@ -12,7 +12,8 @@ Throughput is the median over logging intervals after the first (warm-up) one, a
 entry keeps its best of `repeats` alternating rounds, since a shared machine's noise only
 ever slows a run down. The headline numbers are ratios measured in the same run, never
 absolute times. MFU is against one peak for every row: the device's measured matmul peak
-on CUDA (train/peak.py).
+on CUDA (train/peak.py). A failed sdtrain entry stops the bench with its root cause, exit 1
+(entry_failure.py); an active drill is announced first, as `sdtrain launch` does.
 """
 
 from __future__ import annotations
@@ -20,19 +21,19 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from sdtrain.batch import derive_batch
-from sdtrain.bench.moe_strategy import DEEPSPEED_MOE_ZERO, ExpertStrategy, all_to_all_share, parse_expert_strategy
+from sdtrain.bench.entry import Entry, measure
+from sdtrain.bench.moe_strategy import DEEPSPEED_MOE_ZERO, ExpertStrategy, parse_expert_strategy
 from sdtrain.bench.moe_strategy import SYNTAX as EP_SYNTAX
 from sdtrain.bench.pipeline_strategy import SYNTAX, PipelineStrategy, parse_pipeline_strategy
 from sdtrain.errors import UserInputError
-from sdtrain.launch.node import threads_per_worker
+from sdtrain.launch.drills import banner, drills_of_launches_from_here
+from sdtrain.launch.exports import ALLOW_FLAG
 from sdtrain.model.size import flops_per_token
 from sdtrain.parallel.partition import check_schedule
 from sdtrain.parallel.schedules import bubble_formula
@@ -46,36 +47,12 @@ DEEPSPEED_PIPE_ZERO = (0, 1)  # DeepSpeed's pipeline refuses ZeRO-2 and 3
 SINGLE_DEVICE_PEERS = {"eager": "torch-eager", "compile": "torch-compile"}  # --peers name: row name
 
 
-@dataclass
-class Entry:
-    name: str
-    world: int
-    kind: str  # "sdtrain" or "peer"
-    stage: int  # the ZeRO stage it is, or is compared with
-    argv: list[str]  # what to run; {out} is replaced by a fresh path per round
-    samples: list[float] = field(default_factory=list)  # tokens/s per round
-    peak_mem_gib: list[float] = field(default_factory=list)
-    state_bytes: list[int] | None = None
-    comm_bytes: int | None = None
-    pipeline: PipelineStrategy | None = None  # P stages (and its schedule), or none
-    micro_batches: int | None = None  # M, for a pipeline
-    bubbles: list[float] = field(default_factory=list)  # per round: mean over the intervals after warm-up
-    bubble_per_stage: list[list[float]] = field(default_factory=list)
-    bubbles_replayed: list[float] = field(default_factory=list)  # per round: the schedule on its compute times
-    ep: int | None = None  # an MoE row's expert-parallel size (None: not an ep<N> row)
-    all_to_all_shares: list[float | None] = field(default_factory=list)  # per round
-
-    @property
-    def stages(self) -> int:
-        return self.pipeline.stages if self.pipeline else 1
-
-    @property
-    def tokens_per_s(self) -> float:
-        return max(self.samples) if self.samples else 0.0
-
-
 def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds: list[int], steps: int,
-              repeats: int, overrides: list[str]) -> dict:
+              repeats: int, overrides: list[str], allowed_env_vars: Collection[str] = (),
+              announce: Callable[[str], None] = lambda text: None) -> dict:
+    """The bench's results; `announce` gets the drill banner before the first run, where a
+    drill is active. UserInputError before anything runs; BenchEntryFailed (entry_failure.py)
+    where an sdtrain entry failed."""
     if steps < 3 * INTERVAL:
         raise UserInputError(f"--steps {steps}: need at least {3 * INTERVAL} for a warm-up interval and samples")
     pipelines, experts = {}, {}
@@ -123,11 +100,19 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
             raise UserInputError(f"--strategies {name}: expert-parallel size {expert.ep} divides none of --nproc "
                                  f"{','.join(map(str, worlds))}; it must divide the worker count")
     entries += _single_device_peers(recipe, peers)
+    # Each sdtrain entry is a launch from here: its .sdtrain_env and drills are checked now, as
+    # the launch would (exit 2 before any run), and a drill is announced as a launch does it.
+    drills = drills_of_launches_from_here(dict(os.environ), allowed_env_vars)
+    if drills:
+        announce(banner(drills))
+    for entry in entries:
+        if entry.kind == "sdtrain":
+            entry.argv += [arg for name in allowed_env_vars for arg in (ALLOW_FLAG, name)]
     peak = _peak_for_mfu(recipe, notes)
     with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
         for round_index in range(repeats):
             for i, entry in enumerate(entries):
-                failure = _measure(entry, Path(tmp) / f"{i}-{round_index}")
+                failure = measure(entry, Path(tmp) / f"{i}-{round_index}", drills)
                 if failure:
                     notes.append(f"{entry.name} (world {entry.world}) round {round_index + 1} failed: {failure}")
     return _report(entries, recipe, steps, repeats, notes, peak)
@@ -311,42 +296,6 @@ def recipe_for_world(recipe, world: int) -> dict:
     data["train"].update(global_batch_size=plan.global_batch, micro_batch_size=plan.micro_batch,
                          grad_accum_steps=plan.grad_accum)
     return data
-
-
-def _measure(entry: Entry, out: Path) -> str | None:
-    """Run one entry once and record its numbers; a failed run is reported, not fatal, so
-    one broken peer does not cost the rest of the table."""
-    argv = [str(out) if arg == "{out}" else arg for arg in entry.argv]
-    # The same thread budget for sdtrain and its peers, whatever each launcher defaults to.
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_worker(entry.world))}
-    result = subprocess.run(argv, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
-        if entry.kind == "sdtrain":  # our own failure is a bug to see in full, not a footnote
-            raise RuntimeError(f"bench entry {entry.name} (world {entry.world}) failed:\n" + "\n".join(lines[-30:]))
-        cause = next((line.strip() for line in lines if "Root Cause" in line or "Error" in line), lines[-1] if lines else "")
-        return f"exit {result.returncode}: {cause[:200]}"
-    if entry.kind == "sdtrain":
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        summary = json.loads((out / "summary.json").read_text())
-        entry.samples.append(statistics.median(r["tokens_per_s"] for r in rows[1:]))
-        if entry.ep:
-            entry.all_to_all_shares.append(all_to_all_share(rows[1:]))
-        if "bubble" in rows[0]:  # a pipeline's idle share, over the intervals tokens/s is taken from
-            entry.bubbles.append(statistics.mean(r["bubble"] for r in rows[1:]))
-            per_stage = zip(*(r["bubble_per_stage"] for r in rows[1:]))
-            entry.bubble_per_stage.append([statistics.mean(stage) for stage in per_stage])
-            entry.bubbles_replayed.append(statistics.mean(r["bubble_replayed"] for r in rows[1:]))
-        entry.peak_mem_gib = summary["peak_mem_gib"]
-        entry.state_bytes = [sum(s.values()) for s in summary["model_state_bytes"]]
-        entry.comm_bytes = rows[-1].get("comm_bytes")
-    else:
-        result = json.loads(out.read_text())
-        entry.samples.append(statistics.median(result["tokens_per_s"][1:]))
-        if entry.ep:
-            entry.all_to_all_shares.append(result.get("all_to_all_share"))
-        entry.peak_mem_gib = result["peak_mem_gib"]
-    return None
 
 
 def _pipeline_columns(entry: Entry) -> dict:

@@ -9,10 +9,12 @@ drill was active and the failure does not look like its doing.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 
-from sdtrain.launch.exports import EnvFile
-from sdtrain.train.faults import ADDRESS_LIMIT, active_drills, parse_address_limit
+from sdtrain.launch.exports import EnvFile, load_env_file
+from sdtrain.train.faults import ADDRESS_LIMIT, active_drills, check_drills, parse_address_limit
 
 HANG = "SDTRAIN_INJECT_HANG"
 
@@ -31,6 +33,17 @@ def drills_reaching_workers(worker_env: dict[str, str], env_file: EnvFile) -> li
     """The drills in the environment the workers get; `env_file`'s win, as they do there."""
     return [ActiveDrill(name, value, str(env_file.path) if name in env_file.variables else "the launcher's environment")
             for name, value in active_drills(worker_env).items()]
+
+
+def drills_of_launches_from_here(environ: dict[str, str], allowed: Collection[str] = ()) -> list[ActiveDrill]:
+    """The drills a local `sdtrain launch` started from this directory would run (a bench's
+    entries are such launches): `environ` plus the `.sdtrain_env` that applies. UserInputError,
+    before anything starts, for a guarded name of that file not `allowed` or a malformed drill,
+    as the launch itself would refuse them."""
+    env_file = load_env_file(Path.cwd(), Path.home(), allowed)
+    worker_env = {**environ, **env_file.variables}
+    check_drills(worker_env)
+    return drills_reaching_workers(worker_env, env_file)
 
 
 def banner(drills: list[ActiveDrill]) -> str:

@@ -8,27 +8,34 @@ whatever shell they pass through. A local launch's node agent inherits the launc
 environment anyway, and gets `.sdtrain_env` on top, as remote nodes do.
 
 The file is found, not named: a checkout someone else wrote can carry one, and one left in
-the home directory applies to every later launch. So the names that decide which code runs
-(PYTHON*: PYTHONPATH, PYTHONSTARTUP; LD_*: LD_PRELOAD, LD_LIBRARY_PATH) and the drills that
-make a run fail on purpose (SDTRAIN_INJECT_*) are refused from it, before anything starts,
-unless the launch allows each by name (--allow-env-file-var NAME). The launcher's own
-environment is the user's and passes as it is.
+the home directory applies to every later launch. So the names in GUARDED (env_guard.py:
+variables that decide which code runs, and the drills that make a run fail on purpose) are
+refused from it, before anything starts, unless the launch allows each by name
+(--allow-env-file-var NAME). The launcher's own environment is the user's and passes as it
+is. The file is read within bounds (user_files.py): a FIFO, a directory or a huge file there
+is one line, not a hang or a MemoryError.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdtrain.errors import UserInputError, decode_utf8, excerpt
+from sdtrain.errors import UserInputError, excerpt
+from sdtrain.launch.env_guard import guarded_reason
+from sdtrain.user_files import read_text
 
 EXPORTED_PREFIXES = ("NCCL_", "PYTHON", "CUDA_", "OMP_", "SDTRAIN_")
 NOT_EXPORTED = {"CUDA_VISIBLE_DEVICES"}
 ENV_FILE = ".sdtrain_env"
-GUARDED_PREFIXES = ("PYTHON", "LD_", "SDTRAIN_INJECT_")
 ALLOW_FLAG = "--allow-env-file-var"
+# A few hundred variables at most; every value also has to fit a remote node's command line
+# (one argument is at most 128 KiB on Linux). The bound keeps a huge file from costing the
+# launcher gigabytes before it says anything.
+MAX_ENV_FILE_BYTES = 1 << 20
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -69,26 +76,34 @@ def load_env_file(cwd: Path, home: Path, allowed: Collection[str] = ()) -> EnvFi
 
 
 def check_guarded(variables: dict[str, str], path: Path, allowed: Collection[str] = ()) -> None:
-    refused = [name for name in variables if name.startswith(GUARDED_PREFIXES) and name not in allowed]
+    """Refuse the guarded names (env_guard.py) the launch did not allow, each with why."""
+    refused = {name: guarded_reason(name) for name in variables if name not in allowed}
+    refused = {name: why for name, why in refused.items() if why}
     if refused:
         flags = " ".join(f"{ALLOW_FLAG} {name}" for name in refused)
-        raise UserInputError(f"{path} sets {', '.join(refused)}: a {ENV_FILE} may set PYTHON*, LD_* or SDTRAIN_INJECT_* "
-                             f"variables only when the launch allows each by name ({flags}); or remove them from the file")
+        whys = "; ".join(f"{name}: {why}" for name, why in refused.items())
+        raise UserInputError(f"{path} sets {', '.join(refused)} ({whys}). A {ENV_FILE} is found, not named, so it may "
+                             f"set such a variable only when the launch allows each by name ({flags}); "
+                             "or remove them from the file")
 
 
 def find_env_file(cwd: Path, home: Path) -> Path | None:
+    """The first `.sdtrain_env` there is, whatever it is: a directory, a FIFO or a dangling link
+    by that name is refused when read, not skipped (the launch would go on without the
+    variables its owner put there, or with the home directory's instead)."""
     for folder in (cwd, home):
-        if (folder / ENV_FILE).is_file():
+        if os.path.lexists(folder / ENV_FILE):
             return folder / ENV_FILE
     return None
 
 
 def read_env_file(path: Path) -> dict[str, str]:
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserInputError(f"cannot read {path}: {exc.strerror}") from None
-    return parse_env_file(decode_utf8(data, str(path)), str(path))
+        text = read_text(path, "variables file", MAX_ENV_FILE_BYTES, form="KEY=VALUE lines")
+    except UserInputError as exc:  # the user never named it: say where it came from
+        raise UserInputError(f"{exc} (every launch reads {ENV_FILE} from the working directory, else the home "
+                             "directory: make it a file of KEY=VALUE lines, or remove it)") from None
+    return parse_env_file(text, str(path))
 
 
 def parse_env_file(text: str, source: str = ENV_FILE) -> dict[str, str]:
