@@ -380,10 +380,11 @@ def env() -> None:
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 def export(checkpoint, out, force) -> None:
     """Write the model weights of a (sharded) CHECKPOINT to OUT.safetensors."""
+    from sdtrain.errors import printable
     from sdtrain.train.export import export_safetensors
 
     count = export_safetensors(checkpoint, out, force)
-    console.print(f"wrote {count} tensors to {escape(out)}")
+    console.print(f"wrote {count} tensors to {escape(printable(out))}")
 
 
 @cli.command()
@@ -484,16 +485,17 @@ def checkpoint() -> None:
 def verify(path) -> None:
     """Check every file of the checkpoint at PATH (a checkpoints/step_<N> folder or a run
     directory): exit 0 if it is whole and safe to load, 2 naming each bad file if not."""
+    from sdtrain.errors import printable
     from sdtrain.train.checkpoint_verify import checkpoint_problems
     from sdtrain.train.export import resolve_checkpoint
 
     resolved = resolve_checkpoint(path)
     problems = checkpoint_problems(resolved)
     for problem in problems:
-        err_console.print(f"[red]✗[/] {escape(problem)}", highlight=False)
+        err_console.print(f"[red]✗[/] {escape(printable(problem))}", highlight=False)  # paths are the user's
     if problems:
         sys.exit(2)
-    console.print(f"[green]verified[/]: {escape(str(resolved))}", highlight=False)
+    console.print(f"[green]verified[/]: {escape(printable(resolved))}", highlight=False)
 
 
 def write_results(results: dict, json_file: str | None, plot_file: str | None, figure) -> None:

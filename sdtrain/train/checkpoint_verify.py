@@ -22,7 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
-from sdtrain.errors import CheckpointError
+from sdtrain.errors import CheckpointError, printable
 from sdtrain.train.checkpoint_layout import INFO, identity, read_info, step_checkpoints
 from sdtrain.train.checkpoint_manifest import manifest_problems
 
@@ -46,11 +46,14 @@ MAX_EXTRA_BYTES = 16 << 20
 def verify_checkpoint(path: str | Path, checksums: bool = True) -> dict:
     """The checkpoint's sdtrain.json if every file is whole; else CheckpointError naming
     the first bad file."""
-    info = read_info(path)  # not a checkpoint at all: its own message says where to point
+    try:
+        info = read_info(path)  # not a checkpoint at all: its own message says where to point
+    except CheckpointError as exc:
+        raise CheckpointError(printable(exc)) from None  # it echoes the path as given
     problems = checkpoint_problems(path, checksums)
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-        raise CheckpointError(f"checkpoint {path} cannot be used: {problems[0]}{more}; {FIX}")
+        raise CheckpointError(printable(f"checkpoint {path} cannot be used: {problems[0]}{more}; {FIX}"))  # paths echoed
     return info
 
 

@@ -16,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from sdtrain.errors import CheckpointError
+from sdtrain.errors import CheckpointError, printable
 from sdtrain.train.checkpoint_layout import checkpoint_dir, latest_checkpoint
 from sdtrain.train.checkpoint_verify import verify_checkpoint
 from sdtrain.train.safe_reader import SafeFileSystemReader, SafeLoadPlanner
@@ -28,11 +28,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoints/step_<N> folder, or a run directory (its latest checkpoint)."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist; give a checkpoints/step_<N> folder or a run directory")
+        raise CheckpointError(f"{printable(path)} does not exist; give a checkpoints/step_<N> folder or a run directory")
     if checkpoint_dir(path).is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise CheckpointError(f"run directory {path} has no complete checkpoint (checkpoints/latest)")
+            raise CheckpointError(f"run directory {printable(path)} has no complete checkpoint (checkpoints/latest)")
         return latest
     return path
 
@@ -46,7 +46,7 @@ def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     weights = {key: md for key, md in metadata.state_dict_metadata.items()
                if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
     if not weights:
-        raise CheckpointError(f"checkpoint {path} holds no model weights")
+        raise CheckpointError(f"checkpoint {printable(path)} holds no model weights")
     check_fits_in_memory(path, sum(md.size.numel() * md.properties.dtype.itemsize for md in weights.values()))
     state = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in weights.items()}
     with warnings.catch_warnings():  # "no process group: loading in one process" is the point
@@ -63,7 +63,7 @@ def check_fits_in_memory(path: Path, nbytes: int) -> None:
 
     free = psutil.virtual_memory().available
     if nbytes > free:
-        raise CheckpointError(f"checkpoint {path} holds {nbytes / 2**30:,.1f} GiB of model weights and this machine has "
+        raise CheckpointError(f"checkpoint {printable(path)} holds {nbytes / 2**30:,.1f} GiB of model weights and this machine has "
                               f"{free / 2**30:,.1f} GiB of memory free: export needs them all in memory at once")
 
 
@@ -93,14 +93,14 @@ def check_output(out: str | Path, force: bool) -> Path:
     """OUT as export will write it; CheckpointError if it cannot or must not be written."""
     out = Path(out)
     if out.suffix != ".safetensors":
-        raise CheckpointError(f"{out}: the output file name must end in .safetensors")
+        raise CheckpointError(f"{printable(out)}: the output file name must end in .safetensors")
     if out.is_dir():
-        raise CheckpointError(f"{out} is a directory; give a file name ending in .safetensors")
+        raise CheckpointError(f"{printable(out)} is a directory; give a file name ending in .safetensors")
     if (out.exists() or out.is_symlink()) and not force:
-        raise CheckpointError(f"{out} already exists; pass --force to overwrite it, or choose another name")
+        raise CheckpointError(f"{printable(out)} already exists; pass --force to overwrite it, or choose another name")
     parent = out.absolute().parent
     while not parent.exists():  # export creates missing folders: the first existing one must take them
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise CheckpointError(f"cannot write {out}: {parent} is not a writable folder")
+        raise CheckpointError(f"cannot write {printable(out)}: {printable(parent)} is not a writable folder")
     return out
