@@ -7,6 +7,7 @@ checkpoint saved at the interrupted step: launch again with train.resume auto); 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -70,7 +71,31 @@ def launcher_option(command):
                         help="How nodes are started (default: local, or ssh with a hostfile); openmpi = mpirun.")(command)
 
 
-@cli.command()
+def exit_with_commands(exc: UserInputError):
+    """A refusal whose commands stand on lines of their own: printed unwrapped, so each copies whole."""
+    err_console.print(f"[bold red]error[/]: {escape(str(exc))}", highlight=False, emoji=False, soft_wrap=True)
+    sys.exit(exc.exit_code)
+
+
+class LaunchCommand(click.Command):
+    """`sdtrain launch train.py --epochs 3`: that the target is a script (or a ds_config, or
+    DeepSpeed's flag is there) is the answer, before click's "No such option '--epochs'"."""
+
+    def parse_args(self, ctx, args):
+        given = list(args)  # click's parser consumes the list it is handed
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError:
+            from sdtrain.migrate.launch_target import check_foreign_arguments
+
+            try:
+                check_foreign_arguments(given)
+            except UserInputError as exc:
+                exit_with_commands(exc)
+            raise
+
+
+@cli.command(cls=LaunchCommand)
 @click.argument("recipe", required=False)
 @click.option("--nproc-per-node", type=int, help="Workers on this node (default: recipe launch.nproc_per_node).")
 @host_options
@@ -88,7 +113,10 @@ def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json, deepspe
     """Train with RECIPE (a YAML file) on this machine's workers, or on the hosts of a hostfile."""
     from sdtrain.migrate.launch_target import check_launch_target
 
-    check_launch_target(recipe, deepspeed, deepspeed_config)  # a script or a ds_config: exit 2 with what to run instead
+    try:
+        check_launch_target(recipe, deepspeed, deepspeed_config)  # a script or a ds_config: exit 2 with what to run instead
+    except UserInputError as exc:
+        exit_with_commands(exc)
     from sdtrain.launch.job import plan_job, prepare_run_dir
     from sdtrain.launch.placement import LaunchRequest
     from sdtrain.launch.report import print_failure, print_plan
@@ -448,31 +476,31 @@ def recipe_show(path, overrides) -> None:
 @click.argument("config")
 @click.option("--out", help="Write the recipe to this file (default: print it; the account goes to stderr).")
 @click.option("--lenient", is_flag=True, help="Write the recipe even where a key left out changes what training computes.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Set a recipe key the config leaves open, e.g. train.micro_batch_size=8 for an HF 'auto' batch.")
-def import_deepspeed_command(config, out, lenient, overrides) -> None:
+def import_deepspeed_command(config, out, lenient, force, overrides) -> None:
     """A recipe from a DeepSpeed CONFIG (ds_config.json), with an account of every key."""
-    from sdtrain.migrate.deepspeed import import_deepspeed
+    from sdtrain.errors import printable
+    from sdtrain.migrate.deepspeed import import_deepspeed, write_recipe
 
+    if out and not force and os.path.lexists(out):  # said before the account, and nothing is overwritten
+        raise UserInputError(f"{printable(out)} already exists; pass --force to overwrite it, or choose another name")
     result = import_deepspeed(config, list(overrides))
     report = console if out else err_console  # without --out, stdout is the recipe alone
     for line in result.report_lines():
         report.print(escape(line), highlight=False, soft_wrap=True)
     blocking = result.changes_numerics
     if blocking and not lenient:
-        raise UserInputError(
+        raise UserInputError(printable(
             f"{len(blocking)} key(s) of {config} would change what training computes and cannot be carried over "
-            f"({', '.join(d.ds_key for d in blocking)}); nothing written. --lenient writes the recipe without them")
+            f"({', '.join(d.ds_key for d in blocking)}); nothing written. --lenient writes the recipe without them"))
     text = result.to_yaml(config)
     if not out:
         click.echo(text, nl=False)
         return
-    try:
-        with open(out, "w") as f:
-            f.write(text)
-    except OSError as exc:
-        raise UserInputError(f"cannot write {out}: {exc.strerror}") from None
-    console.print(f"wrote {escape(out)}; {escape(result.next_line(out))}", highlight=False, soft_wrap=True)
+    write_recipe(out, text, force)
+    console.print(f"wrote {escape(printable(out))}; {escape(result.next_line(out))}", highlight=False, soft_wrap=True)
 
 
 @cli.group()
