@@ -71,12 +71,6 @@ def launcher_option(command):
                         help="How nodes are started (default: local, or ssh with a hostfile); openmpi = mpirun.")(command)
 
 
-def exit_with_commands(exc: UserInputError):
-    """A refusal whose commands stand on lines of their own: printed unwrapped, so each copies whole."""
-    err_console.print(f"[bold red]error[/]: {escape(str(exc))}", highlight=False, emoji=False, soft_wrap=True)
-    sys.exit(exc.exit_code)
-
-
 class LaunchCommand(click.Command):
     """`sdtrain launch train.py --epochs 3`: that the target is a script (or a ds_config, or
     DeepSpeed's flag is there) is the answer, before click's "No such option '--epochs'"."""
@@ -88,10 +82,7 @@ class LaunchCommand(click.Command):
         except click.UsageError:
             from sdtrain.migrate.launch_target import check_foreign_arguments
 
-            try:
-                check_foreign_arguments(given)
-            except UserInputError as exc:
-                exit_with_commands(exc)
+            check_foreign_arguments(given)  # UserInputError (exit 2) where it is DeepSpeed's command line
             raise
 
 
@@ -113,10 +104,7 @@ def launch(recipe, nproc_per_node, overrides, run_dir, dry_run, as_json, deepspe
     """Train with RECIPE (a YAML file) on this machine's workers, or on the hosts of a hostfile."""
     from sdtrain.migrate.launch_target import check_launch_target
 
-    try:
-        check_launch_target(recipe, deepspeed, deepspeed_config)  # a script or a ds_config: exit 2 with what to run instead
-    except UserInputError as exc:
-        exit_with_commands(exc)
+    check_launch_target(recipe, deepspeed, deepspeed_config)  # a script or a ds_config: exit 2 with what to run instead
     from sdtrain.launch.job import plan_job, prepare_run_dir
     from sdtrain.launch.placement import LaunchRequest
     from sdtrain.launch.report import print_failure, print_plan
@@ -542,7 +530,10 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except UserInputError as exc:
-        err_console.print(f"[bold red]error[/]: {escape(str(exc))}", highlight=False, emoji=False)  # "1:x:" stays text
+        # "1:x:" stays text. A message of several lines sets a command to copy on a line of its own
+        # (launch_target.py): unwrapped, so the terminal's width never breaks it in two.
+        message = str(exc)
+        err_console.print(f"[bold red]error[/]: {escape(message)}", highlight=False, emoji=False, soft_wrap="\n" in message)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)

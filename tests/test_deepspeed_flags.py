@@ -126,12 +126,17 @@ def test_each_command_to_copy_stands_whole_on_a_line_of_its_own(tmp_path):
     folder.mkdir()
     config = folder / "ds_config.json"
     config.write_text(json.dumps({"train_batch_size": 8, "bf16": {"enabled": True}}))
-    for args in ([config], ["--deepspeed", config], [folder / "train.py", "--deepspeed", config]):
-        result = sdtrain("launch", *args)
+    for args in (["launch", config], ["launch", "--deepspeed", config], ["launch", folder / "train.py", "--deepspeed", config],
+                 ["recipe", "show", config]):  # the recipe reader's answer too
+        result = sdtrain(*args)
         assert result.returncode == 2
         lines = result.stderr.splitlines()
         assert f"  sdtrain import-deepspeed {config} --out recipe.yaml" in lines, result.stderr
         assert "  sdtrain launch recipe.yaml" in lines, result.stderr
+    script = folder / "train.py"
+    script.write_text("import deepspeed\n")
+    result = sdtrain("estimate", script, "--gpus", 1)
+    assert result.returncode == 2 and "  sdtrain launch recipes/quickstart.yaml" in result.stderr.splitlines()
 
 
 def test_the_launch_target_is_read_once_within_bounds(tmp_path, monkeypatch):
