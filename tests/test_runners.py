@@ -2,6 +2,7 @@
 command line (hostfile, launcher choice, master, errors as exit 2 with nothing launched)."""
 
 import json
+import os
 import shlex
 import subprocess
 
@@ -226,3 +227,23 @@ def test_bad_env_file_exits_2(write_recipe, tmp_path):
     (tmp_path / ".sdtrain_env").write_text("GOOD=1\nbad line\n")
     result = sdtrain("launch", write_recipe(), "--hostfile", tmp_path / "hf", "--dry-run", cwd=tmp_path)
     assert result.returncode == 2 and ".sdtrain_env line 2: 'bad line'" in result.stderr
+
+
+def test_slots_narrow_cuda_visible_devices_and_never_widen_it(monkeypatch):
+    """CUDA_VISIBLE_DEVICES=4,5 with slots 0-3 once ran on devices 4, 5, 2, 3: a slot past
+    the visible devices took its own number. Now it is refused, naming the fix."""
+    from sdtrain.launch.node import restrict_devices
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    restrict_devices("1,2", gpus_here=True)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,6"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    with pytest.raises(UserInputError, match=r"slots 2,3 are beyond CUDA_VISIBLE_DEVICES=4,5"):
+        restrict_devices("0,1,2,3", gpus_here=True)
+    for hidden, gpus_here in (("", True), ("4,5", False)):  # GPUs hidden on purpose, or none here: a CPU run
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        restrict_devices("0,1,2,3", gpus_here=gpus_here)
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == hidden
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    restrict_devices("2,3", gpus_here=True)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"

@@ -84,7 +84,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def restrict_devices(slots: str) -> None:
+def restrict_devices(slots: str, gpus_here: bool) -> None:
     """Give this node's workers exactly its slots. Slots index the devices this agent may
     see: an existing CUDA_VISIBLE_DEVICES is narrowed, never widened."""
     if not slots:
@@ -93,7 +93,15 @@ def restrict_devices(slots: str) -> None:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         available = [d.strip() for d in visible.split(",") if d.strip()]
-        ids = [available[int(i)] if int(i) < len(available) else i for i in ids]
+        if not available or not gpus_here:
+            return  # no GPU to pick (all hidden on purpose, or none here): slots only number the workers
+        beyond = [i for i in ids if int(i) >= len(available)]
+        if beyond:  # the slot's own number would widen to a device the agent may not use
+            raise UserInputError(
+                f"slots {','.join(beyond)} are beyond CUDA_VISIBLE_DEVICES={visible} here ({len(available)} device(s)): "
+                "give this host at most that many slots in the hostfile (or --num-gpus / --include), "
+                "or widen CUDA_VISIBLE_DEVICES")
+        ids = [available[int(i)] for i in ids]
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
 
 
@@ -184,7 +192,11 @@ def main(argv=None) -> int:
             except OSError as exc:
                 say(f"sdtrain node {args.node_rank} ({socket.gethostname()}): cannot move the earlier run aside: {describe(exc)}")
                 return 2
-    restrict_devices(args.slots)
+    try:
+        restrict_devices(args.slots, gpus_here=os.path.isdir("/proc/driver/nvidia/gpus"))
+    except UserInputError as exc:
+        say(f"sdtrain node {args.node_rank} ({socket.gethostname()}): {exc}")
+        return 2
     if args.remote:  # only this node's agent can see this machine's memory
         from sdtrain.launch.memory_check import check_node
         from sdtrain.recipe import validate_recipe
