@@ -6,8 +6,8 @@ variable whose value chooses which code runs is as good as running that code. Ea
 GUARDED is a name or a shell-style pattern (`*`: any characters) and why it runs code. Two
 rows are there for another reason: the drills (they make the run fail on purpose), and
 CUDA_VISIBLE_DEVICES (the plan counts and places devices without the file, and a node agent
-indexes its slots into the file's list: with slots past its end, `CUDA_VISIBLE_DEVICES=4,5`
-and slots 0-3 ran on devices 4, 5, 2, 3). Anything else passes with the launch's notice
+indexes its slots into the file's list: slot 0 becomes another device than `--dry-run`
+printed, and slots past the list's end stop the node). Anything else passes with the launch's notice
 (names only): NCCL_DEBUG, NCCL_SOCKET_IFNAME, NCCL_IB_HCA, OMP_NUM_THREADS, HF_HOME,
 MALLOC_ARENA_MAX and the other tuning knobs choose how code runs, not which.
 
