@@ -347,7 +347,9 @@ def test_deepspeed_defaults_written_out_never_block(schedule):
         convert_config(c, config, ModelConfig())
         return [d.ds_key for d in c.dropped if d.numerics]
 
-    params = {"warmup_num_steps": 10, "warmup_type": "linear", "total_num_steps": 100, "last_batch_iteration": -1}
+    params = {"warmup_num_steps": 10, "warmup_type": "linear", "last_batch_iteration": -1}
+    if schedule != "WarmupLR":  # the one that runs until the script stops
+        params["total_num_steps"] = 100
     config = {"train_micro_batch_size_per_gpu": 2, "scheduler": {"type": schedule, "params": params},
               "bf16": {"enabled": True, "bf16_master_weights_and_grads": False, "bf16_optimizer_states": False},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "bias_correction": True, "amsgrad": False,
@@ -358,6 +360,18 @@ def test_deepspeed_defaults_written_out_never_block(schedule):
     config["optimizer"]["params"].update(fp32_optimizer_states=False)
     assert sorted(blocking(config)) == ["bf16.bf16_master_weights_and_grads", "bf16.bf16_optimizer_states",
                                         "optimizer.params.fp32_optimizer_states", "scheduler.params.last_batch_iteration"]
+
+
+def test_a_schedule_parameter_its_class_does_not_take_is_listed():
+    """DeepSpeed builds the schedule with params as keywords: WarmupLR has no total_num_steps and
+    WarmupCosineLR no warmup_max_lr (a TypeError there), so neither passes unlisted."""
+    from sdtrain.migrate.deepspeed_optim import convert_scheduler
+    from sdtrain.migrate.deepspeed_values import Converter
+
+    for schedule, extra in [("WarmupLR", "total_num_steps"), ("WarmupCosineLR", "warmup_max_lr")]:
+        c = Converter("ds_config.json")
+        convert_scheduler(c, {"type": schedule, "params": {"warmup_type": "linear", "total_num_steps": 10, extra: 5}})
+        assert [d.ds_key for d in c.dropped if d.numerics] == [f"scheduler.params.{extra}"], schedule
 
 
 CONTROL = {"\u001b[2Jzz": 1, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "\u001b]0;x\u0007Lamb"}}

@@ -120,7 +120,9 @@ def convert_scheduler(c: Converter, section) -> None:
         c.put("train.warmup_steps", 0, "scheduler.type", "instead of the schedule left out")
         return
     c.put("train.decay", SCHEDULES[name], "scheduler.type", name)
-    known = {"warmup_num_steps", "warmup_type", "total_num_steps", "last_batch_iteration"}
+    # Each schedule's constructor arguments (DeepSpeed passes params as keywords: any other is
+    # a TypeError there). WarmupLR has no total_num_steps: it holds the peak until the script stops.
+    known = {"warmup_num_steps", "warmup_type", "last_batch_iteration"} | ({"total_num_steps"} if name != "WarmupLR" else set())
     if name == "WarmupCosineLR":
         known |= {"warmup_min_ratio", "cos_min_ratio"}
         _cosine_params(c, params)
@@ -132,7 +134,8 @@ def convert_scheduler(c: Converter, section) -> None:
     _start(c, params)
     for key in params:
         if key not in known:
-            c.drop(f"scheduler.params.{key}", f"not a parameter of DeepSpeed's {name}", numerics=True)
+            c.drop(f"scheduler.params.{key}", f"not a parameter of DeepSpeed's {name}: DeepSpeed refuses the config with it",
+                   numerics=True)
 
 
 def _warmup_lr_params(c: Converter, params: dict, name: str) -> None:
