@@ -362,6 +362,22 @@ def test_deepspeed_defaults_written_out_never_block(schedule):
                                         "optimizer.params.fp32_optimizer_states", "scheduler.params.last_batch_iteration"]
 
 
+def test_every_schedule_parameter_given_is_accounted_for():
+    """A floor of 0 written out is DeepSpeed's default and sdtrain's start: carried, and said so."""
+    from sdtrain.migrate.deepspeed_optim import convert_scheduler
+    from sdtrain.migrate.deepspeed_values import Converter
+
+    for schedule, floor in [("WarmupLR", "warmup_min_lr"), ("WarmupDecayLR", "warmup_min_lr"),
+                            ("WarmupCosineLR", "warmup_min_ratio")]:
+        c = Converter("ds_config.json")
+        params = {"warmup_type": "linear", floor: 0, "last_batch_iteration": -1}
+        params.update({} if schedule == "WarmupLR" else {"total_num_steps": 10})
+        convert_scheduler(c, {"type": schedule, "params": params})
+        listed = {entry.ds_key for entry in c.carried + c.dropped + c.autos}
+        assert {f"scheduler.params.{key}" for key in params} <= listed, schedule
+        assert not [d for d in c.dropped if d.numerics], schedule
+
+
 def test_a_schedule_parameter_its_class_does_not_take_is_listed():
     """DeepSpeed builds the schedule with params as keywords: WarmupLR has no total_num_steps and
     WarmupCosineLR no warmup_max_lr (a TypeError there), so neither passes unlisted."""

@@ -154,6 +154,8 @@ def _warmup_lr_params(c: Converter, params: dict, name: str) -> None:
                numerics=True)
     elif floor == AUTO:
         c.unresolved("scheduler.params.warmup_min_lr", "-", "the HF Trainer sets it to 0, where sdtrain's warmup starts too")
+    elif "warmup_min_lr" in params:
+        c.carry_note("scheduler.params.warmup_min_lr", f"{floor}: warmup from 0, as sdtrain's (lr/(warmup_steps+1))")
     if name == "WarmupDecayLR":
         c.put("train.min_lr_ratio", 0.0, "scheduler.type", "WarmupDecayLR decays to 0")
 
@@ -164,6 +166,8 @@ def _cosine_params(c: Converter, params: dict) -> None:
     if floor not in (0, 0.0):
         c.drop("scheduler.params.warmup_min_ratio", f"{floor}: sdtrain's warmup starts near 0 (lr/(warmup_steps+1))",
                numerics=True)
+    elif "warmup_min_ratio" in params:
+        c.carry_note("scheduler.params.warmup_min_ratio", f"{floor}: warmup from 0, as sdtrain's (lr/(warmup_steps+1))")
     ratio = params.get("cos_min_ratio", 0.0001)
     c.put("train.min_lr_ratio", c.number("scheduler.params.cos_min_ratio", ratio, minimum=0.0),
           "scheduler.params.cos_min_ratio", "" if "cos_min_ratio" in params else "DeepSpeed's default")
