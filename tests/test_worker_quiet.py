@@ -14,14 +14,28 @@ import pytest
 from conftest import REPO, sdtrain
 
 
-def test_a_zero3_run_leaves_no_future_warning_in_the_rank_logs(write_recipe, tmp_path):
+def rank_logs(run_dir) -> dict[str, str]:
+    return {log.name: log.read_text() for log in (run_dir / "logs").glob("rank*.log")}
+
+
+@pytest.mark.parametrize("stage", [3, pytest.param(1, marks=pytest.mark.slow)])
+def test_a_zero_run_and_its_resume_leave_no_warning_in_the_rank_logs(write_recipe, tmp_path, stage):
     """ZeRO's all-gather and reduce-scatter use torch's current names (all_gather_into_tensor
-    and reduce_scatter_tensor warn from torch 2.13 on)."""
-    recipe = write_recipe({"train": {"steps": 2}, "launch": {"nproc_per_node": 2}, "parallel": {"zero_stage": 3}})
-    result = sdtrain("launch", recipe, "--run-dir", tmp_path / "run", env={"OMP_NUM_THREADS": "1"})
+    and reduce_scatter_tensor warn from torch 2.13 on), and its checkpoints hand DCP DTensors
+    (a ShardedTensor warns, in every rank's log, on every resume)."""
+    recipe = write_recipe({"train": {"steps": 2}, "launch": {"nproc_per_node": 2}, "parallel": {"zero_stage": stage},
+                           "checkpoint": {"every": 1}})
+    run, env = tmp_path / "run", {"OMP_NUM_THREADS": "1"}
+    result = sdtrain("launch", recipe, "--run-dir", run, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    for log in (tmp_path / "run" / "logs").glob("rank*.log"):
-        text = log.read_text()
+    first = rank_logs(run)
+    assert len(first) == 2
+    for text in first.values():
+        assert "Warning" not in text, text
+    result = sdtrain("launch", recipe, "--run-dir", run, "--set", "train.steps=3", "--set", "train.resume=auto", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name, text in rank_logs(run).items():
+        assert text.startswith(first[name]) and "resumed from" in text, text  # the log goes on
         assert "Warning" not in text, text
 
 

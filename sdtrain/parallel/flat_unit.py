@@ -8,7 +8,7 @@ splits into at most two runs, one with weight decay and one without.
 
 For checkpoints, a rank's shard of a parameter is a flat range, which is cut into boxes
 (for a matrix at most three: partial first row, whole rows, partial last row; a 3-D expert
-weight likewise along its first axis); those boxes are the shards of a ShardedTensor keyed
+weight likewise along its first axis); those boxes are the local shards of a DTensor keyed
 by the parameter's name, which is what lets DCP load it on any other world size or ZeRO
 stage. A unit of experts (expert parallelism) holds a slice of each layer's experts: its
 boxes are placed in the layer's whole [E, ...] tensor at the slice's first expert.
@@ -22,13 +22,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.distributed._shard.metadata import ShardMetadata
-from torch.distributed._shard.sharded_tensor import (
-    Shard,
-    ShardedTensor,
-    ShardedTensorMetadata,
-)
-from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper
 
 
 @dataclass(frozen=True)
@@ -109,30 +106,32 @@ class FlatUnit:
 
     # --- checkpoints -----------------------------------------------------------------
 
-    def sharded(self, local: torch.Tensor, global_ranks: list[int]) -> dict[str, ShardedTensor]:
+    def sharded(self, local: torch.Tensor, global_ranks: list[int], mesh: DeviceMesh) -> dict[str, DTensor]:
         """Each parameter's part of `local` (a tensor laid out like this rank's shard) as a
-        ShardedTensor of the parameter's full shape, for DCP to save or load in place.
-        Placements name global ranks (`global_ranks[r]` holds shard r): the unit is sharded
-        over one stage's data-parallel group, but a checkpoint is written by the whole job."""
+        DTensor of the parameter's full shape, for DCP to save or load in place; a parameter
+        this rank holds none of is left out (the ranks that hold it save and load it).
+        `global_ranks[r]` holds shard r, which tells which slice of experts is this rank's.
+
+        A rank's part of a parameter is a few boxes at arbitrary offsets, which no DTensor
+        placement describes (Shard(0) cuts whole rows, in torch.chunk's sizes). So the local
+        tensor is a LocalShardsWrapper: DCP takes each box and its offset from it and does
+        not read the placement (torchrec's row-wise tables go the same way). It replaces
+        ShardedTensor, which torch deprecates with a FutureWarning in every rank's log on
+        every resume; the files hold the same chunks, so older checkpoints still load."""
         out = {}
         slices = self.expert_slices or [(0, global_ranks)]
         mine = next(first for first, ranks in slices if ranks == global_ranks)
-        device = local.device.type
         for e in self.entries:
+            pieces = self._pieces(e, self.rank)
+            if not pieces:
+                continue
             shape = torch.Size((self.num_experts[e.name], *e.shape[1:])) if e.name in self.num_experts else e.shape
-
-            def placed(off, first):
-                return [off[0] + first, *off[1:]]
-
-            shards_md = [ShardMetadata(placed(off, first), list(size), f"rank:{ranks[r]}/{device}")
-                         for first, ranks in slices for r in range(self.world) for off, size, _ in self._pieces(e, r)]
-            local_shards = [
-                Shard(local[start : start + math.prod(size)].view(size),
-                      ShardMetadata(placed(off, mine), list(size), f"rank:{global_ranks[self.rank]}/{device}"))
-                for off, size, start in self._pieces(e, self.rank)
-            ]
-            md = ShardedTensorMetadata(shards_md, shape, TensorProperties(dtype=local.dtype))
-            out[e.name] = ShardedTensor._init_from_local_shards_and_global_metadata(local_shards, md)
+            wrapper = LocalShardsWrapper([local[start : start + math.prod(size)].view(size) for _, size, start in pieces],
+                                         [(off[0] + mine, *off[1:]) for off, _, _ in pieces])
+            # Made directly rather than by DTensor.from_local, which views the wrapper as a
+            # whole, and the wrapper views several boxes of a 3-D expert weight as none.
+            meta = TensorMeta(shape, torch.empty(shape, device="meta").stride(), local.dtype)
+            out[e.name] = DTensor(wrapper, DTensorSpec(mesh, (Shard(0),), tensor_meta=meta), requires_grad=False)
         return out
 
     def _pieces(self, e: Entry, rank: int):

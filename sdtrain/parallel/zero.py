@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from sdtrain.parallel.comm import Comm
 from sdtrain.parallel.expert_parallel import after_step, balancer_state, is_expert, moe_layers, moe_metrics, num_experts_of
@@ -89,6 +90,7 @@ class Zero(Strategy):
             comm = self.expert_comm if of_experts else self.comm
             unit = FlatUnit(name, params, comm.world, comm.rank, torch.float32, self.env.device, initial_value)
             unit.comm = comm
+            unit.mesh = DeviceMesh.from_group(comm.group, self.env.device.type)  # the checkpoint's DTensors'
             unit.owner_ranks = self.env.edp_ranks() if of_experts else self.env.dims.stage_ranks(self.env.stage)
             if of_experts:
                 unit.num_experts = {n: num_experts_of(model, n) for n, _ in params}
@@ -325,9 +327,9 @@ class Zero(Strategy):
     def checkpoint_state(self) -> dict:
         model, moments = dict(balancer_state(self.model)), {m: {} for m in ADAM_MOMENTS}
         for unit in self.units:  # owner_ranks: the global rank of each shard's owner
-            model.update(unit.sharded(unit.master, unit.owner_ranks))
+            model.update(unit.sharded(unit.master, unit.owner_ranks, unit.mesh))
             for m in ADAM_MOMENTS:
-                moments[m].update(unit.sharded(unit.moments[m], unit.owner_ranks))
+                moments[m].update(unit.sharded(unit.moments[m], unit.owner_ranks, unit.mesh))
         first = next(p for group in self.optimizer.param_groups for p in group["params"])
         return {"model": model, "optim": {**moments, "step": self.optimizer.state[first]["step"]}}
 

@@ -2,8 +2,9 @@
 
 Layout of `checkpoints/step_<N>/`:
   .metadata, __<rank>_*.distcp   weights and Adam moments keyed by parameter name, whole or
-                                 as ShardedTensors (ZeRO): DCP reshards on load, so a
-                                 checkpoint loads on another world size or ZeRO stage
+                                 as DTensors of boxes (ZeRO, flat_unit.py): DCP reshards on
+                                 load, so a checkpoint loads on another world size or ZeRO
+                                 stage (and one written with ShardedTensors still loads)
   rank<R>.extra.pt               this rank's RNG state and loss-scaler state (tensors and
                                  numbers only: loaded weights-only)
   sdtrain.json                   step, model shape, world size and layout (pp, dp, ep),
