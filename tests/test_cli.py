@@ -82,3 +82,18 @@ def test_tensorboard_missing_is_bad_input(write_recipe, tmp_path):
         pytest.skip("tensorboard is installed here")
     result = sdtrain("launch", write_recipe({"log": {"tensorboard": True}}), "--run-dir", tmp_path / "run")
     assert result.returncode == 2 and "pip install 'sdtrain[tensorboard]'" in result.stderr
+
+
+def test_a_large_plan_prints_its_first_and_last_ranks_and_every_command(write_recipe, tmp_path):
+    """A 4,096-host plan: 64 placement rows and a line saying where the rest are, then every
+    node's exact command (a table row and two prints per node took minutes at 65,536 hosts)."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("".join(f"10.0.{i // 256}.{i % 256} slots=1\n" for i in range(4096)))
+    result = sdtrain("launch", write_recipe({"train": {"global_batch_size": 8192}}), "--hostfile", hostfile,
+                     "--dry-run", "--run-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "ranks 32-4063 left out above: --dry-run --json lists every rank" in out
+    assert "│ 31   │ 10.0.0.31 " in out and "│ 4064 │ 10.0.15.224 " in out and "│ 32   │" not in out
+    assert sum(line.startswith("node ") for line in out.splitlines()) == 4096
+    assert "--node-rank 4095 " in out

@@ -20,6 +20,9 @@ from sdtrain.launch.node_death import DIED_HINT, node_died
 from sdtrain.launch.oom import explain as explain_oom
 
 
+PLACEMENT_ENDS = 32  # a larger plan's table shows its first and last ranks; --json has them all
+
+
 def print_plan(console: Console, job) -> None:
     plan, batch = job.plan, job.batch
     # word_wrap: a long value (a data path) wraps; without it rich cuts the line at the console edge
@@ -40,14 +43,22 @@ def print_plan(console: Console, job) -> None:
     table = FoldingTable(f"placement: world size {plan.world_size}, {rendezvous}, "
                          f"backend {plan.backend}, runner {plan.launcher}",
                          [FoldingColumn(header, wraps=header == "host") for header in columns])
-    for row in plan.placement(job.dims):  # the global rank leads: every part of a folded table repeats it
+    placement = plan.placement(job.dims)
+    shown = placement if len(placement) <= 2 * PLACEMENT_ENDS else placement[:PLACEMENT_ENDS] + placement[-PLACEMENT_ENDS:]
+    for index, row in enumerate(shown):  # the global rank leads: every part of a folded table repeats it
+        if len(shown) < len(placement) and index == PLACEMENT_ENDS:
+            table.add_row(*["..."] * len(columns))
         table.add_row(*(str(row[key]) for key in columns.values()))
     console.print(table)
+    if len(shown) < len(placement):
+        console.print(f"ranks {PLACEMENT_ENDS}-{len(placement) - PLACEMENT_ENDS - 1} left out above: "
+                      "--dry-run --json lists every rank", markup=False, highlight=False)
     if job.dims.pp > 1:
         print_stages(console, job)
-    for node, argv in zip(plan.nodes, plan.commands):
-        console.print(f"[bold]node {node.node_rank} ({node.host})[/]:")
-        console.print(shlex.join(argv), soft_wrap=True, highlight=False, markup=False)
+    # Every node's exact command, in one print: one per node took minutes on a 65,536-host plan.
+    commands = [Text(f"node {node.node_rank} ({node.host}):", style="bold") + Text("\n" + shlex.join(argv))
+                for node, argv in zip(plan.nodes, plan.commands)]
+    console.print(Text("\n").join(commands), soft_wrap=True, highlight=False)
 
 
 def model_size_line(model) -> str:
