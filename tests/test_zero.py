@@ -3,6 +3,7 @@ bytes against the ZeRO paper's formulas, their traffic, and resharded resumes.""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +112,27 @@ def test_resume_on_four_ranks_from_two(reference, tmp_path, target_stage):
     launch_dir = launch(tmp_path, "ws4", 4, f"parallel.zero_stage={target_stage}", "train.resume=auto")
     assert launch_dir == resumed
     assert_same_run(reference, resumed, steps=range(11, STEPS + 1))
+
+
+# Written by sdtrain before ZeRO checkpoints were DTensors (c05a0e8, ShardedTensors then):
+# 2 ranks at ZeRO-2 with two experts per MoE layer, whose 3-D weights the flat shards cut
+# into boxes; checkpoints/step_2 and the losses that run logged at steps 1-4.
+SHARDED_TENSOR_ERA = Path(__file__).parent / "data" / "sharded_tensor_checkpoint"
+
+
+def test_a_checkpoint_written_with_sharded_tensors_still_resumes(tmp_path):
+    """DCP keeps chunks by key and offset, whatever tensor type handed them over: the old
+    checkpoint continues on 1 rank at ZeRO-3 on the losses its own run went on to log."""
+    run = tmp_path / "run"
+    shutil.copytree(SHARDED_TENSOR_ERA / "checkpoints", run / "checkpoints")
+    result = sdtrain("launch", SHARDED_TENSOR_ERA / "recipe.yaml", "--run-dir", run, "--nproc-per-node", 1,
+                     "--set", "parallel.zero_stage=3", "--set", "train.resume=auto", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    expected = json.loads((SHARDED_TENSOR_ERA / "losses.json").read_text())
+    got = {m["step"]: m["loss"] for m in metrics(run) if "loss" in m}
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert abs(got[step] - expected[step - 1]) <= REL_TOL * expected[step - 1], (step, got, expected)
 
 
 @pytest.mark.slow  # bf16 with ZeRO in the default suite: test_model_state_bytes_match_the_zero_paper[bf16]
