@@ -4,7 +4,7 @@ The trainer hands a step's micro-batches to `forward_backward` (a pipeline sched
 own their order), then calls `step` once per global batch; evaluation goes through
 `evaluate`, the same path without gradients. Checkpoints see the same state layout from
 every strategy: weights and Adam moments keyed by parameter name, as full tensors or as
-ShardedTensors, so DCP can load any checkpoint into any strategy and size.
+DTensors of a rank's boxes, so DCP can load any checkpoint into any strategy and size.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ an unpickler that knows exactly the globals DCP writes and what each may be used
   function or a shared object;
 - the opcodes that reach objects by other ways (INST, OBJ, EXT*) are refused.
 
-The set was read off real checkpoints of every strategy (plain, ZeRO 1-3 ShardedTensors,
-bf16) written by torch 2.13; a checkpoint naming anything else is refused as crafted or
+The set was read off real checkpoints of every strategy (plain, ZeRO 1-3 as ShardedTensors
+and as DTensor boxes, bf16) written by torch 2.13; a checkpoint naming anything else is refused as crafted or
 from a DCP this reader does not know.
 """
 
