@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sdtrain.errors import UserInputError
 from sdtrain.launch.collect import encode_files
 from sdtrain.launch.node import launch_workers, restrict_devices, say, start_remote
 from sdtrain.launch.rundir import is_shared
@@ -42,7 +43,11 @@ def main(argv=None) -> int:
         start_remote(args.stop_on_stdin_eof)  # its own channel to the launcher, and the lifeline
         shared = is_shared(args.run_dir, args.run_id)
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    restrict_devices(args.slots)
+    try:
+        restrict_devices(args.slots)
+    except UserInputError as exc:
+        say(f"sdtrain bench comm node {args.node_rank}: {exc}")
+        return 2
     try:
         return run_workers(args)
     finally:

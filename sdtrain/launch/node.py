@@ -84,11 +84,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def restrict_devices(slots: str, gpus_here: bool) -> None:
+def restrict_devices(slots: str, gpus_here: bool | None = None) -> None:
     """Give this node's workers exactly its slots. Slots index the devices this agent may
-    see: an existing CUDA_VISIBLE_DEVICES is narrowed, never widened."""
+    see: an existing CUDA_VISIBLE_DEVICES is narrowed, never widened (UserInputError).
+    `gpus_here`: whether this machine has NVIDIA GPUs (None: look)."""
     if not slots:
         return
+    if gpus_here is None:
+        gpus_here = os.path.isdir("/proc/driver/nvidia/gpus")
     ids = slots.split(",")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
@@ -193,7 +196,7 @@ def main(argv=None) -> int:
                 say(f"sdtrain node {args.node_rank} ({socket.gethostname()}): cannot move the earlier run aside: {describe(exc)}")
                 return 2
     try:
-        restrict_devices(args.slots, gpus_here=os.path.isdir("/proc/driver/nvidia/gpus"))
+        restrict_devices(args.slots)
     except UserInputError as exc:
         say(f"sdtrain node {args.node_rank} ({socket.gethostname()}): {exc}")
         return 2
