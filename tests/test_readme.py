@@ -20,7 +20,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from sdtrain.cli import DEEPSPEED_ONLY, DEEPSPEED_RUNNERS, RUNNER_NAMES, cli
+from sdtrain.cli import cli
+from sdtrain.cli_options import DEEPSPEED_ONLY, DEEPSPEED_RUNNERS, RUNNER_NAMES
 from sdtrain.errors import UserInputError
 
 REPO = Path(__file__).resolve().parent.parent
