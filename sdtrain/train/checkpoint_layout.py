@@ -22,7 +22,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = checkpoint_dir(run_dir) / LATEST
     if not pointer.is_file():
         return None
-    name = pointer.read_text(errors="replace")[:256].strip()
+    with open(pointer, "rb") as f:  # a step folder's name; never read a larger file whole
+        name = f.read(256).decode(errors="replace").strip()
     if Path(name).name != name or name in ("", ".", ".."):  # a checkpoint of this run, not a path out of it
         return None
     path = checkpoint_dir(run_dir) / name
