@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sdtrain.divisors import divisors
 from sdtrain.errors import RecipeError
 
 
@@ -23,7 +24,7 @@ class ParallelDims:
 
     def __post_init__(self):
         if self.world % self.pp:
-            fits = [p for p in range(1, self.world + 1) if self.world % p == 0]
+            fits = divisors(self.world)
             raise RecipeError(
                 f"parallel.pipeline.stages {self.pp} does not divide the world size {self.world}: every stage "
                 f"needs the same number of data-parallel replicas; use stages in {fits}, or {self._next_world()} workers"
