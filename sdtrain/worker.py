@@ -26,6 +26,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from sdtrain.batch import derive_batch
 from sdtrain.model import GPT, GPTConfig, flops_per_token
+from sdtrain.parallel.layout import Layout
 from sdtrain.parallel.mesh import init_distributed, leave_process_group
 from sdtrain.parallel.parallelize import parallelize
 from sdtrain.parallel.partition import stage_layers
@@ -79,8 +80,8 @@ def main(argv=None) -> None:
     start_progress(args.run_dir, rank, recipe.launch.backend)  # heartbeat and stack dumps, before any collective
     print(f"rank {rank}: pid {os.getpid()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
 
-    env = init_distributed(recipe.launch.backend, recipe.launch.timeout_s, recipe.parallel.pipeline.stages,
-                           recipe.parallel.expert_parallel)
+    layout = Layout.of(recipe, int(os.environ["WORLD_SIZE"]))  # the launcher checked it for this world size
+    env = init_distributed(recipe.launch.backend, recipe.launch.timeout_s, layout)
     plan = derive_batch(
         recipe.train.global_batch_size, recipe.train.micro_batch_size, recipe.train.grad_accum_steps, env.dp_size
     )
@@ -151,8 +152,8 @@ def main(argv=None) -> None:
             "setup_mem_gib": setup_mem_per_rank,
             "model_state_bytes": state_bytes,
             "zero_stage": recipe.parallel.zero_stage,
-            "layout": env.dims.as_dict(),
-            "stage_of_rank": [env.dims.stage_of(r) for r in range(env.world_size)],  # for peak_mem_gib's ranks
+            "layout": env.layout.as_dict(),
+            "stage_of_rank": [env.layout.stage_of(r) for r in range(env.world_size)],  # for peak_mem_gib's ranks
             "train_s": result.train_s,
             "checkpoint": result.checkpoint,
             "skipped_steps": result.skipped_steps,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import get_args
 
 from sdtrain.errors import UserInputError
+from sdtrain.parallel.layout import Layout
 from sdtrain.recipe import PipelineConfig
 
 SCHEDULES = get_args(PipelineConfig.model_fields["schedule"].annotation)  # the recipe's own list
@@ -38,7 +39,7 @@ class PipelineStrategy:
 
     def micro_batches(self, global_batch: int, world: int) -> int:
         """M for this pipeline at `world` workers and the row's global batch (module docstring)."""
-        P, dp = self.stages, world // self.stages
+        P, dp = self.stages, Layout(world, self.stages).dp
         per_replica = global_batch // dp if global_batch % dp == 0 else 0
         for M in range(2 * P, per_replica + 1, P):
             if per_replica % M == 0:
@@ -54,7 +55,7 @@ class PipelineStrategy:
         return [f"parallel.pipeline.stages={self.stages}", f"parallel.pipeline.schedule={self.schedule}",
                 f"parallel.pipeline.virtual_stages={self.virtual_stages}", f"parallel.zero_stage={self.zero_stage}",
                 f"train.global_batch_size={global_batch}", f"train.grad_accum_steps={M}",
-                f"train.micro_batch_size={global_batch // (world // self.stages) // M}"]
+                f"train.micro_batch_size={global_batch // Layout(world, self.stages).dp // M}"]
 
 
 def parse_pipeline_strategy(name: str) -> PipelineStrategy | None:

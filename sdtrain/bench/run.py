@@ -35,6 +35,7 @@ from sdtrain.errors import UserInputError
 from sdtrain.launch.drills import banner, drills_of_launches_from_here
 from sdtrain.launch.exports import ALLOW_FLAG
 from sdtrain.model.size import flops_per_token
+from sdtrain.parallel.layout import Layout
 from sdtrain.parallel.partition import check_schedule
 from sdtrain.parallel.schedules import bubble_formula
 from sdtrain.recipe import load_recipe
@@ -134,14 +135,15 @@ def _pipeline_entry(pipeline: PipelineStrategy, world: int, recipe, recipe_path:
                     notes: list[str]) -> list[Entry]:
     """The pipeline at `world` workers (none where P does not divide it), at the global batch
     of the other rows of that world, validated now as the launch would (exit 2 before any run)."""
-    if world % pipeline.stages:
+    layout = Layout.if_fits(world, pipeline.stages)
+    if layout is None:
         notes.append(f"{pipeline.name}: {pipeline.stages} stages do not divide {world} workers, not run there")
         return []
     overrides = _pipeline_overrides(pipeline, world, recipe, base)
     resolved = load_recipe(recipe_path, overrides)
     M = resolved.train.grad_accum_steps
     check_schedule(resolved.parallel.pipeline, M)
-    note = (f"pp{pipeline.stages} at {world} workers: {pipeline.stages} stages x {world // pipeline.stages} "
+    note = (f"pp{pipeline.stages} at {world} workers: {pipeline.stages} stages x {layout.dp} "
             f"data-parallel replica(s), M = {M} micro-batches of {resolved.train.micro_batch_size} per step "
             f"(train.grad_accum_steps; M >= 2P keeps the bubble small)")
     if note not in notes:
@@ -183,7 +185,7 @@ def _expert_entry(expert: ExpertStrategy, world: int, recipe_path: str, base: li
                   notes: list[str]) -> list[Entry]:
     """The MoE recipe at `world` workers with the experts over `ep` of them (none where ep
     does not divide the workers)."""
-    if world % expert.ep:
+    if Layout.if_fits(world, ep=expert.ep) is None:  # its rows run without a pipeline
         notes.append(f"{expert.name}: expert-parallel size {expert.ep} does not divide {world} workers, not run there")
         return []
     argv = _launch_argv(recipe_path, world, [*base, *expert.overrides()])
@@ -291,7 +293,8 @@ def _peak_for_mfu(recipe, notes: list[str]) -> dict:
 def recipe_for_world(recipe, world: int) -> dict:
     """The recipe with its batch split resolved for `world` ranks, as a peer needs it."""
     t = recipe.train
-    plan = derive_batch(t.global_batch_size, t.micro_batch_size, t.grad_accum_steps, world)
+    # the rows that take it are data parallel only: dp is every rank
+    plan = derive_batch(t.global_batch_size, t.micro_batch_size, t.grad_accum_steps, Layout(world).dp)
     data = recipe.model_dump(mode="json")
     data["train"].update(global_batch_size=plan.global_batch, micro_batch_size=plan.micro_batch,
                          grad_accum_steps=plan.grad_accum)

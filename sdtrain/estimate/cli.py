@@ -7,6 +7,7 @@ from sdtrain.batch import derive_batch
 from sdtrain.estimate.plan import estimate_recipe
 from sdtrain.estimate.terms import Estimate
 from sdtrain.model.size import count_params
+from sdtrain.parallel.layout import Layout
 from sdtrain.recipe import Recipe, check_expert_layout, load_recipe
 
 
@@ -16,8 +17,8 @@ def resolved_recipe(path: str, overrides: list[str], ranks: int) -> Recipe:
     recipe = load_recipe(path, overrides, layout_checked_at_launch=True)
     check_expert_layout(recipe, ranks)
     train = recipe.train
-    dp = max(1, ranks // recipe.parallel.pipeline.stages)
-    batch = derive_batch(train.global_batch_size, train.micro_batch_size, train.grad_accum_steps, dp)
+    layout = Layout.of(recipe, ranks)  # a pipeline the ranks do not split is refused as launch refuses it
+    batch = derive_batch(train.global_batch_size, train.micro_batch_size, train.grad_accum_steps, layout.dp)
     resolved = recipe.model_copy(deep=True)
     resolved.train.micro_batch_size, resolved.train.grad_accum_steps = batch.micro_batch, batch.grad_accum
     return resolved

@@ -17,6 +17,7 @@ from sdtrain.estimate.shape import RankShape
 from sdtrain.estimate.state import model_state
 from sdtrain.estimate.terms import ALWAYS, Estimate, Term
 from sdtrain.model.size import embedding_params, expert_params, final_norm_params, moe_of
+from sdtrain.parallel.layout import Layout
 from sdtrain.parallel.partition import chunk_params, describe_stages
 
 # One function per term, in the order the table shows them; a strategy that adds memory
@@ -84,8 +85,8 @@ def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None 
     """(which ranks, their shape) for each pipeline stage."""
     model, train, parallel = recipe.model, recipe.train, recipe.parallel
     pipeline = parallel.pipeline
-    dp = max(1, world_size // pipeline.stages)
-    ep = parallel.expert_parallel
+    layout = Layout.of(recipe, world_size)
+    dp, ep = layout.dp, layout.ep
     M = micro_batches or train.grad_accum_steps or 1
     attention = "math" if device == "cpu" and model.dropout > 0 else "flash"
     shapes = []

@@ -27,7 +27,7 @@ from sdtrain.launch.resume_target import recipe_problems
 from sdtrain.launch.rundir import MARKER, check_run_dir, prepare
 from sdtrain.launch.runners import STOP_BY, RemoteSetup, local_commands, remote_commands
 from sdtrain.model.size import count_params
-from sdtrain.parallel.dims import ParallelDims
+from sdtrain.parallel.layout import Layout
 from sdtrain.parallel.memory import per_device_bytes
 from sdtrain.parallel.partition import check_schedule, describe_stages
 from sdtrain.recipe import Recipe, check_expert_layout, load_recipe
@@ -41,6 +41,7 @@ from sdtrain.train.sources import check_source
 class Job:
     recipe: Recipe
     plan: LaunchPlan
+    layout: Layout  # the parallel axes, from the recipe and the plan's world size, checked
     batch: BatchPlan
     run_dir: Path
     resume_from: Path | None
@@ -53,17 +54,13 @@ class Job:
     drills: list[ActiveDrill] = field(default_factory=list)  # SDTRAIN_INJECT_* reaching the workers
     refused: dict = field(default_factory=dict)  # checkpoints refused in this job: never chosen later
 
-    @property
-    def dims(self) -> ParallelDims:
-        return ParallelDims(self.plan.world_size, self.recipe.parallel.pipeline.stages, self.recipe.parallel.expert_parallel)
-
     def stages(self) -> list[dict]:
         """Per pipeline stage: its layers, parameters, and model-state bytes per rank (the
         ZeRO formulas over the stage's data-parallel group)."""
         precision = "mixed" if self.recipe.train.precision == "bf16" else "fp32"
         rows = describe_stages(self.recipe.parallel.pipeline, self.recipe.model)
         for row in rows:
-            per_rank = per_device_bytes(row["params"], self.dims.dp, precision)
+            per_rank = per_device_bytes(row["params"], self.layout.dp, precision)
             row["state_bytes_per_rank"] = round(per_rank[self.recipe.parallel.zero_stage])
         return rows
 
@@ -111,10 +108,10 @@ class Job:
                 {"host": n.host, "slots": list(n.slots), "node_rank": n.node_rank, "command": cmd}
                 for n, cmd in zip(self.plan.nodes, self.plan.commands)
             ],
-            "parallel": self.dims.as_dict(),
+            "parallel": self.layout.as_dict(),
             "params": {"total": count_params(self.recipe.model), "active": count_params(self.recipe.model, active=True)},
             "stages": self.stages(),
-            "placement": self.plan.placement(self.dims),
+            "placement": self.plan.placement(self.layout),
             "batch": self.batch.as_dict(),
             "recipe": self.recipe.model_dump(mode="json"),
             # names only: a value may be a secret
@@ -139,8 +136,8 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
     plan.backend = resolve_backend(recipe.launch.backend) if launcher == "local" else recipe.launch.backend
     train = recipe.train
     check_expert_layout(recipe, plan.world_size)  # suggests only values that fit this world size too
-    dims = ParallelDims(plan.world_size, recipe.parallel.pipeline.stages, recipe.parallel.expert_parallel)
-    batch = derive_batch(train.global_batch_size, train.micro_batch_size, train.grad_accum_steps, dims.dp)
+    layout = Layout.of(recipe, plan.world_size)
+    batch = derive_batch(train.global_batch_size, train.micro_batch_size, train.grad_accum_steps, layout.dp)
     check_schedule(recipe.parallel.pipeline, batch.grad_accum)
     recipe = _with_batch(recipe, batch, max(len(node.slots) for node in plan.nodes))
     memory_warnings = check_memory(recipe, plan, launcher)  # a plan that will not fit stops here (exit 2)
@@ -165,7 +162,7 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
         plan.env = dict(env_file.variables)
     worker_env = {**os.environ, **plan.env} if setup is None else {**os.environ, **setup.env}
     check_drills(worker_env)
-    return Job(recipe, plan, batch, run_path, resume_from, data_summary, request.node_rank,
+    return Job(recipe, plan, layout, batch, run_path, resume_from, data_summary, request.node_rank,
                oversubscription(plan, launcher) + slow_precision(recipe, plan) + memory_warnings + notes, build_commands,
                env_file=env_file, drills=drills_reaching_workers(worker_env, env_file), refused=refused)
 

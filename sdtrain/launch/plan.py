@@ -11,7 +11,7 @@ import socket
 from dataclasses import dataclass, field
 
 from sdtrain.errors import UserInputError
-from sdtrain.parallel.dims import ParallelDims
+from sdtrain.parallel.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -38,15 +38,15 @@ class LaunchPlan:
     def world_size(self) -> int:
         return sum(len(node.slots) for node in self.nodes)
 
-    def placement(self, dims: ParallelDims | None = None) -> list[dict]:
+    def placement(self, layout: Layout | None = None) -> list[dict]:
         """Every rank: where it runs (node, local rank, device) and its coordinates in the
-        parallel layout (pipeline stage, data-parallel rank, expert group)."""
-        dims = dims or ParallelDims(self.world_size)
+        parallel layout (pipeline stage, data-parallel rank, tensor-parallel rank, expert group)."""
+        layout = layout or Layout(self.world_size)
         rows, rank = [], 0
         for node in self.nodes:
             for local_rank, slot in enumerate(node.slots):
                 rows.append({"host": node.host, "node_rank": node.node_rank, "local_rank": local_rank,
-                             "rank": rank, "device": slot, **dims.coordinates(rank)})
+                             "rank": rank, "device": slot, **layout.coordinates(rank)})
                 rank += 1
         return rows
 

@@ -35,7 +35,9 @@ def print_plan(console: Console, job) -> None:
     # At 80 columns a host name wraps in its cell, never cut to "…" (console_table.py).
     columns = {"rank": "rank", "host": "host", "node": "node_rank", "local rank": "local_rank", "device": "device",
                "pipeline stage": "pipeline_stage", "dp rank": "dp_rank"}
-    if job.dims.ep > 1:  # without expert parallelism every rank is its own expert group: no news
+    if job.layout.tp > 1:  # without tensor parallelism every rank is tp rank 0: no news
+        columns["tp rank"] = "tp_rank"
+    if job.layout.ep > 1:  # without expert parallelism every rank is its own expert group: no news
         columns["expert group"] = "expert_group"
     # One node keeps its rendezvous in private files (listen.py): no address to show, nothing listens.
     rendezvous = ("rendezvous: private file store" if len(plan.nodes) == 1
@@ -43,7 +45,7 @@ def print_plan(console: Console, job) -> None:
     table = FoldingTable(f"placement: world size {plan.world_size}, {rendezvous}, "
                          f"backend {plan.backend}, runner {plan.launcher}",
                          [FoldingColumn(header, wraps=header == "host") for header in columns])
-    placement = plan.placement(job.dims)
+    placement = plan.placement(job.layout)
     shown = placement if len(placement) <= 2 * PLACEMENT_ENDS else placement[:PLACEMENT_ENDS] + placement[-PLACEMENT_ENDS:]
     for index, row in enumerate(shown):  # the global rank leads: every part of a folded table repeats it
         if len(shown) < len(placement) and index == PLACEMENT_ENDS:
@@ -53,7 +55,7 @@ def print_plan(console: Console, job) -> None:
     if len(shown) < len(placement):
         console.print(f"ranks {PLACEMENT_ENDS}-{len(placement) - PLACEMENT_ENDS - 1} left out above: "
                       "--dry-run --json lists every rank", markup=False, highlight=False)
-    if job.dims.pp > 1:
+    if job.layout.pp > 1:
         print_stages(console, job)
     # Every node's exact command, in one print: one per node took minutes on a 65,536-host plan.
     commands = [Text(f"node {node.node_rank} ({node.host}):", style="bold") + Text("\n" + shlex.join(argv))
@@ -75,7 +77,9 @@ def model_size_line(model) -> str:
 
 def print_stages(console: Console, job) -> None:
     pipeline = job.recipe.parallel.pipeline
-    table = FoldingTable(f"pipeline: {pipeline.stages} stages x {job.dims.dp} data-parallel, schedule {pipeline.schedule}"
+    tensor_parallel = f" x {job.layout.tp} tensor-parallel" if job.layout.tp > 1 else ""
+    table = FoldingTable(f"pipeline: {pipeline.stages} stages x {job.layout.dp} data-parallel{tensor_parallel}, "
+                         f"schedule {pipeline.schedule}"
                          + (f", {pipeline.virtual_stages} virtual stages" if pipeline.virtual_stages > 1 else "")
                          + f", {job.batch.grad_accum} micro-batches per step",
                          [FoldingColumn(c, wraps=c == "layers") for c in ("stage", "layers", "parameters", "model state / rank")])

@@ -221,19 +221,20 @@ class Pipeline(Strategy):
         # every rank ran as many steps, each with as many actions: 2 V M (3 M with W)
         every = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
         dist.all_gather(every, mine)
-        dims = self.env.dims
-        per_stage = [sum(every[r][0].item() for r in dims.stage_ranks(s)) / dims.dp for s in range(dims.pp)]
+        layout = self.env.layout
+        per_stage = [sum(every[r][0].item() for r in layout.stage_ranks(s)) / len(layout.stage_ranks(s))
+                     for s in range(layout.pp)]
         steps = int(every[0][2].item())
         replayed = [replay(self.schedule, self.chunks, [every[r][3:].view(steps, -1).tolist()
-                                                       for r in dims.pipeline_ranks(d)])
-                    for d in range(dims.dp)] if steps else [None]
+                                                       for r in layout.pipeline_ranks(d)])
+                    for d in range(layout.dp)] if steps else [None]
         return {"bubble": round(sum(per_stage) / len(per_stage), 4),
                 "bubble_per_stage": [round(b, 4) for b in per_stage],
                 "bubble_formula": round(self.bubble_formula, 4),
                 "bubble_replayed": round(sum(replayed) / len(replayed), 4) if None not in replayed else None,
                 # stages hold different layers: each one's memory (the most of its replicas)
-                "mem_gib_per_stage": [round(max(every[r][1].item() for r in dims.stage_ranks(s)), 3)
-                                      for s in range(dims.pp)],
+                "mem_gib_per_stage": [round(max(every[r][1].item() for r in layout.stage_ranks(s)), 3)
+                                      for s in range(layout.pp)],
                 **self.inner.log_metrics(mem_gib)}  # the MoE layers' numbers, over every stage
 
     def finish(self) -> None:

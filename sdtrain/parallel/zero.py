@@ -91,7 +91,7 @@ class Zero(Strategy):
             unit = FlatUnit(name, params, comm.world, comm.rank, torch.float32, self.env.device, initial_value)
             unit.comm = comm
             unit.mesh = DeviceMesh.from_group(comm.group, self.env.device.type)  # the checkpoint's DTensors'
-            unit.owner_ranks = self.env.edp_ranks() if of_experts else self.env.dims.stage_ranks(self.env.stage)
+            unit.owner_ranks = self.env.edp_ranks() if of_experts else self.env.dp_ranks()
             if of_experts:
                 unit.num_experts = {n: num_experts_of(model, n) for n, _ in params}
                 local = params[0][1].shape[0]

@@ -96,7 +96,7 @@ class Checkpointer:
         dist.all_gather_object(every_rank, written)
         if self.env.is_main:
             info = {"step": step, "model": model_shape, "world_size": self.env.world_size,
-                    "layout": self.env.dims.as_dict(), "time": time.time()}
+                    "layout": self.env.layout.as_dict(), "time": time.time()}
             if self.eval_baseline is not None and math.isfinite(self.eval_baseline):  # NaN is no JSON
                 info["eval_baseline"] = self.eval_baseline
             (partial / INFO).write_text(json.dumps(info, indent=2))
@@ -116,7 +116,9 @@ class Checkpointer:
         self.eval_baseline = eval_baseline_in(info)
         extra_file = path / f"rank{self.env.rank}.extra.pt"
         # RNG and loss-scaler state belong to a rank's place in the layout it was written in.
-        same_layout = info["world_size"] == self.env.world_size and info.get("layout", {}).get("pp", 1) == self.env.dims.pp
+        written_in = info.get("layout", {})
+        same_layout = info["world_size"] == self.env.world_size and all(
+            written_in.get(axis, 1) == getattr(self.env.layout, axis) for axis in ("pp", "tp"))
         if same_layout and extra_file.exists():
             extra = torch.load(extra_file, weights_only=True)
             _restore_rng(extra)
