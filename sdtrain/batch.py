@@ -1,7 +1,8 @@
 """Batch-size arithmetic: global = micro x grad_accum x data_parallel.
 
 Any two of the three recipe values determine the third once the data-parallel size is
-known (at launch). Inconsistent values are refused with the arithmetic spelled out and
+known (at launch): the Layout's dp, world / (pipeline stages x tensor_parallel); expert
+parallelism does not change it. Inconsistent values are refused with the arithmetic spelled out and
 settings that would work.
 """
 

@@ -151,3 +151,38 @@ def test_the_meshes_of_real_ranks_hold_exactly_the_ranks_the_layout_says(tmp_pat
                                  for j in range(layout.edp)] if layout.ep > 1 else None),
             }
             assert groups == expect, (layout, rank)
+
+
+# --- the launcher and estimate take it ----------------------------------------------------------
+
+def test_dry_run_json_carries_the_axes_and_each_ranks_coordinates(write_recipe, tmp_path):
+    from conftest import sdtrain
+
+    recipe = write_recipe({"parallel": {"pipeline": {"stages": 2}}})
+    result = sdtrain("launch", recipe, "--nproc-per-node", 4, "--dry-run", "--json", "--run-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["parallel"] == {"pp": 2, "dp": 2, "tp": 1, "ep": 1}
+    assert plan["batch"]["data_parallel"] == 2
+    assert [(p["rank"], p["pipeline_stage"], p["dp_rank"], p["tp_rank"]) for p in plan["placement"]] == [
+        (0, 0, 0, 0), (1, 0, 1, 0), (2, 1, 0, 0), (3, 1, 1, 0)]
+
+
+def test_estimate_refuses_a_pipeline_its_ranks_do_not_split(write_recipe):
+    """It used to estimate 2 stages on 3 ranks as if dp were 1; launch refuses that layout."""
+    from conftest import sdtrain
+
+    result = sdtrain("estimate", write_recipe({"parallel": {"pipeline": {"stages": 2}}}), "--gpus", 3)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "parallel.pipeline.stages 2 does not divide the world size 3" in " ".join(result.stderr.split())
+
+
+def test_placement_gives_each_rank_its_tensor_parallel_coordinate():
+    from sdtrain.launch.plan import LaunchPlan, Node
+
+    plan = LaunchPlan([Node("a", (0, 1, 2, 3), 0), Node("b", (0, 1, 2, 3), 1)], "a", 29500, "gloo", "run")
+    rows = plan.placement(Layout(8, pp=2, tp=2))
+    assert [(r["host"], r["pipeline_stage"], r["dp_rank"], r["tp_rank"]) for r in rows] == [
+        ("a", 0, 0, 0), ("a", 0, 0, 1), ("a", 0, 1, 0), ("a", 0, 1, 1),
+        ("b", 1, 0, 0), ("b", 1, 0, 1), ("b", 1, 1, 0), ("b", 1, 1, 1)]  # tp inside a node, pp across
+    assert plan.placement() == LaunchPlan(plan.nodes, "a", 29500, "gloo", "run").placement(Layout(8))
