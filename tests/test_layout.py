@@ -67,6 +67,7 @@ def test_experts_are_carved_out_of_dp_inside_each_tp_rank():
     assert layout.edp_ranks(0, ep_rank=0, tp_rank=0) == [0, 4]
     assert layout.edp_ranks(0, ep_rank=1, tp_rank=1) == [3, 7]
     assert layout.mesh_dims() == ((1, 2, 2, 2), ("pp", "edp", "ep", "tp"))
+    assert layout.explain() == "world 8 = pipeline stages 1 x data_parallel 4 x tensor_parallel 2 (expert_parallel 2 inside data_parallel)"
     assert layout.tied_pairs() == []
 
 
@@ -124,6 +125,7 @@ def _record_groups(rank: int, world: int, folder: str) -> None:
             "tied": ranks(env.tied_group) if env.tied_group is not None else None,
             "mesh_local": [env.mesh.get_local_rank("dp"), env.mesh.get_local_rank("tp"), env.mesh.get_local_rank("pp")],
             "expert_mesh": env.expert_mesh.mesh.tolist() if env.expert_mesh is not None else None,
+            "tp_mesh": env.tp_mesh.mesh.tolist(),
         })
         dist.barrier()
         dist.destroy_process_group()
@@ -149,6 +151,7 @@ def test_the_meshes_of_real_ranks_hold_exactly_the_ranks_the_layout_says(tmp_pat
                 "mesh_local": [dp_rank, tp_rank, stage],
                 "expert_mesh": ([[layout.rank_of(stage, j * layout.ep + e, tp_rank) for e in range(layout.ep)]
                                  for j in range(layout.edp)] if layout.ep > 1 else None),
+                "tp_mesh": layout.tp_ranks(stage, dp_rank),
             }
             assert groups == expect, (layout, rank)
 
@@ -166,6 +169,8 @@ def test_dry_run_json_carries_the_axes_and_each_ranks_coordinates(write_recipe, 
     assert plan["batch"]["data_parallel"] == 2
     assert [(p["rank"], p["pipeline_stage"], p["dp_rank"], p["tp_rank"]) for p in plan["placement"]] == [
         (0, 0, 0, 0), (1, 0, 1, 0), (2, 1, 0, 0), (3, 1, 1, 0)]
+    text = sdtrain("launch", recipe, "--nproc-per-node", 4, "--dry-run", "--run-dir", tmp_path / "run").stdout
+    assert "parallel: world 4 = pipeline stages 2 x data_parallel 2 x tensor_parallel 1\n" in text
 
 
 def test_estimate_refuses_a_pipeline_its_ranks_do_not_split(write_recipe):

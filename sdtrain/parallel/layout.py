@@ -99,6 +99,12 @@ class Layout:
     def as_dict(self) -> dict:
         return {"pp": self.pp, "dp": self.dp, "tp": self.tp, "ep": self.ep}
 
+    def explain(self) -> str:
+        """The axes as arithmetic, for --dry-run (beside the batch's)."""
+        experts = f" (expert_parallel {self.ep} inside data_parallel)" if self.ep > 1 else ""
+        return (f"world {self.world} = pipeline stages {self.pp} x data_parallel {self.dp} x "
+                f"tensor_parallel {self.tp}{experts}")
+
     def mesh_dims(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """(sizes, names) of the world DeviceMesh, outermost first, in rank order; with experts
         dp is split into ("edp", "ep") there (the mesh flattens them back into "dp")."""

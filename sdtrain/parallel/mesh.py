@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import timedelta
 
 import torch
@@ -83,9 +84,10 @@ class DistEnv:
         """This rank's data-parallel group: its stage's replicas at its tensor-parallel rank."""
         return self.layout.dp_ranks(self.stage, self.tp_rank)
 
-    @property
+    @cached_property
     def tp_mesh(self) -> DeviceMesh:
-        """The 1-D mesh of this rank's tensor-parallel group (size 1 without tensor parallelism)."""
+        """The 1-D mesh of this rank's tensor-parallel group (size 1 without tensor parallelism):
+        what DTensor placements along "tp" go on. Sliced once: a slice is a new DeviceMesh."""
         return self.mesh["tp"]
 
     @property
