@@ -29,7 +29,7 @@ from sdtrain.model import GPT, GPTConfig, flops_per_token
 from sdtrain.parallel.layout import Layout
 from sdtrain.parallel.mesh import init_distributed, leave_process_group
 from sdtrain.parallel.parallelize import parallelize
-from sdtrain.parallel.partition import stage_layers
+from sdtrain.parallel.partition import partition_layers, stage_layers
 from sdtrain.recipe import validate_recipe
 from sdtrain.train.checkpoint import Checkpointer
 from sdtrain.train.data import TRAIN, VAL, Batches
@@ -90,17 +90,19 @@ def main(argv=None) -> None:
     train_batches = Batches(corpus.train, recipe.model.seq_len, recipe.train.seed, plan, TRAIN)
     val_batches = Batches(corpus.val, recipe.model.seq_len, recipe.train.seed, plan, VAL)
 
-    model_config = GPTConfig(**recipe.model.model_dump())
+    model_config = GPTConfig(**recipe.model.model_dump())  # model.moe read once into MoESettings
+    # Each pipeline chunk's blocks, made once: the stage builds its part from it, the pipeline runs it.
+    partition = partition_layers(recipe.parallel.pipeline, recipe.model)
     # Under ZeRO the strategy makes the weights, unit by unit, already sharded at stage 3;
     # the model starts on the meta device so that no rank ever holds all of them at once.
     with torch.device("meta" if recipe.parallel.zero_stage else env.device):
         # the same first weights on every rank
         # A pipeline stage builds only its own blocks (and the embeddings / head if its).
-        layers, first, last = stage_layers(recipe.parallel.pipeline, recipe.model, env.stage)
+        layers, first, last = stage_layers(recipe.parallel.pipeline, recipe.model, env.stage, partition)
         model = GPT(model_config, seed=recipe.train.seed, loss_chunk_tokens=recipe.train.loss_chunk_tokens,
                     layers=layers, first=first, last=last)
     print(f"rank {rank}: model {model.num_params():,} parameters")
-    strategy = parallelize(model, recipe, env, plan.grad_accum)
+    strategy = parallelize(model, recipe, env, plan.grad_accum, partition)
     setup_mem = peak_memory_gib(env.device)  # weights and optimizer state made, nothing run yet
     print(f"rank {rank}: peak memory after setup {setup_mem:.3f} GiB")
     torch.manual_seed(recipe.train.seed + 1 + rank)  # per-rank dropout streams

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +32,15 @@ class GPTConfig:
     mlp_ratio: int = 4
     dropout: float = 0.0
     bias: bool = True
-    moe: dict | None = None  # MoESettings' fields (num_experts 0 or None: dense)
+    moe: MoESettings | None = None  # None: a dense model
 
-    @property
-    def moe_settings(self) -> MoESettings | None:
-        return MoESettings(**self.moe) if self.moe and self.moe["num_experts"] else None
+    def __post_init__(self):
+        # The recipe's model section gives its MoE settings as fields (a dict, or a JSON
+        # recipe's): read once into the layer's own type here, num_experts 0 meaning dense.
+        moe = self.moe
+        if moe is not None and not isinstance(moe, MoESettings):
+            fields = moe if isinstance(moe, Mapping) else moe.model_dump()
+            object.__setattr__(self, "moe", MoESettings(**fields) if fields.get("num_experts") else None)
 
 
 class CausalSelfAttention(nn.Module):
@@ -114,7 +119,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model) if first else None
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if first else None
         self.drop = nn.Dropout(cfg.dropout)
-        moe = cfg.moe_settings
+        moe = cfg.moe
         self.blocks = nn.ModuleDict({str(i): Block(cfg, moe if moe and moe.is_moe_layer(i) else None) for i in layers})
         # The global index of each experts module's first expert (expert parallelism keeps a
         # slice of them on each rank): an expert's first value depends on that index only.

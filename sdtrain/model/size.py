@@ -6,6 +6,8 @@ so the launcher and `sdtrain estimate` can size a model without building it.
 
 from __future__ import annotations
 
+from dataclasses import asdict, is_dataclass
+
 
 def count_params(cfg, active: bool = False) -> int:
     """Closed form of GPT.num_params(), for planning without building the model. `active`:
@@ -17,6 +19,8 @@ def count_params(cfg, active: bool = False) -> int:
 def moe_of(cfg) -> dict | None:
     """The MoE settings of a GPTConfig or a recipe's model section, as a dict (None: dense)."""
     moe = getattr(cfg, "moe", None)
+    if is_dataclass(moe):  # a GPTConfig's MoESettings
+        moe = asdict(moe)
     moe = moe if moe is None or isinstance(moe, dict) else moe.model_dump()
     return moe if moe and moe["num_experts"] else None
 

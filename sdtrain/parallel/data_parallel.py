@@ -13,8 +13,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from sdtrain.parallel.ddp_buckets import settle_buckets
-from sdtrain.parallel.expert_parallel import after_step, balancer_state, expert_squares, is_expert, moe_metrics
+from sdtrain.parallel.expert_parallel import after_step, balancer_state, moe_metrics, rank_local_buffers
 from sdtrain.parallel.mesh import DistEnv
+from sdtrain.parallel.placement import Placement, Placements, axis_groups, axis_sizes, squares_over_axes
 from sdtrain.parallel.strategy import (
     ADAM_MOMENTS,
     Strategy,
@@ -28,19 +29,18 @@ from sdtrain.parallel.strategy import (
 
 
 class DataParallel(Strategy):
-    def __init__(self, model: nn.Module, train, env: DistEnv):
+    def __init__(self, model: nn.Module, train, env: DistEnv, placements: Placements):
         self.env = env
         self.comm_counted = 0
         # Under a pipeline, a stage's forward runs one chunk at a time, which DDP's reducer
         # cannot follow: its replicas average their gradients once, in step().
         self.average_in_step = env.dp_size > 1 and env.pp_size > 1
-        # Under expert parallelism each rank holds other experts: theirs are averaged over the
-        # ranks holding the same ones (edp), in step(), never by DDP over all replicas.
-        experts = [n for n, _ in model.named_parameters() if is_expert(n)] if env.ep_size > 1 else []
+        # DDP averages over "dp" only. Parameters replicated over another group (experts under
+        # expert parallelism: the ranks holding the same ones) are averaged there, in step().
+        elsewhere = [n for n, _ in model.named_parameters() if placements[base_name(n)].replicated_over != "dp"]
         if env.dp_size > 1 and not self.average_in_step:
             # nor may DDP broadcast rank 0's balancer load over the others' (after_step sums them)
-            balancers = [n for n, _ in model.named_buffers() if ".balancer." in n]
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts + balancers)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, elsewhere + rank_local_buffers(model))
             model = DistributedDataParallel(
                 model,
                 device_ids=[env.local_rank] if env.device.type == "cuda" else None,
@@ -48,12 +48,19 @@ class DataParallel(Strategy):
                 gradient_as_bucket_view=True,  # grads live in the buckets: one copy fewer
             )
             model.register_comm_hook(self, _counting_allreduce)
-            settle_buckets(model, [p for n, p in model.module.named_parameters() if n not in experts])
+            settle_buckets(model, [p for n, p in model.module.named_parameters() if n not in elsewhere])
         self.comm_counted = 0  # after settle_buckets: its all-reduce of zeros is no step's traffic
         self.model = model
         self.named = [(base_name(n), p) for n, p in self.plain.named_parameters()]
-        self.experts = [p for n, p in self.named if n in {base_name(e) for e in experts}]
-        self.dense = [p for _, p in self.named if not any(p is e for e in self.experts)]
+        self.placement = {p: placements[n] for n, p in self.named}
+        # each group's parameters, "dp" first: the gradients step() averages over each group
+        self.replicated: dict[str, list] = {"dp": []}
+        for p, placement in self.placement.items():
+            self.replicated.setdefault(placement.replicated_over, []).append(p)
+        # each set of axes' parameters, unsharded first: the global norm sums their squares over them
+        self.sharded: dict[tuple[str, ...], list] = {(): []}
+        for p, placement in self.placement.items():
+            self.sharded.setdefault(placement.sharded_over, []).append(p)
         params = [p for _, p in self.named]
         self.optimizer = adamw([p for p in params if decays(p)], [p for p in params if not decays(p)], train, env.device)
         for p in params:
@@ -76,12 +83,12 @@ class DataParallel(Strategy):
     def step(self, lr: float, grad_clip: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.average_in_step:
-            self._average_grads(self.dense, self.env.dp_group)
-        if self.experts and self.env.edp_size > 1:
-            self._average_grads(self.experts, self.env.edp_group)
+        sizes, groups = axis_sizes(self.env), axis_groups(self.env)
+        for group, params in self.replicated.items():
+            if params and sizes[group] > 1 and (group != "dp" or self.average_in_step):
+                self._average_grads(params, groups[group])
         self.scaler.unscale_(self.optimizer)
-        if self.env.pp_size > 1 or self.experts:
+        if self.env.pp_size > 1 or len(self.sharded) > 1:
             norm = self._clip_over_pipeline(grad_clip)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.plain.parameters(), grad_clip or float("inf"), foreach=True)
@@ -106,12 +113,17 @@ class DataParallel(Strategy):
             offset += g.numel()
 
     def _clip_over_pipeline(self, grad_clip: float) -> torch.Tensor:
-        """The global norm counts every stage's gradients and every expert (each weight once)."""
-        grads = [p.grad for p in self.dense if p.grad is not None]
-        squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
-        if self.experts:
-            squares = squares + expert_squares([p.grad for p in self.experts if p.grad is not None], self.env)
-            grads += [p.grad for p in self.experts if p.grad is not None]
+        """The global norm counts every stage's gradients and every piece of a sharded weight
+        (each weight once): the squares of each placement summed over the axes it is
+        sharded over."""
+        grads, partial = [], []
+        for axes, params in self.sharded.items():
+            mine = [p.grad for p in params if p.grad is not None]
+            squares = torch.stack([g.float().pow(2).sum() for g in mine]).sum() if mine \
+                else torch.zeros((), device=self.env.device)
+            partial.append((axes, squares))
+            grads += mine
+        squares = squares_over_axes(partial, axis_groups(self.env))
         if self.env.pp_size > 1:
             dist.all_reduce(squares, group=self.env.pp_group)
         norm = squares.sqrt()
@@ -129,10 +141,9 @@ class DataParallel(Strategy):
     def checkpoint_state(self) -> dict:
         state = self.optimizer.state
         first = self.named[0][1]
-        experts = set(self.experts)
 
         def saved(param: torch.Tensor, tensor: torch.Tensor):
-            return self._global_experts(tensor) if param in experts else tensor
+            return self._as_whole(self.placement[param], tensor) if self.placement[param].shards else tensor
 
         return {
             "model": {**{n: saved(p, p) for n, p in self.named}, **balancer_state(self.plain)},
@@ -140,17 +151,19 @@ class DataParallel(Strategy):
                       "step": state[first]["step"]},
         }
 
-    def _global_experts(self, local: torch.Tensor):
-        """A rank's experts as the layer's whole [E, ...] tensor, sharded over "ep" along the
-        expert index and replicated over "edp": keyed by global expert index, so DCP loads
-        it at any EP."""
+    def _as_whole(self, placement: Placement, local: torch.Tensor):
+        """A rank's piece of a sharded weight as the whole tensor it is part of, so DCP loads
+        it at any layout. Experts: the layer's whole [E, ...] tensor, sharded over "ep" along
+        the expert index and replicated over "edp", keyed by global expert index."""
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
+        if placement.replicated_over != "edp" or placement.sharded_over != ("ep",):
+            raise NotImplementedError(f"a checkpoint of a weight placed {placement}")
         return DTensor.from_local(local.detach(), self.env.expert_mesh, [Replicate(), Shard(0)], run_check=False)
 
     def log_metrics(self, mem_gib: float) -> dict:
         moe = getattr(getattr(self.plain, "cfg", None), "moe", None)
-        return moe_metrics(self.plain, self.env, moe["num_experts"]) if moe and moe["num_experts"] else {}
+        return moe_metrics(self.plain, self.env, moe.num_experts) if moe else {}
 
     def after_load(self) -> None:
         step = self.optimizer.state[self.named[0][1]]["step"]

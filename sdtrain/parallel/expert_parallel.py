@@ -6,7 +6,8 @@ Gradients: dense ones are averaged over the whole data-parallel group as always;
 ones over the "edp" group only (the ranks holding the same experts), after being divided by
 ep in backward (GroupedExperts.grad_scale), which together gives the mean over every rank's
 tokens. The global gradient norm counts each expert once: the experts' squares summed over
-the ep group, added to the dense ones.
+the ep group, added to the dense ones. Which weights are experts, the strategies learn from
+their placements (expert_placements, set once by parallelize), never from their names.
 """
 
 from __future__ import annotations
@@ -15,18 +16,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from sdtrain.model.moe.balance import update_balancers
+from sdtrain.model.moe.balance import BiasBalancer, update_balancers
 from sdtrain.model.moe.dispatch import AllToAllClock, AllToAllDispatch
 from sdtrain.model.moe.layer import STAT_FIELDS, MoEMLP
+from sdtrain.parallel.placement import Placements, expert_placement
 from sdtrain.parallel.strategy import base_name
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoEMLP]:
     return {base_name(name): m for name, m in model.named_modules() if isinstance(m, MoEMLP)}
-
-
-def is_expert(name: str) -> bool:
-    return ".experts." in name
 
 
 def apply_expert_parallel(model: nn.Module, env, micro_batches: int) -> None:
@@ -45,17 +43,25 @@ def apply_expert_parallel(model: nn.Module, env, micro_batches: int) -> None:
         model.first_expert[f"{name}.experts"] = first
 
 
-def num_experts_of(model: nn.Module, name: str) -> int:
-    """E, the whole layer's expert count, of expert weight `name` (`blocks.N.mlp.experts.w1`)."""
-    return moe_layers(model)[name.rsplit(".", 2)[0]].moe.num_experts
+def expert_placements(model: nn.Module, env) -> Placements:
+    """Each MoE layer's expert weights under expert parallelism (after apply_expert_parallel):
+    this rank's slice of the layer's E experts, from its first, shared with its edp group. At
+    ep 1 every data-parallel rank holds every expert: they are placed as dense weights are."""
+    if env.ep_size == 1:
+        return {}
+    placements = {}
+    for name, layer in moe_layers(model).items():
+        placement = expert_placement(layer.moe.num_experts, model.first_expert[f"{name}.experts"])
+        placements.update({f"{name}.experts.{key}": placement for key, _ in layer.experts.named_parameters()})
+    return placements
 
 
-def expert_squares(grads: list[torch.Tensor], env) -> torch.Tensor:
-    """Sum of squares of every expert's gradient, each expert once (over the ep group);
-    `grads` are this rank's experts' (whole, or its edp shard summed over edp already)."""
-    squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=env.device)
-    dist.all_reduce(squares, group=env.ep_group)
-    return squares
+def rank_local_buffers(model: nn.Module) -> list[str]:
+    """The balancers' buffers, named as `model` names them (wrappers included): each rank
+    counts its own load, which after_step sums over the ranks, so DDP must not broadcast
+    rank 0's over the others'."""
+    return [f"{name}.{key}" for name, m in model.named_modules() if isinstance(m, BiasBalancer)
+            for key, _ in m.named_buffers()]
 
 
 def after_step(model: nn.Module, env) -> None:

@@ -10,8 +10,9 @@ For checkpoints, a rank's shard of a parameter is a flat range, which is cut int
 (for a matrix at most three: partial first row, whole rows, partial last row; a 3-D expert
 weight likewise along its first axis); those boxes are the local shards of a DTensor keyed
 by the parameter's name, which is what lets DCP load it on any other world size or ZeRO
-stage. A unit of experts (expert parallelism) holds a slice of each layer's experts: its
-boxes are placed in the layer's whole [E, ...] tensor at the slice's first expert.
+stage. A parameter that is itself a piece of a larger tensor (a slice of a layer's experts
+under expert parallelism) says so in its placement: its boxes are placed in the whole
+tensor (the layer's [E, ...]) at the piece's start.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper
+
+from sdtrain.parallel.placement import DENSE, Placement
 
 
 @dataclass(frozen=True)
@@ -43,12 +46,16 @@ class Entry:
 class FlatUnit:
     """`initial_value(name, out)` makes the first value of a parameter that is still on the
     meta device, straight into its place in the buffer; such a parameter is replaced by a
-    real one (see `replaced`), since a meta tensor cannot take real data in place."""
+    real one (see `replaced`), since a meta tensor cannot take real data in place.
+    `placements`: by name, those of parameters that are pieces of larger tensors (the rest
+    are whole)."""
 
     def __init__(self, name: str, named_params: list[tuple[str, nn.Parameter]], world: int, rank: int,
                  dtype: torch.dtype, device: torch.device,
-                 initial_value: Callable[[str, torch.Tensor], None] | None = None):
+                 initial_value: Callable[[str, torch.Tensor], None] | None = None,
+                 placements: dict[str, Placement] | None = None):
         self.name, self.world, self.rank = name, world, rank
+        self.placements = placements or {}
         ordered = sorted(named_params, key=lambda item: item[1].dim() < 2)  # stable: matrices first
         layout, offset = [], 0
         for fqn, param in ordered:
@@ -76,10 +83,6 @@ class FlatUnit:
                     place.copy_(param.detach())
                 self.entries.append(Entry(fqn, param, offset, place.shape))
         self.decay_numel = sum(e.numel for e in self.entries if len(e.shape) >= 2)
-        # A unit of experts (expert parallelism): each name's whole expert count E, and every
-        # ep rank's slice as (its first expert, the global ranks of its shards' owners).
-        self.num_experts: dict[str, int] = {}
-        self.expert_slices: list[tuple[int, list[int]]] = []
         self.bind_params()
 
     @property
@@ -106,11 +109,11 @@ class FlatUnit:
 
     # --- checkpoints -----------------------------------------------------------------
 
-    def sharded(self, local: torch.Tensor, global_ranks: list[int], mesh: DeviceMesh) -> dict[str, DTensor]:
+    def sharded(self, local: torch.Tensor, mesh: DeviceMesh) -> dict[str, DTensor]:
         """Each parameter's part of `local` (a tensor laid out like this rank's shard) as a
-        DTensor of the parameter's full shape, for DCP to save or load in place; a parameter
-        this rank holds none of is left out (the ranks that hold it save and load it).
-        `global_ranks[r]` holds shard r, which tells which slice of experts is this rank's.
+        DTensor of the parameter's whole shape (a piece's, as its placement says, the whole
+        tensor's), for DCP to save or load in place; a parameter this rank holds none of is
+        left out (the ranks that hold it save and load it).
 
         A rank's part of a parameter is a few boxes at arbitrary offsets, which no DTensor
         placement describes (Shard(0) cuts whole rows, in torch.chunk's sizes). So the local
@@ -119,15 +122,14 @@ class FlatUnit:
         ShardedTensor, which torch deprecates with a FutureWarning in every rank's log on
         every resume; the files hold the same chunks, so older checkpoints still load."""
         out = {}
-        slices = self.expert_slices or [(0, global_ranks)]
-        mine = next(first for first, ranks in slices if ranks == global_ranks)
         for e in self.entries:
             pieces = self._pieces(e, self.rank)
             if not pieces:
                 continue
-            shape = torch.Size((self.num_experts[e.name], *e.shape[1:])) if e.name in self.num_experts else e.shape
+            placement = self.placements.get(e.name, DENSE)
+            shape = torch.Size(placement.whole_shape(tuple(e.shape)))
             wrapper = LocalShardsWrapper([local[start : start + math.prod(size)].view(size) for _, size, start in pieces],
-                                         [(off[0] + mine, *off[1:]) for off, _, _ in pieces])
+                                         [placement.whole_offset(off) for off, _, _ in pieces])
             # Made directly rather than by DTensor.from_local, which views the wrapper as a
             # whole, and the wrapper views several boxes of a 3-D expert weight as none.
             meta = TensorMeta(shape, torch.empty(shape, device="meta").stride(), local.dtype)

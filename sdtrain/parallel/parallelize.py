@@ -1,6 +1,9 @@
 """Apply the recipe's strategies to a plain model from outside, in a fixed order
-(as torchtitan does): expert parallelism -> activation checkpointing -> torch.compile ->
-pipeline -> data parallel / ZeRO over each stage's replicas."""
+(as torchtitan does): expert parallelism -> placements -> activation checkpointing ->
+torch.compile -> pipeline -> data parallel / ZeRO over each stage's replicas.
+
+This is the one place that reads the whole recipe: each strategy gets its own section and
+the parameters' placements, said here once."""
 
 from __future__ import annotations
 
@@ -10,15 +13,21 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 
 from sdtrain.parallel.data_parallel import DataParallel
+from sdtrain.parallel.expert_parallel import expert_placements
 from sdtrain.parallel.mesh import DistEnv
-from sdtrain.parallel.strategy import Strategy
+from sdtrain.parallel.placement import DENSE, Placements
+from sdtrain.parallel.strategy import Strategy, base_name
 
 
-def parallelize(model: nn.Module, recipe, env: DistEnv, micro_batches: int = 1) -> Strategy:
+def parallelize(model: nn.Module, recipe, env: DistEnv, micro_batches: int = 1,
+                partition: list[list[int]] | None = None) -> Strategy:
+    """`partition`: each pipeline chunk's blocks, as the model's stage was built from
+    (partition.partition_layers; made here from the recipe when not given)."""
     if recipe.model.moe.num_experts:
         from sdtrain.parallel.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, env, micro_batches)
+    placements = place_parameters(model, env)
     if recipe.train.activation_checkpointing:
         # Recompute each block's activations in backward instead of keeping them.
         for key, block in model.blocks.items():
@@ -30,13 +39,23 @@ def parallelize(model: nn.Module, recipe, env: DistEnv, micro_batches: int = 1) 
     def replicas(model: nn.Module) -> Strategy:
         """The (stage's) data-parallel replicas: DDP semantics, or ZeRO."""
         if recipe.parallel.zero_stage == 0:
-            return DataParallel(model, recipe.train, env)
+            return DataParallel(model, recipe.train, env, placements)
         from sdtrain.parallel.zero import Zero
 
-        return Zero(model, recipe, env)
+        return Zero(model, recipe.parallel.zero_stage, recipe.parallel.zero, recipe.train, env, placements)
 
     if env.pp_size > 1:
+        from sdtrain.parallel.partition import partition_layers
         from sdtrain.parallel.pipeline import Pipeline
 
-        return Pipeline(model, recipe, env, micro_batches, replicas)
+        partition = partition if partition is not None else partition_layers(recipe.parallel.pipeline, recipe.model)
+        return Pipeline(model, recipe.parallel.pipeline, env, micro_batches, partition, replicas)
     return replicas(model)
+
+
+def place_parameters(model: nn.Module, env: DistEnv) -> Placements:
+    """Every parameter's placement, by base name: whole on every data-parallel rank unless a
+    strategy applied above says otherwise (experts under expert parallelism)."""
+    placements = {base_name(name): DENSE for name, _ in model.named_parameters()}
+    placements.update(expert_placements(model, env))
+    return placements

@@ -74,10 +74,12 @@ def chunks_of_rank(stage: int, pipeline) -> list[int]:
     return [v * pipeline.stages + stage for v in range(pipeline.virtual_stages)]
 
 
-def stage_layers(pipeline, model_cfg, stage: int) -> tuple[list[int], bool, bool]:
+def stage_layers(pipeline, model_cfg, stage: int, partition: list[list[int]] | None = None,
+                 ) -> tuple[list[int], bool, bool]:
     """What one pipeline stage builds: its blocks' global indices, and whether it holds the
-    embeddings (the first chunk) and the final norm and head (the last)."""
-    layers = partition_layers(pipeline, model_cfg)
+    embeddings (the first chunk) and the final norm and head (the last). `partition`: the
+    chunks' layers if already made (the worker makes them once, for the model and the pipeline)."""
+    layers = partition if partition is not None else partition_layers(pipeline, model_cfg)
     mine = chunks_of_rank(stage, pipeline)
     return [i for c in mine for i in layers[c]], 0 in mine, chunk_count(pipeline) - 1 in mine
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from sdtrain.parallel.mesh import DistEnv
-from sdtrain.parallel.partition import chunk_count, chunks_of_rank, partition_layers
+from sdtrain.parallel.partition import chunk_count, chunks_of_rank
 from sdtrain.parallel.schedules import bubble_formula, build_schedule, replay
 from sdtrain.parallel.strategy import Strategy
 from sdtrain.parallel.tied_head import TiedHead
@@ -37,13 +37,14 @@ REPLAYED_STEPS = 100  # a logging interval's last steps the replay covers (log.e
 
 
 class Pipeline(Strategy):
-    def __init__(self, model: nn.Module, recipe, env: DistEnv, micro_batches: int, build_replicas):
-        pipeline = recipe.parallel.pipeline
+    def __init__(self, model: nn.Module, pipeline, env: DistEnv, micro_batches: int, partition: list[list[int]],
+                 build_replicas):
+        """`pipeline`: the recipe's parallel.pipeline section; `partition`: each chunk's blocks
+        (partition_layers), the one the model's stage was built from."""
         self.env, self.model = env, model
         self.chunks = chunk_count(pipeline)
         self.stages = pipeline.stages
-        layers = partition_layers(pipeline, recipe.model)
-        self.layers = {c: [str(i) for i in layers[c]] for c in chunks_of_rank(env.stage, pipeline)}
+        self.layers = {c: [str(i) for i in partition[c]] for c in chunks_of_rank(env.stage, pipeline)}
         self.tied = TiedHead(model, env, self.chunks - 1 in self.layers, 0 in self.layers)
         self.inner = build_replicas(model)  # DataParallel or Zero over this stage's replicas
         self.tied.start(self.inner)

@@ -25,9 +25,10 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from sdtrain.parallel.comm import Comm
-from sdtrain.parallel.expert_parallel import after_step, balancer_state, is_expert, moe_layers, moe_metrics, num_experts_of
+from sdtrain.parallel.expert_parallel import after_step, balancer_state, moe_layers, moe_metrics
 from sdtrain.parallel.flat_unit import FlatUnit, replace_parameters
 from sdtrain.parallel.mesh import DistEnv
+from sdtrain.parallel.placement import DENSE, Placements, axis_groups, squares_over_axes
 from sdtrain.parallel.strategy import (
     ADAM_MOMENTS,
     Strategy,
@@ -47,15 +48,19 @@ MAX_REDUCE_SCATTERS_IN_FLIGHT = 2
 
 
 class Zero(Strategy):
-    def __init__(self, model: nn.Module, recipe, env: DistEnv):
-        self.stage = recipe.parallel.zero_stage
-        cfg, train = recipe.parallel.zero, recipe.train
+    def __init__(self, model: nn.Module, stage: int, cfg, train, env: DistEnv, placements: Placements):
+        """`cfg`: the recipe's parallel.zero section; `train`: its train section; `placements`:
+        each parameter's (parallelize's), which says the group that shards it."""
+        self.stage = stage
         self.env, self.model = env, model
         self.param_dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
         self.comm = Comm(env.dp_group, overlap=cfg.overlap_comm)
-        # Under expert parallelism the experts are sharded over the ranks holding the same ones.
-        self.expert_comm = Comm(env.edp_group, overlap=cfg.overlap_comm) if env.ep_size > 1 else None
-        self.units = self._build_units(model, cfg)
+        # Each group a parameter is replicated over shards it: "dp", and under expert
+        # parallelism "edp" for the experts (the ranks holding the same ones).
+        groups = axis_groups(env)
+        self.comms = {"dp": self.comm, **{g: Comm(groups[g], overlap=cfg.overlap_comm)
+                                          for g in {p.replicated_over for p in placements.values()} - {"dp"}}}
+        self.units = self._build_units(model, cfg, placements)
         self.owner = {e.param: (unit, e) for unit in self.units for e in unit.entries}
         model.to(self.param_dtype)  # buffers, if any; the weights were re-homed by the units
         for layer in moe_layers(model).values():
@@ -72,30 +77,36 @@ class Zero(Strategy):
 
     # --- construction ------------------------------------------------------------------
 
-    def _build_units(self, model: nn.Module, cfg) -> list[FlatUnit]:
+    def _build_units(self, model: nn.Module, cfg, placements: Placements) -> list[FlatUnit]:
         """Stage 3: one unit per Transformer block, plus one for everything else (embeddings,
         final norm), last. Stages 1/2: buckets of about reduce_bucket_mb, in reverse order of
         definition, which is roughly the order backward produces gradients.
 
         Each unit is sharded as soon as it is made, so with a meta-device model (whose
         weights the units make) stage 3 never holds more than one unit whole: a model
-        larger than one device's memory can start. Experts (under expert parallelism) get
-        units of their own, sharded over their edp group."""
+        larger than one device's memory can start. A unit holds parameters of one placement's
+        reduction only (experts under expert parallelism get units of their own, sharded over
+        their edp group), so each unit has one group and counts one way in the norm."""
         named = [(base_name(n), p) for n, p in model.named_parameters()]
         initial_value = getattr(model, "initial_value", None)
-        experts = {p for n, p in named if is_expert(n)} if self.expert_comm is not None else set()
+        placement = {p: placements[n] for n, p in named}
+
+        def by_reduction(params: list) -> list[list]:
+            """params split by their placements' reduction, the dense ones first."""
+            groups = {DENSE.reduction: []}
+            for n, p in params:
+                groups.setdefault(placement[p].reduction, []).append((n, p))
+            return [group for group in groups.values() if group]
 
         def make(name: str, params: list) -> FlatUnit:
-            of_experts = bool(params) and params[0][1] in experts
-            comm = self.expert_comm if of_experts else self.comm
-            unit = FlatUnit(name, params, comm.world, comm.rank, torch.float32, self.env.device, initial_value)
-            unit.comm = comm
+            placed = placement[params[0][1]]
+            if any(placement[p].reduction != placed.reduction for _, p in params):
+                raise ValueError(f"ZeRO unit {name} mixes parameters reduced over different groups")
+            comm = self.comms[placed.replicated_over]
+            unit = FlatUnit(name, params, comm.world, comm.rank, torch.float32, self.env.device, initial_value,
+                            {n: placement[p] for n, p in params})
+            unit.comm, unit.reduction = comm, placed.reduction
             unit.mesh = DeviceMesh.from_group(comm.group, self.env.device.type)  # the checkpoint's DTensors'
-            unit.owner_ranks = self.env.edp_ranks() if of_experts else self.env.dp_ranks()
-            if of_experts:
-                unit.num_experts = {n: num_experts_of(model, n) for n, _ in params}
-                local = params[0][1].shape[0]
-                unit.expert_slices = [(q * local, self.env.edp_ranks(q)) for q in range(self.env.ep_size)]
             replace_parameters(model, unit.replaced)
             self._shard_state(unit)
             return unit
@@ -103,18 +114,16 @@ class Zero(Strategy):
         if self.stage == 3:
             # Parameters under the persistence threshold (norms, biases) stay whole in one
             # unit of their own: gathering them per block would cost more than it saves.
-            # (experts never: each ep rank holds different ones, sharded over their own group)
-            persistent = [(n, p) for n, p in named if p.numel() < cfg.persistence_threshold and p not in experts]
+            # (dense ones only: experts are sharded over their own group, each ep rank's its own)
+            persistent = [(n, p) for n, p in named
+                          if p.numel() < cfg.persistence_threshold and placement[p].reduction == DENSE.reduction]
             kept = {p for _, p in persistent}
-            self.block_units, in_blocks = [], set()  # per block: its dense unit, then its experts'
+            self.block_units, in_blocks = [], set()  # per block: its dense unit, then e.g. its experts'
             for key, block in model.blocks.items():
                 params = [(base_name(f"blocks.{key}.{n}"), p) for n, p in block.named_parameters() if p not in kept]
                 in_blocks.update(p for _, p in params)
-                dense = [(n, p) for n, p in params if p not in experts]
-                of_experts = [(n, p) for n, p in params if p in experts]
-                self.block_units.append([make(f"blocks.{key}", dense)] if dense else [])
-                if of_experts:
-                    self.block_units[-1].append(make(f"blocks.{key}.experts", of_experts))
+                self.block_units.append([make(f"blocks.{key}" + _suffix(placement[group[0][1]]), group)
+                                         for group in by_reduction(params)])
             rest = [(n, p) for n, p in named if p not in in_blocks and p not in kept]
             self.root_unit = make("root", rest) if rest else None
             self.persistent_unit = make("persistent", persistent) if persistent else None
@@ -122,7 +131,7 @@ class Zero(Strategy):
                                 self.persistent_unit) if u is not None]
         limit = cfg.reduce_bucket_mb * 2**20 / (torch.finfo(self.param_dtype).bits // 8)  # elements
         units = []
-        for group in ([(n, p) for n, p in named if p not in experts], [(n, p) for n, p in named if p in experts]):
+        for group in by_reduction(named):
             bucket, size = [], 0
             for name, p in reversed(group):
                 bucket.append((name, p))
@@ -240,12 +249,12 @@ class Zero(Strategy):
                 self._reduce_scatter(unit)
             self._drain()
         grads = [u.grad_shard.float() if self.param_dtype != torch.float32 else u.grad_shard for u in self.units]
-        squares = self._squares([g for u, g in zip(self.units, grads) if u.comm is self.comm], self.comm)
-        if self.expert_comm is not None:  # each expert once: its shards' over edp, the experts' over ep
-            of_experts = self._squares([g for u, g in zip(self.units, grads) if u.comm is self.expert_comm],
-                                       self.expert_comm)
-            dist.all_reduce(of_experts, group=self.env.ep_group)
-            squares = squares + of_experts
+        # each weight once: its shards' squares over the group sharding it, then (a weight
+        # sharded over axes, e.g. experts over ep) the pieces' over those axes
+        partial = [(axes, self._squares([g for u, g in zip(self.units, grads) if u.reduction == (group, axes)],
+                                        self.comms[group]))
+                   for group, axes in dict.fromkeys([DENSE.reduction, *(u.reduction for u in self.units)])]
+        squares = squares_over_axes(partial, axis_groups(self.env))
         if self.env.pp_size > 1:  # every stage's gradients count in the global norm
             dist.all_reduce(squares, group=self.env.pp_group)
         norm = squares.sqrt()[0]
@@ -326,10 +335,10 @@ class Zero(Strategy):
 
     def checkpoint_state(self) -> dict:
         model, moments = dict(balancer_state(self.model)), {m: {} for m in ADAM_MOMENTS}
-        for unit in self.units:  # owner_ranks: the global rank of each shard's owner
-            model.update(unit.sharded(unit.master, unit.owner_ranks, unit.mesh))
+        for unit in self.units:
+            model.update(unit.sharded(unit.master, unit.mesh))
             for m in ADAM_MOMENTS:
-                moments[m].update(unit.sharded(unit.moments[m], unit.owner_ranks, unit.mesh))
+                moments[m].update(unit.sharded(unit.moments[m], unit.mesh))
         first = next(p for group in self.optimizer.param_groups for p in group["params"])
         return {"model": model, "optim": {**moments, "step": self.optimizer.state[first]["step"]}}
 
@@ -345,11 +354,18 @@ class Zero(Strategy):
 
     def comm_bytes(self) -> dict[str, int]:
         counted = self.comm.take_bytes()
-        if self.expert_comm is not None:
-            for kind, size in self.expert_comm.take_bytes().items():
-                counted[kind] = counted.get(kind, 0) + size
+        for comm in self.comms.values():
+            if comm is not self.comm:
+                for kind, size in comm.take_bytes().items():
+                    counted[kind] = counted.get(kind, 0) + size
         return counted
 
     def log_metrics(self, mem_gib: float) -> dict:
         moe = getattr(getattr(self.model, "cfg", None), "moe", None)
-        return moe_metrics(self.model, self.env, moe["num_experts"]) if moe and moe["num_experts"] else {}
+        return moe_metrics(self.model, self.env, moe.num_experts) if moe else {}
+
+
+def _suffix(placement) -> str:
+    """A block's unit of parameters placed otherwise than dense is named after how: `.edp.ep`."""
+    return "" if placement.reduction == DENSE.reduction else "." + ".".join((placement.replicated_over,
+                                                                             *placement.sharded_over))
