@@ -107,3 +107,17 @@ def test_an_entry_without_a_rank_report_fails_with_the_launchs_own_line(tmp_path
         "8.0 GiB are free",
         "note: drill(s) active (SDTRAIN_INJECT_NAN=0:3), but this failure does not look like their doing",
         "the entry alone, with the launch's whole report: sdtrain launch r.yaml --nproc-per-node 2"]
+
+
+@pytest.mark.slow  # keeps make test near 15 minutes
+def test_bench_dtensor_tensor_parallel_peer(write_recipe, tmp_path):
+    # PyTorch's own tensor parallelism over both workers (tp 2, one replica reading the
+    # whole batch), beside sdtrain's ddp at the same world size.
+    out = tmp_path / "bench.json"
+    result = sdtrain("bench", write_recipe(), "--strategies", "ddp", "--peers", "dtensor-tp", "--steps", 15,
+                     "--repeats", 1, "--json", out, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {row["name"]: row for row in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"ddp", "dtensor-tp2"}
+    assert rows["dtensor-tp2"]["world_size"] == 2 and len(rows["dtensor-tp2"]["peak_mem_gib"]) == 2
+    assert rows["dtensor-tp2"]["tokens_per_s"] > 0 and "dtensor-tp2" in result.stdout

@@ -43,7 +43,7 @@ from sdtrain.recipe import load_recipe
 INTERVAL = 5  # steps per throughput sample
 STAGES = {"single": 0, "ddp": 0, "zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 NO_PIPELINE = ["parallel.pipeline.stages=1"]  # a zero<S> row is that stage alone, whatever the recipe says
-PEERS = ("torch", "fsdp2", "deepspeed", "deepspeed-pipe", "deepspeed-moe", "eager", "compile")
+PEERS = ("torch", "fsdp2", "deepspeed", "deepspeed-pipe", "deepspeed-moe", "dtensor-tp", "eager", "compile")
 DEEPSPEED_PIPE_ZERO = (0, 1)  # DeepSpeed's pipeline refuses ZeRO-2 and 3
 SINGLE_DEVICE_PEERS = {"eager": "torch-eager", "compile": "torch-compile"}  # --peers name: row name
 
@@ -234,8 +234,12 @@ def _peer_entries(recipe, peers: list[str], strategies: list[str], world: int, n
         else:
             wanted += [(f"deepspeed-z{s}", "peer_deepspeed", str(s), s) for s in stages]
     recipe_json = json.dumps(recipe_for_world(recipe, world))
-    return [Entry(name, world, "peer", stage, _torchrun_argv(world, module, recipe_json, option))
-            for name, module, option, stage in wanted]
+    entries = [Entry(name, world, "peer", stage, _torchrun_argv(world, module, recipe_json, option))
+               for name, module, option, stage in wanted]
+    if "dtensor-tp" in peers:  # every worker one tensor-parallel rank: one replica reads the whole batch
+        argv = _torchrun_argv(world, "peer_dtensor_tp", json.dumps(recipe_for_world(recipe, 1)), "")
+        entries.append(Entry(f"dtensor-tp{world}", world, "peer", 0, argv))
+    return entries
 
 
 def _deepspeed_peer_runs(peer: str, peers: list[str], layouts: list, strategy: str, notes: list[str]) -> bool:
