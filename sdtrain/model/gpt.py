@@ -53,9 +53,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Shapes come from qkv's output and n_heads, not from x: tensor parallelism leaves a
-        # rank a slice of the heads (qkv holding their q, k and v; n_heads their count).
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        # rank a slice of the heads (qkv holding their q, k and v; n_heads their count), and
+        # under sequence parallelism x is a part of the sequence that qkv gathers whole.
+        qkv = self.qkv(x)
+        B, T, _ = qkv.shape
+        q, k, v = qkv.chunk(3, dim=-1)
         # (B, T, heads x head_dim) -> (B, heads, T, head_dim)
         q, k, v = (t.view(B, T, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(

@@ -1,0 +1,135 @@
+"""Tensor parallelism (Megatron-LM), applied to sdtrain's GPT from outside: the model keeps no
+distributed code, its layers are swapped for parallel ones holding this rank's piece.
+
+What each rank of the tensor-parallel group holds:
+- attention: qkv column-parallel with the heads split over the ranks: q, k and v each cut
+  by heads, so a rank's qkv holds its heads' q, k and v (rows [0:C], [C:2C], [2C:3C] of the
+  whole, each sliced); proj row-parallel. n_heads becomes the local count.
+- MLP: fc column-parallel, proj row-parallel.
+- the token embedding, and the head tied to it, vocabulary-parallel (vocab_parallel.py): the
+  loss never makes the whole vocabulary's logits.
+- position embedding and layer norms: whole (replicated over tp).
+With sequence parallelism, between the layers every rank holds its part of the sequence:
+norms, dropout and residual adds run on it; an all-gather before each column-parallel layer
+and a reduce-scatter after each row-parallel one replace the all-reduces (tp_collectives.py).
+
+Weights start as the one-process model's: a real parameter is sliced from its whole value,
+and a meta one (a ZeRO model, made later) takes `initial_shard`, the slice of the whole
+name-seeded tensor. Apply before activation checkpointing, compile and data parallelism
+(torchtitan's order), on a model whose parameters are not yet wrapped.
+
+Gradients of the pieces are complete on their rank. Those of the parameters whole on every
+tp rank are equal there without sequence parallelism (their inputs and output gradients are
+whole and equal). With it, each rank's norms, row-parallel biases and position embedding saw
+only its part of the sequence: their gradients are partial sums, named in
+`TensorParallelPlan.partial_grads` and summed over tp by `sum_partial_grads` (one
+all-reduce). That sum commutes with averaging over dp, so a data-parallel strategy calls it
+any time after the step's last backward and before the gradient norm and the update; under
+ZeRO on its shards too (their layout is the same on every tp rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from sdtrain.model.gpt import GPT, MLP
+from sdtrain.model.moe.layer import MoEMLP
+from sdtrain.parallel.placement import DENSE, AxisShard, Placement, Placements
+from sdtrain.parallel.tp_checks import check_tensor_parallel
+from sdtrain.parallel.tp_collectives import TensorParallel
+from sdtrain.parallel.tp_linear import ColumnParallelLinear, RowParallelLinear
+from sdtrain.parallel.vocab_parallel import SequencePartPositions, VocabParallelEmbedding, VocabParallelHeadLoss
+
+
+@dataclass
+class TensorParallelPlan:
+    tp: TensorParallel
+    shards: dict[str, AxisShard | None]  # every parameter -> its cut over "tp", None where whole
+    partial_grads: list[str]  # whole parameters whose gradients are partial sums over tp
+
+    def placements(self) -> Placements:
+        """Every parameter's placement, for a dense model (experts would add their ep shard)."""
+        return {name: Placement(shards=(shard,)) if shard else DENSE for name, shard in self.shards.items()}
+
+    def sum_partial_grads(self, model: nn.Module) -> None:
+        """Sum the partial gradients over tp, in one all-reduce (see the module's docstring)."""
+        grads = [p.grad for name, p in model.named_parameters() if name in self.partial_grads and p.grad is not None]
+        if not grads:
+            return
+        flat = self.tp.all_reduce(torch.cat([g.flatten() for g in grads]), kind="all_reduce_grads")
+        for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(part.view_as(grad))
+
+
+def apply_tensor_parallel(model: GPT, tp: TensorParallel) -> TensorParallelPlan:
+    cfg = model.cfg
+    experts = next((m.moe.num_experts for m in model.modules() if isinstance(m, MoEMLP)), 0)
+    check_tensor_parallel(tp.size, cfg.n_heads, cfg.mlp_ratio * cfg.d_model, cfg.vocab_size, cfg.seq_len,
+                          tp.sequence_parallel, experts)
+    shards: dict[str, AxisShard | None] = {name: None for name, _ in model.named_parameters()}
+
+    def cut(name: str, whole: torch.Tensor, dim: int, pieces: int = 1) -> torch.Tensor:
+        local = whole.size(dim) // pieces // tp.size
+        shards[name] = AxisShard("tp", dim, whole.size(dim), tp.rank * local, pieces)
+        if whole.is_meta:
+            shape = list(whole.shape)
+            shape[dim] //= tp.size
+            return torch.empty(shape, dtype=whole.dtype, device="meta")
+        return tp_piece(whole.detach(), shards[name], tp.size).clone()
+
+    def column(prefix: str, linear: nn.Linear, pieces: int = 1) -> ColumnParallelLinear:
+        bias = None if linear.bias is None else cut(f"{prefix}.bias", linear.bias, 0, pieces)
+        return ColumnParallelLinear(cut(f"{prefix}.weight", linear.weight, 0, pieces), bias, tp)
+
+    def row(prefix: str, linear: nn.Linear) -> RowParallelLinear:
+        bias = None if linear.bias is None else linear.bias.detach()  # whole: added once, after the sum
+        return RowParallelLinear(cut(f"{prefix}.weight", linear.weight, 1), bias, tp)
+
+    for key, block in model.blocks.items():
+        attn, mlp = block.attn, block.mlp
+        attn.qkv = column(f"blocks.{key}.attn.qkv", attn.qkv, pieces=3)  # q, k and v each cut by heads
+        attn.proj = row(f"blocks.{key}.attn.proj", attn.proj)
+        attn.n_heads //= tp.size
+        if isinstance(mlp, MLP):
+            mlp.fc = column(f"blocks.{key}.mlp.fc", mlp.fc)
+            mlp.proj = row(f"blocks.{key}.mlp.proj", mlp.proj)
+    vocab_start = tp.rank * (cfg.vocab_size // tp.size)
+    tied = model.tok_emb is not None and model.lm_head is not None and model.lm_head.weight is model.tok_emb.weight
+    if model.tok_emb is not None:
+        model.tok_emb = VocabParallelEmbedding(cut("tok_emb.weight", model.tok_emb.weight, 0), vocab_start, tp)
+        if tp.sequence_parallel:
+            model.pos_emb = SequencePartPositions(model.pos_emb, tp)
+    if model.lm_head is not None:
+        head = model.lm_head
+        head.weight = model.tok_emb.weight if tied else nn.Parameter(cut("lm_head.weight", head.weight, 0))
+        head.out_features = head.weight.size(0)
+        model.head_loss = VocabParallelHeadLoss(model.head_loss.chunk_tokens, vocab_start, tp)
+    whole = [name for name, shard in shards.items() if shard is None]
+    return TensorParallelPlan(tp, shards, whole if tp.sequence_parallel else [])
+
+
+def tp_piece(whole: torch.Tensor, shard: AxisShard, size: int) -> torch.Tensor:
+    """This rank's piece of the whole tensor: of each of its `shard.pieces` equal parts along
+    `shard.dim` (q, k and v of a fused qkv), the slice starting at `shard.start`."""
+    local = shard.whole // shard.pieces // size
+    parts = whole.chunk(shard.pieces, dim=shard.dim)
+    return torch.cat([part.narrow(shard.dim, shard.start, local) for part in parts], dim=shard.dim)
+
+
+def tp_whole(pieces_in_rank_order: list[torch.Tensor], shard: AxisShard) -> torch.Tensor:
+    """The whole tensor from every rank's piece (for an export or a consolidated checkpoint)."""
+    per_rank = [piece.chunk(shard.pieces, dim=shard.dim) for piece in pieces_in_rank_order]
+    return torch.cat([part for k in range(shard.pieces) for part in (rank[k] for rank in per_rank)], dim=shard.dim)
+
+
+def initial_shard(model: GPT, name: str, out: torch.Tensor, shard: AxisShard, size: int) -> None:
+    """Write parameter `name`'s first value, this rank's piece of it, into `out`: the slice
+    of the whole name-seeded tensor (GPT.initial_value), so every tp size starts alike."""
+    shape = list(out.shape)
+    shape[shard.dim] = shard.whole
+    whole = torch.empty(shape, dtype=out.dtype, device=out.device)
+    model.initial_value(name, whole)
+    out.copy_(tp_piece(whole, shard, size))
