@@ -25,7 +25,7 @@ from sdtrain.parallel.tensor_parallel import apply_tensor_parallel, initial_shar
 from sdtrain.parallel.tp_checks import check_tensor_parallel
 from sdtrain.parallel.tp_collectives import TensorParallel
 from sdtrain.parallel.tp_volume import tp_step_bytes
-from sdtrain.parallel.vocab_parallel import vocab_parallel_cross_entropy
+from sdtrain.parallel.vocab_parallel import SequencePartPositions, vocab_parallel_cross_entropy
 
 CFG = GPTConfig(n_layers=2, d_model=32, n_heads=4, seq_len=16, vocab_size=64)
 BATCH, STEPS, SEED, LR = 2, 3, 7, 1e-3
@@ -84,6 +84,8 @@ def compare_with_one_process(sequence_parallel: bool) -> dict:
         if step == 0:
             report["bytes"] = tp.take_bytes()
         plan.sum_partial_grads(model)
+        if step == 0:
+            report["grad_bytes"] = tp.take_bytes()
         report["losses"].append([loss.item(), one_loss.item()])
         if step == 0:
             scale = 1e-3 * max(p.grad.abs().max().item() for p in one.parameters())
@@ -211,6 +213,21 @@ def test_counted_bytes_are_megatrons(run, world):
                                             "all_reduce": loss}
     for setting, sp in (("sp_off", False), ("sp_on", True)):
         assert run(world)[setting]["bytes"] == tp_step_bytes(layers, tokens, d, sp)
+
+
+def test_the_partial_gradients_are_summed_in_one_all_reduce_counted_apart(run):
+    partial = dict(GPT(CFG).named_parameters())
+    numel = sum(partial[name].numel() for name in run(2)["sp_on"]["partial"])
+    assert run(2)["sp_on"]["grad_bytes"] == {"all_reduce_grads": numel * 4}
+    assert run(2)["sp_off"]["grad_bytes"] == {}
+
+
+def test_sequence_parallel_positions_are_this_ranks_part():
+    tp = TensorParallel(None, 4, 1, sequence_parallel=True)
+    positions = SequencePartPositions(torch.nn.Embedding(16, 3), tp)
+    assert torch.equal(positions(torch.arange(8)), positions.weight[2:4])
+    with pytest.raises(ValueError, match="a sequence of 6 tokens does not split over 4 tensor-parallel ranks"):
+        positions(torch.arange(6))
 
 
 @pytest.mark.parametrize("cfg, problem, fix", [
