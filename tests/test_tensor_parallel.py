@@ -62,10 +62,11 @@ def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:, :-1], ids[:, 1:]
 
 
-def compare_with_one_process(sequence_parallel: bool) -> dict:
+def compare_with_one_process(sequence_parallel: bool, reduce_scatter_by_all_reduce: bool = True) -> dict:
     one = GPT(CFG, seed=SEED, loss_chunk_tokens=CHUNK)
     model = GPT(CFG, seed=SEED, loss_chunk_tokens=CHUNK)
     tp = TensorParallel.of(dist.group.WORLD, sequence_parallel)
+    tp.reduce_scatter_by_all_reduce = reduce_scatter_by_all_reduce  # False: NCCL's path, on gloo's reduce-scatter
     plan = apply_tensor_parallel(model, tp)
     # eps above the gradients' rounding noise: at the default 1e-8 Adam divides an entry of
     # ~5e-9 (there is one in fc) by its own size, and a 10% difference there in the last bits
@@ -138,6 +139,7 @@ def rank_main(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
     try:
         report = {"sp_off": compare_with_one_process(False), "sp_on": compare_with_one_process(True),
+                  "sp_on_reduce_scatter": compare_with_one_process(True, reduce_scatter_by_all_reduce=False),
                   "vocab_loss": compare_vocab_loss()}
         if rank == 0:
             with open(out, "w") as f:
@@ -166,7 +168,7 @@ def run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("setting", ["sp_off", "sp_on"])
+@pytest.mark.parametrize("setting", ["sp_off", "sp_on", "sp_on_reduce_scatter"])
 def test_loss_and_every_gradient_equal_the_one_process_model(run, world, setting):
     report = run(world)[setting]
     first, one = report["losses"][0]
@@ -179,7 +181,7 @@ def test_loss_and_every_gradient_equal_the_one_process_model(run, world, setting
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("setting", ["sp_off", "sp_on"])
+@pytest.mark.parametrize("setting", ["sp_off", "sp_on", "sp_on_reduce_scatter"])
 def test_adamw_on_the_pieces_stays_on_the_one_process_trajectory(run, world, setting):
     report = run(world)[setting]
     for got, one in report["losses"]:
@@ -209,8 +211,9 @@ def test_counted_bytes_are_megatrons(run, world):
     activations = (4 * layers + 2) * tokens * d * fp32  # 4 per layer, the embedding's and the head's
     loss = 3 * tokens * fp32  # max, sum of exponentials, target logit
     assert run(world)["sp_off"]["bytes"] == {"all_reduce": activations + loss}
-    assert run(world)["sp_on"]["bytes"] == {"all_gather": activations, "reduce_scatter": activations,
-                                            "all_reduce": loss}
+    for setting in ("sp_on", "sp_on_reduce_scatter"):
+        assert run(world)[setting]["bytes"] == {"all_gather": activations, "reduce_scatter": activations,
+                                                "all_reduce": loss}
     for setting, sp in (("sp_off", False), ("sp_on", True)):
         assert run(world)[setting]["bytes"] == tp_step_bytes(layers, tokens, d, sp)
 

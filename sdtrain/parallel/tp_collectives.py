@@ -38,11 +38,15 @@ class TensorParallel:
     size: int
     rank: int
     sequence_parallel: bool = False
+    # gloo has no reduce-scatter of its own (it clones the input and all-reduces the clone):
+    # summing the input in place and keeping this rank's part moves the same bytes, no copy.
+    reduce_scatter_by_all_reduce: bool = False
     bytes: dict = field(default_factory=lambda: defaultdict(int))
 
     @classmethod
     def of(cls, group, sequence_parallel: bool = False) -> TensorParallel:
-        return cls(group, dist.get_world_size(group), dist.get_rank(group), sequence_parallel)
+        return cls(group, dist.get_world_size(group), dist.get_rank(group), sequence_parallel,
+                   reduce_scatter_by_all_reduce=dist.get_backend(group) == "gloo")
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, kind: str = "all_reduce") -> torch.Tensor:
         """In place. `kind`: the name it is counted under (the gradient sums apart from the
@@ -61,11 +65,10 @@ class TensorParallel:
 
     def reduce_scatter_sequence(self, whole: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of [B, T, d], this rank's part of the sequence: [B, T / size, d].
-        `whole` may be overwritten (gloo: it has no reduce-scatter of its own, and summing in
-        place moves the same bytes without the copy its reduce-scatter would make)."""
+        `whole` may be overwritten (see reduce_scatter_by_all_reduce)."""
         self.bytes["reduce_scatter"] += whole.numel() * whole.element_size()
         length = whole.size(SEQUENCE_DIM) // self.size
-        if dist.get_backend(self.group) == "gloo":
+        if self.reduce_scatter_by_all_reduce:
             dist.all_reduce(whole, group=self.group)
             return whole.narrow(SEQUENCE_DIM, self.rank * length, length).contiguous()
         by_sequence = whole.movedim(SEQUENCE_DIM, 0).contiguous()
