@@ -16,8 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from sdtrain.divisors import divisors
-from sdtrain.errors import RecipeError  # noqa: F401 - callers import it from here
+from sdtrain.errors import RecipeError  # callers import it from here too
 from sdtrain.parallel.partition import check_pipeline_layout
+from sdtrain.parallel.tp_checks import check_tensor_parallel
 from sdtrain.recipe_booleans import YAML_BOOLEAN_WORDS, enum_values, spell_enum_booleans  # noqa: F401
 from sdtrain.recipe_experts import LAYOUT_CHECKED_AT_LAUNCH, check_expert_layout, expert_layout_problem  # noqa: F401
 from sdtrain.recipe_load import (  # noqa: F401 - reading recipes; it imports the schema only when called
@@ -194,6 +195,22 @@ class ParallelConfig(Section):
     pipeline: PipelineConfig = PipelineConfig()
     expert_parallel: int = Field(1, ge=1, description=(
         "EP: the experts of each MoE MLP split over this many ranks of each data-parallel group"))
+    tensor_parallel: int = Field(1, ge=1, description=(
+        "TP: each layer's heads, MLP width and vocabulary split over this many consecutive ranks (Megatron-style; "
+        "keep them inside one node); data parallel is world / (pipeline stages x tensor_parallel)"))
+    sequence_parallel: Optional[bool] = Field(None, description=(
+        "with tensor_parallel > 1, norms, dropout and residuals split along the sequence too (their activations / "
+        "T; all-gathers and reduce-scatters in place of all-reduces); null: true when tensor_parallel > 1; at "
+        "tensor_parallel 1 there is nothing to split and it resolves to false"))
+
+    @model_validator(mode="after")
+    def _sequence_parallel_resolved(self):
+        # Resolved here, not at use, so recipe.yaml in the run directory says what ran. An
+        # explicit true at T = 1 is harmless (there is no group to split over): false.
+        resolved = self.tensor_parallel > 1 and self.sequence_parallel is not False
+        if self.sequence_parallel is not resolved:
+            self.sequence_parallel = resolved  # validate_assignment runs this again: then it is settled
+        return self
 
 
 class LaunchSection(Section):
@@ -275,6 +292,7 @@ class Recipe(Section):
                 "or compile: false"
             )
         self._check_experts(checked_at_launch=bool((info.context or {}).get(LAYOUT_CHECKED_AT_LAUNCH)))
+        self._check_tensor_parallel()
         pipeline = self.parallel.pipeline
         if pipeline.stages > 1:
             check_pipeline_layout(pipeline, self.model.n_layers)
@@ -304,6 +322,16 @@ class Recipe(Section):
             raise ValueError("model.moe with parallel.pipeline.schedule zero_bubble: its split backward defers the "
                              "weight gradients of Linear and LayerNorm layers only, and the experts' batched "
                              "weights would get none; use schedule 1f1b")
+
+    def _check_tensor_parallel(self):
+        """The model's shape against T (heads, MLP width, vocabulary, sequence): facts of the
+        recipe alone, so every command refuses them before anything starts."""
+        model, parallel = self.model, self.parallel
+        try:
+            check_tensor_parallel(parallel.tensor_parallel, model.n_heads, model.mlp_ratio * model.d_model,
+                                  model.vocab_size, model.seq_len, parallel.sequence_parallel, model.moe.num_experts)
+        except RecipeError as exc:
+            raise ValueError(str(exc)) from None  # worded as every other recipe error, with its source
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -43,6 +43,6 @@ def check_expert_layout(recipe, world: int | None) -> None:
     data-parallel size. For a recipe loaded with layout_checked_at_launch=True."""
     if recipe.model.moe.num_experts:
         problem = expert_layout_problem(recipe.model.moe.num_experts, recipe.parallel.expert_parallel, world,
-                                        recipe.parallel.pipeline.stages, getattr(recipe.parallel, "tensor_parallel", 1))
+                                        recipe.parallel.pipeline.stages, recipe.parallel.tensor_parallel)
         if problem:
             raise RecipeError(problem)

@@ -71,8 +71,8 @@ def test_experts_are_carved_out_of_dp_inside_each_tp_rank():
     assert layout.tied_pairs() == []
 
 
-def test_of_reads_the_recipe_with_tp_1_where_it_has_no_key():
-    parallel = SimpleNamespace(pipeline=SimpleNamespace(stages=2), expert_parallel=2)
+def test_of_reads_the_recipes_axes():
+    parallel = SimpleNamespace(pipeline=SimpleNamespace(stages=2), expert_parallel=2, tensor_parallel=1)
     assert Layout.of(SimpleNamespace(parallel=parallel), 8) == Layout(8, 2, 1, 2)
     parallel.tensor_parallel = 2
     assert Layout.of(SimpleNamespace(parallel=parallel), 16).as_dict() == {"pp": 2, "dp": 4, "tp": 2, "ep": 2}
@@ -84,9 +84,13 @@ def test_of_reads_the_recipe_with_tp_1_where_it_has_no_key():
     ((6, 2, 2), "parallel.tensor_parallel 2 x parallel.pipeline.stages 2 = 4 does not divide the world size 6: every "
                 "stage needs whole tensor-parallel groups; use tensor_parallel in [1, 3], or 8 workers"),
     ((6, 1, 1, 4), "parallel.expert_parallel 4 does not divide the data-parallel size 6 (world 6 / pipeline stages 1): "
-                   "expert groups are carved out of data-parallel ranks"),
+                   "expert groups are carved out of data-parallel ranks; use expert_parallel in [1, 2, 3, 6]"),
     ((8, 2, 2, 4), "parallel.expert_parallel 4 does not divide the data-parallel size 2 (world 8 / (pipeline stages 2 x "
-                   "tensor_parallel 2)): expert groups are carved out of data-parallel ranks"),
+                   "tensor_parallel 2)): expert groups are carved out of data-parallel ranks; use expert_parallel in "
+                   "[1, 2], or tensor_parallel in [1]"),
+    ((16, 1, 8, 4), "parallel.expert_parallel 4 does not divide the data-parallel size 2 (world 16 / (pipeline stages 1 "
+                    "x tensor_parallel 8)): expert groups are carved out of data-parallel ranks; use expert_parallel in "
+                    "[1, 2], or tensor_parallel in [1, 2, 4]"),
     ((4, 1, 0), "parallel.tensor_parallel 0: must be at least 1"),
 ])
 def test_a_layout_that_does_not_fit_says_why_and_what_would(args, message):

@@ -58,14 +58,15 @@ class Layout:
         if self.dp % self.ep:
             raise RecipeError(
                 f"parallel.expert_parallel {self.ep} does not divide the data-parallel size {self.dp} "
-                f"({self.dp_formula()}): expert groups are carved out of data-parallel ranks"
+                f"({self.dp_formula()}): expert groups are carved out of data-parallel ranks; use expert_parallel "
+                f"in {divisors(self.dp)}{self._tp_leaving_room_for_experts()}"
             )
 
     @classmethod
     def of(cls, recipe, world: int) -> "Layout":
         """The layout a recipe asks for on `world` ranks (RecipeError if it cannot be laid out)."""
         parallel = recipe.parallel
-        return cls(world, parallel.pipeline.stages, getattr(parallel, "tensor_parallel", 1), parallel.expert_parallel)
+        return cls(world, parallel.pipeline.stages, parallel.tensor_parallel, parallel.expert_parallel)
 
     @classmethod
     def if_fits(cls, world: int | None, pp: int = 1, tp: int = 1, ep: int = 1) -> "Layout | None":
@@ -74,6 +75,15 @@ class Layout:
         if not world or min(pp, tp, ep) < 1 or world % (pp * tp) or world // (pp * tp) % ep:
             return None
         return cls(world, pp, tp, ep)
+
+    def _tp_leaving_room_for_experts(self) -> str:
+        """Under tensor parallelism tp x ep may be what does not fit: the tp values whose dp
+        expert_parallel divides (none are suggested without tp, where the user did not ask for it)."""
+        if self.tp == 1:
+            return ""
+        per_stage = self.world // self.pp
+        fits = [t for t in divisors(per_stage) if per_stage // t % self.ep == 0]
+        return f", or tensor_parallel in {fits}" if fits else ""
 
     def _next_world(self) -> int:
         unit = self.pp * self.tp
