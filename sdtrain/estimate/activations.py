@@ -19,6 +19,7 @@ block at a time in backward.
 from __future__ import annotations
 
 from sdtrain.estimate.shape import RankShape
+from sdtrain.estimate.tensor_parallel import layer_values
 from sdtrain.estimate.terms import STEP_FB, Term
 
 VALUES_PER_LAYER = {"fp32": 16, "bf16": 12, "fp16": 12}  # fp32-sized values per token and channel
@@ -27,29 +28,33 @@ RECOMPUTE_COPIES = 2  # a recomputed block's activations and their gradients (me
 
 
 def layer_bytes(shape: RankShape) -> float:
-    """Bytes one block keeps for backward for one micro-batch."""
+    """Bytes one block keeps for backward for one micro-batch (one tp rank's: its heads and
+    features, and under SP its part of the sequence; estimate/tensor_parallel.py)."""
     tokens, d = shape.tokens, shape.d_model
-    kept = VALUES_PER_LAYER[shape.precision] * tokens * d * 4
+    kept = layer_values(VALUES_PER_LAYER[shape.precision], shape.tp, shape.sequence_parallel) * tokens * d * 4
     if shape.attention == "math":
-        scores = shape.micro_batch * shape.n_heads * shape.seq_len**2
+        scores = shape.micro_batch * (shape.n_heads // shape.tp) * shape.seq_len**2
         kept += SCORE_VALUES[shape.dropout > 0] * scores * (4 if shape.precision == "fp32" else 2)
     if shape.dropout > 0:
-        kept += 2 * tokens * d  # bool masks of the two residual dropouts
+        kept += 2 * tokens * d / shape.sequence_split  # bool masks of the two residual dropouts
     return kept
 
 
 def activations(shape: RankShape) -> list[Term]:
     tokens, d, L = shape.tokens, shape.d_model, shape.layers
-    per_micro = tokens * d * 4 * (1 if shape.first else 0)  # the embedding's output
+    per_micro = tokens * d * 4 * (1 if shape.first else 0) / shape.sequence_split  # the embedding's output
     if shape.checkpointing:
-        kept = L * tokens * d * 4  # each block's input
+        kept = L * tokens * d * 4 / shape.sequence_split  # each block's input
         how = f"{L} block inputs x {shape.in_flight} micro-batch(es) (checkpointing)"
         terms = [Term("activations", (kept + per_micro) * shape.in_flight, STEP_FB, how),
                  Term("recomputed block", RECOMPUTE_COPIES * layer_bytes(shape), STEP_FB,
                       "one block's activations, back in backward, and their gradients")]
     else:
-        how = (f"{L} blocks x {VALUES_PER_LAYER[shape.precision]} values/token/channel, {shape.attention} attention, "
-               f"x {shape.in_flight} micro-batch(es)")
+        values = VALUES_PER_LAYER[shape.precision]
+        if shape.tp > 1:
+            values = f"{layer_values(values, shape.tp, shape.sequence_parallel):g} (tp {shape.tp}" + \
+                     (", sequence parallel)" if shape.sequence_parallel else ")")
+        how = f"{L} blocks x {values} values/token/channel, {shape.attention} attention, x {shape.in_flight} micro-batch(es)"
         terms = [Term("activations", (L * layer_bytes(shape) + per_micro) * shape.in_flight, STEP_FB, how)]
     return terms
 

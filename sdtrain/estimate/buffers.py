@@ -17,8 +17,9 @@ BACKWARD_VALUES = 8  # fp32 values per token and channel alive while one block's
 def backward_gradients(shape: RankShape) -> list[Term]:
     """The activation gradients of the block being differentiated (fc and GELU gradients
     are 4 values per token and channel each)."""
-    return [Term("backward temporaries", BACKWARD_VALUES * shape.tokens * shape.d_model * 4, STEP_FB,
-                 f"{BACKWARD_VALUES} values/token/channel of the block in backward")]
+    split = f" / tp {shape.tp}" if shape.tp > 1 else ""  # fc's and GELU's features are split over tp
+    return [Term("backward temporaries", BACKWARD_VALUES * shape.tokens * shape.d_model * 4 / shape.tp, STEP_FB,
+                 f"{BACKWARD_VALUES} values/token/channel of the block in backward{split}")]
 
 
 def loss_buffers(shape: RankShape) -> list[Term]:
@@ -28,14 +29,15 @@ def loss_buffers(shape: RankShape) -> list[Term]:
     logits, an fp32 copy, and their gradient."""
     if not shape.last:
         return []
-    tokens, V, d = shape.tokens, shape.vocab_size, shape.d_model
+    tokens, V, d = shape.tokens, shape.vocab_size // shape.tp, shape.d_model  # a tp rank's vocabulary slice
+    slice_note = f", {V} of the vocabulary's {shape.vocab_size} (tp {shape.tp})" if shape.tp > 1 else ""
     if shape.loss_chunk_tokens:
         chunk = min(shape.loss_chunk_tokens, tokens)
         held = 4 * V * d + 4 * tokens * d
         return [Term("logits and loss", held + 2 * 4 * chunk * V, STEP_FB,
-                     f"head gradient + hidden gradient + 2 x {chunk}-token logits chunk")]
+                     f"head gradient + hidden gradient + 2 x {chunk}-token logits chunk{slice_note}")]
     return [Term("logits and loss", 3 * 4 * tokens * V + 4 * tokens * d, STEP_FB,
-                 f"all {tokens} tokens' logits, fp32 copy and gradient (loss_chunk_tokens 0)")]
+                 f"all {tokens} tokens' logits, fp32 copy and gradient (loss_chunk_tokens 0){slice_note}")]
 
 
 def strategy_buffers(shape: RankShape) -> list[Term]:

@@ -13,7 +13,8 @@ from pathlib import Path
 from sdtrain.estimate.activations import activations, expert_activations
 from sdtrain.estimate.buffers import backward_gradients, loss_buffers, optimizer_buffers, strategy_buffers
 from sdtrain.estimate.process import process_base
-from sdtrain.estimate.shape import RankShape
+from sdtrain.estimate.shape import DTYPE_BYTES, RankShape
+from sdtrain.estimate.tensor_parallel import split_params, tp_local, tp_traffic, wire_bytes
 from sdtrain.estimate.state import model_state
 from sdtrain.estimate.terms import ALWAYS, Estimate, Term
 from sdtrain.model.size import embedding_params, expert_params, final_norm_params, moe_of
@@ -30,6 +31,11 @@ ALLOCATOR_SLACK = 0.12  # CPU: freed memory the C allocator keeps, as a share of
 
 def estimate_shape(shape: RankShape, where: str = "") -> Estimate:
     estimate = Estimate([term for fn in TERMS for term in fn(shape)], where)
+    if shape.tp > 1:
+        estimate.tp_bytes = tp_traffic(shape.layers, shape.tokens * shape.grad_accum, shape.d_model,
+                                       shape.sequence_parallel, DTYPE_BYTES[shape.precision], shape.first, shape.last,
+                                       shape.checkpointing)
+        estimate.tp_wire_bytes = wire_bytes(estimate.tp_bytes, shape.tp)
     if shape.device == "cpu":
         tensors = sum(t.bytes for t in estimate.at_peak() if t.name not in ("process base", "corpus"))
         estimate.terms.append(Term("allocator slack", ALLOCATOR_SLACK * tensors, ALWAYS,
@@ -91,15 +97,20 @@ def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None 
     attention = "math" if device == "cpu" and model.dropout > 0 else "flash"
     shapes = []
     stages = describe_stages(pipeline, model)
+    tp = layout.tp
     for row in stages:
         layers = [i for chunk in row["layers"] for i in chunk]
         first, last = row["stage"] == 0, row["stage"] == len(stages) - 1
+        head_copy = last and not first  # the tied head's own copy
         root = (embedding_params(model) if first else 0) + (final_norm_params(model) if last else 0)
-        if last and not first:
-            root += model.vocab_size * model.d_model  # the tied head's own copy
+        if head_copy:
+            root += model.vocab_size * model.d_model
+        # one tp rank's piece of each (what ZeRO then shards over dp); MoE blocks are not tp-split (refused)
+        params = tp_local(row["params"], split_params(model, len(layers), first, head_copy), tp)
+        block = max(tp_local(block_size(model, i, ep), split_params(model, 1, False, False), tp) for i in layers)
+        root = tp_local(root, split_params(model, 0, first, head_copy), tp)
         shape = RankShape(
-            params=row["params"], layers=len(layers), block_params=max(block_size(model, i, ep) for i in layers),
-            root_params=root,
+            params=params, layers=len(layers), block_params=block, root_params=root,
             first=first, last=last, d_model=model.d_model, n_heads=model.n_heads, seq_len=model.seq_len,
             vocab_size=model.vocab_size, mlp_ratio=model.mlp_ratio, micro_batch=train.micro_batch_size or 1,
             in_flight=in_flight(pipeline, row["stage"], M), dp=dp, zero_stage=parallel.zero_stage,
@@ -110,6 +121,7 @@ def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None 
             expert_params=sum(expert_params(model, i) for i in layers), ep=ep,
             moe_layers=sum(1 for i in layers if expert_params(model, i)),
             expert_slots=expert_slots(model, (train.micro_batch_size or 1) * model.seq_len),
+            tp=tp, sequence_parallel=parallel.sequence_parallel, grad_accum=M,
         )
         where = "every rank" if len(stages) == 1 else f"pipeline stage {row['stage']}"
         shapes.append((where, shape))

@@ -13,7 +13,7 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 @dataclass(frozen=True)
 class RankShape:
-    params: int  # parameters this rank's model part holds, whole (before ZeRO sharding)
+    params: int  # parameters this rank's model part holds, whole (before ZeRO sharding; its tp piece under TP)
     layers: int  # Transformer blocks on this rank
     block_params: int  # the largest block's parameters (a ZeRO-3 gather unit)
     root_params: int  # embeddings / final norm / head on this rank (ZeRO-3's root unit)
@@ -41,6 +41,9 @@ class RankShape:
     ep: int = 1  # expert-parallel ranks: each holds expert_params / ep of them whole
     moe_layers: int = 0  # blocks on this rank whose MLP is a mixture of experts
     expert_slots: int = 0  # capacity slots of one MoE layer for one micro-batch (E x C)
+    tp: int = 1  # tensor-parallel ranks splitting each layer (params, block_params, root_params: one rank's)
+    sequence_parallel: bool = False
+    grad_accum: int = 1  # micro-batches of a step (every one passes every stage)
 
     @property
     def params_held(self) -> int:
@@ -53,6 +56,11 @@ class RankShape:
     def tokens(self) -> int:
         """Tokens of one micro-batch."""
         return self.micro_batch * self.seq_len
+
+    @property
+    def sequence_split(self) -> int:
+        """What divides the activations that stay whole under TP alone: T under SP, else 1."""
+        return self.tp if self.sequence_parallel else 1
 
     @property
     def weight_bytes(self) -> int:

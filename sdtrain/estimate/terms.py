@@ -33,6 +33,10 @@ class Estimate:
     terms: list[Term]
     where: str = ""  # which rank(s) this is, e.g. "every rank" or "pipeline stage 0"
     notes: list[str] = field(default_factory=list)
+    # Bytes tensor parallelism moves per step on this rank, per collective kind (each counted
+    # at its whole tensor), and what that puts on its links: empty and 0 without TP.
+    tp_bytes: dict[str, int] = field(default_factory=dict)
+    tp_wire_bytes: int = 0
 
     def phase_bytes(self, phase: str) -> float:
         return sum(t.bytes for t in self.terms if t.phase == phase)
@@ -62,6 +66,8 @@ class Estimate:
             "dominant": self.largest(1)[0].name,
             "terms": [t.as_dict() for t in self.terms],
             "notes": self.notes,
+            "tp_bytes_per_step": self.tp_bytes,
+            "tp_wire_bytes_per_step": self.tp_wire_bytes,
         }
 
 

@@ -7,6 +7,7 @@ here, before a single process starts; each such error is a UserInputError (exit 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import sys
@@ -17,7 +18,9 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from sdtrain.batch import BatchPlan, derive_batch
+from sdtrain.divisors import divisors
 from sdtrain.errors import CheckpointError, UserInputError
+from sdtrain.estimate.tensor_parallel import split_params, tp_local
 from sdtrain.launch.drills import ActiveDrill, drills_reaching_workers
 from sdtrain.launch.exports import EnvFile, launcher_exports, load_env_file
 from sdtrain.launch.memory_check import check_memory
@@ -56,11 +59,15 @@ class Job:
 
     def stages(self) -> list[dict]:
         """Per pipeline stage: its layers, parameters, and model-state bytes per rank (the
-        ZeRO formulas over the stage's data-parallel group)."""
+        ZeRO formulas over the stage's data-parallel group, of one tp rank's piece)."""
         precision = "mixed" if self.recipe.train.precision == "bf16" else "fp32"
-        rows = describe_stages(self.recipe.parallel.pipeline, self.recipe.model)
+        model = self.recipe.model
+        rows = describe_stages(self.recipe.parallel.pipeline, model)
         for row in rows:
-            per_rank = per_device_bytes(row["params"], self.layout.dp, precision)
+            first, last = row["stage"] == 0, row["stage"] == len(rows) - 1
+            layers = sum(len(chunk) for chunk in row["layers"])
+            held = tp_local(row["params"], split_params(model, layers, first, last and not first), self.layout.tp)
+            per_rank = per_device_bytes(held, self.layout.dp, precision)
             row["state_bytes_per_rank"] = round(per_rank[self.recipe.parallel.zero_stage])
         return rows
 
@@ -163,7 +170,8 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
     worker_env = {**os.environ, **plan.env} if setup is None else {**os.environ, **setup.env}
     check_drills(worker_env)
     return Job(recipe, plan, layout, batch, run_path, resume_from, data_summary, request.node_rank,
-               oversubscription(plan, launcher) + slow_precision(recipe, plan) + memory_warnings + notes, build_commands,
+               oversubscription(plan, launcher) + slow_precision(recipe, plan) + tp_across_nodes(plan, layout, recipe.model)
+               + memory_warnings + notes, build_commands,
                env_file=env_file, drills=drills_reaching_workers(worker_env, env_file), refused=refused)
 
 
@@ -176,6 +184,27 @@ def oversubscription(plan: LaunchPlan, launcher: str) -> list[str]:
         return []
     return [f"{here} CPU workers on {cores} cores: each worker gets one thread and they take turns, "
             f"so a step takes about {here / cores:.0f}x longer than it would on {here} cores"]
+
+
+def tp_across_nodes(plan: LaunchPlan, layout: Layout, model) -> list[str]:
+    """A tensor-parallel group on more than one node: allowed, but its collectives run in
+    every layer (forward and backward) and then cross the slower inter-node links."""
+    if layout.tp == 1 or len(plan.nodes) == 1:
+        return []
+    node_of = [node.node_rank for node in plan.nodes for _ in node.slots]
+    hosts = {node.node_rank: node.host for node in plan.nodes}
+    # tp is innermost: group g is ranks g*tp .. g*tp+tp-1, and a node's ranks are contiguous
+    spanning = [g for g in range(plan.world_size // layout.tp) if node_of[g * layout.tp] != node_of[(g + 1) * layout.tp - 1]]
+    if not spanning:
+        return []
+    first, last = spanning[0] * layout.tp, (spanning[0] + 1) * layout.tp - 1
+    fits = [t for t in divisors(math.gcd(*(len(node.slots) for node in plan.nodes)))
+            if t > 1 and layout.world % (layout.pp * t) == 0 and model.n_heads % t == 0 and model.vocab_size % t == 0]
+    fix = (f"use parallel.tensor_parallel in {fits}, or " if fits else "use ") + \
+        f"nodes whose worker counts are multiples of {layout.tp}"
+    return [f"parallel.tensor_parallel {layout.tp}: {len(spanning)} of {plan.world_size // layout.tp} tensor-parallel "
+            f"groups span nodes (ranks {first}-{last} on {hosts[node_of[first]]} and {hosts[node_of[last]]}): their "
+            f"all-reduces run in every layer, forward and backward, and need the bandwidth inside a node; {fix}"]
 
 
 def slow_precision(recipe: Recipe, plan: LaunchPlan) -> list[str]:

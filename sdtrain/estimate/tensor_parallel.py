@@ -1,0 +1,73 @@
+"""What tensor parallelism changes in one rank's memory and traffic, as
+parallel/tensor_parallel.py splits sdtrain's GPT over T ranks (torch-free).
+
+Parameters. Split over the T ranks: attention's qkv (weight and bias) and proj weight, the
+MLP's fc (weight and bias) and proj weight, the token embedding and the head tied to it (a
+pipeline's last stage holds its own copy, split too). Whole on every tp rank: the norms, the
+position embedding, and the row-parallel layers' biases (added once, after the sum). ZeRO
+then shards what a rank holds over its dp ranks, as without TP.
+
+Activations (per block and token, in fp32-sized values; activations.py's 16 of fp32, 12 of
+bf16): what the column-parallel layers make is split by heads or features (qkv, attention
+out, fc and GELU out). Four stay whole without sequence parallelism: the block's input,
+the residual, and the two norm outputs the column-parallel layers save. With it the block's
+input and the residual are split along the sequence; the two gathered norm outputs the
+column-parallel layers save for their weight gradients stay whole (tp_linear.py keeps the
+gathered input, where Megatron-LM gathers it again in backward). An extrapolation of the
+measured breakdown, not yet measured with TP.
+
+Traffic: parallel/tp_volume.py's Megatron accounting, per step and rank; a block whose
+activations are recomputed (activation checkpointing) runs its two forward collectives again.
+"""
+
+from __future__ import annotations
+
+from sdtrain.parallel.tp_volume import tp_step_bytes
+
+WHOLE_VALUES = 4  # of a block's values per token and channel, those TP without SP leaves whole
+GATHERED_VALUES = 2  # of those, what stays whole under SP: the column-parallel layers' gathered inputs
+RECOMPUTED_COLLECTIVES = 2  # per block under activation checkpointing: attention's and the MLP's forward
+
+
+def block_split_params(model) -> int:
+    """One dense block's parameters that TP splits over its ranks."""
+    d, hidden, b = model.d_model, model.mlp_ratio * model.d_model, 1 if model.bias else 0
+    return 3 * d * d + b * 3 * d + d * d + d * hidden + b * hidden + hidden * d
+
+
+def split_params(model, layers: int, embedding: bool, head_copy: bool) -> int:
+    """The parameters of a rank's part (`layers` dense blocks, the token embedding, a separate
+    head copy) that TP splits; the rest of the part is whole on every tp rank."""
+    vocab = model.vocab_size * model.d_model
+    return layers * block_split_params(model) + vocab * (int(embedding) + int(head_copy))
+
+
+def tp_local(params: int, split: int, tp: int) -> int:
+    """What one tp rank holds of a part of `params` parameters, `split` of them split."""
+    return params - split + split // tp
+
+
+def layer_values(values: int, tp: int, sequence_parallel: bool) -> float:
+    """A block's kept values per token and channel on one tp rank."""
+    whole = GATHERED_VALUES if sequence_parallel else WHOLE_VALUES
+    return whole + (values - whole) / tp
+
+
+def tp_traffic(n_layers: int, tokens: int, d_model: int, sequence_parallel: bool, element_size: int,
+               embedding: bool, head: bool, recompute: bool) -> dict[str, int]:
+    """Bytes per collective kind one tp rank moves in a step of `tokens` tokens through its
+    `n_layers` blocks (tp_volume.py's count, plus the recomputed forward's)."""
+    counted = tp_step_bytes(n_layers, tokens, d_model, sequence_parallel, element_size, embedding, head)
+    if recompute and n_layers:
+        again = tp_step_bytes(n_layers, tokens, d_model, sequence_parallel, element_size, False, False)
+        share = RECOMPUTED_COLLECTIVES / 4  # of the four collectives of a block, the forward's
+        for kind, value in again.items():
+            counted[kind] = counted.get(kind, 0) + round(value * share)
+    return counted
+
+
+def wire_bytes(counted: dict[str, int], tp: int) -> int:
+    """What those collectives put on each rank's links in a ring: an all-reduce 2(T-1)/T of its
+    tensor, an all-gather or reduce-scatter (T-1)/T (so SP moves what plain TP moves)."""
+    factor = {"all_reduce": 2 * (tp - 1) / tp, "all_gather": (tp - 1) / tp, "reduce_scatter": (tp - 1) / tp}
+    return round(sum(factor[kind] * value for kind, value in counted.items()))
