@@ -210,3 +210,22 @@ def test_estimate_json_adds_the_tp_fields_and_keeps_its_contract(write_recipe):
     result = sdtrain("estimate", write_recipe({"parallel": {"tensor_parallel": 4}}), "--gpus", 4)
     assert result.returncode == 2 and "model.n_heads 2 is not divisible by parallel.tensor_parallel 4" in \
         " ".join(result.stderr.split())
+
+
+def test_sequence_parallel_is_the_first_change_suggested_to_a_tp_plan_that_does_not_fit():
+    from sdtrain.estimate.suggest import apply, candidate_changes
+
+    recipe = recipe_of(batch(), tensor_parallel=2, sequence_parallel=False)
+    first = candidate_changes(recipe)[0]
+    assert first == {"parallel.sequence_parallel": True}
+    assert terms(apply(recipe, first), 2)["activations"] < terms(recipe, 2)["activations"]
+    assert {"parallel.sequence_parallel": True} not in candidate_changes(recipe_of(batch(), tensor_parallel=2))
+    assert {"parallel.sequence_parallel": True} not in candidate_changes(
+        recipe_of(merge(batch(), {"model": {"seq_len": 33}}), tensor_parallel=2, sequence_parallel=False))
+
+
+def test_the_estimate_table_shows_the_tp_traffic(write_recipe):
+    result = sdtrain("estimate", write_recipe({"parallel": {"tensor_parallel": 2}}), "--gpus", 2)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "tensor-parallel traffic" in text and "all-gather" in text and "reduce-scatter" in text

@@ -1,6 +1,7 @@
 """The cheapest changes that make a plan fit, each with its new estimate.
 
-Tried one at a time, cheapest first: a higher ZeRO stage (more communication, stage 3 the
+Tried one at a time, cheapest first: sequence parallelism under TP (the same traffic,
+activations split further), a higher ZeRO stage (more communication, stage 3 the
 most), activation checkpointing (about a third more compute), a smaller micro-batch with
 more accumulation (the same global batch, smaller matmuls). When no single change is
 enough, pairs and then all of them together.
@@ -32,6 +33,9 @@ def candidate_changes(recipe) -> list[dict[str, object]]:
     """Single changes, cheapest first: {dotted key: value}."""
     train, parallel = recipe.train, recipe.parallel
     changes: list[dict[str, object]] = []
+    tp = parallel.tensor_parallel
+    if tp > 1 and not parallel.sequence_parallel and recipe.model.seq_len % tp == 0:
+        changes.append({"parallel.sequence_parallel": True})  # the same traffic as all-gathers and reduce-scatters
     if train.precision != "fp16":  # ZeRO keeps bf16 or fp32 weights
         changes += [{"parallel.zero_stage": s} for s in range(parallel.zero_stage + 1, 4)]
     if not train.activation_checkpointing and parallel.pipeline.schedule != "zero_bubble":

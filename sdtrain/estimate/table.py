@@ -22,4 +22,8 @@ def estimate_table(estimate: Estimate, title: str) -> FoldingTable:
     table.add_row(Text("peak", style="bold"), peak, Text(f"{estimate.total / 2**30:.3f}", style="bold"),
                   f"dominated by {dominant.name} ({100 * dominant.bytes / estimate.total:.0f}%); "
                   "terms in () belong to the other phase")
+    if estimate.tp_bytes:
+        sent = ", ".join(f"{kind.replace('_', '-')} {value / 2**20:.1f} MiB" for kind, value in estimate.tp_bytes.items())
+        table.add_row("tensor-parallel traffic", "per step", f"{estimate.tp_wire_bytes / 2**30:.3f}",
+                      f"what this rank sends per step in a ring, and receives as much (not memory); collectives of {sent}")
     return table
