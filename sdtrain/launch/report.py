@@ -29,7 +29,8 @@ def print_plan(console: Console, job) -> None:
     console.print(Syntax(job.recipe.to_yaml(), "yaml", theme="ansi_dark", background_color="default", word_wrap=True))
     # Paths and data names are the user's: `[` in them must not be read as markup.
     console.print("[bold]batch[/]: " + escape(f"{batch.explain()}  ({batch.global_batch * job.recipe.model.seq_len:,} tokens per step)"))
-    console.print("[bold]parallel[/]: " + job.layout.explain())
+    sequence = ", sequence parallel" if job.recipe.parallel.sequence_parallel else ""  # only ever with tp > 1
+    console.print("[bold]parallel[/]: " + job.layout.explain() + sequence)
     console.print("[bold]data[/]: " + escape(job.data_summary))
     console.print("[bold]model[/]: " + model_size_line(job.recipe.model))
     console.print("[bold]run dir[/]: " + escape(str(job.run_dir) + (f"  (resuming from {job.resume_from})" if job.resume_from else "")))
