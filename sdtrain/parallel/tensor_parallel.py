@@ -38,6 +38,7 @@ import torch.nn as nn
 from sdtrain.model.gpt import GPT, MLP
 from sdtrain.model.moe.layer import MoEMLP
 from sdtrain.parallel.placement import DENSE, AxisShard, Placement, Placements
+from sdtrain.parallel.strategy import base_name
 from sdtrain.parallel.tp_checks import check_tensor_parallel
 from sdtrain.parallel.tp_collectives import TensorParallel
 from sdtrain.parallel.tp_linear import ColumnParallelLinear, RowParallelLinear
@@ -47,6 +48,7 @@ from sdtrain.parallel.vocab_parallel import SequencePartPositions, VocabParallel
 @dataclass
 class TensorParallelPlan:
     tp: TensorParallel
+    # Keyed by base name (placement.py's key), as the plain model names its parameters.
     shards: dict[str, AxisShard | None]  # every parameter -> its cut over "tp", None where whole
     partial_grads: list[str]  # whole parameters whose gradients are partial sums over tp
 
@@ -56,7 +58,8 @@ class TensorParallelPlan:
 
     def sum_partial_grads(self, model: nn.Module) -> None:
         """Sum the partial gradients over tp, in one all-reduce (see the module's docstring)."""
-        grads = [p.grad for name, p in model.named_parameters() if name in self.partial_grads and p.grad is not None]
+        partial = set(self.partial_grads)  # base names: the model may be wrapped since (checkpointing, compile, DDP)
+        grads = [p.grad for name, p in model.named_parameters() if base_name(name) in partial and p.grad is not None]
         if not grads:
             return
         flat = self.tp.all_reduce(torch.cat([g.flatten() for g in grads]), kind="all_reduce_grads")
