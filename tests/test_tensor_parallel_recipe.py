@@ -108,6 +108,7 @@ def test_dry_run_takes_dp_as_world_over_pp_times_tp(write_recipe, tmp_path):
     assert plan["parallel"] == {"pp": 1, "dp": 2, "tp": 2, "ep": 1}
     assert plan["batch"] == {"global": 8, "micro": 2, "grad_accum": 2, "data_parallel": 2}
     assert plan["recipe"]["parallel"]["sequence_parallel"] is True
+    assert plan["stages"][0]["state_bytes_per_rank"] == 16 * TP2_HELD  # fp32 DDP: 16 bytes per parameter of its piece
     text = sdtrain("launch", recipe, "--nproc-per-node", 4, "--dry-run", "--run-dir", tmp_path / "run").stdout
     assert "parallel: world 4 = pipeline stages 1 x data_parallel 2 x tensor_parallel 2, sequence parallel\n" in text
     assert "batch: global_batch_size 8 = micro_batch_size 2 x grad_accum_steps 2 x data_parallel 2" in text
