@@ -29,19 +29,21 @@ ZERO = SimpleNamespace(overlap_comm=False, reduce_bucket_mb=25, persistence_thre
 
 def _toy_model():
     """A parameter named like an expert weight that is dense, and one named like nothing in
-    particular that is an expert slice (rows = ep rank's experts)."""
+    particular that is an expert slice (rows = ep rank's experts); both outside the blocks
+    (ZeRO-3's root), beside one block."""
     import torch
     import torch.nn as nn
 
     class Toy(nn.Module):
         def __init__(self):
             super().__init__()
+            self.blocks = nn.ModuleDict({"0": nn.Linear(3, 3, bias=False)})
             self.layer = nn.Module()
             self.layer.experts = nn.Linear(3, 2, bias=False)  # "layer.experts.weight"
             self.router = nn.Linear(3, 2, bias=False)
 
         def forward(self, x):
-            return self.layer.experts(x).sum() + self.router(x).sum()
+            return self.blocks["0"](x).sum() + self.layer.experts(x).sum() + self.router(x).sum()
 
     torch.manual_seed(0)
     return Toy()
@@ -76,15 +78,16 @@ def _run_rank(rank: int, world: int, folder: str) -> None:
     # Strategies follow the placements, not the names.
     placements = {"layer.experts.weight": DENSE, "router.weight": expert_placement(2 * world, 2 * rank)}
     x = torch.ones(1, 3)
-    for kind in ("ddp", "zero1"):
+    placements["blocks.0.weight"] = DENSE
+    for kind in ("ddp", "zero1", "zero3"):
         model = _toy_model()
         if kind == "ddp":
             strategy = DataParallel(model, TRAIN, env, placements)
         else:
-            strategy = Zero(model, 1, ZERO, TRAIN, env, placements)
-            found["zero1_units"] = sorted(([e.name for e in u.entries], u.comm.world) for u in strategy.units)
+            strategy = Zero(model, int(kind[-1]), ZERO, TRAIN, env, placements)
+            found[f"{kind}_units"] = sorted((u.name, [e.name for e in u.entries], u.comm.world) for u in strategy.units)
             state = strategy.checkpoint_state()["model"]
-            found["zero1_saved_shapes"] = {n: list(t.shape) for n, t in state.items()}
+            found[f"{kind}_saved_shapes"] = {n: list(t.shape) for n, t in state.items()}
         strategy.backward(strategy.model(x) * (rank + 1))
         if kind == "ddp":  # the gradients as averaged (or not) in backward and step
             found["ddp_grads_after_backward"] = {n: p.grad.flatten().tolist() for n, p in model.named_parameters()}
@@ -122,9 +125,15 @@ def test_a_weight_named_like_an_expert_but_placed_dense_is_treated_as_dense(rank
     g0, g1 = ranks[0]["ddp_grads_after_backward"], ranks[1]["ddp_grads_after_backward"]
     assert g0["layer.experts.weight"] == g1["layer.experts.weight"] == [1.5] * 6  # mean of 1x and 2x
     assert g0["router.weight"] == [1.0] * 6 and g1["router.weight"] == [2.0] * 6  # each rank's own
-    expected = (6 * 1.5**2 + 6 * 1.0**2 + 6 * 2.0**2) ** 0.5
+    expected = ((6 + 9) * 1.5**2 + 6 * 1.0**2 + 6 * 2.0**2) ** 0.5
+    shapes = {"blocks.0.weight": [3, 3], "layer.experts.weight": [2, 3], "router.weight": [4, 3]}
     for found in ranks:
-        assert found["ddp_norm"] == pytest.approx(expected, rel=1e-6)
-        assert found["zero1_norm"] == pytest.approx(expected, rel=1e-6)
-        assert found["zero1_units"] == [[["layer.experts.weight"], 2], [["router.weight"], 1]]
-        assert found["zero1_saved_shapes"] == {"layer.experts.weight": [2, 3], "router.weight": [4, 3]}
+        for kind in ("ddp", "zero1", "zero3"):
+            assert found[f"{kind}_norm"] == pytest.approx(expected, rel=1e-6), kind
+        # ZeRO shards each over its own group: one unit per placement's reduction
+        assert [units for _, *units in found["zero1_units"]] == [
+            [["layer.experts.weight", "blocks.0.weight"], 2], [["router.weight"], 1]]
+        assert found["zero3_units"] == [["blocks.0", ["blocks.0.weight"], 2], ["root", ["layer.experts.weight"], 2],
+                                        ["root.edp.ep", ["router.weight"], 1]]
+    for kind in ("zero1", "zero3"):  # each parameter saved by the ranks holding some of it, as a whole tensor
+        assert {n: shape for found in ranks for n, shape in found[f"{kind}_saved_shapes"].items()} == shapes

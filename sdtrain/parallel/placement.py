@@ -88,11 +88,11 @@ Placements = dict[str, Placement]  # base name -> placement, for every parameter
 
 def axis_groups(env) -> dict[str, object]:
     """The process group of each axis a placement names, on this rank."""
-    return {"dp": env.dp_group, "edp": env.edp_group, "ep": env.ep_group}
+    return {"dp": env.dp_group, "edp": env.edp_group, "ep": env.ep_group, "tp": env.tp_group}
 
 
 def axis_sizes(env) -> dict[str, int]:
-    return {"dp": env.dp_size, "edp": env.edp_size, "ep": env.ep_size}
+    return {"dp": env.dp_size, "edp": env.edp_size, "ep": env.ep_size, "tp": env.tp_size}
 
 
 def squares_over_axes(partial: list[tuple[tuple[str, ...], torch.Tensor]], groups: dict[str, object]) -> torch.Tensor:

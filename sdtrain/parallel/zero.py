@@ -73,7 +73,7 @@ class Zero(Strategy):
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
         self.gatherer = None
         if self.stage == 3:
-            self.gatherer = ParamGatherer(model, self.block_units, self.root_unit, self.comm, cfg.prefetch_blocks)
+            self.gatherer = ParamGatherer(model, self.block_units, self.root_units, self.comm, cfg.prefetch_blocks)
 
     # --- construction ------------------------------------------------------------------
 
@@ -125,9 +125,10 @@ class Zero(Strategy):
                 self.block_units.append([make(f"blocks.{key}" + _suffix(placement[group[0][1]]), group)
                                          for group in by_reduction(params)])
             rest = [(n, p) for n, p in named if p not in in_blocks and p not in kept]
-            self.root_unit = make("root", rest) if rest else None
+            # (one per reduction: under tensor parallelism a vocabulary-parallel embedding beside a whole norm)
+            self.root_units = [make("root" + _suffix(placement[group[0][1]]), group) for group in by_reduction(rest)]
             self.persistent_unit = make("persistent", persistent) if persistent else None
-            return [u for u in (*(u for units in self.block_units for u in units), self.root_unit,
+            return [u for u in (*(u for units in self.block_units for u in units), *self.root_units,
                                 self.persistent_unit) if u is not None]
         limit = cfg.reduce_bucket_mb * 2**20 / (torch.finfo(self.param_dtype).bits // 8)  # elements
         units = []

@@ -5,9 +5,10 @@ Forward:  before block i, gather it (waiting for its prefetch) and start gatheri
           block is gathered again just before its gradients are computed.
 Backward: the output hook of block i gathers it and prefetches blocks i-1..i-k; once all
           of a block's gradients are reduce-scattered, the block is freed (zero.py).
-The root unit (embeddings, final norm, tied output head) is used at both ends of the
-model: it is gathered when the model's forward starts (and again before the head and loss,
-which run after it) and freed after its gradients.
+The root units (embeddings, final norm, tied output head: one per placement's reduction,
+usually one) are used at both ends of the model: they are gathered when the model's forward
+starts (and again before the head and loss, which run after it) and freed after their
+gradients.
 
 Freeing resizes the flat buffer's storage to zero; gathering resizes it back and fills it.
 Parameters stay views of that storage, so tensors autograd saved in forward see the data
@@ -24,17 +25,18 @@ from sdtrain.parallel.flat_unit import FlatUnit
 
 
 class ParamGatherer:
-    def __init__(self, model: nn.Module, blocks: list[list[FlatUnit]], root: FlatUnit | None, comm: Comm, prefetch: int):
+    def __init__(self, model: nn.Module, blocks: list[list[FlatUnit]], roots: list[FlatUnit], comm: Comm,
+                 prefetch: int):
         # blocks[i]: block i's units (its dense weights, and its experts' under expert
         # parallelism, which gather over their own group: each unit names its comm)
-        self.blocks, self.root, self.comm, self.prefetch = blocks, root, comm, prefetch
+        self.blocks, self.roots, self.comm, self.prefetch = blocks, roots, comm, prefetch
         self.in_flight: dict[int, object] = {}  # id(unit) -> async work
-        model.register_forward_pre_hook(lambda module, args: self.gather(self.root))
+        model.register_forward_pre_hook(lambda module, args: self._gather_roots())
         # The head and loss run after the forward (on the part that has them): the root
         # stays gathered through them, and in evaluation is freed after the last use.
         last_use = model.head_loss if getattr(model, "head_loss", None) is not None else model
         if last_use is not model:
-            last_use.register_forward_pre_hook(lambda module, args: self.gather(self.root))
+            last_use.register_forward_pre_hook(lambda module, args: self._gather_roots())
         last_use.register_forward_hook(self._after_last_use)
         for i, block in enumerate(model.blocks.values()):
             block.register_forward_pre_hook(lambda module, args, i=i: self._before_block(i))
@@ -60,6 +62,10 @@ class ParamGatherer:
         work = getattr(unit, "comm", self.comm).all_gather(unit.full, unit.shard, async_op=async_op)
         if async_op:
             self.in_flight[id(unit)] = work
+
+    def _gather_roots(self) -> None:
+        for unit in self.roots:
+            self.gather(unit)
 
     def free(self, unit: FlatUnit) -> None:
         if unit.name == "persistent" or not self.gathered(unit):
@@ -92,5 +98,6 @@ class ParamGatherer:
             self._gather_block(j, async_op=True)
 
     def _after_last_use(self, module, args, output) -> None:
-        if not torch.is_grad_enabled() and self.root is not None:
-            self.free(self.root)  # evaluation: no backward will need it
+        if not torch.is_grad_enabled():
+            for unit in self.roots:
+                self.free(unit)  # evaluation: no backward will need it
