@@ -26,6 +26,12 @@ only its part of the sequence: their gradients are partial sums, named in
 all-reduce). That sum commutes with averaging over dp, so a data-parallel strategy calls it
 any time after the step's last backward and before the gradient norm and the update; under
 ZeRO on its shards too (their layout is the same on every tp rank).
+
+Dropout: every tp rank draws the same masks (one seed, the same calls). That is required
+where the activations are whole and must stay equal on every rank (without sequence
+parallelism), but it correlates the masks of different heads, and of different parts of the
+sequence, where the ranks hold different ones; Megatron forks a generator seeded per tp rank
+there. Not done yet (dropout is 0 in every recipe so far).
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ def apply_tensor_parallel(model: GPT, tp: TensorParallel) -> TensorParallelPlan:
 
     def cut(name: str, whole: torch.Tensor, dim: int, pieces: int = 1) -> torch.Tensor:
         local = whole.size(dim) // pieces // tp.size
+        # start: where this rank's slice begins within each of the `pieces` parts (q, k, v)
         shards[name] = AxisShard("tp", dim, whole.size(dim), tp.rank * local, pieces)
         if whole.is_meta:
             shape = list(whole.shape)

@@ -5,8 +5,9 @@ Each rank holds vocabulary rows [start, start + V / T). The embedding looks up t
 rows and gives zero for the others; the sum over ranks (an all-reduce, or a reduce-scatter
 along the sequence under sequence parallelism) is the whole lookup. The head makes this
 rank's V / T logits of each token, and the cross-entropy needs only three numbers per token
-from the whole vocabulary: the max logit, the sum of exponentials, the target's logit, each
-an all-reduce of one value per token (Megatron-LM's `vocab_parallel_cross_entropy`). With
+from the whole vocabulary: the max logit, the sum of exponentials, the target's logit, summed
+(the max: maxed) over the ranks in two all-reduces of one value per token, the last two
+together (Megatron-LM's `vocab_parallel_cross_entropy`). With
 `chunk_tokens` the head and the loss go a chunk of tokens at a time, with each chunk's
 gradients made at once, as chunked_loss.py does on one rank.
 """
