@@ -51,6 +51,7 @@ def _toy_model():
 
 def _run_rank(rank: int, world: int, folder: str) -> None:
     import torch
+    import torch.distributed as dist
 
     from sdtrain.model import GPT, GPTConfig
     from sdtrain.parallel.data_parallel import DataParallel
@@ -93,6 +94,22 @@ def _run_rank(rank: int, world: int, folder: str) -> None:
             found["ddp_grads_after_backward"] = {n: p.grad.flatten().tolist() for n, p in model.named_parameters()}
         norm = strategy.step(lr=0.0, grad_clip=0.0)
         found[f"{kind}_norm"] = norm.item()
+
+    # A weight placed sharded over tp (as tensor parallelism will place them), at tp 2: the
+    # same strategies, untouched, count it once in the norm and checkpoint it whole.
+    dist.barrier()
+    dist.destroy_process_group()
+    os.environ[STORE_FILE_VARIABLE] = f"{folder}/store_tp"
+    env = init_distributed("gloo", 60, Layout(world, tp=2))
+    placements["router.weight"] = Placement(shards=(AxisShard("tp", 0, 2 * world, 2 * rank),))
+    for kind in ("ddp", "zero1"):
+        model = _toy_model()
+        strategy = DataParallel(model, TRAIN, env, placements) if kind == "ddp" else \
+            Zero(model, 1, ZERO, TRAIN, env, placements)
+        state = strategy.checkpoint_state()["model"]
+        found[f"tp_{kind}_saved_shapes"] = {n: list(t.shape) for n, t in state.items()}
+        strategy.backward(strategy.model(x))
+        found[f"tp_{kind}_norm"] = strategy.step(lr=0.0, grad_clip=0.0).item()
     Path(folder, f"rank{rank}.json").write_text(json.dumps(found))
     os._exit(0)  # no interpreter finalization with gloo threads about (mesh.leave_process_group)
 
@@ -137,3 +154,12 @@ def test_a_weight_named_like_an_expert_but_placed_dense_is_treated_as_dense(rank
                                         ["root.edp.ep", ["router.weight"], 1]]
     for kind in ("zero1", "zero3"):  # each parameter saved by the ranks holding some of it, as a whole tensor
         assert {n: shape for found in ranks for n, shape in found[f"{kind}_saved_shapes"].items()} == shapes
+
+
+def test_a_weight_placed_sharded_over_tp_counts_once_and_saves_whole(ranks):
+    expected = (9 + 6 + 2 * 6) ** 0.5  # the block and the dense weight once, both pieces of the other
+    for found in ranks:
+        for kind in ("ddp", "zero1"):
+            assert found[f"tp_{kind}_norm"] == pytest.approx(expected, rel=1e-6), kind
+            assert found[f"tp_{kind}_saved_shapes"] == {"blocks.0.weight": [3, 3], "layer.experts.weight": [2, 3],
+                                                        "router.weight": [4, 3]}, kind

@@ -152,14 +152,18 @@ class DataParallel(Strategy):
         }
 
     def _as_whole(self, placement: Placement, local: torch.Tensor):
-        """A rank's piece of a sharded weight as the whole tensor it is part of, so DCP loads
-        it at any layout. Experts: the layer's whole [E, ...] tensor, sharded over "ep" along
-        the expert index and replicated over "edp", keyed by global expert index."""
+        """A rank's piece of a sharded weight as the whole tensor it is part of, a DTensor
+        replicated over the placement's group and sharded along each of its axes (experts: the
+        layer's whole [E, ...] tensor, sharded over "ep" along the expert index, replicated
+        over "edp"), so DCP loads it at any layout. Pieces are even, as Shard places them."""
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
-        if placement.replicated_over != "edp" or placement.sharded_over != ("ep",):
-            raise NotImplementedError(f"a checkpoint of a weight placed {placement}")
-        return DTensor.from_local(local.detach(), self.env.expert_mesh, [Replicate(), Shard(0)], run_check=False)
+        if any(s.pieces != 1 for s in placement.shards):
+            raise NotImplementedError(f"a checkpoint of a weight cut in pieces: {placement}")
+        names = (placement.replicated_over, *placement.sharded_over)
+        mesh = self.env.expert_mesh if names == ("edp", "ep") else self.env.mesh[names]
+        return DTensor.from_local(local.detach(), mesh, [Replicate(), *(Shard(s.dim) for s in placement.shards)],
+                                  run_check=False)
 
     def log_metrics(self, mem_gib: float) -> dict:
         moe = getattr(getattr(self.plain, "cfg", None), "moe", None)
