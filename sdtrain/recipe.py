@@ -332,6 +332,19 @@ class Recipe(Section):
                                   model.vocab_size, model.seq_len, parallel.sequence_parallel, model.moe.num_experts)
         except RecipeError as exc:
             raise ValueError(str(exc)) from None  # worded as every other recipe error, with its source
+        tp, key = parallel.tensor_parallel, "parallel.tensor_parallel"
+        if tp == 1:
+            return
+        # What the worker does not run with tensor parallelism yet: refused, never silently ignored.
+        if parallel.zero_stage:
+            raise ValueError(f"{key} with parallel.zero_stage {parallel.zero_stage} is not supported yet; "
+                             "use zero_stage 0")
+        if parallel.pipeline.stages > 1:
+            raise ValueError(f"{key} with parallel.pipeline.stages {parallel.pipeline.stages} is not supported yet; "
+                             f"use pipeline stages 1, or {key} 1")
+        if self.train.precision == "fp16":  # each tp rank would decide on its own pieces' overflow
+            raise ValueError(f"{key} with train.precision fp16: a loss-scale overflow in one rank's piece would "
+                             "have to skip the step on every tp rank; use precision bf16 or fp32")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -5,6 +5,7 @@ backward. fp16 gets dynamic loss scaling here (the ZeRO stages run bf16 or fp32)
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,10 +28,17 @@ from sdtrain.parallel.strategy import (
     tensor_bytes,
 )
 
+if TYPE_CHECKING:
+    from sdtrain.parallel.tensor_parallel import TensorParallelPlan
+
 
 class DataParallel(Strategy):
-    def __init__(self, model: nn.Module, train, env: DistEnv, placements: Placements):
+    def __init__(self, model: nn.Module, train, env: DistEnv, placements: Placements,
+                 tp: TensorParallelPlan | None = None):
+        """`tp`: tensor parallelism's plan where the model holds its pieces (DDP then averages
+        over this tp rank's replicas, env.dp_group, as without it)."""
         self.env = env
+        self.tp = tp
         self.comm_counted = 0
         # Under a pipeline, a stage's forward runs one chunk at a time, which DDP's reducer
         # cannot follow: its replicas average their gradients once, in step().
@@ -84,6 +92,8 @@ class DataParallel(Strategy):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sizes, groups = axis_sizes(self.env), axis_groups(self.env)
+        if self.tp is not None:  # before the norm: the sum over tp of sequence-parallel partial grads
+            self.tp.sum_partial_grads(self.plain)
         for group, params in self.replicated.items():
             if params and sizes[group] > 1 and (group != "dp" or self.average_in_step):
                 self._average_grads(params, groups[group])

@@ -1,11 +1,13 @@
 """Apply the recipe's strategies to a plain model from outside, in a fixed order
-(as torchtitan does): expert parallelism -> placements -> activation checkpointing ->
-torch.compile -> pipeline -> data parallel / ZeRO over each stage's replicas.
+(as torchtitan does): tensor parallelism -> expert parallelism -> placements -> activation
+checkpointing -> torch.compile -> pipeline -> data parallel / ZeRO over each stage's replicas.
 
 This is the one place that reads the whole recipe: each strategy gets its own section and
 the parameters' placements, said here once."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -18,16 +20,25 @@ from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.placement import DENSE, Placements
 from sdtrain.parallel.strategy import Strategy, base_name
 
+if TYPE_CHECKING:
+    from sdtrain.parallel.tensor_parallel import TensorParallelPlan
+
 
 def parallelize(model: nn.Module, recipe, env: DistEnv, micro_batches: int = 1,
                 partition: list[list[int]] | None = None) -> Strategy:
     """`partition`: each pipeline chunk's blocks, as the model's stage was built from
     (partition.partition_layers; made here from the recipe when not given)."""
+    plan = None
+    if env.tp_size > 1:  # first: it swaps layers, which every later wrapper must see
+        from sdtrain.parallel.tensor_parallel import apply_tensor_parallel
+        from sdtrain.parallel.tp_collectives import TensorParallel
+
+        plan = apply_tensor_parallel(model, TensorParallel.of(env.tp_group, recipe.parallel.sequence_parallel))
     if recipe.model.moe.num_experts:
         from sdtrain.parallel.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, env, micro_batches)
-    placements = place_parameters(model, env)
+    placements = place_parameters(model, env, plan)
     if recipe.train.activation_checkpointing:
         # Recompute each block's activations in backward instead of keeping them.
         for key, block in model.blocks.items():
@@ -39,7 +50,7 @@ def parallelize(model: nn.Module, recipe, env: DistEnv, micro_batches: int = 1,
     def replicas(model: nn.Module) -> Strategy:
         """The (stage's) data-parallel replicas: DDP semantics, or ZeRO."""
         if recipe.parallel.zero_stage == 0:
-            return DataParallel(model, recipe.train, env, placements)
+            return DataParallel(model, recipe.train, env, placements, plan)
         from sdtrain.parallel.zero import Zero
 
         return Zero(model, recipe.parallel.zero_stage, recipe.parallel.zero, recipe.train, env, placements)
@@ -53,9 +64,12 @@ def parallelize(model: nn.Module, recipe, env: DistEnv, micro_batches: int = 1,
     return replicas(model)
 
 
-def place_parameters(model: nn.Module, env: DistEnv) -> Placements:
+def place_parameters(model: nn.Module, env: DistEnv, plan: TensorParallelPlan | None = None) -> Placements:
     """Every parameter's placement, by base name: whole on every data-parallel rank unless a
-    strategy applied above says otherwise (experts under expert parallelism)."""
+    strategy applied above says otherwise (tensor parallelism's pieces, experts under expert
+    parallelism)."""
     placements = {base_name(name): DENSE for name, _ in model.named_parameters()}
+    if plan is not None:
+        placements.update(plan.placements())
     placements.update(expert_placements(model, env))
     return placements

@@ -33,13 +33,15 @@ import torch.distributed as dist
 class AxisShard:
     """This rank's piece of a tensor cut along `dim` over the ranks of `axis`: the whole
     tensor is `whole` long there, and this rank's piece starts at index `start`. `pieces` > 1:
-    the dimension is k equal parts (q, k and v fused) and each part is cut over the axis."""
+    the dimension is k equal parts (q, k and v fused) and each part is cut over the axis: the
+    rank holds `part` indices of each, from `start` within it, one part after the other."""
 
     axis: str  # "ep" or "tp"
     dim: int
     whole: int
     start: int
     pieces: int = 1
+    part: int = 0  # where pieces > 1: this rank's length of each part along dim (whole / pieces / ranks)
 
 
 @dataclass(frozen=True)
@@ -65,13 +67,38 @@ class Placement:
         return tuple(shape)
 
     def whole_offset(self, local: tuple[int, ...]) -> tuple[int, ...]:
-        """Where a box at `local` offsets in this rank's piece sits in the whole tensor."""
+        """Where the element at `local` offsets in this rank's piece sits in the whole tensor.
+        Along a dimension cut in k parts (q, k, v), the piece is the rank's slice of each part
+        in turn: an offset in the piece's j-th part lands in the whole's j-th part."""
         offset = list(local)
         for s in self.shards:
-            if s.pieces != 1:  # a box would have to be cut at each piece's end first
-                raise NotImplementedError(f"a piece of a tensor cut in {s.pieces} parts over {s.axis}")
-            offset[s.dim] += s.start
+            part, within = divmod(offset[s.dim], s.part) if s.pieces > 1 else (0, offset[s.dim])
+            offset[s.dim] = part * (s.whole // s.pieces) + s.start + within
         return tuple(offset)
+
+    def whole_boxes(self, local: tuple[int, ...], size: tuple[int, ...]) -> list[tuple[tuple, tuple, tuple]]:
+        """A box of this rank's piece (offsets `local`, sizes `size`) as boxes of the whole
+        tensor, each (offset in the whole, offset within the given box, sizes): one box, but
+        where a dimension is cut in k parts a box crossing a part's end is contiguous in the
+        piece and not in the whole, and is cut there."""
+        out = [(tuple(local), (0,) * len(local), tuple(size))]
+        for s in self.shards:
+            if s.pieces == 1:
+                continue
+            cut = []
+            for at, inner, sizes in out:
+                lo, hi = at[s.dim], at[s.dim] + sizes[s.dim]
+                while lo < hi:
+                    end = min(hi, (lo // s.part + 1) * s.part)
+                    cut.append((_with(at, s.dim, lo), _with(inner, s.dim, inner[s.dim] + lo - at[s.dim]),
+                                _with(sizes, s.dim, end - lo)))
+                    lo = end
+            out = cut
+        return [(self.whole_offset(at), inner, sizes) for at, inner, sizes in out]
+
+
+def _with(values: tuple, dim: int, value: int) -> tuple:
+    return (*values[:dim], value, *values[dim + 1:])
 
 
 DENSE = Placement()  # whole on every data-parallel rank (and every tp rank)

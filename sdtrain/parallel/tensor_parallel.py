@@ -83,7 +83,7 @@ def apply_tensor_parallel(model: GPT, tp: TensorParallel) -> TensorParallelPlan:
     def cut(name: str, whole: torch.Tensor, dim: int, pieces: int = 1) -> torch.Tensor:
         local = whole.size(dim) // pieces // tp.size
         # start: where this rank's slice begins within each of the `pieces` parts (q, k, v)
-        shards[name] = AxisShard("tp", dim, whole.size(dim), tp.rank * local, pieces)
+        shards[name] = AxisShard("tp", dim, whole.size(dim), tp.rank * local, pieces, local if pieces > 1 else 0)
         if whole.is_meta:
             shape = list(whole.shape)
             shape[dim] //= tp.size
