@@ -336,9 +336,7 @@ class Recipe(Section):
         if tp == 1:
             return
         # What the worker does not run with tensor parallelism yet: refused, never silently ignored.
-        if parallel.zero_stage:
-            raise ValueError(f"{key} with parallel.zero_stage {parallel.zero_stage} is not supported yet; "
-                             "use zero_stage 0")
+        # (ZeRO 1/2/3 run with it: each tp rank shards its pieces over its dp group.)
         if parallel.pipeline.stages > 1:
             raise ValueError(f"{key} with parallel.pipeline.stages {parallel.pipeline.stages} is not supported yet; "
                              f"use pipeline stages 1, or {key} 1")

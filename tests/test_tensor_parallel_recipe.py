@@ -169,9 +169,7 @@ def test_a_tp_rank_holds_its_piece_of_the_model_state_and_zero_shards_it_over_dp
     assert TP2_HELD == 18_080
     assert terms(recipe_of(batch(), tensor_parallel=2), 2)["weights"] == 4 * TP2_HELD  # DDP: fp32 weights
     assert terms(recipe_of(batch()), 1)["weights"] == 4 * WHOLE_MODEL
-    # TP x ZeRO is refused at load until the worker runs it (recipe.py); then: weights 4 * TP2_HELD / 2 at dp 2
-    with pytest.raises(RecipeError, match="zero_stage 3 is not supported yet"):
-        recipe_of(batch(), tensor_parallel=2, zero_stage=3)
+    assert terms(recipe_of(batch(), tensor_parallel=2, zero_stage=3), 4)["weights"] == 4 * TP2_HELD / 2  # dp 2
 
 
 def test_activations_split_by_tp_and_by_sequence_parallel():

@@ -39,8 +39,6 @@ def test_a_box_of_a_piece_cut_once_is_one_box():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["parallel.zero_stage=1"], "parallel.tensor_parallel with parallel.zero_stage 1 is not supported yet; "
-                                "use zero_stage 0"),
     (["parallel.pipeline.stages=2"], "parallel.tensor_parallel with parallel.pipeline.stages 2 is not supported yet"),
     (["train.precision=fp16"], "parallel.tensor_parallel with train.precision fp16"),
 ])

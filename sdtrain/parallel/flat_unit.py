@@ -12,7 +12,9 @@ weight likewise along its first axis); those boxes are the local shards of a DTe
 by the parameter's name, which is what lets DCP load it on any other world size or ZeRO
 stage. A parameter that is itself a piece of a larger tensor (a slice of a layer's experts
 under expert parallelism) says so in its placement: its boxes are placed in the whole
-tensor (the layer's [E, ...]) at the piece's start.
+tensor (the layer's [E, ...]) at the piece's start; a tensor-parallel piece likewise (a
+fused q/k/v piece holds a slice of each of q, k and v: a box crossing from one to the next is
+cut there, Placement.whole_boxes).
 """
 
 from __future__ import annotations
@@ -128,8 +130,14 @@ class FlatUnit:
                 continue
             placement = self.placements.get(e.name, DENSE)
             shape = torch.Size(placement.whole_shape(tuple(e.shape)))
-            wrapper = LocalShardsWrapper([local[start : start + math.prod(size)].view(size) for _, size, start in pieces],
-                                         [placement.whole_offset(off) for off, _, _ in pieces])
+            local_boxes, offsets = [], []
+            for off, size, start in pieces:
+                box = local[start : start + math.prod(size)].view(size)
+                # (a box of a fused q/k/v piece crossing q's or k's end is two boxes of the whole)
+                for whole_offset, within, sizes in placement.whole_boxes(off, size):
+                    local_boxes.append(_narrowed(box, within, sizes))
+                    offsets.append(whole_offset)
+            wrapper = LocalShardsWrapper(local_boxes, offsets)
             # Made directly rather than by DTensor.from_local, which views the wrapper as a
             # whole, and the wrapper views several boxes of a 3-D expert weight as none.
             meta = TensorMeta(shape, torch.empty(shape, device="meta").stride(), local.dtype)
@@ -144,6 +152,14 @@ class FlatUnit:
             return []
         base = lo - rank * self.shard_size
         return [(off, size, base + start) for off, size, start in boxes(tuple(e.shape), lo - e.offset, hi - e.offset)]
+
+
+def _narrowed(box: torch.Tensor, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+    """The part of `box` at `offsets` of `sizes` (a view: DCP loads into it in place)."""
+    for dim, (at, size) in enumerate(zip(offsets, sizes)):
+        if at or size != box.size(dim):
+            box = box.narrow(dim, at, size)
+    return box
 
 
 def boxes(shape: tuple[int, ...], lo: int, hi: int) -> list[tuple[tuple, tuple, int]]:

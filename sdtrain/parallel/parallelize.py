@@ -53,7 +53,7 @@ def parallelize(model: nn.Module, recipe, env: DistEnv, micro_batches: int = 1,
             return DataParallel(model, recipe.train, env, placements, plan)
         from sdtrain.parallel.zero import Zero
 
-        return Zero(model, recipe.parallel.zero_stage, recipe.parallel.zero, recipe.train, env, placements)
+        return Zero(model, recipe.parallel.zero_stage, recipe.parallel.zero, recipe.train, env, placements, plan)
 
     if env.pp_size > 1:
         from sdtrain.parallel.partition import partition_layers

@@ -15,9 +15,14 @@ Under bf16 the model computes in bf16 weights and gradients while fp32 master sh
 the update, which gives the ZeRO paper's model-state bytes per rank with K = 12:
 stage 1: 4Ψ + 12Ψ/N, stage 2: 2Ψ + 14Ψ/N, stage 3: 16Ψ/N. Under fp32 the weights are their
 own master (K = 8): stage 1: 8Ψ + 8Ψ/N, stage 2: 4Ψ + 12Ψ/N, stage 3: 16Ψ/N.
+
+Under tensor parallelism each tp rank runs all of this over its own pieces (Ψ / T, plus the
+tp-replicated weights), N being its dp group; what crosses tp is in zero_tp.py.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -39,6 +44,10 @@ from sdtrain.parallel.strategy import (
     tensor_bytes,
 )
 from sdtrain.parallel.zero3 import ParamGatherer
+from sdtrain.parallel.zero_tp import placed_initial_value, sum_partial_shards
+
+if TYPE_CHECKING:
+    from sdtrain.parallel.tensor_parallel import TensorParallelPlan
 
 
 # Stages 2/3: reduce-scatters that may run at once behind backward, each holding a unit's
@@ -48,10 +57,13 @@ MAX_REDUCE_SCATTERS_IN_FLIGHT = 2
 
 
 class Zero(Strategy):
-    def __init__(self, model: nn.Module, stage: int, cfg, train, env: DistEnv, placements: Placements):
+    def __init__(self, model: nn.Module, stage: int, cfg, train, env: DistEnv, placements: Placements,
+                 tp_plan: TensorParallelPlan | None = None):
         """`cfg`: the recipe's parallel.zero section; `train`: its train section; `placements`:
-        each parameter's (parallelize's), which says the group that shards it."""
+        each parameter's (parallelize's), which says the group that shards it; `tp_plan`: under
+        tensor parallelism, the model's (each tp rank shards its own pieces over env.dp_group)."""
         self.stage = stage
+        self.tp_plan = tp_plan
         self.env, self.model = env, model
         self.param_dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
         self.comm = Comm(env.dp_group, overlap=cfg.overlap_comm)
@@ -88,24 +100,31 @@ class Zero(Strategy):
         reduction only (experts under expert parallelism get units of their own, sharded over
         their edp group), so each unit has one group and counts one way in the norm."""
         named = [(base_name(n), p) for n, p in model.named_parameters()]
-        initial_value = getattr(model, "initial_value", None)
+        initial_value = placed_initial_value(model, placements, self.env.tp_size)
         placement = {p: placements[n] for n, p in named}
+        # Under sequence parallelism: parameters whose gradients are partial sums over tp,
+        # kept in units of their own (zero_tp.py)
+        partial_names = set(self.tp_plan.partial_grads) if self.tp_plan is not None else set()
+        partial = {p for n, p in named if n in partial_names}
 
         def by_reduction(params: list) -> list[list]:
-            """params split by their placements' reduction, the dense ones first."""
-            groups = {DENSE.reduction: []}
+            """params split by their placements' reduction (and partial over tp or not), the
+            dense ones first."""
+            groups = {(DENSE.reduction, False): [], (DENSE.reduction, True): []}
             for n, p in params:
-                groups.setdefault(placement[p].reduction, []).append((n, p))
+                groups.setdefault((placement[p].reduction, p in partial), []).append((n, p))
             return [group for group in groups.values() if group]
 
         def make(name: str, params: list) -> FlatUnit:
             placed = placement[params[0][1]]
             if any(placement[p].reduction != placed.reduction for _, p in params):
                 raise ValueError(f"ZeRO unit {name} mixes parameters reduced over different groups")
+            if len({p in partial for _, p in params}) > 1:
+                raise ValueError(f"ZeRO unit {name} mixes gradients partial over tp with complete ones")
             comm = self.comms[placed.replicated_over]
             unit = FlatUnit(name, params, comm.world, comm.rank, torch.float32, self.env.device, initial_value,
                             {n: placement[p] for n, p in params})
-            unit.comm, unit.reduction = comm, placed.reduction
+            unit.comm, unit.reduction, unit.partial_over_tp = comm, placed.reduction, params[0][1] in partial
             unit.mesh = DeviceMesh.from_group(comm.group, self.env.device.type)  # the checkpoint's DTensors'
             replace_parameters(model, unit.replaced)
             self._shard_state(unit)
@@ -249,6 +268,7 @@ class Zero(Strategy):
             for unit in self.units:
                 self._reduce_scatter(unit)
             self._drain()
+        sum_partial_shards(self.tp_plan, [u.grad_shard for u in self.units if u.partial_over_tp])
         grads = [u.grad_shard.float() if self.param_dtype != torch.float32 else u.grad_shard for u in self.units]
         # each weight once: its shards' squares over the group sharding it, then (a weight
         # sharded over axes, e.g. experts over ep) the pieces' over those axes
@@ -355,10 +375,12 @@ class Zero(Strategy):
 
     def comm_bytes(self) -> dict[str, int]:
         counted = self.comm.take_bytes()
-        for comm in self.comms.values():
-            if comm is not self.comm:
-                for kind, size in comm.take_bytes().items():
-                    counted[kind] = counted.get(kind, 0) + size
+        others = [comm.take_bytes() for comm in self.comms.values() if comm is not self.comm]
+        if self.tp_plan is not None:  # the layers' activations, and the partial gradients' sum
+            others.append(self.tp_plan.tp.take_bytes())
+        for taken in others:
+            for kind, size in taken.items():
+                counted[kind] = counted.get(kind, 0) + size
         return counted
 
     def log_metrics(self, mem_gib: float) -> dict:
