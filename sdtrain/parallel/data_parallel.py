@@ -39,6 +39,7 @@ class DataParallel(Strategy):
         over this tp rank's replicas, env.dp_group, as without it)."""
         self.env = env
         self.tp = tp
+        self.tp_taken, self.steps_since_taken = None, 0  # TP's bytes by kind, for log_metrics
         self.comm_counted = 0
         # Under a pipeline, a stage's forward runs one chunk at a time, which DDP's reducer
         # cannot follow: its replicas average their gradients once, in step().
@@ -94,6 +95,7 @@ class DataParallel(Strategy):
         sizes, groups = axis_sizes(self.env), axis_groups(self.env)
         if self.tp is not None:  # before the norm: the sum over tp of sequence-parallel partial grads
             self.tp.sum_partial_grads(self.plain)
+            self.steps_since_taken += 1
         for group, params in self.replicated.items():
             if params and sizes[group] > 1 and (group != "dp" or self.average_in_step):
                 self._average_grads(params, groups[group])
@@ -165,11 +167,12 @@ class DataParallel(Strategy):
         """A rank's piece of a sharded weight as the whole tensor it is part of, a DTensor
         replicated over the placement's group and sharded along each of its axes (experts: the
         layer's whole [E, ...] tensor, sharded over "ep" along the expert index, replicated
-        over "edp"), so DCP loads it at any layout. Pieces are even, as Shard places them."""
+        over "edp"), so DCP loads it at any layout. Pieces are even, as Shard places them; a
+        piece of k parts (a fused q/k/v) is k boxes of the whole, which no Shard describes."""
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
         if any(s.pieces != 1 for s in placement.shards):
-            raise NotImplementedError(f"a checkpoint of a weight cut in pieces: {placement}")
+            return _as_boxes(placement, local.detach(), self.env.tp_mesh)
         names = (placement.replicated_over, *placement.sharded_over)
         mesh = self.env.expert_mesh if names == ("edp", "ep") else self.env.mesh[names]
         return DTensor.from_local(local.detach(), mesh, [Replicate(), *(Shard(s.dim) for s in placement.shards)],
@@ -177,7 +180,12 @@ class DataParallel(Strategy):
 
     def log_metrics(self, mem_gib: float) -> dict:
         moe = getattr(getattr(self.plain, "cfg", None), "moe", None)
-        return moe_metrics(self.plain, self.env, moe.num_experts) if moe else {}
+        metrics = moe_metrics(self.plain, self.env, moe.num_experts) if moe else {}
+        if self.tp_taken is not None:  # what comm_bytes took just before, per step and kind
+            taken, steps = self.tp_taken
+            metrics["tp_bytes"] = {kind: count // max(steps, 1) for kind, count in sorted(taken.items())}
+            self.tp_taken = None
+        return metrics
 
     def after_load(self) -> None:
         step = self.optimizer.state[self.named[0][1]]["step"]
@@ -193,13 +201,35 @@ class DataParallel(Strategy):
 
     def comm_bytes(self) -> dict[str, int]:
         counted, self.comm_counted = self.comm_counted, 0
-        return {"all_reduce": counted}
+        if self.tp is None:
+            return {"all_reduce": counted}
+        # tensor parallelism's traffic since the last call (the layers' collectives and the
+        # partial gradients' sum), also kept by kind for log_metrics' "tp_bytes"
+        taken = dict(self.tp.tp.take_bytes())
+        self.tp_taken, self.steps_since_taken = (taken, self.steps_since_taken), 0
+        return {"all_reduce": counted, **{f"tp_{kind}": count for kind, count in taken.items()}}
 
     def state_bytes(self) -> dict[str, int]:
         params = [p for _, p in self.named]
         optim = [t for p in params for t in self.optimizer.state[p].values() if t.dim() > 0]
         return {"params": tensor_bytes(params), "grads": tensor_bytes(p.grad for p in params),
                 "optimizer": tensor_bytes(optim)}
+
+
+def _as_boxes(placement: Placement, local: torch.Tensor, mesh):
+    """`local` as a DTensor of the whole tensor holding it as boxes (a LocalShardsWrapper,
+    as flat_unit.py's ZeRO shards): DCP saves and loads each box at its offset in the whole
+    and reads no placement; the boxes are views of `local`, so a load lands in place."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+    from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper
+
+    boxes = placement.whole_boxes((0,) * local.dim(), tuple(local.shape))
+    views = [local[tuple(slice(i, i + n) for i, n in zip(inner, size))] for _, inner, size in boxes]
+    shape = torch.Size(placement.whole_shape(tuple(local.shape)))
+    meta = TensorMeta(shape, torch.empty(shape, device="meta").stride(), local.dtype)
+    return DTensor(LocalShardsWrapper(views, [tuple(at) for at, _, _ in boxes]),
+                   DTensorSpec(mesh, (Shard(0),), tensor_meta=meta), requires_grad=False)
 
 
 def _counting_allreduce(strategy: DataParallel, bucket):
