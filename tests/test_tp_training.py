@@ -120,9 +120,12 @@ def assert_tp_bytes_per_step(run_dir, tokens: int, sequence_parallel: bool, ddp:
 @pytest.mark.parametrize("world, overrides", [
     (2, ["parallel.tensor_parallel=2"]),  # sequence parallel: on by default at T > 1
     (2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=false"]),
-    (4, ["parallel.tensor_parallel=4"]),
+    (4, ["parallel.tensor_parallel=4", "model.n_heads=4"]),  # a head per rank
 ], ids=["tp2-sp", "tp2", "tp4-sp"])
 def test_tensor_parallel_matches_one_process(reference, tmp_path, world, overrides):
+    model = [o for o in overrides if o.startswith("model.")]
+    if model:  # another model: its own one-process run
+        reference = launch(tmp_path, "single", 1, *model)
     run_dir = launch(tmp_path, "tp", world, *overrides)
     assert_same_run(reference, run_dir)
     assert_same_weights(reference, run_dir)
