@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     strategy = parallelize(model, recipe, env, plan.grad_accum, partition)
     setup_mem = peak_memory_gib(env.device)  # weights and optimizer state made, nothing run yet
     print(f"rank {rank}: peak memory after setup {setup_mem:.3f} GiB")
-    torch.manual_seed(recipe.train.seed + 1 + rank)  # per-rank dropout streams
+    torch.manual_seed(dropout_seed(recipe.train.seed, env))
 
     trainer = Trainer(
         recipe,
@@ -167,6 +167,14 @@ def main(argv=None) -> None:
         (args.run_dir / "summary.json").write_text(dumps_strict(summary, indent=2))  # NaN: null, named
         console.print(summary_table(summary))
     leave_process_group()
+
+
+def dropout_seed(seed: int, env) -> int:
+    """Each rank's dropout stream: its own, except that the ranks of one tensor-parallel
+    group share one (tensor_parallel.py: where their activations are whole they must draw
+    the same masks, or those activations, and the norms' weights, part ways). At tp 1 it is
+    seed + 1 + rank, as always."""
+    return seed + 1 + env.rank - env.tp_rank
 
 
 def step_guard(recipe, env, run_dir: Path) -> StepGuard:

@@ -5,6 +5,7 @@ the one-process run of the same recipe."""
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,6 +88,11 @@ def assert_same_run(reference, run_dir, steps=range(1, STEPS + 1)):
     for step in steps:
         a, b = expected[step - 1], got[step - 1]
         assert abs(a - b) <= REL_TOL * abs(a), f"step {step}: one process {a} vs {b}"
+    # the global norm (clipped at 1.0 here: every step's is above) counts each tp piece and
+    # each whole parameter once
+    expected, got = ({m["step"]: m["grad_norm"] for m in metrics(run)} for run in (reference, run_dir))
+    for step in steps:
+        assert abs(expected[step] - got[step]) <= REL_TOL * expected[step], f"step {step}: grad norm"
 
 
 def assert_same_weights(reference, run_dir):
@@ -170,3 +176,20 @@ def test_a_one_process_checkpoint_continues_at_tp2(reference, tmp_path):
                                   "parallel.sequence_parallel=false")
     assert_same_run(reference, resumed, steps=range(11, STEPS + 1))
     assert_same_weights(reference, resumed)
+
+
+def test_the_ranks_of_a_tp_group_draw_the_same_dropout_masks():
+    """Without sequence parallelism a tp group's residual stream is whole on each of its
+    ranks: one dropout mask there, or the ranks' copies (and their norms) part ways."""
+    from sdtrain.parallel.layout import Layout
+    from sdtrain.worker import dropout_seed
+
+    def seeds(layout: Layout) -> list[int]:
+        return [dropout_seed(7, SimpleNamespace(rank=r, tp_rank=layout.tp_rank_of(r))) for r in range(layout.world)]
+
+    assert seeds(Layout(4)) == [8, 9, 10, 11]  # tp 1: each rank its own, as before
+    by_rank = seeds(Layout(8, pp=2, tp=2))
+    layout = Layout(8, pp=2, tp=2)
+    groups = [layout.tp_ranks(stage, dp) for stage in range(2) for dp in range(2)]
+    assert all(len({by_rank[r] for r in group}) == 1 for group in groups)
+    assert len({by_rank[group[0]] for group in groups}) == len(groups)  # replicas and stages apart
