@@ -138,6 +138,15 @@ def test_tensor_parallel_matches_one_process(reference, tmp_path, world, overrid
     assert_tp_bytes_per_step(run_dir, 4 * 2 * 32, "parallel.sequence_parallel=false" not in overrides, ddp=False)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["train.activation_checkpointing=true", "train.compile=true"])
+def test_tensor_parallel_with_checkpointed_or_compiled_blocks_matches_one_process(reference, tmp_path, option):
+    """TP is applied before the blocks are wrapped or compiled (parallelize's order)."""
+    run_dir = launch(tmp_path, "tp", 2, "parallel.tensor_parallel=2", option)
+    assert_same_run(reference, run_dir)
+    assert_same_weights(reference, run_dir)
+
+
 def test_tp2_dp2_matches_one_process(reference, tp2_dp2, tmp_path):
     assert_same_run(reference, tp2_dp2)
     assert_same_weights(reference, tp2_dp2)
