@@ -66,16 +66,20 @@ def test_tp2_zero1_matches_single_process(reference, tp_zero1):
 
 def test_tp2_zero1_counts_tp_traffic_beside_zero_traffic(tp_zero1):
     """A step's bytes on a rank: ZeRO-1's reduce-scatter and all-gather of the rank's pieces
-    (2 x its parameters), the layers' tp collectives (Megatron's count, tp_volume.py), and the
-    sum over tp of the dp-reduced shards of the tp-replicated weights' partial gradients."""
+    (2 x its parameters); the layers' tp collectives, by kind, as Megatron counts them
+    (tp_volume.py); and the sum over tp of the dp-reduced shard of the tp-replicated weights'
+    partial gradients (one unit of them here, half of them on each dp rank)."""
     psi, element = count_params(GPTConfig(**TINY["model"])), 4
     whole = 32 * 32 + 2 * (4 * 32 + 2 * 32) + 2 * 32  # position embedding, per block norms and row-parallel biases, ln_f
     local = whole + (psi - whole) // 2
     tokens = TINY["train"]["global_batch_size"] // 2 * TINY["model"]["seq_len"]  # a dp rank's share of the batch
-    tp_layers = sum(tp_step_bytes(TINY["model"]["n_layers"], tokens, TINY["model"]["d_model"], True).values())
-    expected = 2 * local * element + tp_layers + whole // 2 * element
-    per_step = metrics(tp_zero1)[-1]["comm_bytes"]
-    assert abs(per_step - expected) <= 0.01 * expected, f"{per_step} vs {expected}"
+    layers = tp_step_bytes(TINY["model"]["n_layers"], tokens, TINY["model"]["d_model"], sequence_parallel=True)
+    rows = [row for row in metrics(tp_zero1) if "tp_bytes" in row]
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    for row in rows[1:]:  # step 1's count holds the step-0 eval's forward too
+        assert row["tp_bytes"] == {**layers, "all_reduce_grads": whole // 2 * element}, row["step"]
+        zero = row["comm_bytes"] - sum(row["tp_bytes"].values())
+        assert abs(zero - 2 * local * element) <= 0.01 * 2 * local * element, f"step {row['step']}: {zero}"
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -44,7 +44,7 @@ from sdtrain.parallel.strategy import (
     tensor_bytes,
 )
 from sdtrain.parallel.zero3 import ParamGatherer
-from sdtrain.parallel.zero_tp import placed_initial_value, sum_partial_shards
+from sdtrain.parallel.zero_tp import TpTraffic, placed_initial_value, sum_partial_shards
 
 if TYPE_CHECKING:
     from sdtrain.parallel.tensor_parallel import TensorParallelPlan
@@ -64,6 +64,7 @@ class Zero(Strategy):
         tensor parallelism, the model's (each tp rank shards its own pieces over env.dp_group)."""
         self.stage = stage
         self.tp_plan = tp_plan
+        self.tp_traffic = TpTraffic(tp_plan) if tp_plan is not None else None
         self.env, self.model = env, model
         self.param_dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
         self.comm = Comm(env.dp_group, overlap=cfg.overlap_comm)
@@ -269,6 +270,8 @@ class Zero(Strategy):
                 self._reduce_scatter(unit)
             self._drain()
         sum_partial_shards(self.tp_plan, [u.grad_shard for u in self.units if u.partial_over_tp])
+        if self.tp_traffic is not None:
+            self.tp_traffic.stepped()
         grads = [u.grad_shard.float() if self.param_dtype != torch.float32 else u.grad_shard for u in self.units]
         # each weight once: its shards' squares over the group sharding it, then (a weight
         # sharded over axes, e.g. experts over ep) the pieces' over those axes
@@ -375,17 +378,20 @@ class Zero(Strategy):
 
     def comm_bytes(self) -> dict[str, int]:
         counted = self.comm.take_bytes()
-        others = [comm.take_bytes() for comm in self.comms.values() if comm is not self.comm]
-        if self.tp_plan is not None:  # the layers' activations, and the partial gradients' sum
-            others.append(self.tp_plan.tp.take_bytes())
-        for taken in others:
-            for kind, size in taken.items():
-                counted[kind] = counted.get(kind, 0) + size
+        for comm in self.comms.values():
+            if comm is not self.comm:
+                for kind, size in comm.take_bytes().items():
+                    counted[kind] = counted.get(kind, 0) + size
+        if self.tp_traffic is not None:
+            counted.update(self.tp_traffic.take())
         return counted
 
     def log_metrics(self, mem_gib: float) -> dict:
         moe = getattr(getattr(self.model, "cfg", None), "moe", None)
-        return moe_metrics(self.model, self.env, moe.num_experts) if moe else {}
+        metrics = moe_metrics(self.model, self.env, moe.num_experts) if moe else {}
+        if self.tp_traffic is not None:
+            metrics.update(self.tp_traffic.metrics())
+        return metrics
 
 
 def _suffix(placement) -> str:
