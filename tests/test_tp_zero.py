@@ -70,7 +70,8 @@ def test_tp2_zero1_counts_tp_traffic_beside_zero_traffic(tp_zero1):
     (tp_volume.py); and the sum over tp of the dp-reduced shard of the tp-replicated weights'
     partial gradients (one unit of them here, half of them on each dp rank)."""
     psi, element = count_params(GPTConfig(**TINY["model"])), 4
-    whole = 32 * 32 + 2 * (4 * 32 + 2 * 32) + 2 * 32  # position embedding, per block norms and row-parallel biases, ln_f
+    # whole on every tp rank: the position embedding, each block's norms and row-parallel biases, ln_f
+    whole = 32 * 32 + 2 * (4 * 32 + 2 * 32) + 2 * 32
     local = whole + (psi - whole) // 2
     tokens = TINY["train"]["global_batch_size"] // 2 * TINY["model"]["seq_len"]  # a dp rank's share of the batch
     layers = tp_step_bytes(TINY["model"]["n_layers"], tokens, TINY["model"]["d_model"], sequence_parallel=True)
