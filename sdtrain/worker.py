@@ -134,7 +134,8 @@ def main(argv=None) -> None:
             log.close()
     if os.environ.get("SDTRAIN_DUMP_WEIGHTS"):  # the drills' check that no replica diverged
         named = {n: p for n, p in strategy.plain.named_parameters() if p.device.type != "meta" and p.numel()}
-        print(f"rank {rank}: weights digest stage {env.stage}: {weights_digest(named)}")
+        piece = f" tp {env.tp_rank}" if env.tp_size > 1 else ""  # a tp rank holds its own piece
+        print(f"rank {rank}: weights digest stage {env.stage}{piece}: {weights_digest(named)}")
     peak_mem = trainer.peak_memory_per_rank()
     setup_mem_per_rank = trainer.peak_memory_per_rank(setup_mem)
     state_bytes = trainer.state_bytes_per_rank()

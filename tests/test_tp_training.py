@@ -4,6 +4,7 @@ the one-process run of the same recipe."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from types import SimpleNamespace
 
@@ -78,8 +79,13 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tp2_dp2(tmp_path_factory):
-    """4 ranks: 2 replicas (DDP over each tp rank's dp group) of a model split over 2 tp ranks."""
-    return launch(tmp_path_factory.mktemp("tp2dp2"), "tp2dp2", 4, "parallel.tensor_parallel=2")
+    """4 ranks: 2 replicas (DDP over each tp rank's dp group) of a model split over 2 tp ranks;
+    each rank logs a digest of its weights at the end."""
+    os.environ["SDTRAIN_DUMP_WEIGHTS"] = "1"
+    try:
+        return launch(tmp_path_factory.mktemp("tp2dp2"), "tp2dp2", 4, "parallel.tensor_parallel=2")
+    finally:
+        del os.environ["SDTRAIN_DUMP_WEIGHTS"]
 
 
 def assert_same_run(reference, run_dir, steps=range(1, STEPS + 1)):
@@ -151,6 +157,10 @@ def test_tp2_dp2_matches_one_process(reference, tp2_dp2, tmp_path):
     assert_same_run(reference, tp2_dp2)
     assert_same_weights(reference, tp2_dp2)
     assert_tp_bytes_per_step(tp2_dp2, 2 * 2 * 32, sequence_parallel=True, ddp=True)  # 2 micro-batches a rank
+    # the replicas of each tp rank hold the same piece, bitwise; the tp ranks different ones
+    logs = [(tp2_dp2 / "logs" / f"rank{r}.log").read_text() for r in range(4)]
+    digests = {line.split("weights digest ")[1] for log in logs for line in log.splitlines() if "weights digest " in line}
+    assert sorted(d.split(":")[0] for d in digests) == ["stage 0 tp 0", "stage 0 tp 1"], digests
     # export writes the whole tensors (the one-process run's shapes), a tied head once
     out = tmp_path / "model.safetensors"
     export_safetensors(tp2_dp2, out)

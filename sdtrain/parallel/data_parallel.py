@@ -1,6 +1,11 @@
 """ZeRO stage 0: plain data parallelism with DDP semantics. Every rank holds all weights,
 gradients and optimizer state; gradients are averaged by DDP in buckets that overlap
-backward. fp16 gets dynamic loss scaling here (the ZeRO stages run bf16 or fp32)."""
+backward. fp16 gets dynamic loss scaling here (the ZeRO stages run bf16 or fp32).
+
+With tensor parallelism "all weights" are those of the rank's tp piece (whole norms and
+position embedding beside its slices): DDP averages over the replicas of the same tp rank
+(env.dp_group), the sequence-parallel partial gradients are summed over tp before the norm,
+and the norm sums each placement's squares over the axes it is sharded over."""
 
 from __future__ import annotations
 
