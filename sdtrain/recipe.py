@@ -336,10 +336,7 @@ class Recipe(Section):
         if tp == 1:
             return
         # What the worker does not run with tensor parallelism yet: refused, never silently ignored.
-        # (ZeRO 1/2/3 run with it: each tp rank shards its pieces over its dp group.)
-        if parallel.pipeline.stages > 1:
-            raise ValueError(f"{key} with parallel.pipeline.stages {parallel.pipeline.stages} is not supported yet; "
-                             f"use pipeline stages 1, or {key} 1")
+        # (ZeRO 1/2/3 run with it: each tp rank shards its pieces over its dp group; so do pipelines.)
         if self.train.precision == "fp16":  # each tp rank would decide on its own pieces' overflow
             raise ValueError(f"{key} with train.precision fp16: a loss-scale overflow in one rank's piece would "
                              "have to skip the step on every tp rank; use precision bf16 or fp32")

@@ -50,7 +50,6 @@ def test_a_box_of_a_piece_cut_once_is_one_box():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["parallel.pipeline.stages=2"], "parallel.tensor_parallel with parallel.pipeline.stages 2 is not supported yet"),
     (["train.precision=fp16"], "parallel.tensor_parallel with train.precision fp16"),
 ])
 def test_what_tp_does_not_run_with_yet_exits_2(write_recipe, tmp_path, overrides, expected):

@@ -60,7 +60,8 @@ def parallelize(model: nn.Module, recipe, env: DistEnv, micro_batches: int = 1,
         from sdtrain.parallel.pipeline import Pipeline
 
         partition = partition if partition is not None else partition_layers(recipe.parallel.pipeline, recipe.model)
-        return Pipeline(model, recipe.parallel.pipeline, env, micro_batches, partition, replicas)
+        return Pipeline(model, recipe.parallel.pipeline, env, micro_batches, partition, replicas,
+                        plan.tp if plan is not None else None)
     return replicas(model)
 
 

@@ -31,6 +31,7 @@ from sdtrain.parallel.partition import chunk_count, chunks_of_rank
 from sdtrain.parallel.schedules import bubble_formula, build_schedule, replay
 from sdtrain.parallel.strategy import Strategy
 from sdtrain.parallel.tied_head import TiedHead
+from sdtrain.parallel.tp_collectives import TensorParallel
 from sdtrain.parallel.weight_grads import DeferredWeightGrads
 
 REPLAYED_STEPS = 100  # a logging interval's last steps the replay covers (log.every may be large)
@@ -38,10 +39,11 @@ REPLAYED_STEPS = 100  # a logging interval's last steps the replay covers (log.e
 
 class Pipeline(Strategy):
     def __init__(self, model: nn.Module, pipeline, env: DistEnv, micro_batches: int, partition: list[list[int]],
-                 build_replicas):
+                 build_replicas, tp: TensorParallel | None = None):
         """`pipeline`: the recipe's parallel.pipeline section; `partition`: each chunk's blocks
-        (partition_layers), the one the model's stage was built from."""
-        self.env, self.model = env, model
+        (partition_layers), the one the model's stage was built from; `tp`: the tensor-parallel
+        group the model was split over (apply_tensor_parallel), if any."""
+        self.env, self.model, self.tp = env, model, tp
         self.chunks = chunk_count(pipeline)
         self.stages = pipeline.stages
         self.layers = {c: [str(i) for i in partition[c]] for c in chunks_of_rank(env.stage, pipeline)}
@@ -153,12 +155,13 @@ class Pipeline(Strategy):
         return total
 
     def mean_loss(self, loss_sum: torch.Tensor, count: int) -> float:
-        """Only the last stage has the loss: every rank gets its mean over all replicas."""
+        """Only the last stage has the loss: every rank gets its mean over all replicas. Each
+        tp rank of a replica holds the same whole loss (vocab_parallel_cross_entropy)."""
         value = loss_sum.detach().float().clone() / count
         if self.chunks - 1 not in self.layers:
             value.zero_()
         dist.all_reduce(value)
-        return value.item() / self.env.dp_size
+        return value.item() / (self.env.dp_size * self.env.tp_size)
 
     def gate_updates(self, gate) -> None:
         self.inner.gate_updates(gate)  # the replicas' step holds the global norm
@@ -188,10 +191,15 @@ class Pipeline(Strategy):
 
     def _post_receive(self, kind: str, chunk: int, m: int, micro_batches: list) -> None:
         """Start receiving what pass (kind, chunk, m) needs, if it needs anything: F the
-        previous chunk's output, B the gradient of its own output (both [micro, T, d_model])."""
+        previous chunk's output, B the gradient of its own output (both [micro, T, d_model],
+        or [micro, T / tp, d_model] under sequence parallelism: each tp rank's part of the
+        sequence goes to the same tp rank of the next stage)."""
         if kind == "W" or (kind, chunk, m) in self.posted or chunk == (0 if kind == "F" else self.chunks - 1):
             return
-        shape = (*micro_batches[m][0].shape, self.model.cfg.d_model)
+        micro, length = micro_batches[m][0].shape
+        if self.tp is not None and self.tp.sequence_parallel:
+            length //= self.tp.size
+        shape = (micro, length, self.model.cfg.d_model)
         buffer = torch.empty(shape, dtype=self.dtype, device=self.env.device)
         source = chunk - 1 if kind == "F" else chunk + 1
         work = dist.irecv(buffer, self._peer(source), tag=self._tag(kind, chunk, m))

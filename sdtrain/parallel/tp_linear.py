@@ -7,6 +7,11 @@ A row-parallel layer holds the matching input features (columns of the weight): 
 part of the input it makes a partial output, summed over the ranks; its bias is whole and
 added once, after the sum. A column-parallel layer followed by a row-parallel one (attention's
 qkv and proj, the MLP's fc and proj) so costs one collective forward and one backward.
+
+`record_local`, when set (weight_grads.py's split backward), is called with the local product's
+input and output: the whole input of a column-parallel layer (after its gather), the partial
+output of a row-parallel one (before its sum). A forward hook sees the layer's outside, whose
+shapes differ under sequence parallelism.
 """
 
 from __future__ import annotations
@@ -24,9 +29,14 @@ class ColumnParallelLinear(nn.Linear):
         self.weight = nn.Parameter(weight)
         self.bias = None if bias is None else nn.Parameter(bias)
         self.tp = tp
+        self.record_local = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(into_tp_region(x, self.tp), self.weight, self.bias)
+        x = into_tp_region(x, self.tp)
+        y = F.linear(x, self.weight, self.bias)
+        if self.record_local is not None:
+            self.record_local(self, x, y)
+        return y
 
 
 class RowParallelLinear(nn.Linear):
@@ -35,7 +45,11 @@ class RowParallelLinear(nn.Linear):
         self.weight = nn.Parameter(weight)
         self.bias = None if bias is None else nn.Parameter(bias)
         self.tp = tp
+        self.record_local = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = out_of_tp_region(F.linear(x, self.weight), self.tp)
+        partial = F.linear(x, self.weight)
+        if self.record_local is not None:
+            self.record_local(self, x, partial)
+        y = out_of_tp_region(partial, self.tp)
         return y if self.bias is None else y + self.bias

@@ -8,6 +8,14 @@ skips every weight-gradient product. W computes the weight gradients from the re
 inputs and output gradients, with the same products autograd would have used, and adds them
 to `.grad`; nothing is computed twice. The embeddings (on the first chunk, which has no input
 to send back) and the head (its gradient is made with the loss) keep the plain backward.
+
+Tensor parallelism's linears (tp_linear.py) have collectives around their product, so their
+outside is not what the weight's gradient needs under sequence parallelism (a column-parallel
+layer's input is this rank's part of the sequence, gathered inside; a row-parallel layer's
+output is reduce-scattered). They report the local product's input and output instead
+(`record_local`); B's autograd then makes the output gradient through the collectives'
+backward, as the plain backward would, and W stays free of communication. A row-parallel
+bias is added after the sum: its gradient comes from the layer's outside, recorded apart.
 """
 
 from __future__ import annotations
@@ -16,19 +24,42 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sdtrain.parallel.tp_linear import RowParallelLinear
+
 DEFERRED = (nn.Linear, nn.LayerNorm)
+WHOLE, WEIGHT_ONLY, BIAS_ONLY = "whole", "weight", "bias"  # which of a module's gradients a record gives
 
 
 class DeferredWeightGrads:
     def __init__(self, model: nn.Module, skip: tuple[nn.Module, ...] = ()):
-        self.records: list | None = None  # (module, input, output) of the forward being recorded
+        # (module, input, output, which gradients) of the forward being recorded
+        self.records: list | None = None
         for module in model.modules():
-            if isinstance(module, DEFERRED) and module not in skip:
+            if not isinstance(module, DEFERRED) or module in skip:
+                continue
+            if not hasattr(module, "record_local"):
                 module.register_forward_hook(self._record)
+                continue
+            row = isinstance(module, RowParallelLinear)
+            module.record_local = self._record_row_product if row else self._record_product
+            if row and module.bias is not None:
+                module.register_forward_hook(self._record_bias)
+
+    def _keep(self, module, inp, output, which: str) -> None:
+        if self.records is not None and torch.is_grad_enabled():
+            self.records.append((module, inp, output, which))
 
     def _record(self, module, args, output) -> None:
-        if self.records is not None and torch.is_grad_enabled():
-            self.records.append((module, args[0], output))
+        self._keep(module, args[0], output, WHOLE)
+
+    def _record_product(self, module, inp, output) -> None:
+        self._keep(module, inp, output, WHOLE)
+
+    def _record_row_product(self, module, inp, partial) -> None:
+        self._keep(module, inp, partial, WEIGHT_ONLY)
+
+    def _record_bias(self, module, args, output) -> None:
+        self._keep(module, None, output, BIAS_ONLY)
 
     def start_recording(self) -> None:
         self.records = []
@@ -41,9 +72,10 @@ class DeferredWeightGrads:
     def input_grads(records: list, output: torch.Tensor, grad: torch.Tensor | None, inputs: list[torch.Tensor]):
         """B: the gradients of `inputs` (the chunk's input, any weight that keeps the plain
         backward), and what W needs: (module, input, output gradient) per recorded module."""
-        outputs = [out for _, _, out in records]
+        outputs = [out for _, _, out, _ in records]
         grads = torch.autograd.grad(output, [*inputs, *outputs], grad_outputs=grad, allow_unused=True)
-        pending = [(module, inp.detach(), g) for (module, inp, _), g in zip(records, grads[len(inputs):])]
+        pending = [(module, None if inp is None else inp.detach(), g, which)
+                   for (module, inp, _, which), g in zip(records, grads[len(inputs):])]
         return list(grads[: len(inputs)]), pending
 
     @staticmethod
@@ -51,10 +83,10 @@ class DeferredWeightGrads:
         """W: accumulate the deferred weight gradients; returns the parameters touched."""
         touched = []
         with torch.no_grad():
-            for module, inp, grad_out in pending:
+            for module, inp, grad_out, which in pending:
                 if grad_out is None:
                     continue
-                for param, value in _grads_of(module, inp, grad_out):
+                for param, value in _grads_of(module, inp, grad_out, which):
                     value = value.to(param.dtype)
                     if param.grad is None:
                         param.grad = value
@@ -64,12 +96,13 @@ class DeferredWeightGrads:
         return touched
 
 
-def _grads_of(module: nn.Module, inp: torch.Tensor, grad_out: torch.Tensor):
+def _grads_of(module: nn.Module, inp: torch.Tensor | None, grad_out: torch.Tensor, which: str = WHOLE):
     g = grad_out.reshape(-1, grad_out.size(-1))
     if isinstance(module, nn.Linear):
-        x = inp.reshape(-1, inp.size(-1)).to(g.dtype)
-        yield module.weight, g.t() @ x
-        if module.bias is not None:
+        if which != BIAS_ONLY:
+            x = inp.reshape(-1, inp.size(-1)).to(g.dtype)
+            yield module.weight, g.t() @ x
+        if module.bias is not None and which != WEIGHT_ONLY:
             yield module.bias, g.sum(0)
         return
     normalized = F.layer_norm(inp, module.normalized_shape, eps=module.eps).reshape(-1, inp.size(-1))
