@@ -111,6 +111,7 @@ class Trainer:
         if first_step == 0 and train.eval_every:
             result.eval_losses.append((0, self.evaluate()))  # the baseline the run improves on
             self.checkpointer.eval_baseline = result.eval_losses[0][1]  # a resumed launch reads it there
+            self.strategy.comm_bytes()  # its gathers (ZeRO-3, TP) are not step 1's traffic
             if log is not None:
                 log.note(f"step 0: eval {result.eval_losses[0][1]:.4f} (before training)")
         interval_start, interval_steps = time.perf_counter(), 0
