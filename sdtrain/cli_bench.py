@@ -30,11 +30,12 @@ def bench() -> None:
 @click.argument("recipe", default="recipes/quickstart.yaml")
 @click.option("--strategies", default="single,ddp", show_default=True,
               help="Comma-separated: single, ddp (= zero0), zero0, zero1, zero2, zero3; pipelines "
-                   "pp<P>-<schedule>[-zero<S>], e.g. pp2-1f1b, pp2-gpipe, pp2-interleaved, pp4-1f1b-zero1; "
-                   "expert parallelism on an MoE recipe, ep<N>[-zero<S>], e.g. ep1, ep2, ep4.")
+                   "pp<P>-<schedule>[-tp<T>][-zero<S>], e.g. pp2-1f1b, pp2-gpipe, pp2-interleaved, pp4-1f1b-zero1; "
+                   "expert parallelism on an MoE recipe, ep<N>[-zero<S>], e.g. ep1, ep2, ep4; tensor parallelism "
+                   "(sequence parallel unless -nosp), tp<T>[-nosp][-zero<S>], e.g. tp2, tp2-nosp, tp4-zero1.")
 @click.option("--peers", default="",
               help="Comma-separated, run in the same invocation: torch, fsdp2, deepspeed, deepspeed-pipe, deepspeed-moe, "
-                   "dtensor-tp (PyTorch's tensor parallelism over every worker); eager, compile (one device).")
+                   "dtensor-tp (PyTorch's tensor parallelism over every worker, compared with tp<world>); eager, compile (one device).")
 @click.option("--nproc", default="2", show_default=True, help="Worker counts to measure at, e.g. 2,4.")
 @click.option("--steps", default=30, show_default=True, help="Steps per run (the first 5 are warm-up).")
 @click.option("--repeats", default=2, show_default=True, help="Alternating rounds; each entry keeps its best.")

@@ -39,6 +39,9 @@ class Entry:
     bubbles_replayed: list[float] = field(default_factory=list)  # per round: the schedule on its compute times
     ep: int | None = None  # an MoE row's expert-parallel size (None: not an ep<N> row)
     all_to_all_shares: list[float | None] = field(default_factory=list)  # per round
+    tp: int = 1  # tensor-parallel ranks (a peer's: those of the rows it is compared with)
+    sequence_parallel: bool = False
+    tp_bytes: dict[str, int] | None = None  # TP's bytes per step by kind (metrics.jsonl's tp_bytes)
 
     @property
     def stages(self) -> int:
@@ -78,6 +81,7 @@ def measure(entry: Entry, out: Path, drills: list[ActiveDrill]) -> str | None:
         entry.peak_mem_gib = summary["peak_mem_gib"]
         entry.state_bytes = [sum(s.values()) for s in summary["model_state_bytes"]]
         entry.comm_bytes = rows[-1].get("comm_bytes")
+        entry.tp_bytes = rows[-1].get("tp_bytes")
     else:
         result = json.loads(out.read_text())
         entry.samples.append(statistics.median(result["tokens_per_s"][1:]))

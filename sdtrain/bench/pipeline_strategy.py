@@ -1,6 +1,7 @@
-"""Pipeline strategies of `sdtrain bench`: `pp<P>-<schedule>[-zero<S>]` (pp2-1f1b, pp4-gpipe,
-pp2-interleaved-zero1), each a real `sdtrain launch` with P stages over the workers and the
-rest data parallel, and the micro-batches it runs.
+"""Pipeline strategies of `sdtrain bench`: `pp<P>-<schedule>[-tp<T>][-zero<S>]` (pp2-1f1b,
+pp4-gpipe, pp2-interleaved-zero1, pp2-1f1b-tp2), each a real `sdtrain launch` with P stages over
+the workers (each stage's layers split over T tensor-parallel ranks where -tp<T> is given) and
+the rest data parallel, and the micro-batches it runs.
 
 Micro-batches: a pipeline's bubble is (P - 1) / (M + P - 1), so a bench at M = 1 would only
 measure idle stages. Every pipeline entry runs at the same global batch as the other rows
@@ -22,8 +23,9 @@ from sdtrain.recipe import PipelineConfig
 
 SCHEDULES = get_args(PipelineConfig.model_fields["schedule"].annotation)  # the recipe's own list
 VIRTUAL_STAGES = {"interleaved": 2}
-NAME = re.compile(rf"pp(\d+)-({'|'.join(SCHEDULES)})(?:-zero([0-3]))?")
-SYNTAX = f"pp<P>-<schedule>[-zero<S>], schedule one of {', '.join(SCHEDULES)} (e.g. pp2-1f1b, pp4-interleaved-zero1)"
+NAME = re.compile(rf"pp(\d+)-({'|'.join(SCHEDULES)})(?:-tp(\d+))?(?:-zero([0-3]))?")
+SYNTAX = (f"pp<P>-<schedule>[-tp<T>][-zero<S>], schedule one of {', '.join(SCHEDULES)} "
+          "(e.g. pp2-1f1b, pp4-interleaved-zero1, pp2-1f1b-tp2)")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class PipelineStrategy:
     stages: int
     schedule: str
     zero_stage: int
+    tp: int = 1  # tensor-parallel ranks of each stage
 
     @property
     def virtual_stages(self) -> int:
@@ -39,7 +42,7 @@ class PipelineStrategy:
 
     def micro_batches(self, global_batch: int, world: int) -> int:
         """M for this pipeline at `world` workers and the row's global batch (module docstring)."""
-        P, dp = self.stages, Layout(world, self.stages).dp
+        P, dp = self.stages, Layout(world, self.stages, self.tp).dp
         per_replica = global_batch // dp if global_batch % dp == 0 else 0
         for M in range(2 * P, per_replica + 1, P):
             if per_replica % M == 0:
@@ -54,8 +57,9 @@ class PipelineStrategy:
         M = self.micro_batches(global_batch, world)
         return [f"parallel.pipeline.stages={self.stages}", f"parallel.pipeline.schedule={self.schedule}",
                 f"parallel.pipeline.virtual_stages={self.virtual_stages}", f"parallel.zero_stage={self.zero_stage}",
+                f"parallel.tensor_parallel={self.tp}",
                 f"train.global_batch_size={global_batch}", f"train.grad_accum_steps={M}",
-                f"train.micro_batch_size={global_batch // Layout(world, self.stages).dp // M}"]
+                f"train.micro_batch_size={global_batch // Layout(world, self.stages, self.tp).dp // M}"]
 
 
 def parse_pipeline_strategy(name: str) -> PipelineStrategy | None:
@@ -68,4 +72,7 @@ def parse_pipeline_strategy(name: str) -> PipelineStrategy | None:
     stages = int(match[1])
     if stages < 2:
         raise UserInputError(f"--strategies {name}: a pipeline has at least 2 stages")
-    return PipelineStrategy(name, stages, match[2], int(match[3] or 0))
+    tp = int(match[3] or 1)
+    if tp < 1:
+        raise UserInputError(f"--strategies {name}: the tensor-parallel size is at least 1")
+    return PipelineStrategy(name, stages, match[2], int(match[4] or 0), tp)

@@ -4,9 +4,10 @@ Each strategy is a real `sdtrain launch` of the recipe (fresh processes, the sam
 a user runs): a ZeRO stage without a pipeline, or a pipeline `pp<P>-<schedule>`
 (pipeline_strategy.py) whose rows also carry the bubble it measured beside the schedule's
 formula, or an expert-parallel MoE `ep<N>[-zero<S>]` (moe_strategy.py) whose rows also carry
-the share of step time in the all-to-all. Each peer is its own implementation of the same model and batch (plain DDP,
+the share of step time in the all-to-all, or tensor parallelism `tp<T>[-nosp][-zero<S>]`
+(tp_strategy.py) whose rows carry T, sequence parallelism and TP's bytes per step by kind. Each peer is its own implementation of the same model and batch (plain DDP,
 FSDP2, DeepSpeed ZeRO, DeepSpeed's pipeline at the same P and micro-batches, DeepSpeed's MoE
-layer at the same expert-parallel size; plain eager and
+layer at the same expert-parallel size, PyTorch's DTensor tensor parallelism; plain eager and
 torch.compile loops on one device), on the device and backend the recipe's run uses.
 Throughput is the median over logging intervals after the first (warm-up) one, and each
 entry keeps its best of `repeats` alternating rounds, since a shared machine's noise only
@@ -31,18 +32,20 @@ from sdtrain.bench.entry import Entry, measure
 from sdtrain.bench.moe_strategy import DEEPSPEED_MOE_ZERO, ExpertStrategy, parse_expert_strategy
 from sdtrain.bench.moe_strategy import SYNTAX as EP_SYNTAX
 from sdtrain.bench.pipeline_strategy import SYNTAX, PipelineStrategy, parse_pipeline_strategy
+from sdtrain.bench.rows import compared, report
+from sdtrain.bench.tp_strategy import SYNTAX as TP_SYNTAX
+from sdtrain.bench.tp_strategy import TensorStrategy, parse_tensor_strategy
 from sdtrain.errors import UserInputError
 from sdtrain.launch.drills import banner, drills_of_launches_from_here
 from sdtrain.launch.exports import ALLOW_FLAG
-from sdtrain.model.size import flops_per_token
 from sdtrain.parallel.layout import Layout
 from sdtrain.parallel.partition import check_schedule
-from sdtrain.parallel.schedules import bubble_formula
 from sdtrain.recipe import load_recipe
 
 INTERVAL = 5  # steps per throughput sample
 STAGES = {"single": 0, "ddp": 0, "zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
-NO_PIPELINE = ["parallel.pipeline.stages=1"]  # a zero<S> row is that stage alone, whatever the recipe says
+# a zero<S> row is that stage alone, whatever the recipe says
+NO_PIPELINE = ["parallel.pipeline.stages=1", "parallel.tensor_parallel=1"]
 PEERS = ("torch", "fsdp2", "deepspeed", "deepspeed-pipe", "deepspeed-moe", "dtensor-tp", "eager", "compile")
 DEEPSPEED_PIPE_ZERO = (0, 1)  # DeepSpeed's pipeline refuses ZeRO-2 and 3
 SINGLE_DEVICE_PEERS = {"eager": "torch-eager", "compile": "torch-compile"}  # --peers name: row name
@@ -56,12 +59,13 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
     where an sdtrain entry failed."""
     if steps < 3 * INTERVAL:
         raise UserInputError(f"--steps {steps}: need at least {3 * INTERVAL} for a warm-up interval and samples")
-    pipelines, experts = {}, {}
+    pipelines, experts, tensors = {}, {}, {}
     for name in strategies:
         pipelines[name], experts[name] = parse_pipeline_strategy(name), parse_expert_strategy(name)
-        if pipelines[name] is None and experts[name] is None and name not in STAGES:
+        tensors[name] = parse_tensor_strategy(name)
+        if pipelines[name] is None and experts[name] is None and tensors[name] is None and name not in STAGES:
             raise UserInputError(f"--strategies: unknown strategy {name!r}; available: {', '.join(STAGES)}, "
-                                 f"a pipeline: {SYNTAX}, or experts: {EP_SYNTAX}")
+                                 f"a pipeline: {SYNTAX}, experts: {EP_SYNTAX}, or tensor parallelism: {TP_SYNTAX}")
     for peer in peers:
         if peer not in PEERS:
             raise UserInputError(f"--peers: unknown peer {peer!r}; available: {', '.join(PEERS)}")
@@ -85,21 +89,29 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
                 entries += _pipeline_entry(pipelines[name], world, recipe, recipe_path, base, notes)
             elif experts[name]:
                 entries += _expert_entry(experts[name], world, recipe_path, base, notes)
+            elif tensors[name]:
+                entries += _tensor_entry(tensors[name], world, recipe, recipe_path, base, notes)
             else:
                 entries.append(_sdtrain_entry(name, 1 if name == "single" else world, recipe_path, base))
         entries += _peer_entries(recipe, peers, strategies, world, notes)
+        entries = _after_their_rows(entries, _tensor_peer_entries(peers, world, recipe, recipe_path, base, notes))
         entries += _pipeline_peer_entries(peers, [e for e in entries if e.world == world], recipe, recipe_path, base,
                                           notes)
         entries = _after_their_rows(entries, _expert_peer_entries(peers, [e for e in entries if e.world == world],
                                                                   recipe, notes))
     for name, pipeline in pipelines.items():
         if pipeline and not any(e.pipeline == pipeline for e in entries):
+            if pipeline.tp > 1:  # the recipe's own message: P x T divides none of the worker counts
+                Layout(worlds[0], pipeline.stages, pipeline.tp)
             raise UserInputError(f"--strategies {name}: {pipeline.stages} stages divide none of --nproc "
                                  f"{','.join(map(str, worlds))}; the stages must divide the worker count")
     for name, expert in experts.items():
         if expert and not any(e.ep == expert.ep for e in entries):
             raise UserInputError(f"--strategies {name}: expert-parallel size {expert.ep} divides none of --nproc "
                                  f"{','.join(map(str, worlds))}; it must divide the worker count")
+    for name, tensor in tensors.items():
+        if tensor and not any(e.kind == "sdtrain" and e.tp == tensor.tp for e in entries):
+            Layout(worlds[0], tp=tensor.tp)  # the recipe's own message: T divides none of the worker counts
     entries += _single_device_peers(recipe, peers)
     # Each sdtrain entry is a launch from here: its .sdtrain_env and drills are checked now, as
     # the launch would (exit 2 before any run), and a drill is announced as a launch does it.
@@ -116,7 +128,9 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
                 failure = measure(entry, Path(tmp) / f"{i}-{round_index}", drills)
                 if failure:
                     notes.append(f"{entry.name} (world {entry.world}) round {round_index + 1} failed: {failure}")
-    return _report(entries, recipe, steps, repeats, notes, peak)
+    tokens_per_step = {e.world: recipe_for_world(recipe, e.world)["train"]["global_batch_size"] * recipe.model.seq_len
+                       for e in entries}
+    return report(entries, recipe, steps, repeats, notes, peak, tokens_per_step)
 
 
 def _launch_argv(recipe_path: str, world: int, overrides: list[str]) -> list[str]:
@@ -135,9 +149,10 @@ def _pipeline_entry(pipeline: PipelineStrategy, world: int, recipe, recipe_path:
                     notes: list[str]) -> list[Entry]:
     """The pipeline at `world` workers (none where P does not divide it), at the global batch
     of the other rows of that world, validated now as the launch would (exit 2 before any run)."""
-    layout = Layout.if_fits(world, pipeline.stages)
+    layout = Layout.if_fits(world, pipeline.stages, pipeline.tp)
     if layout is None:
-        notes.append(f"{pipeline.name}: {pipeline.stages} stages do not divide {world} workers, not run there")
+        notes.append(f"{pipeline.name}: {pipeline.stages} stages x tp {pipeline.tp} do not divide {world} workers, "
+                     "not run there")
         return []
     overrides = _pipeline_overrides(pipeline, world, recipe, base)
     resolved = load_recipe(recipe_path, overrides)
@@ -149,7 +164,8 @@ def _pipeline_entry(pipeline: PipelineStrategy, world: int, recipe, recipe_path:
     if note not in notes:
         notes.append(note)
     return [Entry(pipeline.name, world, "sdtrain", pipeline.zero_stage, _launch_argv(recipe_path, world, overrides),
-                  pipeline=pipeline, micro_batches=M)]
+                  pipeline=pipeline, micro_batches=M, tp=pipeline.tp,
+                  sequence_parallel=resolved.parallel.sequence_parallel)]
 
 
 def _pipeline_overrides(pipeline: PipelineStrategy, world: int, recipe, base: list[str]) -> list[str]:
@@ -193,14 +209,54 @@ def _expert_entry(expert: ExpertStrategy, world: int, recipe_path: str, base: li
 
 
 def _after_their_rows(entries: list[Entry], peers: list[Entry]) -> list[Entry]:
-    """Each expert-parallel peer right after the ep<N> row it is compared with, so the two run
-    back to back in every round: a shared machine's load drifts within a round."""
-    out = []
+    """Each expert-parallel (or tensor-parallel) peer right after the ep<N> (tp<T>) row it is
+    compared with, so the two run back to back in every round: a shared machine's load drifts
+    within a round. A peer with no such row runs last."""
+    out, placed = [], set()
     for entry in entries:
         out.append(entry)
-        if entry.kind == "sdtrain" and entry.ep:
-            out += [p for p in peers if (p.world, p.ep, p.stage) == (entry.world, entry.ep, entry.stage)]
-    return out
+        if entry.kind == "sdtrain" and (entry.ep or entry.tp > 1) and not entry.pipeline:
+            mine = [p for p in peers if compared(entry, p) and id(p) not in placed]
+            placed.update(map(id, mine))
+            out += mine
+    return out + [p for p in peers if id(p) not in placed]
+
+
+def _tensor_entry(tensor: TensorStrategy, world: int, recipe, recipe_path: str, base: list[str],
+                  notes: list[str]) -> list[Entry]:
+    """Tensor parallelism at `world` workers (none where T does not divide them), at the batch
+    of the other rows of that world, validated now as the launch would (exit 2 before any run)."""
+    if Layout.if_fits(world, tp=tensor.tp) is None:
+        notes.append(f"{tensor.name}: tensor-parallel size {tensor.tp} does not divide {world} workers, not run there")
+        return []
+    overrides = _tensor_overrides(tensor, world, recipe, base)
+    resolved = load_recipe(recipe_path, overrides)
+    Layout.of(resolved, world)
+    return [Entry(tensor.name, world, "sdtrain", tensor.zero_stage, _launch_argv(recipe_path, world, overrides),
+                  tp=tensor.tp, sequence_parallel=resolved.parallel.sequence_parallel)]
+
+
+def _tensor_overrides(tensor: TensorStrategy, world: int, recipe, base: list[str]) -> list[str]:
+    train = recipe_for_world(recipe, world)["train"]  # the batch of this world's data-parallel rows
+    return [*base, *tensor.overrides(train["global_batch_size"], train["grad_accum_steps"], world)]
+
+
+def _tensor_peer_entries(peers: list[str], world: int, recipe, recipe_path: str, base: list[str],
+                         notes: list[str]) -> list[Entry]:
+    """PyTorch's DTensor tensor parallelism with every worker one tp rank (one replica reading the
+    whole batch, sequence parallel): the recipe of sdtrain's tp<world> row."""
+    if "dtensor-tp" not in peers:
+        return []
+    if world < 2:
+        notes.append("dtensor-tp: tensor parallelism needs at least 2 workers, skipped at 1")
+        return []
+    try:
+        resolved = load_recipe(recipe_path, _tensor_overrides(TensorStrategy(f"tp{world}", world), world, recipe, base))
+    except UserInputError as exc:
+        notes.append(f"dtensor-tp: not run at {world} workers: {exc}")
+        return []
+    argv = _torchrun_argv(world, "peer_dtensor_tp", json.dumps(resolved.model_dump(mode="json")), "")
+    return [Entry(f"dtensor-tp{world}", world, "peer", 0, argv, tp=world, sequence_parallel=True)]
 
 
 def _expert_peer_entries(peers: list[str], entries: list[Entry], recipe, notes: list[str]) -> list[Entry]:
@@ -236,9 +292,6 @@ def _peer_entries(recipe, peers: list[str], strategies: list[str], world: int, n
     recipe_json = json.dumps(recipe_for_world(recipe, world))
     entries = [Entry(name, world, "peer", stage, _torchrun_argv(world, module, recipe_json, option))
                for name, module, option, stage in wanted]
-    if "dtensor-tp" in peers:  # every worker one tensor-parallel rank: one replica reads the whole batch
-        argv = _torchrun_argv(world, "peer_dtensor_tp", json.dumps(recipe_for_world(recipe, 1)), "")
-        entries.append(Entry(f"dtensor-tp{world}", world, "peer", 0, argv))
     return entries
 
 
@@ -297,64 +350,8 @@ def _peak_for_mfu(recipe, notes: list[str]) -> dict:
 def recipe_for_world(recipe, world: int) -> dict:
     """The recipe with its batch split resolved for `world` ranks, as a peer needs it."""
     t = recipe.train
-    # the rows that take it are data parallel only: dp is every rank
-    plan = derive_batch(t.global_batch_size, t.micro_batch_size, t.grad_accum_steps, Layout(world).dp)
+    plan = derive_batch(t.global_batch_size, t.micro_batch_size, t.grad_accum_steps, Layout.of(recipe, world).dp)
     data = recipe.model_dump(mode="json")
     data["train"].update(global_batch_size=plan.global_batch, micro_batch_size=plan.micro_batch,
                          grad_accum_steps=plan.grad_accum)
     return data
-
-
-def _pipeline_columns(entry: Entry) -> dict:
-    """Stages, schedule and micro-batches, the schedule's bubble formula, and for sdtrain's
-    pipelines the bubble measured in the best round (the one whose tokens/s the row shows)."""
-    if entry.pipeline is None:
-        return {"pipeline_stages": 1}
-    p = entry.pipeline
-    formula = bubble_formula(p.schedule, p.stages, p.virtual_stages, entry.micro_batches)
-    best = entry.samples.index(max(entry.samples)) if entry.bubbles else None
-    return {"pipeline_stages": p.stages, "schedule": p.schedule, "virtual_stages": p.virtual_stages,
-            "micro_batches": entry.micro_batches,
-            "bubble": round(entry.bubbles[best], 4) if best is not None else None,
-            "bubble_per_stage": [round(b, 4) for b in entry.bubble_per_stage[best]] if best is not None else None,
-            "bubble_replayed": round(entry.bubbles_replayed[best], 4) if best is not None else None,
-            "bubble_formula": round(formula, 4), "bubble_rounds": [round(b, 4) for b in entry.bubbles]}
-
-
-def _expert_columns(entry: Entry) -> dict:
-    """An ep<N> row's (or its peer's) expert-parallel size and all-to-all share of step time,
-    in the best round (the one whose tokens/s the row shows)."""
-    if not entry.ep:
-        return {}
-    best = entry.samples.index(max(entry.samples)) if entry.samples else None
-    share = entry.all_to_all_shares[best] if best is not None and best < len(entry.all_to_all_shares) else None
-    return {"expert_parallel": entry.ep, "all_to_all_share": round(share, 4) if share is not None else None}
-
-
-def _report(entries: list[Entry], recipe, steps: int, repeats: int, notes: list[str], peak: dict) -> dict:
-    rows = []
-    flops = flops_per_token(recipe.model)
-    plan_tokens = {e.world: recipe_for_world(recipe, e.world)["train"]["global_batch_size"] * recipe.model.seq_len
-                   for e in entries}
-    for entry in entries:
-        row = {"name": entry.name, "kind": entry.kind, "world_size": entry.world, "zero_stage": entry.stage,
-               "tokens_per_s": round(entry.tokens_per_s, 1), "rounds": [round(s, 1) for s in entry.samples],
-               "step_s": round(plan_tokens[entry.world] / entry.tokens_per_s, 4) if entry.tokens_per_s else None,
-               "mfu": round(flops * entry.tokens_per_s / (peak["flops"] * entry.world), 4) if peak["flops"] else None,
-               "peak_mem_gib": entry.peak_mem_gib, "model_state_bytes": entry.state_bytes,
-               "comm_bytes_per_step": entry.comm_bytes, **_pipeline_columns(entry), **_expert_columns(entry)}
-        if entry.kind == "sdtrain":
-            for peer in entries:
-                if (peer.kind == "peer" and peer.world == entry.world and peer.stage == entry.stage
-                        and peer.stages == entry.stages and peer.ep == entry.ep and peer.tokens_per_s):
-                    row[f"vs_{peer.name}"] = round(entry.tokens_per_s / peer.tokens_per_s, 3)
-                    if entry.ep and len(peer.samples) == len(entry.samples):  # run back to back each round
-                        row["paired_ratios"] = [round(a / b, 3) for a, b in zip(entry.samples, peer.samples)]
-            if entry.pipeline:  # which to pick: the pipeline against the same workers without one
-                for other in entries:
-                    if (other.kind == "sdtrain" and other.world == entry.world and not other.pipeline
-                            and other.tokens_per_s):
-                        row[f"vs_{other.name}"] = round(entry.tokens_per_s / other.tokens_per_s, 3)
-        rows.append(row)
-    return {"recipe": recipe.name, "model": recipe.model.model_dump(), "precision": recipe.train.precision,
-            "steps": steps, "repeats": repeats, "peak_flops": peak, "results": rows, "notes": notes}

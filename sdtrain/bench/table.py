@@ -2,7 +2,9 @@
 measured from the schedule's timeline) stands beside its replay (the schedule run again on each
 step's own compute times with free communication: what imbalance and jitter alone leave idle)
 and the schedule's formula (equal stages, steady compute); an MoE row's
-all-to-all column is the share of its step time spent in dispatch and combine.
+all-to-all column is the share of its step time spent in dispatch and combine; a
+tensor-parallel row's tp column is T (+sp where sequence parallelism is on) and its tp comm
+column TP's own bytes per step (in comm/step as well).
 
 At 80 columns the columns are dealt into several tables, each led by the run's name
 (console_table.py): no number is ever cut to "…"."""
@@ -13,8 +15,9 @@ from sdtrain.console_table import FoldingColumn, FoldingTable
 
 # (header, wraps): a list of every rank's numbers, or of ratios, may wrap in its cell
 COLUMNS = (("run", True), ("world", False), ("step s", False), ("tokens/s", False), ("MFU", False),
-           ("bubble", False), ("replayed", False), ("formula", False), ("all-to-all", False),
-           ("peak mem/rank GiB", True), ("model state/rank MiB", False), ("comm/step MiB", False), ("ratios", True))
+           ("bubble", False), ("replayed", False), ("formula", False), ("all-to-all", False), ("tp", False),
+           ("peak mem/rank GiB", True), ("model state/rank MiB", False), ("comm/step MiB", False), ("tp comm/step MiB", False),
+           ("ratios", True))
 
 
 def bench_table(results: dict) -> FoldingTable:
@@ -36,9 +39,11 @@ def bench_table(results: dict) -> FoldingTable:
             _fraction(row.get("bubble_replayed")),
             _fraction(row.get("bubble_formula")),
             _fraction(row.get("all_to_all_share")),
+            _tensor_parallel(row),
             ", ".join(f"{m:.2f}" for m in row["peak_mem_gib"]),
             f"{max(state) / 2**20:.1f}" if state else "-",
             f"{comm / 2**20:.1f}" if comm is not None else "-",
+            f"{sum(row['tp_bytes_per_step'].values()) / 2**20:.1f}" if row.get("tp_bytes_per_step") else "-",
             ratios,
         )
     return table
@@ -46,3 +51,8 @@ def bench_table(results: dict) -> FoldingTable:
 
 def _fraction(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "-"
+
+
+def _tensor_parallel(row: dict) -> str:
+    tp = row.get("tensor_parallel", 1)
+    return "-" if tp == 1 else f"{tp}" + ("+sp" if row.get("sequence_parallel") else "")
