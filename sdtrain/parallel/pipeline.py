@@ -47,7 +47,7 @@ class Pipeline(Strategy):
         self.chunks = chunk_count(pipeline)
         self.stages = pipeline.stages
         self.layers = {c: [str(i) for i in partition[c]] for c in chunks_of_rank(env.stage, pipeline)}
-        self.tied = TiedHead(model, env, self.chunks - 1 in self.layers, 0 in self.layers)
+        self.tied = TiedHead(model, env, self.chunks - 1 in self.layers, 0 in self.layers, tp)
         self.inner = build_replicas(model)  # DataParallel or Zero over this stage's replicas
         self.tied.start(self.inner)
         self.schedule = build_schedule(pipeline.schedule, pipeline.stages, pipeline.virtual_stages, micro_batches)
@@ -62,6 +62,8 @@ class Pipeline(Strategy):
         # each action's compute time, per step since then (the last REPLAYED_STEPS of them)
         self.action_s: deque[list[float]] = deque(maxlen=REPLAYED_STEPS)
         self.posted: dict[tuple, tuple] = {}  # receives started ahead: (kind, chunk, m) -> (work, buffer)
+        # this rank's (all, tensor-parallel) bytes of the steps up to the last comm_bytes call
+        self.comm_taken, self.steps_since_taken, self.steps = (0, 0), 0, 0
 
     # --- one step ------------------------------------------------------------------------
 
@@ -167,6 +169,7 @@ class Pipeline(Strategy):
         self.inner.gate_updates(gate)  # the replicas' step holds the global norm
 
     def step(self, lr: float, grad_clip: float) -> torch.Tensor:
+        self.steps += 1
         started = time.perf_counter()
         self.tied.reduce_grads(self.inner)
         # The first and last stage meet here: the last waits for the first's final backward.
@@ -221,10 +224,15 @@ class Pipeline(Strategy):
         free communication. The formula assumes equal stages and steady compute; the replay
         keeps how unequal the stages and how uneven the passes of each step really were, so
         bubble - replayed is what communication and the executor cost, and replayed - formula
-        what the partition's imbalance and the machine's jitter cost."""
+        what the partition's imbalance and the machine's jitter cost.
+
+        Each stage's bytes per step (comm_bytes_per_stage; tp_bytes_per_stage under tensor
+        parallelism, included in the former), the mean of its ranks: the run's comm_bytes is
+        rank 0's, the first stage's, and the stages hold different layers."""
         idle = 1.0 - self.busy_s / self.step_s if self.step_s else 0.0
-        mine = torch.tensor([idle, mem_gib, len(self.action_s), *(t for step in self.action_s for t in step)],
-                            dtype=torch.float64)
+        steps_taken = max(self.steps_since_taken, 1)
+        mine = torch.tensor([idle, mem_gib, *(b / steps_taken for b in self.comm_taken), len(self.action_s),
+                             *(t for step in self.action_s for t in step)], dtype=torch.float64)
         self.busy_s = self.step_s = 0.0
         self.action_s.clear()
         # every rank ran as many steps, each with as many actions: 2 V M (3 M with W)
@@ -233,10 +241,17 @@ class Pipeline(Strategy):
         layout = self.env.layout
         per_stage = [sum(every[r][0].item() for r in layout.stage_ranks(s)) / len(layout.stage_ranks(s))
                      for s in range(layout.pp)]
-        steps = int(every[0][2].item())
-        replayed = [replay(self.schedule, self.chunks, [every[r][3:].view(steps, -1).tolist()
-                                                       for r in layout.pipeline_ranks(d)])
-                    for d in range(layout.dp)] if steps else [None]
+        steps = int(every[0][4].item())
+        # every pipeline: one per (dp rank, tp rank); a tp group's ranks run in step but time apart
+        replayed = [replay(self.schedule, self.chunks, [every[r][5:].view(steps, -1).tolist()
+                                                       for r in layout.pipeline_ranks(d, t)])
+                    for d in range(layout.dp) for t in range(layout.tp)] if steps else [None]
+
+        def per_stage_mean(i: int) -> list[int]:
+            return [round(sum(every[r][i].item() for r in layout.stage_ranks(s)) / len(layout.stage_ranks(s)))
+                    for s in range(layout.pp)]
+
+        tp_bytes = {"tp_bytes_per_stage": per_stage_mean(3)} if layout.tp > 1 else {}
         return {"bubble": round(sum(per_stage) / len(per_stage), 4),
                 "bubble_per_stage": [round(b, 4) for b in per_stage],
                 "bubble_formula": round(self.bubble_formula, 4),
@@ -244,6 +259,7 @@ class Pipeline(Strategy):
                 # stages hold different layers: each one's memory (the most of its replicas)
                 "mem_gib_per_stage": [round(max(every[r][1].item() for r in layout.stage_ranks(s)), 3)
                                       for s in range(layout.pp)],
+                "comm_bytes_per_stage": per_stage_mean(2), **tp_bytes,
                 **self.inner.log_metrics(mem_gib)}  # the MoE layers' numbers, over every stage
 
     def finish(self) -> None:
@@ -266,4 +282,7 @@ class Pipeline(Strategy):
         return self.inner.state_bytes()
 
     def comm_bytes(self) -> dict[str, int]:
-        return self.inner.comm_bytes()
+        taken = self.inner.comm_bytes()
+        tp = sum(count for kind, count in taken.items() if kind.startswith("tp_"))
+        self.comm_taken, self.steps_since_taken, self.steps = (sum(taken.values()), tp), self.steps, 0
+        return taken

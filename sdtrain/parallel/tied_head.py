@@ -12,6 +12,13 @@ Each step the two are kept identical, as on one stage:
 - the updated embedding goes back to the last stage. That broadcast is asynchronous (it
   took about 3% of a step when it was not): the head waits for it just before its next use
   (`settle`), so the transfer overlaps the next step's first forwards.
+
+Under tensor parallelism the embedding and the head are vocabulary-parallel (vocab_parallel.py):
+tp rank r of the first stage holds vocabulary rows [r V / T, (r + 1) V / T) of the embedding,
+tp rank r of the last stage the same rows of the head. Each pipeline is one (dp rank, tp
+rank) slot (Layout.tied_pairs), so the pairs above tie the same rows. Those gradients are
+complete on their rank (the head sees the whole hidden states, the embedding every id),
+never partial sums over tp: adding one to the embedding's gradient counts it once.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from sdtrain.parallel.mesh import DistEnv
+from sdtrain.parallel.tp_collectives import TensorParallel
 
 
 class TiedHead:
-    def __init__(self, model: nn.Module, env: DistEnv, has_head: bool, has_embedding: bool):
+    def __init__(self, model: nn.Module, env: DistEnv, has_head: bool, has_embedding: bool,
+                 tp: TensorParallel | None = None):
         self.model, self.env = model, env
         self.is_head = has_head and not has_embedding  # holds the copy
         self.is_embedding = has_embedding and not has_head  # holds the original
@@ -35,8 +44,12 @@ class TiedHead:
         if self.is_head:
             head = model.lm_head
             weight = torch.empty(head.weight.shape, dtype=torch.float32, device=env.device)
+            rows = weight.size(0)
+            whole = weight if tp is None else torch.empty(rows * tp.size, weight.size(1), device=env.device)
             with torch.no_grad():
-                model.initial_value("lm_head.weight", weight)  # as the embedding starts
+                model.initial_value("lm_head.weight", whole)  # as the embedding starts
+                if tp is not None:  # this tp rank's vocabulary rows, as its embedding's
+                    weight.copy_(whole[tp.rank * rows:(tp.rank + 1) * rows])
             del head._parameters["weight"]
             head.register_buffer("weight", weight.requires_grad_(), persistent=False)
 

@@ -1,0 +1,116 @@
+"""Tensor parallelism inside a pipeline (TP x PP) against the one-process run of the same
+recipe: TP=2 x PP=2 on 4 ranks with 1F1B and interleaved, a TP=2 x DP=2 checkpoint continued
+at TP=2 x PP=2, and (slow) gpipe, zero bubble with and without sequence parallelism, and
+ZeRO. Real processes through `sdtrain launch` on gloo, fp32, 20 steps."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import TINY, launch_run, losses, merge, metrics
+from sdtrain.parallel.tp_volume import tp_step_bytes
+from sdtrain.train.export import load_model_weights
+
+REL_TOL = 1e-5  # fp32 on CPU: only the order of the sums differs
+STEPS = 20
+# 4 blocks: P = 2 with V = 2 still has one per chunk; 4 micro-batches of 2 per step at dp 1
+RUN = {"model": {"n_layers": 4}, "train": {"steps": STEPS},
+       "checkpoint": {"at_end": True, "every": 10, "keep": 3}}
+TP2_PP2 = ("parallel.tensor_parallel=2", "parallel.pipeline.stages=2")
+TOKENS = 8 * 32  # a rank's tokens per step at dp 1: the global batch of 8 sequences of 32
+
+
+def launch(tmp, name, nproc, *overrides):
+    return launch_run(tmp, name, nproc, merge(TINY, RUN), *overrides)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("ref"), "single", 1)
+
+
+def assert_same_run(reference, run_dir, steps=range(1, STEPS + 1)):
+    """Losses and global gradient norms (clipping at 1.0 is active: each tp piece and each
+    whole parameter of each stage counted once), step by step."""
+    expected, got = losses(reference), losses(run_dir)
+    assert len(got) == len(expected) == STEPS
+    norms = [{m["step"]: m["grad_norm"] for m in metrics(run)} for run in (reference, run_dir)]
+    for step in steps:
+        a, b = expected[step - 1], got[step - 1]
+        assert abs(a - b) <= REL_TOL * abs(a), f"step {step}: one process {a} vs {b}"
+        assert abs(norms[0][step] - norms[1][step]) <= REL_TOL * norms[0][step], f"step {step}: grad norm"
+
+
+def assert_same_weights(reference, run_dir):
+    """The final checkpoints loaded whole: every stage's tp pieces where the one-process tensors
+    are, the tied head stored once (the first stage's embedding)."""
+    ours, theirs = load_model_weights(run_dir)[0], load_model_weights(reference)[0]
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name].shape == theirs[name].shape, name
+        # atol: the key bias has a zero gradient, which Adam turns into ~1e-6 noise (see test_ddp)
+        torch.testing.assert_close(ours[name], theirs[name], rtol=REL_TOL, atol=1e-5, msg=name)
+
+
+def partial_grad_bytes(blocks: int, position_embedding: bool, final_norm: bool) -> int:
+    """The sequence-parallel partial gradients a stage sums over tp (fp32): per block two
+    norms (weight and bias of 32) and the two row-parallel biases (32 each); the position
+    embedding (32 x 32) on the first stage, the final norm on the last."""
+    return 4 * (blocks * (2 * 64 + 2 * 32) + position_embedding * 32 * 32 + final_norm * 64)
+
+
+def assert_metrics_per_stage(run_dir, schedule):
+    """Each stage's bubble, memory, and bytes: the tp collectives of its own layers (the
+    embedding's on the first, the head's on the last, Megatron's count) and its partial sums."""
+    rows = metrics(run_dir)
+    expected = [sum(tp_step_bytes(2, TOKENS, 32, True, embedding=True, head=False).values())
+                + partial_grad_bytes(2, True, False),
+                sum(tp_step_bytes(2, TOKENS, 32, True, embedding=False, head=True).values())
+                + partial_grad_bytes(2, False, True)]
+    for row in rows[1:]:  # step 1's count holds the step-0 eval's forward too
+        assert len(row["bubble_per_stage"]) == len(row["mem_gib_per_stage"]) == 2, schedule
+        assert 0.0 <= row["bubble"] < 1.0
+        assert row["tp_bytes_per_stage"] == expected, row["step"]
+        # DDP at dp 1 reduces nothing: a stage's bytes are its tp bytes
+        assert row["comm_bytes_per_stage"] == expected, row["step"]
+        assert row["comm_bytes"] == expected[0]  # rank 0's: the first stage's
+
+
+@pytest.mark.parametrize("schedule, virtual", [("1f1b", 1), ("interleaved", 2)])
+def test_tp2_pp2_matches_one_process(reference, tmp_path, schedule, virtual):
+    run_dir = launch(tmp_path, f"tp2-pp2-{schedule}", 4, *TP2_PP2, f"parallel.pipeline.schedule={schedule}",
+                     f"parallel.pipeline.virtual_stages={virtual}")
+    assert_same_run(reference, run_dir)
+    assert_same_weights(reference, run_dir)
+    assert_metrics_per_stage(run_dir, schedule)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ["parallel.pipeline.schedule=gpipe"],
+    ["parallel.pipeline.schedule=zero_bubble"],
+    ["parallel.pipeline.schedule=zero_bubble", "parallel.sequence_parallel=false"],
+    ["parallel.zero_stage=1"],
+    ["parallel.zero_stage=3", "parallel.pipeline.schedule=zero_bubble"],
+], ids=["gpipe", "zero-bubble-sp", "zero-bubble", "zero1", "zero3-zero-bubble"])
+def test_tp2_pp2_with_every_schedule_and_zero_matches_one_process(reference, tmp_path, overrides):
+    run_dir = launch(tmp_path, "tp2-pp2", 4, *TP2_PP2, *overrides)
+    assert_same_run(reference, run_dir)
+    assert_same_weights(reference, run_dir)
+
+
+def test_a_tp2_dp2_checkpoint_continues_at_tp2_pp2(reference, tmp_path):
+    """The checkpoint matrix: pieces saved as whole tensors by TP x DP load into TP x PP's
+    stages, the head's copy on the last stage taken from the first stage's embedding."""
+    first = launch(tmp_path, "tp2-dp2", 4, "parallel.tensor_parallel=2")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(first, resumed)
+    shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS}")
+    (resumed / "checkpoints" / "latest").write_text("step_10")
+    assert launch(tmp_path, "resumed", 4, *TP2_PP2, "train.resume=auto") == resumed
+    assert_same_run(reference, first)
+    assert_same_run(reference, resumed, steps=range(11, STEPS + 1))
+    assert_same_weights(reference, resumed)
