@@ -98,15 +98,18 @@ def test_tp2_pp2_matches_one_process(reference, tmp_path, schedule, virtual):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [
-    ["parallel.pipeline.schedule=gpipe"],
-    ["parallel.pipeline.schedule=zero_bubble"],
-    ["parallel.pipeline.schedule=zero_bubble", "parallel.sequence_parallel=false"],
-    ["parallel.zero_stage=1"],
-    ["parallel.zero_stage=3", "parallel.pipeline.schedule=zero_bubble"],
-], ids=["gpipe", "zero-bubble-sp", "zero-bubble", "zero1", "zero3-zero-bubble"])
-def test_tp2_pp2_with_every_schedule_and_zero_matches_one_process(reference, tmp_path, overrides):
-    run_dir = launch(tmp_path, "tp2-pp2", 4, *TP2_PP2, *overrides)
+@pytest.mark.parametrize("world, overrides", [
+    (4, ["parallel.pipeline.schedule=gpipe"]),
+    (4, ["parallel.pipeline.schedule=zero_bubble"]),
+    (4, ["parallel.pipeline.schedule=zero_bubble", "parallel.sequence_parallel=false"]),
+    (4, ["parallel.zero_stage=1"]),
+    (4, ["parallel.zero_stage=3", "parallel.pipeline.schedule=zero_bubble"]),
+    # dp 2: the head's gradient averaged over its tp rank's replicas, added to ZeRO's shards
+    (8, ["parallel.zero_stage=2"]),
+    (8, []),
+], ids=["gpipe", "zero-bubble-sp", "zero-bubble", "zero1", "zero3-zero-bubble", "dp2-zero2", "dp2"])
+def test_tp2_pp2_with_every_schedule_and_zero_matches_one_process(reference, tmp_path, world, overrides):
+    run_dir = launch(tmp_path, "tp2-pp2", world, *TP2_PP2, *overrides)
     assert_same_run(reference, run_dir)
     assert_same_weights(reference, run_dir)
 
