@@ -12,6 +12,12 @@ a receive posted just one pass ahead left a finished send waiting for the receiv
 are matched by tag (kind, chunk, micro-batch), so no schedule can deadlock on message order;
 the window costs at most P x V boundary-sized buffers allocated early.
 
+Under tensor parallelism each stage's layers are split over its tp ranks, and a pipeline is
+one (dp rank, tp rank) slot across the stages (Layout.pipeline_ranks): tp rank r sends to tp
+rank r of the next stage, its part of the sequence under sequence parallelism ([micro, T / tp,
+d_model]), the whole activations otherwise (equal on the tp ranks). The tp ranks of a stage run
+the same schedule, so their collectives inside a pass meet in the same order.
+
 The tied embedding/head lives on the first and the last stage (tied_head.py). Every
 reduction names its group: gradients over the stage's data-parallel replicas, the global
 gradient norm over the pipeline too, the loss from the last stage to everyone.
