@@ -32,6 +32,7 @@ from sdtrain.parallel.strategy import (
     init_adam_state,
     tensor_bytes,
 )
+from sdtrain.parallel.tp_traffic import TpTraffic
 
 if TYPE_CHECKING:
     from sdtrain.parallel.tensor_parallel import TensorParallelPlan
@@ -44,7 +45,7 @@ class DataParallel(Strategy):
         over this tp rank's replicas, env.dp_group, as without it)."""
         self.env = env
         self.tp = tp
-        self.tp_taken, self.steps_since_taken = None, 0  # TP's bytes by kind, for log_metrics
+        self.tp_traffic = TpTraffic(tp) if tp is not None else None
         self.comm_counted = 0
         # Under a pipeline, a stage's forward runs one chunk at a time, which DDP's reducer
         # cannot follow: its replicas average their gradients once, in step().
@@ -100,7 +101,7 @@ class DataParallel(Strategy):
         sizes, groups = axis_sizes(self.env), axis_groups(self.env)
         if self.tp is not None:  # before the norm: the sum over tp of sequence-parallel partial grads
             self.tp.sum_partial_grads(self.plain)
-            self.steps_since_taken += 1
+            self.tp_traffic.stepped()
         for group, params in self.replicated.items():
             if params and sizes[group] > 1 and (group != "dp" or self.average_in_step):
                 self._average_grads(params, groups[group])
@@ -186,10 +187,8 @@ class DataParallel(Strategy):
     def log_metrics(self, mem_gib: float) -> dict:
         moe = getattr(getattr(self.plain, "cfg", None), "moe", None)
         metrics = moe_metrics(self.plain, self.env, moe.num_experts) if moe else {}
-        if self.tp_taken is not None:  # what comm_bytes took just before, per step and kind
-            taken, steps = self.tp_taken
-            metrics["tp_bytes"] = {kind: count // max(steps, 1) for kind, count in sorted(taken.items())}
-            self.tp_taken = None
+        if self.tp_traffic is not None:
+            metrics.update(self.tp_traffic.metrics())
         return metrics
 
     def after_load(self) -> None:
@@ -206,13 +205,7 @@ class DataParallel(Strategy):
 
     def comm_bytes(self) -> dict[str, int]:
         counted, self.comm_counted = self.comm_counted, 0
-        if self.tp is None:
-            return {"all_reduce": counted}
-        # tensor parallelism's traffic since the last call (the layers' collectives and the
-        # partial gradients' sum), also kept by kind for log_metrics' "tp_bytes"
-        taken = dict(self.tp.tp.take_bytes())
-        self.tp_taken, self.steps_since_taken = (taken, self.steps_since_taken), 0
-        return {"all_reduce": counted, **{f"tp_{kind}": count for kind, count in taken.items()}}
+        return {"all_reduce": counted, **(self.tp_traffic.take() if self.tp_traffic is not None else {})}
 
     def state_bytes(self) -> dict[str, int]:
         params = [p for _, p in self.named]

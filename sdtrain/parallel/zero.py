@@ -43,8 +43,9 @@ from sdtrain.parallel.strategy import (
     init_adam_state,
     tensor_bytes,
 )
+from sdtrain.parallel.tp_traffic import TpTraffic
 from sdtrain.parallel.zero3 import ParamGatherer
-from sdtrain.parallel.zero_tp import TpTraffic, placed_initial_value, sum_partial_shards
+from sdtrain.parallel.zero_tp import placed_initial_value, sum_partial_shards
 
 if TYPE_CHECKING:
     from sdtrain.parallel.tensor_parallel import TensorParallelPlan

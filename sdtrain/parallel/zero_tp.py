@@ -9,7 +9,7 @@ the data-parallel replicas of its pieces (env.dp_group), and only two things cro
   Zero._build_units), whose flat layout is then the same on every tp rank (the same
   parameters, shapes, order and dp size), so the dp-averaged shard of such a unit is summed
   over tp as it is: a sum that commutes with the average over dp.
-The tp collectives' bytes are reported beside ZeRO's, as DataParallel reports them.
+The tp collectives' bytes are reported beside ZeRO's (tp_traffic.py), as DataParallel's.
 """
 
 from __future__ import annotations
@@ -49,27 +49,3 @@ def sum_partial_shards(plan: TensorParallelPlan | None, shards: list[torch.Tenso
     flat = plan.tp.all_reduce(torch.cat(shards), kind="all_reduce_grads")
     for shard, part in zip(shards, flat.split([s.numel() for s in shards])):
         shard.copy_(part)
-
-
-class TpTraffic:
-    """Tensor parallelism's bytes for a strategy's `comm_bytes` (as `tp_<kind>`, apart from
-    the data-parallel kinds) and, per step and kind, for `log_metrics`' "tp_bytes"."""
-
-    def __init__(self, plan: TensorParallelPlan):
-        self.plan, self.steps, self.taken = plan, 0, None
-
-    def stepped(self) -> None:
-        self.steps += 1
-
-    def take(self) -> dict[str, int]:
-        """The bytes since the last call (the layers' collectives, the partial gradients' sum)."""
-        taken = dict(self.plan.tp.take_bytes())
-        self.taken, self.steps = (taken, self.steps), 0
-        return {f"tp_{kind}": size for kind, size in taken.items()}
-
-    def metrics(self) -> dict:
-        """What `take` took just before, per step (eval's collectives are taken apart, after)."""
-        if self.taken is None:
-            return {}
-        (taken, steps), self.taken = self.taken, None
-        return {"tp_bytes": {kind: size // max(steps, 1) for kind, size in sorted(taken.items())}}
