@@ -1,9 +1,11 @@
 """`sdtrain bench` with tensor parallelism (`tp<T>[-nosp][-zero<S>]`, and `pp<P>-<schedule>-tp<T>`):
 names and the batch each runs, bad input refused with the recipe's message before anything runs,
 and a real run beside PyTorch's DTensor tensor parallelism whose rows carry T, sequence
-parallelism, TP's bytes per step and the ratio."""
+parallelism, TP's bytes per step and the ratio; and activation memory per rank (tp_activations.py)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -64,3 +66,16 @@ def test_bench_tp2_beside_dtensor_tp(write_recipe, tmp_path):
     assert tp2["vs_dtensor-tp2"] == pytest.approx(tp2["tokens_per_s"] / peer["tokens_per_s"], abs=2e-3)
     assert tp2["paired_ratios"] == [tp2["vs_dtensor-tp2"]]  # run back to back
     assert "2+sp" in result.stdout and "dtensor-tp2 (peer)" in result.stdout
+
+
+def test_activations_per_rank_shrink_with_tp_and_further_with_sequence_parallelism(tmp_path):
+    out = tmp_path / "counts.json"
+    result = subprocess.run([sys.executable, "-m", "sdtrain.bench.tp_activations", "--tp", "2", "--n-layers", "1",
+                             "--d-model", "64", "--n-heads", "4", "--seq-len", "128", "--json", out],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = json.loads(out.read_text())
+    # tp 2 splits heads and the MLP's hidden width; sequence parallelism also splits the norms'
+    # and the residual stream's activations along the sequence
+    assert counts["tp2+sp"] < counts["tp2"] < 0.65 * counts["tp1"]
+    assert "tp2+sp" in result.stdout and "of tp1" in result.stdout
