@@ -12,6 +12,8 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+from sdtrain.parallel.ring import RingAllGather
+
 # torch 2.13 renamed the flat-buffer collectives and warns (FutureWarning, in every rank's
 # log) on the old names; older torch has only those. Looked up at call time: the hang
 # watchdog's record wraps torch.distributed's functions after this module is imported.
@@ -28,12 +30,25 @@ class Comm:
         # and all-reduces the clone. Doing that all-reduce in place is the same traffic
         # without the copy (measured: 1.5x the buffer in temporaries, and slower).
         self.reduce_scatter_by_all_reduce = dist.get_backend(group) == "gloo"
+        self.all_gather_by_ring = dist.get_backend(group) == "gloo"  # gloo's own is slow: ring.py
         self.bytes = defaultdict(int)  # per collective kind, since the last reset
 
     def all_gather(self, full: torch.Tensor, shard: torch.Tensor, async_op: bool = False):
-        """full <- concatenation of every rank's shard."""
+        """full <- concatenation of every rank's shard. `shard` may be this rank's chunk of
+        `full` itself (no copy is made then, on gloo)."""
         self.bytes["all_gather"] += full.numel() * full.element_size()
-        return getattr(dist, ALL_GATHER)(full, shard, group=self.group, async_op=async_op)
+        own = full[self.rank * shard.numel() : (self.rank + 1) * shard.numel()]
+        in_place = own.data_ptr() == shard.data_ptr()
+        if not self.all_gather_by_ring:
+            shard = shard.clone() if in_place else shard  # the collective reads what it overwrites
+            return getattr(dist, ALL_GATHER)(full, shard, group=self.group, async_op=async_op)
+        if not in_place:
+            own.copy_(shard)
+        work = RingAllGather(full, self.group, self.rank, self.world)
+        if not async_op:
+            work.wait()
+            return None
+        return work
 
     def reduce_scatter(self, full: torch.Tensor, async_op: bool = False) -> tuple[object, torch.Tensor]:
         """This rank's chunk of the average of every rank's `full`, as (work, chunk); the

@@ -318,7 +318,7 @@ class Zero(Strategy):
             if local.data_ptr() != unit.master.data_ptr():
                 local.copy_(unit.master)
             if self.stage < 3 or unit.name == "persistent":
-                works.append(unit.comm.all_gather(unit.full, local.clone(), async_op=True))
+                works.append(unit.comm.all_gather(unit.full, local, async_op=True))
         for work in works:
             work.wait()
 
