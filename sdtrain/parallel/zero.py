@@ -2,7 +2,8 @@
 
 Stage 1  optimizer state (fp32 master weights, Adam moments) is sharded: each rank updates
          its shard, then the new weights are all-gathered. Gradients accumulate whole on
-         every rank and are reduce-scattered once per step.
+         every rank and are reduce-scattered once per step, bucket by bucket while the
+         last micro-batch's backward runs.
 Stage 2  gradients are sharded too: as soon as backward has produced every gradient of a
          bucket, the bucket is reduce-scattered (asynchronously, overlapping the rest of
          backward when `overlap_comm`) into this rank's shard and the full gradients freed.
@@ -18,6 +19,8 @@ own master (K = 8): stage 1: 8Ψ + 8Ψ/N, stage 2: 4Ψ + 12Ψ/N, stage 3: 16Ψ/N
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -63,9 +66,9 @@ class Zero(Strategy):
                 layer.balancer.float()  # its bias moves in steps of 1e-3: fp32
         self.optimizer = self._build_optimizer(train)
         self.pending: list = []  # in-flight reduce-scatters: (work, result, unit)
-        if self.stage >= 2:
-            for p in self.owner:
-                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self.in_last_micro_batch = False  # stage 1: this backward makes the step's final gradients
+        for p in self.owner:
+            p.register_post_accumulate_grad_hook(self._on_grad_ready if self.stage >= 2 else self._on_grad_final)
         self.gatherer = None
         if self.stage == 3:
             self.gatherer = ParamGatherer(model, self.block_units, self.root_unit, self.comm, cfg.prefetch_blocks)
@@ -185,6 +188,26 @@ class Zero(Strategy):
         if unit.waiting == 0:
             self._reduce_scatter(unit)
 
+    @contextlib.contextmanager
+    def micro_batch(self, is_last: bool):
+        self.in_last_micro_batch = is_last
+        try:
+            yield
+        finally:
+            self.in_last_micro_batch = False
+
+    def _on_grad_final(self, param: nn.Parameter) -> None:
+        """Stage 1, in the step's last micro-batch: reduce-scatter a bucket as soon as backward
+        has added its last gradient, overlapping the rest of backward as DDP does, instead of
+        all of them in step() (measured on bench-20m: ~120 ms of a ~650 ms step). Where no
+        micro-batch says it is the last (a pipeline's replicas), step() reduces them all."""
+        if not self.in_last_micro_batch:
+            return
+        unit, _ = self.owner[param]
+        unit.waiting -= 1
+        if unit.waiting == 0:
+            self._reduce_scatter(unit)
+
     def _reduce_scatter(self, unit: FlatUnit) -> None:
         work, result = unit.comm.reduce_scatter(unit.grad_full, async_op=unit.comm.overlap)
         self.pending.append((work, result, unit))
@@ -237,7 +260,9 @@ class Zero(Strategy):
     def step(self, lr: float, grad_clip: float) -> torch.Tensor:
         if self.stage == 1:  # the step's one reduction of the whole accumulated gradients
             for unit in self.units:
-                self._reduce_scatter(unit)
+                if unit.waiting:  # not reduced during backward
+                    unit.waiting = 0
+                    self._reduce_scatter(unit)
             self._drain()
         grads = [u.grad_shard.float() if self.param_dtype != torch.float32 else u.grad_shard for u in self.units]
         squares = self._squares([g for u, g in zip(self.units, grads) if u.comm is self.comm], self.comm)
