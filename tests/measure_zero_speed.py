@@ -10,7 +10,8 @@ traced to its cause. Run it as the bench runs a row (one thread each):
         tests/measure_zero_speed.py recipes/bench-20m.yaml [--set key=value]... [--steps 20]
 
 Rank 0 prints one JSON object: per strategy, the median step time, the median ratio of its
-steps to the zero0 steps beside them, and the mean time per step spent in each timed part.
+steps to the zero0 steps beside them, the same two for the CPU time of a step (both ranks),
+and the mean time per step spent in each timed part.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def main() -> None:
     timed(Comm, "all_gather", "all_gather (issue)")
     timed(Zero, "_publish_weights", "publish_weights")
     timed(Zero, "_drain", "drain")
+    timed(Zero, "_finish", "finish (wait)")
+    timed(Zero, "_on_grad_ready", "grad hooks")
     strategies, batches = {}, None
     for name in args.strategies.split(","):
         stage = int(name.removeprefix("zero"))
@@ -93,24 +96,34 @@ def main() -> None:
     # shared machine) falls on all of them alike; each step's time is compared with the
     # zero0 step next to it, and the median of those ratios is reported.
     times = {name: [] for name in strategies}
+    cpu = {name: [] for name in strategies}  # this process's CPU seconds (all threads, gloo's too)
     SPENT.clear()
     spent = {}
     for _ in range(args.steps):
         for name, strategy in strategies.items():
             before = dict(SPENT)
             dist.barrier()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step(strategy)
+            cpu_used = time.process_time() - cpu_start
             dist.barrier()
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(cpu_used)
             for key, value in SPENT.items():
                 spent.setdefault(name, collections.Counter())[key] += value - before.get(key, 0.0)
+    # Under load, wall time is mostly a share of the cores: the CPU time a step takes (both
+    # ranks together) is the steadier measure of what it costs.
+    cpu_both = {name: torch.tensor(c, dtype=torch.float64) for name, c in cpu.items()}
+    for c in cpu_both.values():
+        dist.all_reduce(c)
     if env.rank == 0:
-        base = times.get("zero0")
+        base, cpu_base = times.get("zero0"), cpu_both.get("zero0")
         count = len(times[next(iter(times))])
         print(json.dumps({name: {
             "step_ms": round(statistics.median(t) * 1e3, 1),
             "vs_zero0": round(statistics.median(a / b for a, b in zip(t, base)), 3) if base else None,
+            "cpu_ms": round(cpu_both[name].median().item() * 1e3, 1),
+            "cpu_vs_zero0": round((cpu_both[name] / cpu_base).median().item(), 3) if base else None,
             "parts_ms": {k: round(v / count * 1e3, 1) for k, v in spent[name].items()},
         } for name, t in times.items()}, indent=1))
     dist.barrier()
