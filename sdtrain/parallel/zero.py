@@ -67,6 +67,7 @@ class Zero(Strategy):
         self.optimizer = self._build_optimizer(train)
         self.pending: list = []  # in-flight reduce-scatters: (work, result, unit)
         self.in_last_micro_batch = False  # stage 1: this backward makes the step's final gradients
+        self.spare_grad_buffers: list[torch.Tensor] = []  # stages 2/3: see _whole_grad_buffer
         for p in self.owner:
             p.register_post_accumulate_grad_hook(self._on_grad_ready if self.stage >= 2 else self._on_grad_final)
         self.gatherer = None
@@ -181,7 +182,7 @@ class Zero(Strategy):
         """Stage 2/3: move a finished gradient into its bucket; reduce-scatter a full bucket."""
         unit, e = self.owner[param]
         if unit.grad_full is None:
-            unit.grad_full = torch.zeros(unit.padded, dtype=self.param_dtype, device=self.env.device)
+            unit.grad_full = self._whole_grad_buffer(unit.padded)
         unit.grad_full[e.offset : e.offset + e.numel].copy_(param.grad.reshape(-1))
         param.grad = None
         unit.waiting -= 1
@@ -207,6 +208,17 @@ class Zero(Strategy):
         unit.waiting -= 1
         if unit.waiting == 0:
             self._reduce_scatter(unit)
+
+    def _whole_grad_buffer(self, numel: int) -> torch.Tensor:
+        """Stages 2/3: zeros for a unit's whole gradients, in a buffer a unit used before where
+        one is as large. Kept (no more than can be in use at once) rather than freed: buffers
+        made and freed every step grew the resident set past the heap trimmer's margin, which
+        then trimmed after every step of bench-20m's ZeRO-2, and the next step faulted the
+        pages back in."""
+        for i, buffer in enumerate(self.spare_grad_buffers):
+            if buffer.numel() == numel:
+                return self.spare_grad_buffers.pop(i).zero_()
+        return torch.zeros(numel, dtype=self.param_dtype, device=self.env.device)
 
     def _reduce_scatter(self, unit: FlatUnit) -> None:
         work, result = unit.comm.reduce_scatter(unit.grad_full, async_op=unit.comm.overlap)
@@ -251,8 +263,10 @@ class Zero(Strategy):
         if work is not None:
             work.wait()
         unit.grad_shard += result
-        if self.stage >= 2:
-            unit.grad_full = None  # stage 1 keeps its whole-gradient buffer for the next step
+        if self.stage >= 2:  # stage 1 keeps its whole-gradient buffer for the next step
+            if len(self.spare_grad_buffers) <= MAX_REDUCE_SCATTERS_IN_FLIGHT:
+                self.spare_grad_buffers.append(unit.grad_full)
+            unit.grad_full = None
         unit.waiting = len(unit.entries)
 
     # --- step --------------------------------------------------------------------------
