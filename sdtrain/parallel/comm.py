@@ -51,6 +51,8 @@ class Comm:
         chunk is a view of `full`, whose other chunks are left holding partial sums."""
         self.bytes["reduce_scatter"] += full.numel() * full.element_size()
         chunk_size = full.numel() // self.world
+        if self.world == 1:
+            return None, full  # the average of one
         if self.by_ring:
             received = self._spare_buffer(chunk_size, full)
             ring = RingReduceScatter(full, self.group, self.rank, self.world, received,
