@@ -13,6 +13,7 @@ from sdtrain.model.gpt import GPT, GPTConfig
 from sdtrain.parallel.comm import ALL_GATHER, Comm
 from sdtrain.parallel.join import STORE_FILE_VARIABLE
 from sdtrain.parallel.mesh import init_distributed
+from sdtrain.parallel.parallelize import place_parameters
 from sdtrain.parallel.zero import Zero
 from sdtrain.recipe_load import validate_recipe
 
@@ -84,7 +85,7 @@ def _stage1_reduces_in_last_backward(env) -> None:
                               "parallel": {"zero_stage": 1, "zero": {"reduce_bucket_mb": 0.01}}})
     with torch.device("meta"):
         model = GPT(GPTConfig(**recipe.model.model_dump()))
-    zero = Zero(model, recipe, env)
+    zero = Zero(model, 1, recipe.parallel.zero, recipe.train, env, place_parameters(model, env))
     assert len(zero.units) > 2
     inputs = torch.randint(256, (2, 16), generator=torch.Generator().manual_seed(env.rank))
     issued = []
