@@ -79,3 +79,15 @@ def test_activations_per_rank_shrink_with_tp_and_further_with_sequence_paralleli
     # and the residual stream's activations along the sequence
     assert counts["tp2+sp"] < counts["tp2"] < 0.65 * counts["tp1"]
     assert "tp2+sp" in result.stdout and "of tp1" in result.stdout
+
+
+def test_bench_pipeline_with_tensor_parallelism(write_recipe, tmp_path):
+    out = tmp_path / "bench.json"
+    result = sdtrain("bench", write_recipe(), "--strategies", "pp2-1f1b-tp2", "--nproc", 4, "--steps", 15,
+                     "--repeats", 1, "--json", out, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (row,) = json.loads(out.read_text())["results"]
+    # 2 stages x tp 2 on 4 workers: one replica, M = 2P = 4 micro-batches of the global 8
+    assert (row["pipeline_stages"], row["tensor_parallel"], row["sequence_parallel"], row["micro_batches"]) == (
+        2, 2, True, 4)
+    assert row["tp_bytes_per_step"]["all_gather"] > 0 and len(row["peak_mem_gib"]) == 4
