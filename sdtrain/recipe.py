@@ -329,7 +329,7 @@ class Recipe(Section):
         model, parallel = self.model, self.parallel
         try:
             check_tensor_parallel(parallel.tensor_parallel, model.n_heads, model.mlp_ratio * model.d_model,
-                                  model.vocab_size, model.seq_len, parallel.sequence_parallel, model.moe.num_experts)
+                                  model.vocab_size, model.seq_len, parallel.sequence_parallel)
         except RecipeError as exc:
             raise ValueError(str(exc)) from None  # worded as every other recipe error, with its source
         tp, key = parallel.tensor_parallel, "parallel.tensor_parallel"

@@ -27,6 +27,7 @@ from sdtrain.parallel.strategy import base_name
 from sdtrain.parallel.tensor_parallel import apply_tensor_parallel, initial_shard, tp_piece, tp_whole
 from sdtrain.parallel.tp_checks import check_tensor_parallel
 from sdtrain.parallel.tp_collectives import TensorParallel
+from sdtrain.parallel.tp_linear import ColumnParallelLinear
 from sdtrain.parallel.tp_volume import tp_step_bytes
 from sdtrain.parallel.vocab_parallel import SequencePartPositions, vocab_parallel_cross_entropy
 
@@ -139,6 +140,38 @@ def compare_under_autocast() -> dict:
     return {"losses": [loss.item(), one_loss.item()], "grads": worst}
 
 
+def saved_bytes_and_grads(kept_gathered: bool) -> tuple[int, dict]:
+    """The bytes autograd keeps for backward (parameters aside) and the gradients of one
+    forward and backward under SP; `kept_gathered`: the column-parallel layers keep their
+    gathered input, as under the zero-bubble schedule (a `record_local` hook set)."""
+    model = GPT(CFG, seed=SEED, loss_chunk_tokens=CHUNK)
+    apply_tensor_parallel(model, TensorParallel.of(dist.group.WORLD, sequence_parallel=True))
+    if kept_gathered:
+        for module in model.modules():
+            if isinstance(module, ColumnParallelLinear):
+                module.record_local = lambda *recorded: None
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in params:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    x, y = batches(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model.loss(model(x), y)
+    loss.backward()
+    return sum(saved.values()), {name: p.grad for name, p in model.named_parameters()}
+
+
+def compare_regathered_with_kept() -> dict:
+    """The column-parallel layers' backward re-gather against keeping the gathered input."""
+    kept, kept_grads = saved_bytes_and_grads(kept_gathered=True)
+    regathered, grads = saved_bytes_and_grads(kept_gathered=False)
+    return {"saved": [regathered, kept], "bitwise": all(torch.equal(grads[n], kept_grads[n]) for n in grads)}
+
+
 def compare_vocab_loss() -> dict:
     """vocab_parallel_cross_entropy against F.cross_entropy, ignored targets among them."""
     tp = TensorParallel.of(dist.group.WORLD)
@@ -179,6 +212,7 @@ def rank_main(rank: int, world: int, store: str, out: str) -> None:
                   "sp_on_reduce_scatter": compare_with_one_process(True, reduce_scatter_by_all_reduce=False),
                   "sp_on_checkpointed": compare_with_one_process(True, checkpointed=True),
                   "bf16": compare_under_autocast(),
+                  "regathered": compare_regathered_with_kept(),
                   "vocab_loss": compare_vocab_loss()}
         if rank == 0:
             with open(out, "w") as f:
@@ -268,13 +302,25 @@ def test_vocab_parallel_loss_equals_cross_entropy(run, world):
 def test_counted_bytes_are_megatrons(run, world):
     tokens, d, layers, fp32 = BATCH * CFG.seq_len, CFG.d_model, CFG.n_layers, 4
     activations = (4 * layers + 2) * tokens * d * fp32  # 4 per layer, the embedding's and the head's
+    regathers = 2 * layers * tokens * d * fp32  # the column-parallel layers' inputs, again in backward
     loss = 3 * tokens * fp32  # max, sum of exponentials, target logit
     assert run(world)["sp_off"]["bytes"] == {"all_reduce": activations + loss}
     for setting in ("sp_on", "sp_on_reduce_scatter"):
-        assert run(world)[setting]["bytes"] == {"all_gather": activations, "reduce_scatter": activations,
-                                                "all_reduce": loss}
+        assert run(world)[setting]["bytes"] == {"all_gather": activations + regathers,
+                                                "reduce_scatter": activations, "all_reduce": loss}
     for setting, sp in (("sp_off", False), ("sp_on", True)):
         assert run(world)[setting]["bytes"] == tp_step_bytes(layers, tokens, d, sp)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_column_parallel_layers_keep_their_sequence_part_and_gather_it_again_in_backward(run, world):
+    # the same gradients, to the bit; what backward keeps shrinks by the two gathered inputs
+    # per block, less the two sequence parts kept in their place
+    report = run(world)["regathered"]
+    assert report["bitwise"]
+    regathered, kept = report["saved"]
+    whole_input = BATCH * CFG.seq_len * CFG.d_model * 4
+    assert kept - regathered == 2 * CFG.n_layers * (whole_input - whole_input // world)
 
 
 def test_the_partial_gradients_are_summed_in_one_all_reduce_counted_apart(run):
@@ -315,12 +361,6 @@ def test_an_mlp_width_that_does_not_split_is_refused():
     with pytest.raises(RecipeError, match=r"the MLP width 1000 \(model.mlp_ratio x model.d_model\) is not divisible "
                                           r"by parallel.tensor_parallel 16: .* use parallel.tensor_parallel in \[1, 2, 4, 5, 8, 10"):
         check_tensor_parallel(16, n_heads=16, mlp_width=1000, vocab_size=64, seq_len=16, sequence_parallel=True)
-
-
-def test_tensor_parallel_of_moe_layers_is_refused_for_now():
-    with pytest.raises(RecipeError, match="with model.moe.num_experts 4: tensor parallelism of MoE layers"):
-        check_tensor_parallel(2, n_heads=4, mlp_width=128, vocab_size=64, seq_len=16, sequence_parallel=False,
-                              num_experts=4)
 
 
 def test_pieces_of_a_meta_model_start_as_slices_of_the_whole():

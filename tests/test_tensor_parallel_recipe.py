@@ -73,8 +73,6 @@ def test_a_misspelt_or_mistyped_key_is_refused_with_the_fix():
     ({"seq_len": 33}, {"tensor_parallel": 2},
      "model.seq_len 33 is not divisible by parallel.tensor_parallel 2: parallel.sequence_parallel splits every "
      "sequence over the ranks; use seq_len a multiple of 2, or parallel.sequence_parallel=false"),
-    ({"moe": {"num_experts": 4}}, {"tensor_parallel": 2},
-     "parallel.tensor_parallel 2 with model.moe.num_experts 4: tensor parallelism of MoE layers is not supported yet"),
 ])
 def test_a_model_tp_cannot_split_is_refused_with_the_fix(model, parallel, message):
     with pytest.raises(RecipeError) as error:
@@ -174,12 +172,12 @@ def test_a_tp_rank_holds_its_piece_of_the_model_state_and_zero_shards_it_over_dp
 
 def test_activations_split_by_tp_and_by_sequence_parallel():
     # per block 16 values/token/channel: 12 split by heads / features, 4 whole without SP; with SP
-    # 2 whole (the gathered inputs the column-parallel layers keep) and 14 split; the embedding's
-    # output is split along the sequence only under SP
+    # all 16 split (the column-parallel layers keep their sequence part, gathered again in
+    # backward); the embedding's output is split along the sequence only under SP
     assert terms(recipe_of(batch()), 1)["activations"] == 2 * 16 * ACTIVATION + ACTIVATION
     assert terms(recipe_of(batch(), tensor_parallel=2, sequence_parallel=False), 2)["activations"] == \
         2 * (4 + 12 / 2) * ACTIVATION + ACTIVATION
-    assert terms(recipe_of(batch(), tensor_parallel=2), 2)["activations"] == 2 * (2 + 14 / 2) * ACTIVATION + ACTIVATION / 2
+    assert terms(recipe_of(batch(), tensor_parallel=2), 2)["activations"] == 2 * 16 / 2 * ACTIVATION + ACTIVATION / 2
     # the vocabulary-parallel head: a 128-row slice of the head gradient and of each logits chunk
     assert terms(recipe_of(batch(), tensor_parallel=2), 2)["logits and loss"] == 4 * 128 * 32 + ACTIVATION + 2 * 4 * 64 * 128
 
@@ -192,8 +190,14 @@ def test_tp_traffic_per_step_is_megatrons_four_collectives_per_block():
     plain = terms(recipe_of(batch(), tensor_parallel=2, sequence_parallel=False), 2)
     assert plain["tp"] == {"all_reduce": collectives * tensor + loss}
     sequence = terms(recipe_of(batch(), tensor_parallel=2), 2)
-    assert sequence["tp"] == {"all_reduce": loss, "all_gather": collectives * tensor, "reduce_scatter": collectives * tensor}
-    assert plain["wire"] == sequence["wire"] == collectives * tensor + loss  # a ring all-reduce = RS + AG, 2(T-1)/T
+    regathers = 2 * 2  # SP: the two column-parallel layers' inputs of each block, gathered again in backward
+    assert sequence["tp"] == {"all_reduce": loss, "all_gather": (collectives + regathers) * tensor,
+                              "reduce_scatter": collectives * tensor}
+    assert plain["wire"] == collectives * tensor + loss  # a ring all-reduce = RS + AG, 2(T-1)/T
+    assert sequence["wire"] == plain["wire"] + regathers * tensor // 2  # an all-gather (T-1)/T
+    recomputed = terms(recipe_of(merge(batch(), {"train": {"activation_checkpointing": True}}), tensor_parallel=2), 2)
+    assert recomputed["tp"] == {"all_reduce": loss, "all_gather": (collectives + regathers + 2 * 2) * tensor,
+                                "reduce_scatter": (collectives + 2 * 2) * tensor}  # each block's forward again
     recomputed = terms(recipe_of(merge(batch(), {"train": {"activation_checkpointing": True}}), tensor_parallel=2,
                                  sequence_parallel=False), 2)
     assert recomputed["tp"] == {"all_reduce": (collectives + 2 * 2) * tensor + loss}  # each block's forward again

@@ -9,6 +9,8 @@ What each rank of the tensor-parallel group holds:
 - the token embedding, and the head tied to it, vocabulary-parallel (vocab_parallel.py): the
   loss never makes the whole vocabulary's logits.
 - position embedding and layer norms: whole (replicated over tp).
+- MoE MLPs: whole on every tp rank (router and experts replicated over tp, experts split
+  over ep as without TP), routing the whole micro-batch as one process does (tp_moe.py).
 With sequence parallelism, between the layers every rank holds its part of the sequence:
 norms, dropout and residual adds run on it; an all-gather before each column-parallel layer
 and a reduce-scatter after each row-parallel one replace the all-reduces (tp_collectives.py).
@@ -21,7 +23,8 @@ name-seeded tensor. Apply before activation checkpointing, compile and data para
 Gradients of the pieces are complete on their rank. Those of the parameters whole on every
 tp rank are equal there without sequence parallelism (their inputs and output gradients are
 whole and equal). With it, each rank's norms, row-parallel biases and position embedding saw
-only its part of the sequence: their gradients are partial sums, named in
+only its part of the sequence (an MoE layer sees the whole one: its gradients are complete,
+tp_moe.py): their gradients are partial sums, named in
 `TensorParallelPlan.partial_grads` and summed over tp by `sum_partial_grads` (one
 all-reduce). That sum commutes with averaging over dp, so a data-parallel strategy calls it
 any time after the step's last backward and before the gradient norm and the update; under
@@ -48,6 +51,7 @@ from sdtrain.parallel.strategy import base_name
 from sdtrain.parallel.tp_checks import check_tensor_parallel
 from sdtrain.parallel.tp_collectives import TensorParallel
 from sdtrain.parallel.tp_linear import ColumnParallelLinear, RowParallelLinear
+from sdtrain.parallel.tp_moe import moe_parameter_names, route_whole_sequence
 from sdtrain.parallel.vocab_parallel import SequencePartPositions, VocabParallelEmbedding, VocabParallelHeadLoss
 
 
@@ -75,9 +79,8 @@ class TensorParallelPlan:
 
 def apply_tensor_parallel(model: GPT, tp: TensorParallel) -> TensorParallelPlan:
     cfg = model.cfg
-    experts = next((m.moe.num_experts for m in model.modules() if isinstance(m, MoEMLP)), 0)
     check_tensor_parallel(tp.size, cfg.n_heads, cfg.mlp_ratio * cfg.d_model, cfg.vocab_size, cfg.seq_len,
-                          tp.sequence_parallel, experts)
+                          tp.sequence_parallel)
     shards: dict[str, AxisShard | None] = {name: None for name, _ in model.named_parameters()}
 
     def cut(name: str, whole: torch.Tensor, dim: int, pieces: int = 1) -> torch.Tensor:
@@ -106,6 +109,8 @@ def apply_tensor_parallel(model: GPT, tp: TensorParallel) -> TensorParallelPlan:
         if isinstance(mlp, MLP):
             mlp.fc = column(f"blocks.{key}.mlp.fc", mlp.fc)
             mlp.proj = row(f"blocks.{key}.mlp.proj", mlp.proj)
+        elif isinstance(mlp, MoEMLP) and tp.sequence_parallel:
+            route_whole_sequence(mlp, tp)
     vocab_start = tp.rank * (cfg.vocab_size // tp.size)
     tied = model.tok_emb is not None and model.lm_head is not None and model.lm_head.weight is model.tok_emb.weight
     if model.tok_emb is not None:
@@ -117,7 +122,8 @@ def apply_tensor_parallel(model: GPT, tp: TensorParallel) -> TensorParallelPlan:
         head.weight = model.tok_emb.weight if tied else nn.Parameter(cut("lm_head.weight", head.weight, 0))
         head.out_features = head.weight.size(0)
         model.head_loss = VocabParallelHeadLoss(model.head_loss.chunk_tokens, vocab_start, tp)
-    whole = [name for name, shard in shards.items() if shard is None]
+    complete = moe_parameter_names(model)  # the MoE layers saw the whole sequence
+    whole = [name for name, shard in shards.items() if shard is None and name not in complete]
     return TensorParallelPlan(tp, shards, whole if tp.sequence_parallel else [])
 
 

@@ -13,7 +13,8 @@ LARGEST_SUGGESTED = 64
 
 
 def check_tensor_parallel(tp: int, n_heads: int, mlp_width: int, vocab_size: int, seq_len: int,
-                          sequence_parallel: bool, num_experts: int = 0) -> None:
+                          sequence_parallel: bool) -> None:
+    """MoE layers need nothing of T: they stay whole on every tp rank (tp_moe.py)."""
     if tp == 1:
         return
     key = "parallel.tensor_parallel"
@@ -33,9 +34,6 @@ def check_tensor_parallel(tp: int, n_heads: int, mlp_width: int, vocab_size: int
         raise RecipeError(f"model.seq_len {seq_len} is not divisible by {key} {tp}: parallel.sequence_parallel splits "
                           f"every sequence over the ranks; use seq_len a multiple of {tp}, or "
                           f"parallel.sequence_parallel=false")
-    if num_experts:
-        raise RecipeError(f"{key} {tp} with model.moe.num_experts {num_experts}: tensor parallelism of MoE layers "
-                          f"is not supported yet; use {key}=1 with experts, or a dense model")
 
 
 def _sizes(n: int) -> list[int]:
