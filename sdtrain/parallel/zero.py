@@ -12,10 +12,8 @@ Stage 3  weights are sharded too: each Transformer block's weights exist whole o
          just before its forward until just after (and again for its backward), gathered
          by the hooks in zero3.py, which also prefetch the next block.
 
-Under bf16 the model computes in bf16 weights and gradients while fp32 master shards take
-the update, which gives the ZeRO paper's model-state bytes per rank with K = 12:
-stage 1: 4Ψ + 12Ψ/N, stage 2: 2Ψ + 14Ψ/N, stage 3: 16Ψ/N. Under fp32 the weights are their
-own master (K = 8): stage 1: 8Ψ + 8Ψ/N, stage 2: 4Ψ + 12Ψ/N, stage 3: 16Ψ/N.
+How parameters are laid into those flat units (blocks, buckets), their master shards under
+bf16 and the model-state bytes that gives, and the optimizer over the shards: zero_units.py.
 
 Under tensor parallelism each tp rank runs all of this over its own pieces (Ψ / T, plus the
 tp-replicated weights), N being its dp group; what crosses tp is in zero_tp.py.
@@ -29,25 +27,17 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.device_mesh import DeviceMesh
 
 from sdtrain.parallel.comm import Comm
 from sdtrain.parallel.expert_parallel import after_step, balancer_state, moe_layers, moe_metrics
-from sdtrain.parallel.flat_unit import FlatUnit, replace_parameters
+from sdtrain.parallel.flat_unit import FlatUnit
 from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.placement import DENSE, Placements, axis_groups, squares_over_axes
-from sdtrain.parallel.strategy import (
-    ADAM_MOMENTS,
-    Strategy,
-    adamw,
-    base_name,
-    clip_coefficient,
-    init_adam_state,
-    tensor_bytes,
-)
+from sdtrain.parallel.strategy import ADAM_MOMENTS, Strategy, clip_coefficient, tensor_bytes
 from sdtrain.parallel.tp_traffic import TpTraffic
 from sdtrain.parallel.zero3 import ParamGatherer
-from sdtrain.parallel.zero_tp import placed_initial_value, sum_partial_shards
+from sdtrain.parallel.zero_tp import sum_partial_shards
+from sdtrain.parallel.zero_units import build_optimizer, build_units
 
 if TYPE_CHECKING:
     from sdtrain.parallel.tensor_parallel import TensorParallelPlan
@@ -76,13 +66,17 @@ class Zero(Strategy):
         groups = axis_groups(env)
         self.comms = {"dp": self.comm, **{g: Comm(groups[g], overlap=cfg.overlap_comm)
                                           for g in {p.replicated_over for p in placements.values()} - {"dp"}}}
-        self.units = self._build_units(model, cfg, placements)
+        built = build_units(model, stage, cfg, placements, self.comms, env, self.param_dtype, tp_plan)
+        self.units = built.units
+        # stage 3's grouping, which its gatherer walks (empty at stages 1/2)
+        self.block_units, self.root_units, self.persistent_unit = (built.block_units, built.root_units,
+                                                                   built.persistent_unit)
         self.owner = {e.param: (unit, e) for unit in self.units for e in unit.entries}
         model.to(self.param_dtype)  # buffers, if any; the weights were re-homed by the units
         for layer in moe_layers(model).values():
             if layer.balancer is not None:
                 layer.balancer.float()  # its bias moves in steps of 1e-3: fp32
-        self.optimizer = self._build_optimizer(train)
+        self.optimizer = build_optimizer(self.units, train, env.device)
         self.pending: list = []  # in-flight reduce-scatters: (work, result, unit)
         self.in_last_micro_batch = False  # stage 1: this backward makes the step's final gradients
         self.spare_grad_buffers: list[torch.Tensor] = []  # stages 2/3: see _whole_grad_buffer
@@ -91,120 +85,6 @@ class Zero(Strategy):
         self.gatherer = None
         if self.stage == 3:
             self.gatherer = ParamGatherer(model, self.block_units, self.root_units, self.comm, cfg.prefetch_blocks)
-
-    # --- construction ------------------------------------------------------------------
-
-    def _build_units(self, model: nn.Module, cfg, placements: Placements) -> list[FlatUnit]:
-        """Stage 3: one unit per Transformer block, plus one for everything else (embeddings,
-        final norm), last. Stages 1/2: buckets of about reduce_bucket_mb, in reverse order of
-        definition, which is roughly the order backward produces gradients.
-
-        Each unit is sharded as soon as it is made, so with a meta-device model (whose
-        weights the units make) stage 3 never holds more than one unit whole: a model
-        larger than one device's memory can start. A unit holds parameters of one placement's
-        reduction only (experts under expert parallelism get units of their own, sharded over
-        their edp group), so each unit has one group and counts one way in the norm."""
-        named = [(base_name(n), p) for n, p in model.named_parameters()]
-        initial_value = placed_initial_value(model, placements, self.env.tp_size)
-        placement = {p: placements[n] for n, p in named}
-        # Under sequence parallelism: parameters whose gradients are partial sums over tp,
-        # kept in units of their own (zero_tp.py)
-        partial_names = set(self.tp_plan.partial_grads) if self.tp_plan is not None else set()
-        partial = {p for n, p in named if n in partial_names}
-
-        def by_reduction(params: list) -> list[list]:
-            """params split by their placements' reduction (and partial over tp or not), the
-            dense ones first."""
-            groups = {(DENSE.reduction, False): [], (DENSE.reduction, True): []}
-            for n, p in params:
-                groups.setdefault((placement[p].reduction, p in partial), []).append((n, p))
-            return [group for group in groups.values() if group]
-
-        def make(name: str, params: list) -> FlatUnit:
-            placed = placement[params[0][1]]
-            if any(placement[p].reduction != placed.reduction for _, p in params):
-                raise ValueError(f"ZeRO unit {name} mixes parameters reduced over different groups")
-            if len({p in partial for _, p in params}) > 1:
-                raise ValueError(f"ZeRO unit {name} mixes gradients partial over tp with complete ones")
-            comm = self.comms[placed.replicated_over]
-            unit = FlatUnit(name, params, comm.world, comm.rank, torch.float32, self.env.device, initial_value,
-                            {n: placement[p] for n, p in params})
-            unit.comm, unit.reduction, unit.partial_over_tp = comm, placed.reduction, params[0][1] in partial
-            unit.mesh = DeviceMesh.from_group(comm.group, self.env.device.type)  # the checkpoint's DTensors'
-            replace_parameters(model, unit.replaced)
-            self._shard_state(unit)
-            return unit
-
-        if self.stage == 3:
-            # Parameters under the persistence threshold (norms, biases) stay whole in one
-            # unit of their own: gathering them per block would cost more than it saves.
-            # (dense ones only: experts are sharded over their own group, each ep rank's its own)
-            persistent = [(n, p) for n, p in named
-                          if p.numel() < cfg.persistence_threshold and placement[p].reduction == DENSE.reduction]
-            kept = {p for _, p in persistent}
-            self.block_units, in_blocks = [], set()  # per block: its dense unit, then e.g. its experts'
-            for key, block in model.blocks.items():
-                params = [(base_name(f"blocks.{key}.{n}"), p) for n, p in block.named_parameters() if p not in kept]
-                in_blocks.update(p for _, p in params)
-                self.block_units.append([make(f"blocks.{key}" + _suffix(placement[group[0][1]]), group)
-                                         for group in by_reduction(params)])
-            rest = [(n, p) for n, p in named if p not in in_blocks and p not in kept]
-            # (one per reduction: under tensor parallelism a vocabulary-parallel embedding beside a whole norm)
-            self.root_units = [make("root" + _suffix(placement[group[0][1]]), group) for group in by_reduction(rest)]
-            self.persistent_unit = make("persistent", persistent) if persistent else None
-            return [u for u in (*(u for units in self.block_units for u in units), *self.root_units,
-                                self.persistent_unit) if u is not None]
-        limit = cfg.reduce_bucket_mb * 2**20 / (torch.finfo(self.param_dtype).bits // 8)  # elements
-        units = []
-        for group in by_reduction(named):
-            bucket, size = [], 0
-            for name, p in reversed(group):
-                bucket.append((name, p))
-                size += p.numel()
-                if size >= limit:
-                    units.append(make(f"bucket{len(units)}", bucket))
-                    bucket, size = [], 0
-            if bucket:
-                units.append(make(f"bucket{len(units)}", bucket))
-        return units
-
-    def _shard_state(self, unit: FlatUnit) -> None:
-        """Give the unit its master shard, weights in the compute dtype, and gradient space."""
-        separate_master = self.param_dtype != torch.float32
-        unit.master = unit.own_slice(unit.full).clone() if separate_master else None
-        unit.full = unit.full.to(self.param_dtype)
-        if self.stage == 3:
-            unit.shard = unit.own_slice(unit.full).clone()
-            if unit.master is None:
-                unit.master = unit.shard  # fp32: the shard is its own master
-        elif unit.master is None:
-            unit.master = unit.own_slice(unit.full)  # fp32 stage 1/2: update in place
-        unit.bind_params()
-        unit.grad_shard = torch.zeros(unit.shard_size, dtype=self.param_dtype, device=self.env.device)
-        unit.grad_full = None
-        unit.waiting = len(unit.entries)
-        if self.stage == 1:  # whole gradients, accumulated in place across micro-batches
-            unit.grad_full = torch.zeros(unit.padded, dtype=self.param_dtype, device=self.env.device)
-            for e in unit.entries:
-                e.param.grad = unit.grad_full[e.offset : e.offset + e.numel].view(e.shape)
-        if self.stage == 3 and unit.name != "persistent":
-            unit.full.untyped_storage().resize_(0)  # whole weights only while a block runs
-
-    def _build_optimizer(self, train) -> torch.optim.AdamW:
-        decay, no_decay = [], []
-        for unit in self.units:
-            with_decay, without = unit.decay_split()
-            unit.views = [(unit.master[with_decay], with_decay), (unit.master[without], without)]
-            unit.moments = {m: torch.zeros_like(unit.master) for m in ADAM_MOMENTS}
-            for view, part in unit.views:
-                if view.numel():
-                    (decay if part is with_decay else no_decay).append(view)
-        optimizer = adamw(decay, no_decay, train, self.env.device)
-        for unit in self.units:  # Adam moments are views of one flat tensor per unit
-            for view, part in unit.views:
-                if view.numel():
-                    init_adam_state(optimizer, view, {m: t[part] for m, t in unit.moments.items()})
-        return optimizer
 
     # --- backward ----------------------------------------------------------------------
 
@@ -432,8 +312,3 @@ class Zero(Strategy):
             metrics.update(self.tp_traffic.metrics())
         return metrics
 
-
-def _suffix(placement) -> str:
-    """A block's unit of parameters placed otherwise than dense is named after how: `.edp.ep`."""
-    return "" if placement.reduction == DENSE.reduction else "." + ".".join((placement.replicated_over,
-                                                                             *placement.sharded_over))
