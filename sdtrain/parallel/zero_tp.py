@@ -6,7 +6,7 @@ the data-parallel replicas of its pieces (env.dp_group), and only two things cro
   makes it whole, so every tp size starts from the one-process weights.
 - Partial gradients: under sequence parallelism the parameters whole on every tp rank saw
   only the rank's part of the sequence. ZeRO keeps them in units of their own (see
-  Zero._build_units), whose flat layout is then the same on every tp rank (the same
+  zero_units.build_units), whose flat layout is then the same on every tp rank (the same
   parameters, shapes, order and dp size), so the dp-averaged shard of such a unit is summed
   over tp as it is: a sum that commutes with the average over dp.
 The tp collectives' bytes are reported beside ZeRO's (tp_traffic.py), as DataParallel's.
