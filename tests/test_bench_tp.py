@@ -70,14 +70,18 @@ def test_bench_tp2_beside_dtensor_tp(write_recipe, tmp_path):
 
 def test_activations_per_rank_shrink_with_tp_and_further_with_sequence_parallelism(tmp_path):
     out = tmp_path / "counts.json"
-    result = subprocess.run([sys.executable, "-m", "sdtrain.bench.tp_activations", "--tp", "2", "--n-layers", "1",
-                             "--d-model", "64", "--n-heads", "4", "--seq-len", "128", "--json", out],
+    # blocks large enough beside the head and loss for the blocks' share to show
+    result = subprocess.run([sys.executable, "-m", "sdtrain.bench.tp_activations", "--tp", "2,4", "--n-layers", "2",
+                             "--d-model", "128", "--n-heads", "4", "--seq-len", "512", "--json", out],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     counts = json.loads(out.read_text())
-    # tp 2 splits heads and the MLP's hidden width; sequence parallelism also splits the norms'
-    # and the residual stream's activations along the sequence
+    # tp splits heads and the MLP's hidden width; sequence parallelism also splits the norms'
+    # and the residual stream's activations, and the column-parallel layers' kept inputs, along
+    # the sequence: ~1/T of tp 1 (0.46 and 0.23 measured; about 0.51 and 0.31 when the column-parallel
+    # layers kept their gathered inputs)
     assert counts["tp2+sp"] < counts["tp2"] < 0.65 * counts["tp1"]
+    assert counts["tp2+sp"] < 0.5 * counts["tp1"] and counts["tp4+sp"] < 0.28 * counts["tp1"]
     assert "tp2+sp" in result.stdout and "of tp1" in result.stdout
 
 

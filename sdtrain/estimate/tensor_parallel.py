@@ -11,21 +11,23 @@ Activations (per block and token, in fp32-sized values; activations.py's 16 of f
 bf16): what the column-parallel layers make is split by heads or features (qkv, attention
 out, fc and GELU out). Four stay whole without sequence parallelism: the block's input,
 the residual, and the two norm outputs the column-parallel layers save. With it the block's
-input and the residual are split along the sequence; the two gathered norm outputs the
-column-parallel layers save for their weight gradients stay whole (tp_linear.py keeps the
-gathered input, where Megatron-LM gathers it again in backward). An extrapolation of the
-measured breakdown, not yet measured with TP.
+input and the residual are split along the sequence, and the column-parallel layers keep only
+this rank's part of their input, gathering it again in backward (tp_gathered_linear.py, as
+Megatron-LM does): every value is split, 16/T of fp32 (`python -m sdtrain.bench.tp_activations`
+counts 0.48 of tp 1 at T = 2, 0.24 at T = 4). Not under the zero-bubble schedule, whose
+deferred weight pass keeps the two gathered inputs whole (2 + 14/T); the estimate assumes the
+re-gather.
 
-Traffic: parallel/tp_volume.py's Megatron accounting, per step and rank; a block whose
-activations are recomputed (activation checkpointing) runs its two forward collectives again.
+Traffic: parallel/tp_volume.py's Megatron accounting, per step and rank (with SP's backward
+re-gathers); a block whose activations are recomputed (activation checkpointing) runs its
+forward collectives again.
 """
 
 from __future__ import annotations
 
 from sdtrain.parallel.tp_volume import tp_step_bytes
 
-WHOLE_VALUES = 4  # of a block's values per token and channel, those TP without SP leaves whole
-GATHERED_VALUES = 2  # of those, what stays whole under SP: the column-parallel layers' gathered inputs
+WHOLE_VALUES = 4  # of a block's values per token and channel, those TP without SP leaves whole (SP: none)
 RECOMPUTED_COLLECTIVES = 2  # per block under activation checkpointing: attention's and the MLP's forward
 
 
@@ -49,7 +51,7 @@ def tp_local(params: int, split: int, tp: int) -> int:
 
 def layer_values(values: int, tp: int, sequence_parallel: bool) -> float:
     """A block's kept values per token and channel on one tp rank."""
-    whole = GATHERED_VALUES if sequence_parallel else WHOLE_VALUES
+    whole = 0 if sequence_parallel else WHOLE_VALUES
     return whole + (values - whole) / tp
 
 
@@ -59,7 +61,9 @@ def tp_traffic(n_layers: int, tokens: int, d_model: int, sequence_parallel: bool
     `n_layers` blocks (tp_volume.py's count, plus the recomputed forward's)."""
     counted = tp_step_bytes(n_layers, tokens, d_model, sequence_parallel, element_size, embedding, head)
     if recompute and n_layers:
-        again = tp_step_bytes(n_layers, tokens, d_model, sequence_parallel, element_size, False, False)
+        # the forward's share of a block's collectives, so without the backward re-gathers
+        again = tp_step_bytes(n_layers, tokens, d_model, sequence_parallel, element_size, False, False,
+                              regathered=False)
         share = RECOMPUTED_COLLECTIVES / 4  # of the four collectives of a block, the forward's
         for kind, value in again.items():
             counted[kind] = counted.get(kind, 0) + round(value * share)

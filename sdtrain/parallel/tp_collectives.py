@@ -85,7 +85,8 @@ class TensorParallel:
         return slice(self.rank * part, (self.rank + 1) * part)
 
     def take_bytes(self) -> dict[str, int]:
-        """Bytes moved since the last call, per kind (all_reduce, all_gather, reduce_scatter)."""
+        """Bytes moved since the last call, per kind (all_reduce, all_gather, reduce_scatter; the
+        column-parallel layers' backward re-gather counts as all_gather, as Megatron counts it)."""
         counted, self.bytes = dict(self.bytes), defaultdict(int)
         return counted
 

@@ -8,6 +8,11 @@ part of the input it makes a partial output, summed over the ranks; its bias is 
 added once, after the sum. A column-parallel layer followed by a row-parallel one (attention's
 qkv and proj, the MLP's fc and proj) so costs one collective forward and one backward.
 
+Under sequence parallelism a column-parallel layer keeps for backward only this rank's part of
+the sequence and gathers the whole input again there, for its weight's gradient (Megatron-LM's
+`LinearWithGradAccumulationAndAsyncCommunication`, Korthikanti et al. 2022 section 4.2.2): one
+more all-gather per layer and backward, for a rank's saved input 1/T of the whole.
+
 `record_local`, when set (weight_grads.py's split backward), is called with the local product's
 input and output: the whole input of a column-parallel layer (after its gather), the partial
 output of a row-parallel one (before its sum). A forward hook sees the layer's outside, whose
@@ -21,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sdtrain.parallel.tp_collectives import TensorParallel, into_tp_region, out_of_tp_region
+from sdtrain.parallel.tp_gathered_linear import gathered_linear
 
 
 class ColumnParallelLinear(nn.Linear):
@@ -32,6 +38,10 @@ class ColumnParallelLinear(nn.Linear):
         self.record_local = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.sequence_parallel and self.record_local is None:
+            return gathered_linear(x, self.weight, self.bias, self.tp)
+        # The split backward's W pass needs the whole input later, outside autograd: it keeps
+        # the gathered input (T times the memory of the re-gathering path above).
         x = into_tp_region(x, self.tp)
         y = F.linear(x, self.weight, self.bias)
         if self.record_local is not None:
