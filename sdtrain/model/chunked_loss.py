@@ -40,13 +40,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if ctx.grads is None:
-            raise RuntimeError("chunked_cross_entropy: a second backward through the same loss "
-                               "(its gradients were made in forward and are used up)")
-        grads, ctx.grads = ctx.grads, None
-        # They were made for d(mean loss); whatever came after it (dividing by the
-        # accumulation steps, a loss scaler) arrives here as one scalar.
-        grad_hidden, grad_weight = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
+        grad_hidden, grad_weight = take_forward_grads(ctx, grad_loss, "chunked_cross_entropy")
         return grad_hidden, grad_weight, None, None, None
 
 
@@ -88,3 +82,14 @@ def _loss_and_grads(hidden, weight, targets, chunk_tokens, ignore_index, needs_g
     if want_weight:
         grad_weight = grad_weight.to(weight.dtype)
     return loss_sum, count, grad_hidden, grad_weight
+
+
+def take_forward_grads(ctx, grad_loss: torch.Tensor, what: str) -> tuple:
+    """The gradients a loss made in its forward (ctx.grads), scaled in place by grad_loss and
+    handed over once. They were made for d(mean loss); whatever came after it (dividing by the
+    accumulation steps, a loss scaler) arrives here as one scalar."""
+    if ctx.grads is None:
+        raise RuntimeError(f"{what}: a second backward through the same loss "
+                           "(its gradients were made in forward and are used up)")
+    grads, ctx.grads = ctx.grads, None
+    return tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)

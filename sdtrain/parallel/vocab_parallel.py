@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sdtrain.model.chunked_loss import take_forward_grads
 from sdtrain.parallel.tp_collectives import TensorParallel, into_tp_region, out_of_tp_region
 
 
@@ -92,11 +93,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if ctx.grads is None:
-            raise RuntimeError("vocab_parallel_cross_entropy: a second backward through the same loss "
-                               "(its gradients were made in forward and are used up)")
-        grads, ctx.grads = ctx.grads, None
-        grad_hidden, grad_weight = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
+        grad_hidden, grad_weight = take_forward_grads(ctx, grad_loss, "vocab_parallel_cross_entropy")
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
