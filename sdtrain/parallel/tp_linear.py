@@ -29,7 +29,11 @@ from sdtrain.parallel.tp_collectives import TensorParallel, into_tp_region, out_
 from sdtrain.parallel.tp_gathered_linear import gathered_linear
 
 
-class ColumnParallelLinear(nn.Linear):
+class _PieceOfLinear(nn.Linear):
+    """An nn.Linear holding this rank's piece of the weight (so checkpoint keys and the
+    zero-bubble recorder, which looks for nn.Linear, see no difference). `record_local`: the
+    split backward's hook, given what the W pass needs of this layer."""
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp: TensorParallel):
         super().__init__(weight.size(1), weight.size(0), bias=bias is not None, device="meta")
         self.weight = nn.Parameter(weight)
@@ -37,6 +41,8 @@ class ColumnParallelLinear(nn.Linear):
         self.tp = tp
         self.record_local = None
 
+
+class ColumnParallelLinear(_PieceOfLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.sequence_parallel and self.record_local is None:
             return gathered_linear(x, self.weight, self.bias, self.tp)
@@ -49,14 +55,7 @@ class ColumnParallelLinear(nn.Linear):
         return y
 
 
-class RowParallelLinear(nn.Linear):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp: TensorParallel):
-        super().__init__(weight.size(1), weight.size(0), bias=bias is not None, device="meta")
-        self.weight = nn.Parameter(weight)
-        self.bias = None if bias is None else nn.Parameter(bias)
-        self.tp = tp
-        self.record_local = None
-
+class RowParallelLinear(_PieceOfLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x, self.weight)
         if self.record_local is not None:
