@@ -18,6 +18,7 @@ from sdtrain.parallel.tensor_parallel import tp_piece
 from sdtrain.parallel.tp_volume import tp_step_bytes
 from sdtrain.train.export import export_safetensors, load_model_weights
 
+GRAD_NORM_REL_TOL = 5e-5
 REL_TOL = 1e-5  # fp32 on CPU: only the order of the sums differs
 STEPS = 20
 RUN = {"train": {"steps": STEPS}, "checkpoint": {"at_end": True, "every": 10, "keep": 3}}
@@ -96,8 +97,11 @@ def assert_same_run(reference, run_dir, steps=range(1, STEPS + 1)):
     # the global norm (clipped at 1.0 here: every step's is above) counts each tp piece and
     # each whole parameter once
     expected, got = ({m["step"]: m["grad_norm"] for m in metrics(run)} for run in (reference, run_dir))
+    # The norm sums the squares of every gradient element: the last-bit differences of another
+    # summation order (a tp piece's matmuls against the whole one's) reach 1.2e-5 relative by step 18
+    # (seen on a fresh clone), while the losses and weights stay within REL_TOL.
     for step in steps:
-        assert abs(expected[step] - got[step]) <= REL_TOL * expected[step], f"step {step}: grad norm"
+        assert abs(expected[step] - got[step]) <= GRAD_NORM_REL_TOL * expected[step], f"step {step}: grad norm"
 
 
 def assert_same_weights(reference, run_dir):
