@@ -103,7 +103,9 @@ class Trainer:
             micro_batches = list(self.val_batches.micro_batches(index, self.env.dp_rank, self.env.device))
             total += self.strategy.evaluate(micro_batches, self.autocast)
             count += len(micro_batches)
-        return self.strategy.mean_loss(total, count)
+        loss = self.strategy.mean_loss(total, count)
+        self.strategy.comm_bytes()  # an eval's collectives (ZeRO-3's gathers, TP's) are no training step's traffic
+        return loss
 
     def fit(self, first_step: int, log: MetricsLog | None) -> TrainResult:
         train, ckpt = self.recipe.train, self.recipe.checkpoint
@@ -111,7 +113,6 @@ class Trainer:
         if first_step == 0 and train.eval_every:
             result.eval_losses.append((0, self.evaluate()))  # the baseline the run improves on
             self.checkpointer.eval_baseline = result.eval_losses[0][1]  # a resumed launch reads it there
-            self.strategy.comm_bytes()  # its gathers (ZeRO-3, TP) are not step 1's traffic
             if log is not None:
                 log.note(f"step 0: eval {result.eval_losses[0][1]:.4f} (before training)")
         interval_start, interval_steps = time.perf_counter(), 0
@@ -145,7 +146,6 @@ class Trainer:
                 if eval_now:
                     record["eval_loss"] = self.evaluate()
                     result.eval_losses.append((done, record["eval_loss"]))
-                    self.strategy.comm_bytes()  # eval's gathers are not a training step's traffic
                 if log is not None:
                     log.log(record)
                 interval_start, interval_steps = time.perf_counter(), 0  # eval time is not throughput
