@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sdtrain.model.chunked_loss import chunked_cross_entropy
+from sdtrain.model.kv_cache import KVCache, LayerCache
 from sdtrain.model.moe.layer import MoEMLP, MoESettings
 
 
@@ -51,7 +52,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         # Shapes come from qkv's output and n_heads, not from x: tensor parallelism leaves a
         # rank a slice of the heads (qkv holding their q, k and v; n_heads their count), and
         # under sequence parallelism x is a part of the sequence that qkv gathers whole.
@@ -60,9 +61,12 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.chunk(3, dim=-1)
         # (B, T, heads x head_dim) -> (B, heads, T, head_dim)
         q, k, v = (t.view(B, T, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        if cache is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
+        else:  # decoding: the new tokens attend to every earlier one as well
+            y = cache.attend(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -85,8 +89,8 @@ class Block(nn.Module):
         self.mlp = MoEMLP(cfg.d_model, cfg.mlp_ratio * cfg.d_model, moe) if moe is not None else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_attn(x)))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_attn(x), cache))
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
 
@@ -171,19 +175,21 @@ class GPT(nn.Module):
             seed = zlib.crc32(f"{self.seed}/{name}/{first + local}".encode())
             out[local].normal_(0.0, std, generator=torch.Generator(out.device).manual_seed(seed))
 
-    def forward(self, x: torch.Tensor, layers: list[str] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layers: list[str] | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Token ids or hidden states in; hidden states out. `layers`: run only these blocks
         (one pipeline chunk of the part): the embeddings run before block 0 and the final
-        norm after the last block, on the part that has them."""
+        norm after the last block, on the part that has them. `cache` (decoding, whole model):
+        x are the tokens after those the cache holds, at the positions that follow them."""
         embeds = self.tok_emb is not None and (layers is None or layers[0] == "0")
         final = self.ln_f is not None and (layers is None or layers[-1] == str(self.cfg.n_layers - 1))
         if embeds:
-            T = x.size(1)
+            start = 0 if cache is None else cache.position
+            T = start + x.size(1)
             if T > self.cfg.seq_len:
                 raise ValueError(f"sequence of {T} tokens is longer than seq_len {self.cfg.seq_len}")
-            x = self.drop(self.tok_emb(x) + self.pos_emb(torch.arange(T, device=x.device)))
+            x = self.drop(self.tok_emb(x) + self.pos_emb(torch.arange(start, T, device=x.device)))
         for key in self.blocks if layers is None else layers:
-            x = self.blocks[key](x)
+            x = self.blocks[key](x) if cache is None else self.blocks[key](x, cache.layers[key])
         return self.ln_f(x) if final else x
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
