@@ -76,6 +76,9 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
     bias: bool = Field(True, description="biases in the linear layers and norms")
     moe: MoEConfig = MoEConfig()
+    init_from: Optional[str] = Field(None, description=(
+        "a Hugging Face model folder (config.json, model.safetensors or its index; GPT-2, LLaMA, Mixtral) whose "
+        "weights replace the first ones; its config.json must describe this model"))
 
     @model_validator(mode="after")
     def _heads_divide_width(self):

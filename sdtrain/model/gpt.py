@@ -34,6 +34,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     moe: MoESettings | None = None  # None: a dense model
+    init_from: str | None = None  # a Hugging Face folder whose weights replace the first ones (hf_import.py)
 
     def __post_init__(self):
         # The recipe's model section gives its MoE settings as fields (a dict, or a JSON
