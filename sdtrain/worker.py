@@ -101,6 +101,11 @@ def main(argv=None) -> None:
         layers, first, last = stage_layers(recipe.parallel.pipeline, recipe.model, env.stage, partition)
         model = GPT(model_config, seed=recipe.train.seed, loss_chunk_tokens=recipe.train.loss_chunk_tokens,
                     layers=layers, first=first, last=last)
+    if recipe.model.init_from:  # its first values from a Hugging Face folder, wherever a strategy makes them
+        from sdtrain.model.hf_import import load_pretrained
+
+        load_pretrained(model, recipe.model.init_from)
+        print(f"rank {rank}: first weights from {recipe.model.init_from}")
     print(f"rank {rank}: model {model.num_params():,} parameters")
     strategy = parallelize(model, recipe, env, plan.grad_accum, partition)
     setup_mem = peak_memory_gib(env.device)  # weights and optimizer state made, nothing run yet

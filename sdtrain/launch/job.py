@@ -29,6 +29,7 @@ from sdtrain.launch.plan import LaunchPlan, resolve_backend, resolve_nproc
 from sdtrain.launch.resume_target import recipe_problems
 from sdtrain.launch.rundir import MARKER, check_run_dir, prepare
 from sdtrain.launch.runners import STOP_BY, RemoteSetup, local_commands, remote_commands
+from sdtrain.model.hf_config import check_init_from
 from sdtrain.model.size import count_params
 from sdtrain.parallel.layout import Layout
 from sdtrain.parallel.memory import per_device_bytes
@@ -132,6 +133,8 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
     """Everything `launch` will do, decided and checked, with no side effects."""
     request = request or LaunchRequest()
     recipe = load_recipe(recipe_path, overrides, layout_checked_at_launch=True)
+    if recipe.model.init_from:  # its config.json describes the recipe's model, and its weights are there
+        check_init_from(recipe.model)
     nproc = 0  # with a hostfile, its slots say how many workers each host runs
     if not request.hostfile:
         nproc = nproc_per_node if nproc_per_node is not None else resolve_nproc(recipe.launch.nproc_per_node, recipe.launch.backend)

@@ -1,0 +1,169 @@
+"""A Hugging Face config.json and a recipe's model section, both ways. Torch-free: the
+launcher checks `model.init_from` against the recipe with it before anything starts.
+
+- `model_section(folder)`: the recipe keys a config.json decides (`sdtrain recipe from-hf`),
+  or a refusal naming what sdtrain's model cannot reproduce (GPT-2's tanh-approximated GELU,
+  scaled RoPE, sliding-window attention, ...).
+- `check_init_from(model)`: the recipe's model against its init_from folder's config.json;
+  a mismatch names the key and both values.
+- `hf_config(model)`: the config.json of an exported model (with `export_problems`, the MoE
+  settings no transformers model has).
+
+The llama keys (arch, n_kv_heads, ffn_hidden, rope_theta, tie_embeddings, norm_eps, bias left
+None) are resolved here as the spec of issue 21 defines them, so the launcher needs no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from sdtrain.errors import RecipeError, printable
+from sdtrain.model.hf_files import HFFolderError, read_json, weight_files
+
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
+CONFIG = "config.json"
+WHAT = "a transformers config.json"
+
+
+def read_config(folder: str | Path) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HFFolderError(f"model.init_from {printable(folder)} is not a folder; give a Hugging Face model folder "
+                            f"(config.json and model.safetensors)")
+    config = read_json(folder / CONFIG, WHAT)
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise HFFolderError(f"{printable(folder / CONFIG)}: model_type {printable(model_type)[:40]!r} is not one sdtrain "
+                            f"builds; it reads {', '.join(ARCHITECTURES)}")
+    return config
+
+
+def model_section(folder: str | Path) -> tuple[dict, dict[str, str]]:
+    """The recipe's model keys the folder's config.json decides (moe as a nested dict), and
+    for each dotted key the config key it came from."""
+    folder = Path(folder)
+    config = read_config(folder)
+    source = {}
+
+    def take(key: str, default=None, *, required: bool = True, kind=int):
+        value = config.get(key, default)
+        if value is None and not required:
+            return None
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool \
+                or kind is int and value < 1 or kind is float and not math.isfinite(value):
+            raise HFFolderError(f"{printable(folder / CONFIG)}: {key} is {printable(value)[:40]!r}; "
+                                f"expected a {'positive ' if kind is int else ''}{kind.__name__}")
+        return value
+
+    def refuse_unless(ok: bool, why: str):
+        if not ok:
+            raise HFFolderError(f"{printable(folder / CONFIG)}: {why}; sdtrain's model would compute other logits")
+
+    if config["model_type"] == "gpt2":
+        width = take("n_embd")
+        act = config.get("activation_function", "gelu_new")
+        refuse_unless(act == "gelu", f"activation_function {printable(act)[:20]!r} (sdtrain's GPT-2 MLP is the exact "
+                                     f"GELU, activation_function 'gelu')")
+        refuse_unless(config.get("scale_attn_weights", True) is True, "scale_attn_weights is false")
+        refuse_unless(not config.get("scale_attn_by_inverse_layer_idx"), "scale_attn_by_inverse_layer_idx is true")
+        refuse_unless(not config.get("add_cross_attention"), "add_cross_attention is true")
+        inner = take("n_inner", required=False) or 4 * width
+        refuse_unless(inner % width == 0, f"n_inner {inner} is not a multiple of n_embd {width} (model.mlp_ratio)")
+        pairs = [("arch", "gpt2", "model_type"), ("n_layers", take("n_layer"), "n_layer"),
+                 ("d_model", width, "n_embd"), ("n_heads", take("n_head"), "n_head"),
+                 ("vocab_size", take("vocab_size"), "vocab_size"), ("seq_len", take("n_positions"), "n_positions"),
+                 ("mlp_ratio", inner // width, "n_inner"), ("bias", True, "model_type"),
+                 ("norm_eps", take("layer_norm_epsilon", 1e-5, kind=float), "layer_norm_epsilon"),
+                 ("tie_embeddings", take("tie_word_embeddings", True, kind=bool), "tie_word_embeddings")]
+    else:
+        width, heads = take("hidden_size"), take("num_attention_heads")
+        act = config.get("hidden_act", "silu")
+        refuse_unless(act == "silu", f"hidden_act {printable(act)[:20]!r} (sdtrain's SwiGLU uses silu)")
+        refuse_unless(not config.get("attention_bias") and not config.get("mlp_bias"), "attention_bias or mlp_bias is true")
+        head_dim = take("head_dim", required=False)
+        refuse_unless(head_dim in (None, width // heads), f"head_dim {head_dim} is not hidden_size / num_attention_heads")
+        refuse_unless(config.get("sliding_window") is None, "sliding_window attention is set")
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        refuse_unless(isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) == "default",
+                      f"rope scaling {printable(rope)[:60]} (sdtrain's RoPE is the default, unscaled one)")
+        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        if isinstance(theta, int) and not isinstance(theta, bool):
+            theta = float(theta)
+        if not isinstance(theta, float) or not math.isfinite(theta) or theta <= 0:
+            raise HFFolderError(f"{printable(folder / CONFIG)}: rope_theta {printable(theta)[:40]!r} is not a positive number")
+        pairs = [("arch", "llama", "model_type"), ("n_layers", take("num_hidden_layers"), "num_hidden_layers"),
+                 ("d_model", width, "hidden_size"), ("n_heads", heads, "num_attention_heads"),
+                 ("n_kv_heads", take("num_key_value_heads", heads), "num_key_value_heads"),
+                 ("vocab_size", take("vocab_size"), "vocab_size"),
+                 ("seq_len", take("max_position_embeddings"), "max_position_embeddings"),
+                 ("ffn_hidden", take("intermediate_size"), "intermediate_size"), ("bias", False, "attention_bias"),
+                 ("rope_theta", theta, "rope_theta"),
+                 ("norm_eps", take("rms_norm_eps", 1e-6, kind=float), "rms_norm_eps"),
+                 ("tie_embeddings", take("tie_word_embeddings", False, kind=bool), "tie_word_embeddings")]
+        if config["model_type"] == "mixtral":
+            pairs += [("moe.num_experts", take("num_local_experts"), "num_local_experts"),
+                      ("moe.top_k", take("num_experts_per_tok"), "num_experts_per_tok"),
+                      ("moe.every_n_layers", 1, "model_type"), ("moe.drop_tokens", False, "model_type"),
+                      ("moe.aux_loss_coef", take("router_aux_loss_coef", 0.001, kind=float), "router_aux_loss_coef")]
+    section: dict = {}
+    for key, value, hf_key in pairs:
+        parent, _, leaf = key.rpartition(".")
+        (section.setdefault(parent, {}) if parent else section)[leaf] = value
+        source[key] = hf_key
+    return section, source
+
+
+# Keys that decide the model's shape and its numbers: they must agree with the folder. The
+# others config.json suggests (seq_len up to its positions, moe.drop_tokens, the aux loss's
+# weight) are training choices the recipe keeps.
+CHECKED = ("arch", "n_layers", "d_model", "n_heads", "n_kv_heads", "vocab_size", "mlp_ratio", "ffn_hidden", "bias",
+           "rope_theta", "norm_eps", "tie_embeddings", "moe.num_experts", "moe.top_k", "moe.every_n_layers")
+
+
+def resolved(model, key: str):
+    """The value a recipe's model (a ModelConfig or its dump) has for `key`, its None defaults
+    resolved as the spec of issue 21 sets them."""
+    get = (lambda k, d=None: model.get(k, d)) if isinstance(model, dict) else (lambda k, d=None: getattr(model, k, d))
+    arch = get("arch") or "gpt2"
+    if key.startswith("moe."):
+        moe = get("moe")
+        moe = moe if isinstance(moe, dict) else (moe.model_dump() if moe is not None else {})
+        return moe.get(key[4:]) if moe.get("num_experts") else 0 if key == "moe.num_experts" else None
+    value = get(key)
+    if value is not None or key == "arch":
+        return arch if key == "arch" else value
+    d_model = get("d_model")
+    return {"n_kv_heads": get("n_heads"),
+            "ffn_hidden": -(-int(2 * 4 * d_model / 3) // 256) * 256 if arch == "llama" else None,
+            "tie_embeddings": arch == "gpt2", "norm_eps": 1e-5, "bias": arch == "gpt2",
+            "rope_theta": 10000.0 if arch == "llama" else None}.get(key)
+
+
+def check_init_from(model) -> None:
+    """RecipeError unless the folder `model.init_from` holds a model this recipe's model is."""
+    folder = Path(model.init_from)
+    section, source = model_section(folder)
+    weight_files(folder)  # the weights are there (their shapes: checked by each rank before it reads)
+    where = f"{printable(folder / CONFIG)}"
+    if "moe" not in section:  # a dense checkpoint: a recipe with experts has nothing to read them from
+        section["moe"], source["moe.num_experts"] = {"num_experts": 0}, "model_type"
+    for key in CHECKED:
+        if key not in source:
+            continue
+        theirs = section["moe"][key[4:]] if key.startswith("moe.") else section[key]
+        ours = resolved(model, key)
+        same = math.isclose(ours, theirs, rel_tol=1e-9) if isinstance(theirs, float) and ours is not None else ours == theirs
+        if not same:
+            raise RecipeError(f"model.{key} is {ours!r} but {where} has {source[key]} {theirs!r}: the weights would not "
+                              f"fit; set model.{key}: {_yaml(theirs)} (`sdtrain recipe from-hf {printable(folder)}` "
+                              f"prints the whole model section)")
+    if section["arch"] == "gpt2" and model.seq_len > section["seq_len"]:
+        raise RecipeError(f"model.seq_len {model.seq_len} is longer than the {section['seq_len']} positions "
+                          f"{where} has (n_positions); use model.seq_len <= {section['seq_len']}")
+
+
+def _yaml(value) -> str:
+    return "true" if value is True else "false" if value is False else str(value)
