@@ -16,7 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from sdtrain.divisors import divisors
+from sdtrain.model.size import mlp_width
 from sdtrain.errors import RecipeError  # callers import it from here too
+from sdtrain.recipe_arch import arch_defaults, arch_problem, arch_strategy_problem
 from sdtrain.parallel.partition import check_pipeline_layout
 from sdtrain.parallel.tp_checks import check_tensor_parallel
 from sdtrain.recipe_booleans import YAML_BOOLEAN_WORDS, enum_values, spell_enum_booleans  # noqa: F401
@@ -72,10 +74,22 @@ class ModelConfig(Section):
     n_heads: int = Field(4, ge=1, description="attention heads; divides d_model")
     seq_len: int = Field(128, ge=2, description="tokens per sample (the context length)")
     vocab_size: int = Field(256, ge=2, description="token ids; 256 for the byte tokenizer")
-    mlp_ratio: int = Field(4, ge=1, description="MLP hidden width as a multiple of d_model")
+    mlp_ratio: int = Field(4, ge=1, description="MLP hidden width as a multiple of d_model (gpt2)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
-    bias: bool = Field(True, description="biases in the linear layers and norms")
+    bias: Optional[bool] = Field(None, description=(
+        "biases in the linear layers and norms; null: true for gpt2, false for llama (which has none)"))
     moe: MoEConfig = MoEConfig()
+    arch: Literal["gpt2", "llama"] = Field("gpt2", description=(
+        "`gpt2` (LayerNorm, learned positions, GELU MLP, tied head); `llama` (RMSNorm, rotary positions, "
+        "grouped-query attention, SwiGLU MLP, no biases)"))
+    n_kv_heads: Optional[int] = Field(None, ge=1, description=(
+        "llama: key/value heads, dividing n_heads (1: multi-query); null: n_heads"))
+    rope_theta: Optional[float] = Field(None, gt=0.0, description="llama: the rotary embedding's base; null: 10000")
+    ffn_hidden: Optional[int] = Field(None, ge=1, description=(
+        "llama: the SwiGLU MLP's hidden width; null: 8/3 x d_model rounded up to a multiple of 256 (LLaMA's)"))
+    tie_embeddings: Optional[bool] = Field(None, description=(
+        "the output head is the token embedding; null: true for gpt2, false for llama"))
+    norm_eps: Optional[float] = Field(None, gt=0.0, description="epsilon of the LayerNorms / RMSNorms; null: 1e-5")
     init_from: Optional[str] = Field(None, description=(
         "a Hugging Face model folder (config.json, model.safetensors or its index; GPT-2, LLaMA, Mixtral) whose "
         "weights replace the first ones; its config.json must describe this model"))
@@ -90,6 +104,12 @@ class ModelConfig(Section):
         if self.moe.num_experts and self.moe.every_n_layers > self.n_layers:
             raise ValueError(f"moe.every_n_layers {self.moe.every_n_layers} exceeds n_layers {self.n_layers}: "
                              f"no block would get experts; use 1..{self.n_layers}")
+        problem = arch_problem(self)
+        if problem:
+            raise ValueError(problem)
+        for key, value in arch_defaults(self).items():
+            if getattr(self, key) != value:
+                setattr(self, key, value)  # validate_assignment runs this again: then it is settled
         return self
 
 
@@ -295,6 +315,9 @@ class Recipe(Section):
                 "or compile: false"
             )
         self._check_experts(checked_at_launch=bool((info.context or {}).get(LAYOUT_CHECKED_AT_LAUNCH)))
+        problem = arch_strategy_problem(self)
+        if problem:
+            raise ValueError(problem)
         self._check_tensor_parallel()
         pipeline = self.parallel.pipeline
         if pipeline.stages > 1:
@@ -331,7 +354,7 @@ class Recipe(Section):
         recipe alone, so every command refuses them before anything starts."""
         model, parallel = self.model, self.parallel
         try:
-            check_tensor_parallel(parallel.tensor_parallel, model.n_heads, model.mlp_ratio * model.d_model,
+            check_tensor_parallel(parallel.tensor_parallel, model.n_heads, mlp_width(model),
                                   model.vocab_size, model.seq_len, parallel.sequence_parallel)
         except RecipeError as exc:
             raise ValueError(str(exc)) from None  # worded as every other recipe error, with its source

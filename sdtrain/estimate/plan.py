@@ -17,7 +17,7 @@ from sdtrain.estimate.shape import DTYPE_BYTES, RankShape
 from sdtrain.estimate.tensor_parallel import split_params, tp_local, tp_traffic, wire_bytes
 from sdtrain.estimate.state import model_state
 from sdtrain.estimate.terms import ALWAYS, Estimate, Term
-from sdtrain.model.size import embedding_params, expert_params, final_norm_params, moe_of
+from sdtrain.model.size import embedding_params, expert_params, final_norm_params, head_params, moe_of
 from sdtrain.parallel.layout import Layout
 from sdtrain.parallel.partition import chunk_params, describe_stages
 
@@ -101,10 +101,9 @@ def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None 
     for row in stages:
         layers = [i for chunk in row["layers"] for i in chunk]
         first, last = row["stage"] == 0, row["stage"] == len(stages) - 1
-        head_copy = last and not first  # the tied head's own copy
-        root = (embedding_params(model) if first else 0) + (final_norm_params(model) if last else 0)
-        if head_copy:
-            root += model.vocab_size * model.d_model
+        head = head_params(model, first, last)  # an untied head, or a tied head's copy on a last stage
+        head_copy = head > 0
+        root = (embedding_params(model) if first else 0) + (final_norm_params(model) if last else 0) + head
         # one tp rank's piece of each (what ZeRO then shards over dp); MoE blocks are not tp-split (refused)
         params = tp_local(row["params"], split_params(model, len(layers), first, head_copy), tp)
         block = max(tp_local(block_size(model, i, ep), split_params(model, 1, False, False), tp) for i in layers)

@@ -1,10 +1,13 @@
-"""A decoder-only Transformer (GPT-2 style), a plain nn.Module with nothing distributed inside.
+"""A decoder-only Transformer, a plain nn.Module with nothing distributed inside.
 
-Embeddings -> pre-LN blocks (causal self-attention, GELU MLP) -> final LayerNorm -> output
-head tied to the token embedding. Attention goes through scaled_dot_product_attention,
-which picks the flash / memory-efficient kernel on CUDA. The loss is computed outside the
-forward (HeadLoss): with `loss_chunk_tokens` the head and the loss go a chunk of tokens at a
-time (chunked_loss.py), never making all the logits. A GPT may be one pipeline stage's part.
+GPT-2 (`arch: gpt2`): embeddings -> pre-LN blocks (causal self-attention, GELU MLP) -> final
+LayerNorm -> output head tied to the token embedding. LLaMA (`arch: llama`): the same frame
+with llama.py's blocks (RMSNorm, rotary positions, grouped-query attention, SwiGLU), no
+position embedding, an RMSNorm at the end and a head of its own unless `tie_embeddings`.
+Attention goes through scaled_dot_product_attention, which picks the flash /
+memory-efficient kernel on CUDA. The loss is computed outside the forward (HeadLoss): with
+`loss_chunk_tokens` the head and the loss go a chunk of tokens at a time (chunked_loss.py),
+never making all the logits. A GPT may be one pipeline stage's part.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ import torch.nn.functional as F
 
 from sdtrain.model.chunked_loss import chunked_cross_entropy
 from sdtrain.model.kv_cache import KVCache, LayerCache
+from sdtrain.model.llama import LlamaBlock
 from sdtrain.model.moe.layer import MoEMLP, MoESettings
+from sdtrain.model.size import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, has_bias, kv_heads, mlp_width, ties_embeddings
+
+NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 
 @dataclass(frozen=True)
@@ -32,11 +39,25 @@ class GPTConfig:
     vocab_size: int = 256
     mlp_ratio: int = 4
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool | None = None  # None: true for gpt2, false for llama
     moe: MoESettings | None = None  # None: a dense model
+    arch: str = "gpt2"  # gpt2 | llama
+    n_kv_heads: int | None = None  # None: n_heads (llama's grouped-query attention)
+    rope_theta: float | None = None  # llama's rotary base; None: 10000
+    ffn_hidden: int | None = None  # llama's SwiGLU width; None: LLaMA's rounding of 8/3 d
+    tie_embeddings: bool | None = None  # None: true for gpt2, false for llama
+    norm_eps: float | None = None  # None: 1e-5
     init_from: str | None = None  # a Hugging Face folder whose weights replace the first ones (hf_import.py)
 
     def __post_init__(self):
+        # The defaults that depend on the architecture, resolved once (size.py's rules, which
+        # planning without torch follows too): every field of a built model is a value.
+        resolved = {"bias": has_bias(self), "n_kv_heads": kv_heads(self), "tie_embeddings": ties_embeddings(self),
+                    "norm_eps": self.norm_eps or DEFAULT_NORM_EPS}
+        if self.arch == "llama":
+            resolved.update(ffn_hidden=mlp_width(self), rope_theta=self.rope_theta or DEFAULT_ROPE_THETA)
+        for key, value in resolved.items():
+            object.__setattr__(self, key, value)
         # The recipe's model section gives its MoE settings as fields (a dict, or a JSON
         # recipe's): read once into the layer's own type here, num_experts 0 meaning dense.
         moe = self.moe
@@ -84,9 +105,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, moe: MoESettings | None = None):
         super().__init__()
-        self.ln_attn = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_attn = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_mlp = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_mlp = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.mlp = MoEMLP(cfg.d_model, cfg.mlp_ratio * cfg.d_model, moe) if moe is not None else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -114,29 +135,33 @@ class HeadLoss(nn.Module):
 class GPT(nn.Module):
     """The whole model, or one pipeline stage's part of it: the blocks of `layers` (global
     indices, which stay their names: a checkpoint key is `blocks.7.…` wherever block 7 runs),
-    the embeddings if `first`, the final norm and output head if `last`. On a whole model the
-    head is the token embedding (tied); on a last stage without the embedding it is a copy,
-    kept equal to it by the pipeline."""
+    the embeddings if `first`, the final norm and output head if `last`. Tied (gpt2's
+    default), the head of a whole model is the token embedding; on a last stage without the
+    embedding it is a copy, kept equal to it by the pipeline. Untied (llama's), the head is a
+    parameter of its own everywhere. The blocks are `cfg.arch`'s."""
 
     def __init__(self, cfg: GPTConfig, seed: int = 0, loss_chunk_tokens: int = 0,
                  layers: list[int] | None = None, first: bool = True, last: bool = True):
         super().__init__()
         self.cfg, self.seed = cfg, seed
         layers = range(cfg.n_layers) if layers is None else layers
+        llama = cfg.arch == "llama"
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model) if first else None
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if first else None
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if first and not llama else None
         self.drop = nn.Dropout(cfg.dropout)
-        moe = cfg.moe
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, moe if moe and moe.is_moe_layer(i) else None) for i in layers})
+        moe, block = cfg.moe, LlamaBlock if llama else Block
+        self.blocks = nn.ModuleDict({str(i): block(cfg, moe if moe and moe.is_moe_layer(i) else None) for i in layers})
         # The global index of each experts module's first expert (expert parallelism keeps a
         # slice of them on each rank): an expert's first value depends on that index only.
         self.first_expert: dict[str, int] = {}
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias) if last else None
+        final_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps) if llama else \
+            nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln_f = final_norm if last else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if last else None
         self.head_loss = HeadLoss(loss_chunk_tokens) if last else None
-        if first and last:
+        if first and last and cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # tied: one matrix to embed and to predict
-        self.layer_norms = {name for name, m in self.named_modules() if isinstance(m, nn.LayerNorm)}
+        self.layer_norms = {name for name, m in self.named_modules() if isinstance(m, NORMS)}
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if not p.is_meta:  # on the meta device the weights are made later, in pieces
@@ -149,8 +174,8 @@ class GPT(nn.Module):
         depends neither on the order nor on the place in which weights are made (here whole,
         or by ZeRO one flat unit at a time out of a meta-device model), so every strategy
         starts from the same weights. A stage's own copy of the tied head starts as the
-        token embedding does."""
-        if name == "lm_head.weight":
+        token embedding does; an untied head draws its own."""
+        if name == "lm_head.weight" and self.cfg.tie_embeddings:
             name = "tok_emb.weight"
         module, _, kind = name.rpartition(".")
         if module.endswith(".experts"):
@@ -188,7 +213,10 @@ class GPT(nn.Module):
             T = start + x.size(1)
             if T > self.cfg.seq_len:
                 raise ValueError(f"sequence of {T} tokens is longer than seq_len {self.cfg.seq_len}")
-            x = self.drop(self.tok_emb(x) + self.pos_emb(torch.arange(start, T, device=x.device)))
+            x = self.tok_emb(x)
+            if self.pos_emb is not None:  # llama's positions are rotary, inside attention
+                x = x + self.pos_emb(torch.arange(start, T, device=x.device))
+            x = self.drop(x)
         for key in self.blocks if layers is None else layers:
             x = self.blocks[key](x) if cache is None else self.blocks[key](x, cache.layers[key])
         return self.ln_f(x) if final else x
@@ -201,7 +229,7 @@ class GPT(nn.Module):
         return self.lm_head(hidden)
 
     def num_params(self, include_position_embedding: bool = True) -> int:
-        """Exact count of distinct parameters (the tied head is counted once)."""
+        """Exact count of distinct parameters (a tied head is counted once)."""
         n = sum(p.numel() for p in self.parameters())
         if include_position_embedding or self.pos_emb is None:
             return n

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from sdtrain.divisors import divisors
 from sdtrain.errors import RecipeError
+from sdtrain.model.size import ties_embeddings
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Layout:
     pp: int = 1
     tp: int = 1
     ep: int = 1
+    tied_head: bool = True  # the output head is the token embedding (model.tie_embeddings)
 
     def __post_init__(self):
         for name, size in (("world size", self.world), ("parallel.pipeline.stages", self.pp),
@@ -66,7 +68,9 @@ class Layout:
     def of(cls, recipe, world: int) -> "Layout":
         """The layout a recipe asks for on `world` ranks (RecipeError if it cannot be laid out)."""
         parallel = recipe.parallel
-        return cls(world, parallel.pipeline.stages, parallel.tensor_parallel, parallel.expert_parallel)
+        model = getattr(recipe, "model", None)  # absent: the axes alone are asked for (a head tied as gpt2's)
+        return cls(world, parallel.pipeline.stages, parallel.tensor_parallel, parallel.expert_parallel,
+                   model is None or ties_embeddings(model))
 
     @classmethod
     def if_fits(cls, world: int | None, pp: int = 1, tp: int = 1, ep: int = 1) -> "Layout | None":
@@ -178,8 +182,9 @@ class Layout:
 
     def tied_pairs(self) -> list[list[int]]:
         """(first stage, last stage) of every pipeline, which share the tied embedding and head;
-        in one order every rank creates their groups in. None without a pipeline."""
-        if self.pp == 1:
+        in one order every rank creates their groups in. None without a pipeline, or with an
+        untied head."""
+        if self.pp == 1 or not self.tied_head:
             return []
         return [[ranks[0], ranks[-1]] for ranks in
                 (self.pipeline_ranks(d, t) for d in range(self.dp) for t in range(self.tp))]

@@ -9,7 +9,7 @@ the embeddings, the last the final norm and the output head (a copy of the tied 
 from __future__ import annotations
 
 from sdtrain.errors import RecipeError
-from sdtrain.model.size import block_params, embedding_params, final_norm_params
+from sdtrain.model.size import block_params, embedding_params, final_norm_params, head_params
 
 SCHEDULES_NEEDING_P_MICRO_BATCHES = ("1f1b", "interleaved", "zero_bubble")
 
@@ -86,14 +86,12 @@ def stage_layers(pipeline, model_cfg, stage: int, partition: list[list[int]] | N
 
 def chunk_params(chunk: int, layers: list[int], chunks: int, model_cfg) -> int:
     """Parameters a chunk holds: its blocks, plus the embeddings on the first and the final
-    norm and head copy on the last (both on a one-chunk model hold the head only once)."""
+    norm and head on the last (a tied head: its copy, none where the embedding is there too)."""
     total = sum(block_params(model_cfg, i) for i in layers)
     if chunk == 0:
         total += embedding_params(model_cfg)
     if chunk == chunks - 1:
-        total += final_norm_params(model_cfg)
-        if chunks > 1:
-            total += model_cfg.vocab_size * model_cfg.d_model  # the tied head's own copy
+        total += final_norm_params(model_cfg) + head_params(model_cfg, first=chunk == 0)
     return total
 
 

@@ -133,7 +133,11 @@ class Pipeline(Strategy):
         pending = self.saved.pop(("W", chunk, m), None)
         if pending is not None:
             started = time.perf_counter()
-            self.inner.grads_ready(self.split.weight_grads(pending))
+            touched = self.split.weight_grads(pending)
+            head = self.model.lm_head
+            if chunk == self.chunks - 1 and head is not None and isinstance(head.weight, nn.Parameter):
+                touched.append(head.weight)  # an untied head's gradient, made in B with the loss
+            self.inner.grads_ready(touched)
             self.busy_s += time.perf_counter() - started
 
     def _input_grad(self, records: list, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor | None):

@@ -19,6 +19,9 @@ tp rank r of the last stage the same rows of the head. Each pipeline is one (dp 
 rank) slot (Layout.tied_pairs), so the pairs above tie the same rows. Those gradients are
 complete on their rank (the head sees the whole hidden states, the embedding every id),
 never partial sums over tp: adding one to the embedding's gradient counts it once.
+
+An untied head (llama's default, `tie_embeddings: false`) is a parameter of the last stage
+like any other: nothing here to do, and Layout.tied_pairs makes no groups for it.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class TiedHead:
         self.model, self.env = model, env
         self.is_head = has_head and not has_embedding  # holds the copy
         self.is_embedding = has_embedding and not has_head  # holds the original
-        if env.tied_group is None:
+        if env.tied_group is None or not model.cfg.tie_embeddings:
             self.is_head = self.is_embedding = False
         self.first, self.last = env.pipeline_rank(0), env.pipeline_rank(env.pp_size - 1)
         self.in_flight = None  # (work, tensor it sends or fills) of the last publish

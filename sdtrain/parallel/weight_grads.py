@@ -2,7 +2,7 @@
 computes only the gradient of its input, which the previous stage is waiting for (B); the
 gradients of its weights come later (W), in time the stage would otherwise sit idle.
 
-Every Linear and LayerNorm of the model records its input and output in forward. B asks
+Every Linear and norm (LayerNorm, llama's RMSNorm) of the model records its input and output in forward. B asks
 autograd for the gradients of the chunk's input and of those outputs only: autograd then
 skips every weight-gradient product. W computes the weight gradients from the recorded
 inputs and output gradients, with the same products autograd would have used, and adds them
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from sdtrain.parallel.tp_linear import RowParallelLinear
 
-DEFERRED = (nn.Linear, nn.LayerNorm)
+DEFERRED = (nn.Linear, nn.LayerNorm, nn.RMSNorm)
 WHOLE, WEIGHT_ONLY, BIAS_ONLY = "whole", "weight", "bias"  # which of a module's gradients a record gives
 
 
@@ -105,7 +105,11 @@ def _grads_of(module: nn.Module, inp: torch.Tensor | None, grad_out: torch.Tenso
         if module.bias is not None and which != WEIGHT_ONLY:
             yield module.bias, g.sum(0)
         return
-    normalized = F.layer_norm(inp, module.normalized_shape, eps=module.eps).reshape(-1, inp.size(-1))
+    if isinstance(module, nn.RMSNorm):
+        normalized = F.rms_norm(inp, module.normalized_shape, eps=module.eps)
+    else:
+        normalized = F.layer_norm(inp, module.normalized_shape, eps=module.eps)
+    normalized = normalized.reshape(-1, inp.size(-1))
     if module.weight is not None:
         yield module.weight, (g * normalized.to(g.dtype)).sum(0)
     if module.bias is not None:
