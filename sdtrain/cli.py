@@ -372,8 +372,10 @@ def main() -> None:
 
 
 from sdtrain.cli_bench import bench  # noqa: E402  (its commands take the options above)
+from sdtrain.cli_generate import generate  # noqa: E402
 
 cli.add_command(bench)
+cli.add_command(generate)
 
 if __name__ == "__main__":
     main()

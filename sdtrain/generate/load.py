@@ -1,0 +1,103 @@
+"""The model and the vocabulary `sdtrain generate` decodes with, from a run's checkpoint
+(read and verified by export's one-process reader: any world size or strategy that wrote it)
+or from a Hugging Face folder.
+
+The vocabulary is the one the model was trained with: the tokenizer.json the run's recipe
+named (`data.tokenizer` of the recipe.yaml in the run directory), else bytes; `--tokenizer`
+overrides it. A Hugging Face folder brings its own tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdtrain.errors import CheckpointError, UserInputError, printable
+from sdtrain.generate.vocab import BYTE_VOCAB, ByteVocab, TokenizerVocab
+
+RECIPE = "recipe.yaml"  # a run directory's resolved recipe, beside checkpoints/
+MAX_RECIPE_BYTES = 1 << 20
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    vocab: ByteVocab | TokenizerVocab
+    description: str  # what was loaded, for the one line on stderr
+
+
+def load_for_generation(path: str, tokenizer: str | None = None, device: str | None = None) -> Loaded:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    origin = "--tokenizer"
+    if Path(path, "config.json").is_file() and not Path(path, "checkpoints").exists():
+        model, folder_tokenizer, description = _from_hf_folder(Path(path))
+        if tokenizer is None:
+            tokenizer, origin = folder_tokenizer, "the Hugging Face folder"
+    else:
+        model, step_dir, description = _from_checkpoint(path)
+        if tokenizer is None:
+            tokenizer, origin = _recipe_tokenizer(step_dir), "the run's recipe (data.tokenizer)"
+    vocab = _vocab(tokenizer, model.cfg.vocab_size, origin)
+    return Loaded(model.to(device).eval(), vocab, f"{description}, vocabulary {vocab.description}, on {device}")
+
+
+def _from_checkpoint(path: str):
+    from sdtrain.model.gpt import GPT, GPTConfig
+    from sdtrain.train.export import load_model_weights, resolve_checkpoint
+
+    step_dir = resolve_checkpoint(path)
+    weights, info = load_model_weights(step_dir)  # verified: whole, safe, shapes of the model it names
+    model = GPT(GPTConfig(**info["model"]))
+    tied = model.lm_head.weight is model.tok_emb.weight
+    if tied:  # the head is the embedding: a checkpoint may hold it once
+        weights.setdefault("lm_head.weight", weights.get("tok_emb.weight"))
+    missing = sorted(name for name in model.state_dict() if weights.get(name) is None)
+    if missing:
+        raise CheckpointError(f"checkpoint {printable(step_dir)} lacks {len(missing)} model tensor(s) "
+                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                              "it is not a whole model: give another checkpoint")
+    model.load_state_dict(weights, strict=False)  # only names the model has (verification checked the rest)
+    return model, step_dir, f"{printable(step_dir)} (step {info['step']})"
+
+
+def _from_hf_folder(folder: Path):
+    try:
+        from sdtrain.model import hf_import  # noqa: F401  (the Hugging Face reader, issue 21 part C)
+    except ImportError:
+        raise UserInputError(f"{printable(folder)} is a Hugging Face folder; this sdtrain reads only its own checkpoints "
+                             "so far: give a run directory or its checkpoints/step_<N>") from None
+    raise UserInputError("reading a Hugging Face folder for generate is not wired up yet")
+
+
+def _recipe_tokenizer(step_dir: Path) -> str | None:
+    """data.tokenizer of the run's recipe.yaml (checkpoints/step_N/../../recipe.yaml), or None."""
+    from sdtrain.user_files import parse_yaml, read_text
+
+    recipe = step_dir.parent.parent / RECIPE
+    if step_dir.parent.name != "checkpoints" or not recipe.is_file():
+        return None
+    data = parse_yaml(read_text(recipe, "run recipe", MAX_RECIPE_BYTES, "YAML"), printable(recipe))
+    section = data.get("data") if isinstance(data, dict) else None
+    name = section.get("tokenizer") if isinstance(section, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _vocab(tokenizer: str | None, model_vocab: int, origin: str):
+    if tokenizer is None:
+        if model_vocab < BYTE_VOCAB:
+            raise UserInputError(f"the model has {model_vocab} token ids, fewer than the 256 bytes; it was trained with "
+                                 "a tokenizer: give it with --tokenizer tokenizer.json")
+        return ByteVocab()
+    from sdtrain.train.sources import _load_tokenizer  # the training data's reader: same checks, same messages
+
+    if not os.path.lexists(tokenizer):
+        raise UserInputError(f"tokenizer {printable(tokenizer)} (from {origin}) does not exist here; "
+                             "give the tokenizer.json the model was trained with: --tokenizer PATH")
+    vocab = TokenizerVocab(_load_tokenizer(tokenizer), printable(tokenizer))
+    if vocab.size > model_vocab:
+        raise UserInputError(f"tokenizer {printable(tokenizer)} has {vocab.size:,} tokens and the model only "
+                             f"{model_vocab:,} ids: not the tokenizer it was trained with")
+    return vocab
