@@ -283,7 +283,7 @@ def test_readme_speaks_of_the_project_not_its_tracker():
 
 @pytest.mark.parametrize("wrong", [
     "sdtrain launch RECIPE --no-such-flag",
-    "sdtrain generate CHECKPOINT",
+    "sdtrain generate CHECKPOINT --beam-width 4",
     "sdtrain bench RECIPE --peers deepspeed-moo",
     "sdtrain bench RECIPE --strategies pp2-onef1b",
     "sdtrain estimate RECIPE --device tpu",
