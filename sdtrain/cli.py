@@ -235,9 +235,21 @@ def env() -> None:
 @click.argument("checkpoint")
 @click.argument("out")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def export(checkpoint, out, force) -> None:
-    """Write the model weights of a (sharded) CHECKPOINT to OUT.safetensors."""
+@click.option("--format", "out_format", type=click.Choice(["safetensors", "hf"]), default="safetensors", show_default=True,
+              help="safetensors: one file, sdtrain's names; hf: a folder transformers loads (config.json, weights).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="With --format hf: shard the weights above this.")
+def export(checkpoint, out, force, out_format, max_shard_size) -> None:
+    """Write the model weights of a (sharded) CHECKPOINT to OUT.safetensors, or with
+    --format hf to the folder OUT (GPT2LMHeadModel, LlamaForCausalLM or MixtralForCausalLM)."""
     from sdtrain.errors import printable
+
+    if out_format == "hf":
+        from sdtrain.cli_hf import parse_size
+        from sdtrain.model.hf_export import export_hf
+
+        written = export_hf(checkpoint, out, force, parse_size(max_shard_size))
+        console.print(f"wrote {escape(printable(out))}: {', '.join(written)}", highlight=False)
+        return
     from sdtrain.train.export import export_safetensors
 
     count = export_safetensors(checkpoint, out, force)
@@ -372,9 +384,11 @@ def main() -> None:
 
 
 from sdtrain.cli_bench import bench  # noqa: E402  (its commands take the options above)
+from sdtrain.cli_hf import recipe_from_hf  # noqa: E402
 from sdtrain.cli_generate import generate  # noqa: E402
 
 cli.add_command(bench)
+recipe_group.add_command(recipe_from_hf)
 cli.add_command(generate)
 
 if __name__ == "__main__":

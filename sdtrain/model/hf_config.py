@@ -167,3 +167,62 @@ def check_init_from(model) -> None:
 
 def _yaml(value) -> str:
     return "true" if value is True else "false" if value is False else str(value)
+
+
+def hf_model_type(model: dict) -> str:
+    """gpt2, llama, or mixtral (llama blocks with experts) for a recipe's model section."""
+    if resolved(model, "arch") == "gpt2":
+        return "gpt2"
+    return "mixtral" if resolved(model, "moe.num_experts") else "llama"
+
+
+def export_problems(model: dict) -> list[str]:
+    """What of a recipe's model no transformers model computes alike (export refuses it).
+    Mixtral routes every token to the top-k of a softmax over all experts, renormalised over
+    those k: sdtrain's router is that with k >= 2, no capacity limit and no selection bias."""
+    if not resolved(model, "moe.num_experts"):
+        return []
+    if resolved(model, "arch") == "gpt2":
+        return ["experts in a gpt2-arch model (GELU experts) have no transformers equivalent; Mixtral's are SwiGLU "
+                "experts on llama blocks (model.arch llama)"]
+    problems = []
+    if resolved(model, "moe.every_n_layers") != 1:
+        problems.append(f"model.moe.every_n_layers {resolved(model, 'moe.every_n_layers')}: Mixtral has experts in "
+                        "every block (every_n_layers 1)")
+    if resolved(model, "moe.drop_tokens"):
+        problems.append("model.moe.drop_tokens true: sdtrain drops the tokens past an expert's capacity, Mixtral "
+                        "routes every token (drop_tokens false)")
+    if resolved(model, "moe.balance") == "bias":
+        problems.append("model.moe.balance bias: the learned selection bias changes which experts a token goes to, "
+                        "and Mixtral's router has none")
+    if resolved(model, "moe.top_k") == 1:
+        problems.append("model.moe.top_k 1: sdtrain weighs the one expert by its router probability, Mixtral "
+                        "renormalises it to 1")
+    return problems
+
+
+def hf_config(model: dict) -> dict:
+    """config.json for a recipe's model section (checked with export_problems first)."""
+    model_type, get = hf_model_type(model), (lambda key: resolved(model, key))
+    common = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": get("vocab_size"),
+              "tie_word_embeddings": bool(get("tie_embeddings")), "dtype": "float32", "torch_dtype": "float32",
+              "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True}
+    if model_type == "gpt2":
+        dropout = get("dropout") or 0.0
+        return {**common, "n_layer": get("n_layers"), "n_embd": get("d_model"), "n_head": get("n_heads"),
+                "n_positions": get("seq_len"), "n_inner": get("mlp_ratio") * get("d_model"),
+                "activation_function": "gelu", "layer_norm_epsilon": get("norm_eps"), "resid_pdrop": dropout,
+                "embd_pdrop": dropout, "attn_pdrop": dropout, "scale_attn_weights": True,
+                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
+    config = {**common, "num_hidden_layers": get("n_layers"), "hidden_size": get("d_model"),
+              "num_attention_heads": get("n_heads"), "num_key_value_heads": get("n_kv_heads"),
+              "head_dim": get("d_model") // get("n_heads"), "intermediate_size": get("ffn_hidden"),
+              "max_position_embeddings": get("seq_len"), "hidden_act": "silu", "rms_norm_eps": get("norm_eps"),
+              "attention_bias": False, "mlp_bias": False, "attention_dropout": get("dropout") or 0.0,
+              # both spellings: transformers 5 reads rope_parameters, 4 reads rope_theta
+              "rope_theta": get("rope_theta"), "rope_parameters": {"rope_type": "default", "rope_theta": get("rope_theta")}}
+    if model_type == "mixtral":
+        config.update(num_local_experts=get("moe.num_experts"), num_experts_per_tok=get("moe.top_k"),
+                      router_aux_loss_coef=get("moe.aux_loss_coef"), router_jitter_noise=0.0, sliding_window=None,
+                      output_router_logits=False)
+    return config

@@ -1,0 +1,200 @@
+"""Hugging Face at both ends: model.init_from reads a transformers folder (GPT-2 here; LLaMA
+and Mixtral in test_hf_llama.py), `sdtrain export --format hf` writes one transformers loads,
+and the logits agree with transformers' on both sides."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY, launch_run, merge, sdtrain
+
+transformers = pytest.importorskip("transformers")
+
+from sdtrain.model.gpt import GPT, GPTConfig  # noqa: E402
+from sdtrain.model.hf_files import HFFolderError  # noqa: E402
+from sdtrain.model.hf_import import HFWeights, load_hf_model, load_pretrained  # noqa: E402
+
+TOL = 1e-4
+SHAPE = {"n_layers": 2, "d_model": 32, "n_heads": 2, "seq_len": 32, "vocab_size": 256}
+
+
+def save_hf(model, folder):
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2(tmp_path_factory):
+    """A tiny GPT-2 with random weights, as transformers makes and saves it (exact GELU: see
+    hf_config.py for why gelu_new is refused), with more positions than the recipe uses."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=256, n_positions=48, n_embd=32, n_layer=2, n_head=2,
+                                     activation_function="gelu", bos_token_id=0, eos_token_id=0)
+    return save_hf(transformers.GPT2LMHeadModel(config).eval(), tmp_path_factory.mktemp("hf") / "gpt2")
+
+
+def hf_logits(folder, tokens):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(tokens).logits, type(model).__name__
+
+
+def sdtrain_logits(model, tokens):
+    with torch.no_grad():
+        return model.logits(model(tokens))
+
+
+def tokens(n=2, t=32):
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def test_gpt2_init_from_gives_transformers_logits(hf_gpt2):
+    model = GPT(GPTConfig(**SHAPE), seed=7).eval()
+    load_pretrained(model, hf_gpt2)
+    theirs, _ = hf_logits(hf_gpt2, tokens())
+    assert (sdtrain_logits(model, tokens()) - theirs).abs().max() < TOL
+    assert (sdtrain_logits(load_hf_model(hf_gpt2), tokens()) - theirs).abs().max() < TOL  # sdtrain generate's way
+
+
+def test_meta_device_model_reads_its_values_later(hf_gpt2):
+    """ZeRO builds the model on the meta device and makes each weight later through
+    model.initial_value: that must give the folder's values too."""
+    whole = GPT(GPTConfig(**SHAPE))
+    load_pretrained(whole, hf_gpt2)
+    with torch.device("meta"):
+        meta = GPT(GPTConfig(**SHAPE))
+    load_pretrained(meta, hf_gpt2)
+    for name, param in whole.named_parameters():
+        out = torch.empty(param.shape)
+        meta.initial_value(name, out)
+        assert torch.equal(out, param), name
+
+
+def test_pipeline_stage_reads_only_its_blocks(hf_gpt2, monkeypatch):
+    read = []
+    original = HFWeights.read
+    monkeypatch.setattr(HFWeights, "read", lambda self, name, out, first=0: (read.append(name), original(self, name, out, first)))
+    stage = GPT(GPTConfig(**SHAPE), layers=[1], first=False, last=True)
+    load_pretrained(stage, hf_gpt2)
+    assert read and all(name.startswith(("blocks.1.", "ln_f.", "lm_head.")) for name in read), read
+    whole = load_hf_model(hf_gpt2)
+    assert torch.equal(stage.lm_head.weight, whole.tok_emb.weight)  # the stage's copy of the tied head
+    assert torch.equal(stage.blocks["1"].attn.qkv.weight, whole.blocks["1"].attn.qkv.weight)
+
+
+def recipe(extra: dict) -> dict:
+    return merge(TINY, merge({"model": SHAPE, "checkpoint": {"at_end": True}}, extra))
+
+
+def test_launch_refuses_a_recipe_the_folder_does_not_describe(hf_gpt2, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe({"model": {"init_from": str(hf_gpt2), "n_layers": 3}})))
+    result = sdtrain("launch", path, "--dry-run")
+    assert result.returncode == 2
+    assert "model.n_layers is 3" in result.stderr and "n_layer 2" in result.stderr, result.stderr
+    result = sdtrain("launch", path, "--dry-run", "--set", "model.n_layers=2", "--set", "model.seq_len=64")
+    assert result.returncode == 2 and "48 positions" in result.stderr, result.stderr
+    assert sdtrain("launch", path, "--dry-run", "--set", "model.n_layers=2").returncode == 0
+
+
+def bad_folder(tmp_path, hf_gpt2, change) -> str:
+    folder = tmp_path / "bad"
+    shutil.copytree(hf_gpt2, folder)
+    change(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: (f / "config.json").unlink(), "has no config.json"),
+    (lambda f: (f / "config.json").write_text("[1]"), "not a JSON object"),
+    (lambda f: (f / "config.json").write_text('{"model_type": "bert"}'), "model_type 'bert' is not one sdtrain builds"),
+    (lambda f: (f / "config.json").write_text(json.dumps({**json.loads((f / "config.json").read_text()),
+                                                          "activation_function": "gelu_new"})), "gelu_new"),
+    (lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"), "pickle file, which sdtrain never loads"),
+    (lambda f: ((f / "model.safetensors").unlink(), (f / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"transformer.wte.weight": "../model.safetensors"}}))), "not a path"),
+])
+def test_bad_folders_are_named_before_launch(hf_gpt2, tmp_path, change, message):
+    folder = bad_folder(tmp_path, hf_gpt2, change)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe({"model": {"init_from": folder}})))
+    result = sdtrain("launch", path, "--dry-run")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_tensor_shapes_are_checked_before_reading(hf_gpt2, tmp_path):
+    """A config.json that lies about its weights: named per tensor, nothing read."""
+    folder = bad_folder(tmp_path, hf_gpt2, lambda f: None)
+    model = GPT(GPTConfig(**{**SHAPE, "vocab_size": 300}))
+    before = model.blocks["0"].attn.qkv.weight.clone()
+    with pytest.raises(HFFolderError, match=r"transformer.wte.weight has shape \[256, 32\].*needs \[300, 32\]"):
+        load_pretrained(model, folder)
+    assert torch.equal(model.blocks["0"].attn.qkv.weight, before)
+
+
+def test_recipe_from_hf_prints_a_model_section_launch_takes(hf_gpt2, tmp_path):
+    result = sdtrain("recipe", "from-hf", hf_gpt2)
+    assert result.returncode == 0, result.stderr
+    model = yaml.safe_load(result.stdout)["model"]
+    assert model["init_from"] == str(hf_gpt2) and model["seq_len"] == 48
+    assert (model["n_layers"], model["d_model"], model["n_heads"], model["vocab_size"]) == (2, 32, 2, 256)
+    out = tmp_path / "model.yaml"
+    assert sdtrain("recipe", "from-hf", hf_gpt2, "-o", out).returncode == 0
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(merge(TINY, {"model": yaml.safe_load(out.read_text())["model"]})))
+    assert sdtrain("launch", path, "--dry-run").returncode == 0
+    assert sdtrain("recipe", "from-hf", tmp_path / "nope").returncode == 2
+
+
+def exported_logits_match(run_dir, out, tmp_path, architecture):
+    """transformers loads the export, and its logits are the checkpoint's in sdtrain's model."""
+    from sdtrain.train.export import load_model_weights
+
+    weights, info = load_model_weights(run_dir)
+    model = GPT(GPTConfig(**info["model"])).eval()
+    model.load_state_dict(weights, strict=False)
+    missing = {n for n, _ in model.named_parameters()} - set(weights)
+    assert not missing, missing
+    theirs, name = hf_logits(out, tokens())
+    assert name == architecture
+    assert (sdtrain_logits(model, tokens()) - theirs).abs().max() < TOL
+    return weights
+
+
+def test_gpt2_launch_zero3_two_ranks_then_export_loads_in_transformers(hf_gpt2, tmp_path):
+    """init_from in a real 2-rank ZeRO-3 run (the meta-device path), a few steps, export."""
+    lr, steps = 3e-3, 3
+    run = launch_run(tmp_path, "run", 2, recipe({"model": {"init_from": str(hf_gpt2)},
+                                                 "train": {"steps": steps, "lr": lr, "warmup_steps": 0},
+                                                 "parallel": {"zero_stage": 3}}))
+    out = tmp_path / "hf"
+    result = sdtrain("export", run, out, "--format", "hf")
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "generation_config.json"}
+    weights = exported_logits_match(run, out, tmp_path, "GPT2LMHeadModel")
+    # The run started from the folder's weights: Adam moves a weight by about lr a step, while
+    # a name-seeded start would differ from them by ~0.02 everywhere.
+    first = GPT(GPTConfig(**SHAPE))
+    load_pretrained(first, hf_gpt2)
+    moved = max((weights[n] - p).abs().max().item() for n, p in first.named_parameters())
+    assert moved < 2 * steps * lr
+    # again into the same folder: refused without --force, replaced with it
+    assert sdtrain("export", run, out, "--format", "hf").returncode == 2
+    assert sdtrain("export", run, out, "--format", "hf", "--force").returncode == 0
+
+
+def test_export_shards_above_max_shard_size(hf_gpt2, tmp_path, full_run):
+    _, run = full_run
+    out = tmp_path / "hf"
+    result = sdtrain("export", run, out, "--format", "hf", "--max-shard-size", "20KB")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    exported_logits_match(run, out, tmp_path, "GPT2LMHeadModel")
+    assert sdtrain("export", run, tmp_path / "x", "--format", "hf", "--max-shard-size", "lots").returncode == 2
