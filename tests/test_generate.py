@@ -23,11 +23,13 @@ CFG = GPTConfig(n_layers=2, d_model=64, n_heads=2, seq_len=300, vocab_size=256)
 PROMPT = list(b"def main(")
 
 
-@pytest.fixture(scope="module")
-def model():
+LLAMA = GPTConfig(n_layers=2, d_model=64, n_heads=4, seq_len=300, vocab_size=256, arch="llama", n_kv_heads=2)
+
+
+def varied(cfg: GPTConfig) -> GPT:
     """Weights far from their first small values: a freshly made GPT repeats one token forever,
     which would check little (a near tie between logits is also less likely)."""
-    model = GPT(CFG, seed=3).eval()
+    model = GPT(cfg, seed=3).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -36,7 +38,14 @@ def model():
     return model
 
 
-def test_greedy_with_the_cache_equals_recomputing_the_whole_sequence(model):
+@pytest.fixture(scope="module")
+def model():
+    return varied(CFG)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_greedy_with_the_cache_equals_recomputing_the_whole_sequence(arch):
+    model = varied(CFG if arch == "gpt2" else LLAMA)
     cached = list(generate_tokens(model, PROMPT, 256, Sampler(temperature=0)))
     recomputed = list(generate_tokens(model, PROMPT, 256, Sampler(temperature=0), use_cache=False))
     assert len(cached) == 256 and cached == recomputed

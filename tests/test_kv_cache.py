@@ -3,16 +3,20 @@ over the whole sequence does, and training's forward (no cache) is untouched."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sdtrain.model.gpt import GPT, GPTConfig
 from sdtrain.model.kv_cache import KVCache
 
 CFG = GPTConfig(n_layers=2, d_model=32, n_heads=4, seq_len=48, vocab_size=256)
+# llama: rotary positions at the cache's absolute position, grouped-query attention (2 kv heads of 4)
+LLAMA = GPTConfig(n_layers=2, d_model=32, n_heads=4, seq_len=48, vocab_size=256, arch="llama", n_kv_heads=2)
 
 
-def test_pieces_through_the_cache_equal_one_forward():
-    model = GPT(CFG, seed=5).eval()
+@pytest.mark.parametrize("cfg", [CFG, LLAMA], ids=["gpt2", "llama"])
+def test_pieces_through_the_cache_equal_one_forward(cfg):
+    model = GPT(cfg, seed=5).eval()
     tokens = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         whole = model(tokens)
@@ -22,6 +26,11 @@ def test_pieces_through_the_cache_equal_one_forward():
         pieces += [model(tokens[:, t:t + 1], cache=cache) for t in range(12, 30)]
     assert cache.position == 30
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=1e-5)
+
+
+def test_a_llama_cache_holds_only_the_kv_heads():
+    cache = KVCache.for_model(GPT(LLAMA), batch=1, max_len=10)
+    assert tuple(cache.layers["0"].k.shape) == (1, 2, 10, 8)
 
 
 def test_the_cache_refuses_positions_past_its_length_and_seq_len():
