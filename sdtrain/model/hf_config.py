@@ -9,17 +9,20 @@ launcher checks `model.init_from` against the recipe with it before anything sta
 - `hf_config(model)`: the config.json of an exported model (with `export_problems`, the MoE
   settings no transformers model has).
 
-The llama keys (arch, n_kv_heads, ffn_hidden, rope_theta, tie_embeddings, norm_eps, bias left
-None) are resolved here as the spec of issue 21 defines them, so the launcher needs no torch.
+The keys a recipe may leave null (n_kv_heads, ffn_hidden, rope_theta, tie_embeddings,
+norm_eps, bias) are compared as size.py resolves them.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 from sdtrain.errors import RecipeError, printable
 from sdtrain.model.hf_files import HFFolderError, read_json, weight_files
+from sdtrain.model.size import (DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, arch_of, has_bias, is_llama, kv_heads, mlp_width,
+                                moe_of, ties_embeddings)
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
 CONFIG = "config.json"
@@ -124,22 +127,18 @@ CHECKED = ("arch", "n_layers", "d_model", "n_heads", "n_kv_heads", "vocab_size",
 
 
 def resolved(model, key: str):
-    """The value a recipe's model (a ModelConfig or its dump) has for `key`, its None defaults
-    resolved as the spec of issue 21 sets them."""
-    get = (lambda k, d=None: model.get(k, d)) if isinstance(model, dict) else (lambda k, d=None: getattr(model, k, d))
-    arch = get("arch") or "gpt2"
+    """The value a recipe's model (a ModelConfig, a GPTConfig or a dumped section) has for
+    `key` ("moe.top_k" for an MoE setting), its null defaults resolved by size.py's rules."""
+    if isinstance(model, dict):
+        model = SimpleNamespace(**model)
     if key.startswith("moe."):
-        moe = get("moe")
-        moe = moe if isinstance(moe, dict) else (moe.model_dump() if moe is not None else {})
-        return moe.get(key[4:]) if moe.get("num_experts") else 0 if key == "moe.num_experts" else None
-    value = get(key)
-    if value is not None or key == "arch":
-        return arch if key == "arch" else value
-    d_model = get("d_model")
-    return {"n_kv_heads": get("n_heads"),
-            "ffn_hidden": -(-int(2 * 4 * d_model / 3) // 256) * 256 if arch == "llama" else None,
-            "tie_embeddings": arch == "gpt2", "norm_eps": 1e-5, "bias": arch == "gpt2",
-            "rope_theta": 10000.0 if arch == "llama" else None}.get(key)
+        moe = moe_of(model)
+        return (moe or {}).get(key[4:], 0 if key == "moe.num_experts" else None)
+    rules = {"arch": arch_of, "n_kv_heads": kv_heads, "tie_embeddings": ties_embeddings, "bias": has_bias,
+             "norm_eps": lambda m: getattr(m, "norm_eps", None) or DEFAULT_NORM_EPS,
+             "ffn_hidden": lambda m: mlp_width(m) if is_llama(m) else None,
+             "rope_theta": lambda m: (getattr(m, "rope_theta", None) or DEFAULT_ROPE_THETA) if is_llama(m) else None}
+    return rules[key](model) if key in rules else getattr(model, key, None)
 
 
 def check_init_from(model) -> None:

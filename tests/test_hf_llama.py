@@ -1,0 +1,68 @@
+"""Hugging Face at both ends with llama blocks: a LlamaForCausalLM with grouped-query
+attention (n_kv_heads < n_heads) and an untied head, imported and exported (helpers: test_hf.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY, launch_run, merge, sdtrain
+
+transformers = pytest.importorskip("transformers")
+
+from test_hf import TOL, exported_logits_match, hf_logits, save_hf, sdtrain_logits, tokens  # noqa: E402
+
+from sdtrain.model.gpt import GPT, GPTConfig  # noqa: E402
+from sdtrain.model.hf_import import load_hf_model, load_pretrained  # noqa: E402
+
+SHAPE = {"arch": "llama", "n_layers": 2, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "seq_len": 32,
+         "vocab_size": 256, "ffn_hidden": 48, "norm_eps": 1e-6, "rope_theta": 10000.0}
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=0)
+    return save_hf(transformers.LlamaForCausalLM(config).eval(), tmp_path_factory.mktemp("hf") / "llama")
+
+
+def test_llama_init_from_gives_transformers_logits(hf_llama):
+    model = GPT(GPTConfig(**SHAPE), seed=7).eval()
+    load_pretrained(model, hf_llama)
+    assert not model.cfg.tie_embeddings and model.lm_head.weight is not model.tok_emb.weight
+    theirs, _ = hf_logits(hf_llama, tokens())
+    assert (sdtrain_logits(model, tokens()) - theirs).abs().max() < TOL
+    assert (sdtrain_logits(load_hf_model(hf_llama), tokens()) - theirs).abs().max() < TOL
+
+
+def test_llama_recipe_from_hf_and_mismatch(hf_llama, tmp_path):
+    result = sdtrain("recipe", "from-hf", hf_llama)
+    assert result.returncode == 0, result.stderr
+    model = yaml.safe_load(result.stdout)["model"]
+    assert {k: model[k] for k in SHAPE} == SHAPE and model["tie_embeddings"] is False
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(merge(TINY, {"model": {**model, "n_kv_heads": 4}})))
+    result = sdtrain("launch", path, "--dry-run")
+    assert result.returncode == 2 and "model.n_kv_heads is 4" in result.stderr and "num_key_value_heads 2" in result.stderr
+
+
+def test_llama_pipeline_run_then_export_loads_in_transformers(hf_llama, tmp_path):
+    """A 2-stage pipeline: each stage reads its own blocks, the last its own (untied) head."""
+    run = launch_run(tmp_path, "run", 2, merge(TINY, {
+        "model": {**SHAPE, "init_from": str(hf_llama)}, "checkpoint": {"at_end": True},
+        "train": {"steps": 3, "global_batch_size": 4, "micro_batch_size": 2},
+        "parallel": {"pipeline": {"stages": 2}}}))
+    out = tmp_path / "hf"
+    result = sdtrain("export", run, out, "--format", "hf")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["num_key_value_heads"], config["tie_word_embeddings"]) == ("llama", 2, False)
+    weights = exported_logits_match(run, out, tmp_path, "LlamaForCausalLM")
+    first = GPT(GPTConfig(**SHAPE))
+    load_pretrained(first, hf_llama)
+    assert max((weights[n] - p).abs().max().item() for n, p in first.named_parameters()) < 2 * 3 * 3e-3
