@@ -20,6 +20,9 @@ from sdtrain.generate.vocab import BYTE_VOCAB, ByteVocab, TokenizerVocab
 
 RECIPE = "recipe.yaml"  # a run directory's resolved recipe, beside checkpoints/
 MAX_RECIPE_BYTES = 1 << 20
+# A byte-level model's vocabulary may be padded past 256 (to a multiple a kernel or tensor
+# parallelism likes); one past this is a tokenizer's, and decoding it as bytes would be nonsense.
+MAX_BYTE_MODEL_VOCAB = 512
 
 
 @dataclass
@@ -64,12 +67,16 @@ def _from_checkpoint(path: str):
 
 
 def _from_hf_folder(folder: Path):
-    try:
-        from sdtrain.model import hf_import  # noqa: F401  (the Hugging Face reader, issue 21 part C)
-    except ImportError:
-        raise UserInputError(f"{printable(folder)} is a Hugging Face folder; this sdtrain reads only its own checkpoints "
-                             "so far: give a run directory or its checkpoints/step_<N>") from None
-    raise UserInputError("reading a Hugging Face folder for generate is not wired up yet")
+    """The folder's model (hf_import's reader: config.json checked, safetensors only) and its
+    tokenizer.json; a folder without one is bytes only where its vocabulary is byte-sized."""
+    from sdtrain.model.hf_import import load_hf_model
+
+    model = load_hf_model(folder)
+    tokenizer = folder / "tokenizer.json"
+    if not tokenizer.is_file() and model.cfg.vocab_size > MAX_BYTE_MODEL_VOCAB:
+        raise UserInputError(f"{printable(folder)} has no tokenizer.json and {model.cfg.vocab_size:,} token ids, too many "
+                             "for bytes: give the model's tokenizer with --tokenizer tokenizer.json")
+    return model, str(tokenizer) if tokenizer.is_file() else None, f"{printable(folder)} (Hugging Face)"
 
 
 def _recipe_tokenizer(step_dir: Path) -> str | None:

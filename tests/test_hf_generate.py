@@ -1,0 +1,76 @@
+"""`sdtrain generate` on a Hugging Face folder decodes what transformers decodes: greedy, the
+same tokens as transformers' own `generate` of the same folder, token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import sdtrain
+
+transformers = pytest.importorskip("transformers")
+
+from sdtrain.generate.load import load_for_generation  # noqa: E402
+from sdtrain.generate.text import Generation  # noqa: E402
+
+PROMPT = "def main("
+NEW_TOKENS = 40
+
+
+def varied(model):
+    """Weights far from transformers' small first ones, which decode one token over and over."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3, generator=generator)
+    return model.eval()
+
+
+def configs():
+    common = dict(vocab_size=256, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return {
+        "gpt2": transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2, activation_function="gelu",
+                                        **common),
+        "llama": transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                          **common),
+    }
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def hf_folder(request, tmp_path_factory):
+    config = configs()[request.param]
+    model = varied(transformers.AutoModelForCausalLM.from_config(config))
+    folder = tmp_path_factory.mktemp("hf") / request.param
+    model.save_pretrained(folder)
+    return folder
+
+
+def transformers_greedy(folder, prompt_ids: list[int]) -> list[int]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_greedy_gives_the_tokens_transformers_generate_gives(hf_folder):
+    loaded = load_for_generation(str(hf_folder), device="cpu")
+    generation = Generation(loaded.model, loaded.vocab, PROMPT, NEW_TOKENS, temperature=0)
+    "".join(generation.pieces())
+    theirs = transformers_greedy(hf_folder, list(PROMPT.encode()))
+    assert generation.tokens == theirs
+    assert len(set(theirs)) > 1
+
+
+def test_the_cli_takes_a_hugging_face_folder(hf_folder):
+    result = sdtrain("generate", hf_folder, "--prompt", PROMPT, "--max-new-tokens", NEW_TOKENS, "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(PROMPT) and f"{NEW_TOKENS} new tokens" in result.stderr
+
+
+def test_a_folder_of_another_architecture_exits_2(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
+    result = sdtrain("generate", tmp_path)
+    assert result.returncode == 2 and "model_type 'bert'" in result.stderr and result.stdout == ""
