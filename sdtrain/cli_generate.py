@@ -30,9 +30,9 @@ def generate(source, prompt, max_new_tokens, temperature, top_k, seed, tokenizer
 
     loaded = load_for_generation(source, tokenizer)
     generation = Generation(loaded.model, loaded.vocab, prompt, max_new_tokens, temperature, top_k, seed)
-    err_console.print(escape(loaded.description), highlight=False)
+    err_console.print(escape(loaded.description), highlight=False, soft_wrap=True)
     for piece in generation.pieces():
         sys.stdout.write(piece)
         sys.stdout.flush()  # each token as it comes: the point of streaming
     sys.stdout.write("\n")
-    err_console.print(escape(generation.summary()), highlight=False)
+    err_console.print(escape(generation.summary()), highlight=False, soft_wrap=True)

@@ -84,14 +84,19 @@ def test_the_byte_stream_writes_whole_characters_and_escapes_control_characters(
     assert "".join(pieces) + stream.finish() == "é\\x1b[2J\n"  # the escape is shown, never acted on
 
 
-def test_a_tokenizer_stream_decodes_as_the_tokenizer_does():
+def byte_level_bpe():
+    """A byte-level BPE tokenizer (GPT-2's kind: a character may span tokens), trained here."""
     tokenizers = pytest.importorskip("tokenizers")
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(["def main(argv): return argv", "naïve café"] * 20, trainer=trainer)
-    vocab = TokenizerVocab(tokenizer, "test")
+    return tokenizer
+
+
+def test_a_tokenizer_stream_decodes_as_the_tokenizer_does():
+    vocab = TokenizerVocab(byte_level_bpe(), "test")
     text = "def café(argv):"
     ids = vocab.encode(text)
     stream = vocab.stream()
@@ -156,6 +161,19 @@ def test_a_bad_checkpoint_exits_2(run_dir, tmp_path):
     result = sdtrain("generate", broken)
     assert result.returncode == 2 and "error" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_with_a_tokenizer_generates_with_it(tmp_path):
+    tokenizer = tmp_path / "tokenizer.json"
+    byte_level_bpe().save(str(tokenizer))
+    recipe = merge(TINY, {"model": {"vocab_size": 320}, "data": {"tokenizer": str(tokenizer)}, "train": {"steps": 2},
+                          "checkpoint": {"at_end": True}})
+    run = launch_run(tmp_path, "run", 1, recipe)
+    result = sdtrain("generate", run, "--prompt", "def main(", "--max-new-tokens", "20")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("def main(") and f"vocabulary {tokenizer}" in " ".join(result.stderr.split())
+    result = sdtrain("generate", run, "--tokenizer", tmp_path / "gone.json")
+    assert result.returncode == 2 and "does not exist" in result.stderr
 
 
 @pytest.mark.slow
