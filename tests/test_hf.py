@@ -198,3 +198,65 @@ def test_export_shards_above_max_shard_size(hf_gpt2, tmp_path, full_run):
     assert len(set(index["weight_map"].values())) > 1
     exported_logits_match(run, out, tmp_path, "GPT2LMHeadModel")
     assert sdtrain("export", run, tmp_path / "x", "--format", "hf", "--max-shard-size", "lots").returncode == 2
+
+
+def test_init_from_a_sharded_bf16_folder(hf_gpt2, tmp_path):
+    """save_pretrained's shards (model.safetensors.index.json) in bf16: read and widened."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_gpt2).to(torch.bfloat16)
+    folder = tmp_path / "sharded"
+    hf.save_pretrained(folder, max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
+    model = GPT(GPTConfig(**SHAPE))
+    load_pretrained(model, folder)
+    assert torch.equal(model.tok_emb.weight, hf.transformer.wte.weight.float())
+    assert torch.equal(model.blocks["1"].mlp.fc.weight, hf.transformer.h[1].mlp.c_fc.weight.float().t())
+
+
+def test_export_copies_the_runs_tokenizer(full_run, tmp_path):
+    _, run = full_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    tokenizer = tmp_path / "tok.json"
+    tokenizer.write_text('{"model": {}}')
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    recipe["data"]["tokenizer"] = str(tokenizer)
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "hf"
+    assert sdtrain("export", copy, out, "--format", "hf").returncode == 0
+    assert (out / "tokenizer.json").read_text() == tokenizer.read_text()
+    tokenizer.unlink()  # named but gone: said, nothing written
+    result = sdtrain("export", copy, tmp_path / "hf2", "--format", "hf")
+    assert result.returncode == 2 and "tok.json" in result.stderr and not (tmp_path / "hf2").exists()
+
+
+def test_export_force_replaces_only_a_model_folder(full_run, tmp_path):
+    _, run = full_run
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    result = sdtrain("export", run, tmp_path / "notes", "--format", "hf", "--force")
+    assert result.returncode == 2 and "holds no config.json" in result.stderr
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("moe, reason", [
+    ({"arch": "gpt2", "moe": {"num_experts": 4, "every_n_layers": 1, "drop_tokens": False}}, "gpt2-arch model"),
+    ({"arch": "llama", "moe": {"num_experts": 4, "every_n_layers": 2, "drop_tokens": False}}, "every_n_layers 2"),
+    ({"arch": "llama", "moe": {"num_experts": 4, "every_n_layers": 1, "drop_tokens": True}}, "drop_tokens true"),
+    ({"arch": "llama", "moe": {"num_experts": 4, "every_n_layers": 1, "drop_tokens": False, "balance": "bias"}},
+     "balance bias"),
+    ({"arch": "llama", "moe": {"num_experts": 4, "every_n_layers": 1, "drop_tokens": False, "top_k": 1}}, "top_k 1"),
+])
+def test_export_names_the_moe_settings_mixtral_lacks(moe, reason):
+    from sdtrain.model.hf_config import export_problems
+
+    problems = export_problems({**SHAPE, "n_heads": 4, **moe})
+    assert len(problems) == 1 and reason in problems[0], problems
+    assert export_problems({**SHAPE, "arch": "llama", "moe": {"num_experts": 4, "every_n_layers": 1,
+                                                               "drop_tokens": False, "top_k": 2}}) == []
+
+
+def test_export_of_a_gpt2_moe_run_is_refused_with_the_reason(tmp_path):
+    run = launch_run(tmp_path, "moe", 1, recipe({"model": {"moe": {"num_experts": 2, "top_k": 1}},
+                                                 "train": {"steps": 1, "warmup_steps": 0}}))
+    result = sdtrain("export", run, tmp_path / "hf", "--format", "hf")
+    assert result.returncode == 2 and "gpt2-arch model" in result.stderr and not (tmp_path / "hf").exists()
