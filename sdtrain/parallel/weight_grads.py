@@ -112,5 +112,5 @@ def _grads_of(module: nn.Module, inp: torch.Tensor | None, grad_out: torch.Tenso
     normalized = normalized.reshape(-1, inp.size(-1))
     if module.weight is not None:
         yield module.weight, (g * normalized.to(g.dtype)).sum(0)
-    if module.bias is not None:
+    if getattr(module, "bias", None) is not None:  # an RMSNorm has none
         yield module.bias, g.sum(0)
