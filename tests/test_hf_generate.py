@@ -74,3 +74,26 @@ def test_a_folder_of_another_architecture_exits_2(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
     result = sdtrain("generate", tmp_path)
     assert result.returncode == 2 and "model_type 'bert'" in result.stderr and result.stdout == ""
+
+
+def test_an_exported_run_decodes_in_transformers_as_sdtrain_decodes_it(hf_folder, tmp_path):
+    """A real run (from the folder's weights: a tiny model trained for seconds only ever says
+    spaces) -> `sdtrain export --format hf` -> transformers' greedy generate of the export gives
+    the tokens `sdtrain generate` gives from the run's checkpoint."""
+    from conftest import TINY, launch_run, merge
+
+    from sdtrain.model.hf_import import hf_model_config
+
+    model = {**hf_model_config(hf_folder), "init_from": str(hf_folder)}
+    run = launch_run(tmp_path, "run", 1, merge(TINY, {"model": model, "train": {"steps": 3, "lr": 1e-4},
+                                                      "checkpoint": {"at_end": True}}))
+    out = tmp_path / "hf"
+    result = sdtrain("export", run, out, "--format", "hf")
+    assert result.returncode == 0, result.stderr
+    loaded = load_for_generation(str(run), device="cpu")
+    generation = Generation(loaded.model, loaded.vocab, PROMPT, NEW_TOKENS, temperature=0)
+    text = "".join(generation.pieces())
+    assert generation.tokens == transformers_greedy(out, list(PROMPT.encode()))
+    assert len(set(generation.tokens)) > 1
+    cli = sdtrain("generate", run, "--prompt", PROMPT, "--max-new-tokens", NEW_TOKENS, "--temperature", "0")
+    assert cli.returncode == 0 and cli.stdout == text + "\n", cli.stderr
