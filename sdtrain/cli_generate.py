@@ -24,7 +24,8 @@ from sdtrain.cli_options import err_console
 @click.option("--tokenizer", help="The tokenizer.json to use instead of the one the run's recipe names (default: bytes).")
 def generate(source, prompt, max_new_tokens, temperature, top_k, seed, tokenizer) -> None:
     """Continue --prompt with the model of a run's checkpoint (a run directory or its
-    checkpoints/step_<N>), streaming the text as it is decoded; one process, KV cache."""
+    checkpoints/step_<N>) or of a Hugging Face folder (one model.init_from reads), streaming the
+    text as it is decoded; one process, KV cache, stops at the model's seq_len."""
     from sdtrain.generate.load import load_for_generation
     from sdtrain.generate.text import Generation
 
