@@ -62,3 +62,29 @@ def test_mixtral_expert_parallel_run_then_export_loads_in_transformers(hf_mixtra
     config = json.loads((out / "config.json").read_text())
     assert (config["model_type"], config["num_local_experts"], config["num_experts_per_tok"]) == ("mixtral", 4, 2)
     exported_logits_match(run, out, tmp_path, "MixtralForCausalLM")
+
+
+def test_a_rank_holding_some_experts_reads_exactly_those(hf_mixtral, monkeypatch):
+    """Expert parallelism on a meta-device model (ZeRO): experts 2 and 3 of each layer read
+    from their own tensors (experts.2.*, experts.3.*), equal to the whole model's."""
+    from sdtrain.model.hf_import import HFWeights
+
+    whole = GPT(GPTConfig(**SHAPE))
+    load_pretrained(whole, hf_mixtral)
+    with torch.device("meta"):
+        part = GPT(GPTConfig(**SHAPE))
+    for name, module in part.named_modules():
+        if name.endswith(".mlp.experts"):
+            module.keep(2, 2)  # as expert_parallel.py does for ep rank 1 of 2
+            part.first_expert[name] = 2
+    load_pretrained(part, hf_mixtral)
+    opened = []
+    original = HFWeights._entry
+    monkeypatch.setattr(HFWeights, "_entry", lambda self, name, shape: (opened.append(name), original(self, name, shape))[1])
+    for name, param in whole.named_parameters():
+        if ".experts." in name:
+            out = torch.empty((2, *param.shape[1:]))
+            part.initial_value(name, out)
+            assert torch.equal(out, param[2:4]), name
+    experts = {n.split(".experts.")[1].split(".")[0] for n in opened}
+    assert experts == {"2", "3"}, experts
