@@ -163,6 +163,16 @@ def test_a_bad_checkpoint_exits_2(run_dir, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_large_vocabulary_with_nothing_naming_its_tokenizer_is_refused():
+    from sdtrain.errors import UserInputError
+    from sdtrain.generate.load import _vocab
+
+    with pytest.raises(UserInputError, match="--tokenizer tokenizer.json"):
+        _vocab(None, 50304, "nowhere", said=False)  # a checkpoint without its run's recipe: bytes would be nonsense
+    assert isinstance(_vocab(None, 50304, "the run's recipe", said=True), ByteVocab)  # the recipe said bytes
+    assert isinstance(_vocab(None, 320, "nowhere", said=False), ByteVocab)  # a byte vocabulary, padded
+
+
 def test_a_run_with_a_tokenizer_generates_with_it(tmp_path):
     tokenizer = tmp_path / "tokenizer.json"
     byte_level_bpe().save(str(tokenizer))

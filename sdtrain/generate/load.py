@@ -34,16 +34,17 @@ class Loaded:
 
 def load_for_generation(path: str, tokenizer: str | None = None, device: str | None = None) -> Loaded:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    origin = "--tokenizer"
+    origin, said = "--tokenizer", tokenizer is not None  # said: whether anything tells bytes from a tokenizer
     if Path(path, "config.json").is_file() and not Path(path, "checkpoints").exists():
-        model, folder_tokenizer, description = _from_hf_folder(Path(path))
-        if tokenizer is None:
-            tokenizer, origin = folder_tokenizer, "the Hugging Face folder"
+        model, description = _from_hf_folder(path), f"{printable(path)} (Hugging Face)"
+        if tokenizer is None and Path(path, "tokenizer.json").is_file():
+            tokenizer, origin, said = str(Path(path, "tokenizer.json")), "the Hugging Face folder", True
     else:
         model, step_dir, description = _from_checkpoint(path)
         if tokenizer is None:
-            tokenizer, origin = _recipe_tokenizer(step_dir), "the run's recipe (data.tokenizer)"
-    vocab = _vocab(tokenizer, model.cfg.vocab_size, origin)
+            said, tokenizer = _recipe_tokenizer(step_dir)
+            origin = "the run's recipe (data.tokenizer)"
+    vocab = _vocab(tokenizer, model.cfg.vocab_size, origin, said)
     return Loaded(model.to(device).eval(), vocab, f"{description}, vocabulary {vocab.description}, on {device}")
 
 
@@ -66,34 +67,32 @@ def _from_checkpoint(path: str):
     return model, step_dir, f"{printable(step_dir)} (step {info['step']})"
 
 
-def _from_hf_folder(folder: Path):
-    """The folder's model (hf_import's reader: config.json checked, safetensors only) and its
-    tokenizer.json; a folder without one is bytes only where its vocabulary is byte-sized."""
-    from sdtrain.model.hf_import import load_hf_model
+def _from_hf_folder(folder: str):
+    from sdtrain.model.hf_import import load_hf_model  # config.json checked, safetensors only
 
-    model = load_hf_model(folder)
-    tokenizer = folder / "tokenizer.json"
-    if not tokenizer.is_file() and model.cfg.vocab_size > MAX_BYTE_MODEL_VOCAB:
-        raise UserInputError(f"{printable(folder)} has no tokenizer.json and {model.cfg.vocab_size:,} token ids, too many "
-                             "for bytes: give the model's tokenizer with --tokenizer tokenizer.json")
-    return model, str(tokenizer) if tokenizer.is_file() else None, f"{printable(folder)} (Hugging Face)"
+    return load_hf_model(folder)
 
 
-def _recipe_tokenizer(step_dir: Path) -> str | None:
-    """data.tokenizer of the run's recipe.yaml (checkpoints/step_N/../../recipe.yaml), or None."""
+def _recipe_tokenizer(step_dir: Path) -> tuple[bool, str | None]:
+    """Whether the run's recipe.yaml (checkpoints/step_N/../../recipe.yaml) is there, and its
+    data.tokenizer (None: bytes)."""
     from sdtrain.user_files import parse_yaml, read_text
 
     recipe = step_dir.parent.parent / RECIPE
     if step_dir.parent.name != "checkpoints" or not recipe.is_file():
-        return None
+        return False, None
     data = parse_yaml(read_text(recipe, "run recipe", MAX_RECIPE_BYTES, "YAML"), printable(recipe))
     section = data.get("data") if isinstance(data, dict) else None
     name = section.get("tokenizer") if isinstance(section, dict) else None
-    return name if isinstance(name, str) else None
+    return True, name if isinstance(name, str) else None
 
 
-def _vocab(tokenizer: str | None, model_vocab: int, origin: str):
+def _vocab(tokenizer: str | None, model_vocab: int, origin: str, said: bool):
     if tokenizer is None:
+        if not said and model_vocab > MAX_BYTE_MODEL_VOCAB:
+            raise UserInputError(f"nothing names the model's tokenizer (no recipe.yaml beside the checkpoint, no "
+                                 f"tokenizer.json in the folder) and its {model_vocab:,} token ids are too many for "
+                                 "bytes: give it with --tokenizer tokenizer.json")
         if model_vocab < BYTE_VOCAB:
             raise UserInputError(f"the model has {model_vocab} token ids, fewer than the 256 bytes; it was trained with "
                                  "a tokenizer: give it with --tokenizer tokenizer.json")
