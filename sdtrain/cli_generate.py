@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -32,8 +33,13 @@ def generate(source, prompt, max_new_tokens, temperature, top_k, seed, tokenizer
     loaded = load_for_generation(source, tokenizer)
     generation = Generation(loaded.model, loaded.vocab, prompt, max_new_tokens, temperature, top_k, seed)
     err_console.print(escape(loaded.description), highlight=False, soft_wrap=True)
-    for piece in generation.pieces():
-        sys.stdout.write(piece)
-        sys.stdout.flush()  # each token as it comes: the point of streaming
-    sys.stdout.write("\n")
+    try:
+        for piece in generation.pieces():
+            sys.stdout.write(piece)
+            sys.stdout.flush()  # each token as it comes: the point of streaming
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `sdtrain generate ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return
     err_console.print(escape(generation.summary()), highlight=False, soft_wrap=True)

@@ -139,6 +139,15 @@ def test_the_cli_streams_text_as_it_decodes_and_a_seed_repeats_it(run_dir):
     assert other.returncode == 0 and other.stdout != text
 
 
+def test_a_reader_that_stops_early_ends_it_quietly(run_dir):
+    """`sdtrain generate ... | head -c 100`: the pipe closes under the writer; no traceback, exit 0."""
+    argv = [sys.executable, "-m", "sdtrain", "generate", str(run_dir), "--max-new-tokens", "50"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the first write: every write meets a closed pipe
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 0 and "Traceback" not in stderr and "Error" not in stderr, stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--max-new-tokens", "-1"], "--max-new-tokens"),
     (["--temperature", "-0.5"], "--temperature"),
