@@ -58,3 +58,19 @@ def arch_strategy_problem(recipe) -> str | None:
         return (f"parallel.tensor_parallel {tp} with model.arch llama: tensor parallelism does not split llama "
                 "blocks yet; use tensor_parallel 1 (data parallel, ZeRO and pipelines take llama), or model.arch gpt2")
     return None
+
+
+LATER_KEYS = ("arch", "n_kv_heads", "rope_theta", "ffn_hidden", "tie_embeddings", "norm_eps")
+
+
+def resolved_saved_model(model: dict) -> dict:
+    """A model section as a checkpoint's sdtrain.json holds it, with the keys that came after
+    it was written (a checkpoint older than model.arch) at what they resolve to: such a model
+    is the GPT-2 it was, and compares equal to the same recipe today."""
+    from types import SimpleNamespace
+
+    filled = {key: None for key in LATER_KEYS} | {"arch": "gpt2"} | model
+    try:
+        return filled | arch_defaults(SimpleNamespace(**filled))
+    except (TypeError, AttributeError, ZeroDivisionError):  # input like the rest: the comparison names it
+        return filled

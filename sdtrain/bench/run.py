@@ -46,7 +46,7 @@ INTERVAL = 5  # steps per throughput sample
 STAGES = {"single": 0, "ddp": 0, "zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 # a zero<S> row is that stage alone, whatever the recipe says
 NO_PIPELINE = ["parallel.pipeline.stages=1", "parallel.tensor_parallel=1"]
-PEERS = ("torch", "fsdp2", "deepspeed", "deepspeed-pipe", "deepspeed-moe", "dtensor-tp", "eager", "compile")
+PEERS = ("torch", "fsdp2", "deepspeed", "deepspeed-pipe", "deepspeed-moe", "dtensor-tp", "eager", "compile", "plain")
 DEEPSPEED_PIPE_ZERO = (0, 1)  # DeepSpeed's pipeline refuses ZeRO-2 and 3
 SINGLE_DEVICE_PEERS = {"eager": "torch-eager", "compile": "torch-compile"}  # --peers name: row name
 
@@ -282,6 +282,12 @@ def _peer_entries(recipe, peers: list[str], strategies: list[str], world: int, n
     wanted = []
     if "torch" in peers:
         wanted.append(("torch-ddp", "peer_ddp", "", 0))
+    if "plain" in peers:  # a llama written plainly in PyTorch, not sdtrain's model
+        if recipe.model.arch == "llama":
+            wanted.append(("plain-llama", "peer_plain", "", 0))
+        else:
+            notes.append(f"plain: a plain-PyTorch llama, for model.arch llama (this recipe's is {recipe.model.arch}); "
+                         "skipped")
     if "fsdp2" in peers:
         wanted += [("fsdp2-keep", "peer_fsdp2", "keep", 2), ("fsdp2-reshard", "peer_fsdp2", "reshard", 3)]
     if "deepspeed" in peers:

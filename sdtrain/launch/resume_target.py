@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sdtrain.recipe_arch import resolved_saved_model
 from sdtrain.train.checkpoint_layout import read_info
 from sdtrain.train.checkpoint_verify import checkpoint_problems, first_passing, newest_whole_checkpoint
 
@@ -24,9 +25,11 @@ def recipe_problems(recipe, path: Path, info: dict) -> list[str]:
     """What keeps a whole checkpoint from continuing this recipe: another model shape, or no
     step left to train."""
     wanted = recipe.model.model_dump(exclude={"dropout"})
-    saved = {k: v for k, v in info["model"].items() if k != "dropout"}
-    if saved != wanted:
-        diff = ", ".join(f"{k}: checkpoint {saved.get(k)} vs recipe {wanted.get(k)}" for k in wanted if saved.get(k) != wanted.get(k))
+    saved = {k: v for k, v in resolved_saved_model(info["model"]).items() if k != "dropout"}
+    # a key one side lacks (a checkpoint older than the key) counts as null there
+    differ = [k for k in dict.fromkeys([*wanted, *saved]) if saved.get(k) != wanted.get(k)]
+    if differ:
+        diff = ", ".join(f"{k}: checkpoint {saved.get(k)} vs recipe {wanted.get(k)}" for k in differ)
         return [f"checkpoint {path} holds a different model ({diff}); resume needs the same model shape"]
     if info["step"] >= recipe.train.steps:
         return [f"checkpoint {path} is at step {info['step']} and train.steps is {recipe.train.steps}: "
