@@ -96,10 +96,21 @@ def test_launch_refuses_a_recipe_the_folder_does_not_describe(hf_gpt2, tmp_path)
     path.write_text(yaml.safe_dump(recipe({"model": {"init_from": str(hf_gpt2), "n_layers": 3}})))
     result = sdtrain("launch", path, "--dry-run")
     assert result.returncode == 2
-    assert "model.n_layers is 3" in result.stderr and "n_layer 2" in result.stderr, result.stderr
+    assert "model.n_layers is 3" in result.stderr and "says 2 (n_layer)" in result.stderr, result.stderr
     result = sdtrain("launch", path, "--dry-run", "--set", "model.n_layers=2", "--set", "model.seq_len=64")
     assert result.returncode == 2 and "48 positions" in result.stderr, result.stderr
     assert sdtrain("launch", path, "--dry-run", "--set", "model.n_layers=2").returncode == 0
+
+
+def rewrite_header(path, tensor, **change):
+    """A safetensors file whose header says something else of `tensor` (its bytes unchanged)."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    header[tensor].update(change)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
 
 
 def bad_folder(tmp_path, hf_gpt2, change) -> str:
@@ -118,6 +129,8 @@ def bad_folder(tmp_path, hf_gpt2, change) -> str:
     (lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"), "pickle file, which sdtrain never loads"),
     (lambda f: ((f / "model.safetensors").unlink(), (f / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"transformer.wte.weight": "../model.safetensors"}}))), "not a path"),
+    (lambda f: rewrite_header(f / "model.safetensors", "transformer.wte.weight", dtype="I32"), "is I32"),
+    (lambda f: rewrite_header(f / "model.safetensors", "transformer.wte.weight", shape=[128, 32]), "do not match"),
 ])
 def test_bad_folders_are_named_before_launch(hf_gpt2, tmp_path, change, message):
     folder = bad_folder(tmp_path, hf_gpt2, change)

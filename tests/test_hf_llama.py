@@ -48,7 +48,7 @@ def test_llama_recipe_from_hf_and_mismatch(hf_llama, tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(merge(TINY, {"model": {**model, "n_kv_heads": 4}})))
     result = sdtrain("launch", path, "--dry-run")
-    assert result.returncode == 2 and "model.n_kv_heads is 4" in result.stderr and "num_key_value_heads 2" in result.stderr
+    assert result.returncode == 2 and "model.n_kv_heads is 4" in result.stderr and "says 2 (num_key_value_heads)" in result.stderr
 
 
 def test_llama_pipeline_run_then_export_loads_in_transformers(hf_llama, tmp_path):

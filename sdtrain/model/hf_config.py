@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from sdtrain.errors import RecipeError, printable
-from sdtrain.model.hf_files import HFFolderError, read_json, weight_files
+from sdtrain.model.hf_files import HFFolderError, read_json, tensor_index
 from sdtrain.model.size import (DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, arch_of, has_bias, is_llama, kv_heads, mlp_width,
                                 moe_of, ties_embeddings)
 
@@ -42,77 +42,89 @@ def read_config(folder: str | Path) -> dict:
     return config
 
 
-def model_section(folder: str | Path) -> tuple[dict, dict[str, str]]:
-    """The recipe's model keys the folder's config.json decides (moe as a nested dict), and
-    for each dotted key the config key it came from."""
-    folder = Path(folder)
-    config = read_config(folder)
-    source = {}
+class ConfigReader:
+    """Values of one config.json, each checked for its type as it is taken."""
 
-    def take(key: str, default=None, *, required: bool = True, kind=int):
-        value = config.get(key, default)
+    def __init__(self, folder: Path):
+        self.where = printable(folder / CONFIG)
+        self.config = read_config(folder)
+
+    def take(self, key: str, default=None, kind: type = int, required: bool = True):
+        value = self.config.get(key, default)
         if value is None and not required:
             return None
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if kind is float and type(value) is int:
             value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool \
-                or kind is int and value < 1 or kind is float and not math.isfinite(value):
-            raise HFFolderError(f"{printable(folder / CONFIG)}: {key} is {printable(value)[:40]!r}; "
+        valid = type(value) is kind and (kind is not int or value >= 1) and (kind is not float or math.isfinite(value))
+        if not valid:
+            raise HFFolderError(f"{self.where}: {key} is {printable(value)[:40]!r}; "
                                 f"expected a {'positive ' if kind is int else ''}{kind.__name__}")
         return value
 
-    def refuse_unless(ok: bool, why: str):
+    def refuse_unless(self, ok: bool, why: str) -> None:
         if not ok:
-            raise HFFolderError(f"{printable(folder / CONFIG)}: {why}; sdtrain's model would compute other logits")
+            raise HFFolderError(f"{self.where}: {why}; sdtrain's model would compute other logits")
 
-    if config["model_type"] == "gpt2":
-        width = take("n_embd")
-        act = config.get("activation_function", "gelu_new")
-        refuse_unless(act == "gelu", f"activation_function {printable(act)[:20]!r} (sdtrain's GPT-2 MLP is the exact "
-                                     f"GELU, activation_function 'gelu')")
-        refuse_unless(config.get("scale_attn_weights", True) is True, "scale_attn_weights is false")
-        refuse_unless(not config.get("scale_attn_by_inverse_layer_idx"), "scale_attn_by_inverse_layer_idx is true")
-        refuse_unless(not config.get("add_cross_attention"), "add_cross_attention is true")
-        inner = take("n_inner", required=False) or 4 * width
-        refuse_unless(inner % width == 0, f"n_inner {inner} is not a multiple of n_embd {width} (model.mlp_ratio)")
-        pairs = [("arch", "gpt2", "model_type"), ("n_layers", take("n_layer"), "n_layer"),
-                 ("d_model", width, "n_embd"), ("n_heads", take("n_head"), "n_head"),
-                 ("vocab_size", take("vocab_size"), "vocab_size"), ("seq_len", take("n_positions"), "n_positions"),
-                 ("mlp_ratio", inner // width, "n_inner"), ("bias", True, "model_type"),
-                 ("norm_eps", take("layer_norm_epsilon", 1e-5, kind=float), "layer_norm_epsilon"),
-                 ("tie_embeddings", take("tie_word_embeddings", True, kind=bool), "tie_word_embeddings")]
-    else:
-        width, heads = take("hidden_size"), take("num_attention_heads")
-        act = config.get("hidden_act", "silu")
-        refuse_unless(act == "silu", f"hidden_act {printable(act)[:20]!r} (sdtrain's SwiGLU uses silu)")
-        refuse_unless(not config.get("attention_bias") and not config.get("mlp_bias"), "attention_bias or mlp_bias is true")
-        head_dim = take("head_dim", required=False)
-        refuse_unless(head_dim in (None, width // heads), f"head_dim {head_dim} is not hidden_size / num_attention_heads")
-        refuse_unless(config.get("sliding_window") is None, "sliding_window attention is set")
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        refuse_unless(isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) == "default",
-                      f"rope scaling {printable(rope)[:60]} (sdtrain's RoPE is the default, unscaled one)")
-        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-        if isinstance(theta, int) and not isinstance(theta, bool):
-            theta = float(theta)
-        if not isinstance(theta, float) or not math.isfinite(theta) or theta <= 0:
-            raise HFFolderError(f"{printable(folder / CONFIG)}: rope_theta {printable(theta)[:40]!r} is not a positive number")
-        pairs = [("arch", "llama", "model_type"), ("n_layers", take("num_hidden_layers"), "num_hidden_layers"),
-                 ("d_model", width, "hidden_size"), ("n_heads", heads, "num_attention_heads"),
-                 ("n_kv_heads", take("num_key_value_heads", heads), "num_key_value_heads"),
-                 ("vocab_size", take("vocab_size"), "vocab_size"),
-                 ("seq_len", take("max_position_embeddings"), "max_position_embeddings"),
-                 ("ffn_hidden", take("intermediate_size"), "intermediate_size"), ("bias", False, "attention_bias"),
-                 ("rope_theta", theta, "rope_theta"),
-                 ("norm_eps", take("rms_norm_eps", 1e-6, kind=float), "rms_norm_eps"),
-                 ("tie_embeddings", take("tie_word_embeddings", False, kind=bool), "tie_word_embeddings")]
-        if config["model_type"] == "mixtral":
-            pairs += [("moe.num_experts", take("num_local_experts"), "num_local_experts"),
-                      ("moe.top_k", take("num_experts_per_tok"), "num_experts_per_tok"),
-                      ("moe.every_n_layers", 1, "model_type"), ("moe.drop_tokens", False, "model_type"),
-                      ("moe.aux_loss_coef", take("router_aux_loss_coef", 0.001, kind=float), "router_aux_loss_coef")]
+
+def _gpt2_keys(c: ConfigReader) -> list[tuple[str, object, str]]:
+    width = c.take("n_embd")
+    act = c.config.get("activation_function", "gelu_new")
+    c.refuse_unless(act == "gelu", f"activation_function {printable(act)[:20]!r} (sdtrain's GPT-2 MLP is the exact "
+                                   f"GELU, activation_function 'gelu')")
+    c.refuse_unless(c.config.get("scale_attn_weights", True) is True, "scale_attn_weights is false")
+    c.refuse_unless(not c.config.get("scale_attn_by_inverse_layer_idx"), "scale_attn_by_inverse_layer_idx is true")
+    c.refuse_unless(not c.config.get("add_cross_attention"), "add_cross_attention is true")
+    inner = c.take("n_inner", required=False) or 4 * width
+    c.refuse_unless(inner % width == 0, f"n_inner {inner} is not a multiple of n_embd {width} (model.mlp_ratio)")
+    return [("arch", "gpt2", "model_type"), ("n_layers", c.take("n_layer"), "n_layer"),
+            ("d_model", width, "n_embd"), ("n_heads", c.take("n_head"), "n_head"),
+            ("vocab_size", c.take("vocab_size"), "vocab_size"), ("seq_len", c.take("n_positions"), "n_positions"),
+            ("mlp_ratio", inner // width, "n_inner"), ("bias", True, "model_type"),
+            ("norm_eps", c.take("layer_norm_epsilon", 1e-5, float), "layer_norm_epsilon"),
+            ("tie_embeddings", c.take("tie_word_embeddings", True, bool), "tie_word_embeddings")]
+
+
+def _llama_keys(c: ConfigReader) -> list[tuple[str, object, str]]:
+    width, heads = c.take("hidden_size"), c.take("num_attention_heads")
+    act = c.config.get("hidden_act", "silu")
+    c.refuse_unless(act == "silu", f"hidden_act {printable(act)[:20]!r} (sdtrain's SwiGLU uses silu)")
+    c.refuse_unless(not c.config.get("attention_bias") and not c.config.get("mlp_bias"),
+                    "attention_bias or mlp_bias is true")
+    head_dim = c.take("head_dim", required=False)
+    c.refuse_unless(head_dim in (None, width // heads), f"head_dim {head_dim} is not hidden_size / num_attention_heads")
+    c.refuse_unless(c.config.get("sliding_window") is None, "sliding_window attention is set")
+    # transformers 5 writes rope_parameters, 4 rope_theta and rope_scaling
+    rope = c.config.get("rope_parameters") or c.config.get("rope_scaling") or {}
+    c.refuse_unless(isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) == "default",
+                    f"rope scaling {printable(rope)[:60]} (sdtrain's RoPE is the default, unscaled one)")
+    theta = rope.get("rope_theta", c.config.get("rope_theta", 10000.0))
+    theta = float(theta) if type(theta) is int else theta
+    if type(theta) is not float or not math.isfinite(theta) or theta <= 0:
+        raise HFFolderError(f"{c.where}: rope_theta {printable(theta)[:40]!r} is not a positive number")
+    keys = [("arch", "llama", "model_type"), ("n_layers", c.take("num_hidden_layers"), "num_hidden_layers"),
+            ("d_model", width, "hidden_size"), ("n_heads", heads, "num_attention_heads"),
+            ("n_kv_heads", c.take("num_key_value_heads", heads), "num_key_value_heads"),
+            ("vocab_size", c.take("vocab_size"), "vocab_size"),
+            ("seq_len", c.take("max_position_embeddings"), "max_position_embeddings"),
+            ("ffn_hidden", c.take("intermediate_size"), "intermediate_size"), ("bias", False, "attention_bias"),
+            ("rope_theta", theta, "rope_theta"), ("norm_eps", c.take("rms_norm_eps", 1e-6, float), "rms_norm_eps"),
+            ("tie_embeddings", c.take("tie_word_embeddings", False, bool), "tie_word_embeddings")]
+    if c.config["model_type"] == "mixtral":
+        keys += [("moe.num_experts", c.take("num_local_experts"), "num_local_experts"),
+                 ("moe.top_k", c.take("num_experts_per_tok"), "num_experts_per_tok"),
+                 ("moe.every_n_layers", 1, "model_type mixtral"), ("moe.drop_tokens", False, "model_type mixtral"),
+                 ("moe.aux_loss_coef", c.take("router_aux_loss_coef", 0.001, float), "router_aux_loss_coef")]
+    return keys
+
+
+def model_section(folder: str | Path) -> tuple[dict, dict[str, str]]:
+    """The recipe's model keys the folder's config.json decides (moe as a nested dict), and
+    for each dotted key the config key it came from."""
+    reader = ConfigReader(Path(folder))
+    keys = _gpt2_keys(reader) if reader.config["model_type"] == "gpt2" else _llama_keys(reader)
     section: dict = {}
-    for key, value, hf_key in pairs:
+    source = {}
+    for key, value, hf_key in keys:
         parent, _, leaf = key.rpartition(".")
         (section.setdefault(parent, {}) if parent else section)[leaf] = value
         source[key] = hf_key
@@ -145,10 +157,10 @@ def check_init_from(model) -> None:
     """RecipeError unless the folder `model.init_from` holds a model this recipe's model is."""
     folder = Path(model.init_from)
     section, source = model_section(folder)
-    weight_files(folder)  # the weights are there (their shapes: checked by each rank before it reads)
+    tensor_index(folder)  # the weights are there, their headers sound (shapes: checked by each rank before it reads)
     where = f"{printable(folder / CONFIG)}"
     if "moe" not in section:  # a dense checkpoint: a recipe with experts has nothing to read them from
-        section["moe"], source["moe.num_experts"] = {"num_experts": 0}, "model_type"
+        section["moe"], source["moe.num_experts"] = {"num_experts": 0}, "a dense model_type"
     for key in CHECKED:
         if key not in source:
             continue
@@ -156,7 +168,7 @@ def check_init_from(model) -> None:
         ours = resolved(model, key)
         same = math.isclose(ours, theirs, rel_tol=1e-9) if isinstance(theirs, float) and ours is not None else ours == theirs
         if not same:
-            raise RecipeError(f"model.{key} is {ours!r} but {where} has {source[key]} {theirs!r}: the weights would not "
+            raise RecipeError(f"model.{key} is {ours!r} but {where} says {theirs!r} ({source[key]}): the weights would not "
                               f"fit; set model.{key}: {_yaml(theirs)} (`sdtrain recipe from-hf {printable(folder)}` "
                               f"prints the whole model section)")
     if section["arch"] == "gpt2" and model.seq_len > section["seq_len"]:
@@ -200,11 +212,12 @@ def export_problems(model: dict) -> list[str]:
     return problems
 
 
-def hf_config(model: dict) -> dict:
-    """config.json for a recipe's model section (checked with export_problems first)."""
+def hf_config(model: dict, dtype: str = "float32") -> dict:
+    """config.json for a recipe's model section (checked with export_problems first), its
+    weights saved in `dtype`."""
     model_type, get = hf_model_type(model), (lambda key: resolved(model, key))
     common = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": get("vocab_size"),
-              "tie_word_embeddings": bool(get("tie_embeddings")), "dtype": "float32", "torch_dtype": "float32",
+              "tie_word_embeddings": bool(get("tie_embeddings")), "dtype": dtype, "torch_dtype": dtype,
               "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True}
     if model_type == "gpt2":
         dropout = get("dropout") or 0.0

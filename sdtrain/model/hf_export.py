@@ -96,7 +96,8 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, force: bool = False,
     staging.mkdir()
     try:
         written = write_weights(staging, tensors, max_shard_bytes)
-        (staging / "config.json").write_text(json.dumps(hf_config(model), indent=2))
+        dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        (staging / "config.json").write_text(json.dumps(hf_config(model, dtype), indent=2))
         (staging / "generation_config.json").write_text(json.dumps(
             {"_from_model_config": True, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}, indent=2))
         written += ["config.json", "generation_config.json"]

@@ -12,6 +12,7 @@ checked against the model before a byte of weights is read.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own bound on a file's header
 MAX_SHARDS = 10_000
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+FLOAT_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}
 FIX = "give a Hugging Face model folder (save_pretrained's: config.json and model.safetensors)"
 
 
@@ -108,12 +110,18 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             continue
         try:
             dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            ok = (isinstance(dtype, str) and all(isinstance(n, int) and n >= 0 for n in shape)
+            ok = (all(type(n) is int and n >= 0 for n in shape) and type(start) is int and type(end) is int
                   and 0 <= start <= end <= data_bytes)
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
             raise HFFolderError(f"{printable(path)}: the header entry of tensor {printable(name)[:80]} is malformed")
+        if dtype not in FLOAT_BYTES:
+            raise HFFolderError(f"{printable(path)}: tensor {printable(name)[:80]} is {printable(dtype)[:10]}; model "
+                                f"weights are read from {', '.join(FLOAT_BYTES)} only")
+        if end - start != math.prod(shape) * FLOAT_BYTES[dtype]:
+            raise HFFolderError(f"{printable(path)}: tensor {printable(name)[:80]}'s bytes do not match its shape "
+                                f"{list(shape)} and dtype {dtype}")
         tensors[name] = TensorEntry(path, dtype, shape)
     return tensors
 
