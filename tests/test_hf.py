@@ -293,6 +293,7 @@ def one_process_first_evals(hf_gpt2, tmp_path_factory):
     return first_eval(loaded), first_eval(launch_run(tmp, "seeded", 1, recipe(FIRST_EVAL)))
 
 
+@pytest.mark.slow  # four launches; the meta-device path is in the fast ZeRO-3 test too
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_gpt2_tensor_parallel_starts_from_the_folder(hf_gpt2, tmp_path, zero_stage, one_process_first_evals):
     """tp 2: pieces cut from the folder's whole tensors (stage 0 slices the real model's, ZeRO
