@@ -16,9 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from sdtrain.divisors import divisors
-from sdtrain.model.size import mlp_width
+from sdtrain.model.size import kv_heads, mlp_width
 from sdtrain.errors import RecipeError  # callers import it from here too
-from sdtrain.recipe_arch import arch_defaults, arch_problem, arch_strategy_problem
+from sdtrain.recipe_arch import arch_defaults, arch_problem
 from sdtrain.parallel.partition import check_pipeline_layout
 from sdtrain.parallel.tp_checks import check_tensor_parallel
 from sdtrain.recipe_booleans import YAML_BOOLEAN_WORDS, enum_values, spell_enum_booleans  # noqa: F401
@@ -315,9 +315,6 @@ class Recipe(Section):
                 "or compile: false"
             )
         self._check_experts(checked_at_launch=bool((info.context or {}).get(LAYOUT_CHECKED_AT_LAUNCH)))
-        problem = arch_strategy_problem(self)
-        if problem:
-            raise ValueError(problem)
         self._check_tensor_parallel()
         pipeline = self.parallel.pipeline
         if pipeline.stages > 1:
@@ -355,7 +352,8 @@ class Recipe(Section):
         model, parallel = self.model, self.parallel
         try:
             check_tensor_parallel(parallel.tensor_parallel, model.n_heads, mlp_width(model),
-                                  model.vocab_size, model.seq_len, parallel.sequence_parallel)
+                                  model.vocab_size, model.seq_len, parallel.sequence_parallel,
+                                  *((kv_heads(model), "model.ffn_hidden") if model.arch == "llama" else ()))
         except RecipeError as exc:
             raise ValueError(str(exc)) from None  # worded as every other recipe error, with its source
         tp, key = parallel.tensor_parallel, "parallel.tensor_parallel"

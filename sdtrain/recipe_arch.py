@@ -34,9 +34,6 @@ def arch_problem(model) -> str | None:
     if head_dim % 2:
         return (f"arch llama needs an even head size for rotary embedding, and d_model {model.d_model} / n_heads "
                 f"{heads} is {head_dim}; pick n_heads so that d_model / n_heads is even")
-    if model.moe.num_experts:
-        return ("moe with arch llama: llama blocks with experts (SwiGLU experts) are not built yet; "
-                "set moe.num_experts 0, or arch gpt2")
     return None
 
 
@@ -50,14 +47,6 @@ def arch_defaults(model) -> dict:
                       ffn_hidden=mlp_width(model))
     return values
 
-
-def arch_strategy_problem(recipe) -> str | None:
-    """A strategy that does not take the recipe's architecture yet."""
-    tp = recipe.parallel.tensor_parallel
-    if recipe.model.arch == "llama" and tp > 1:
-        return (f"parallel.tensor_parallel {tp} with model.arch llama: tensor parallelism does not split llama "
-                "blocks yet; use tensor_parallel 1 (data parallel, ZeRO and pipelines take llama), or model.arch gpt2")
-    return None
 
 
 LATER_KEYS = ("arch", "n_kv_heads", "rope_theta", "ffn_hidden", "tie_embeddings", "norm_eps")

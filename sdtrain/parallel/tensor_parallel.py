@@ -5,10 +5,17 @@ What each rank of the tensor-parallel group holds:
 - attention: qkv column-parallel with the heads split over the ranks: q, k and v each cut
   by heads, so a rank's qkv holds its heads' q, k and v (rows [0:C], [C:2C], [2C:3C] of the
   whole, each sliced); proj row-parallel. n_heads becomes the local count.
-- MLP: fc column-parallel, proj row-parallel.
-- the token embedding, and the head tied to it, vocabulary-parallel (vocab_parallel.py): the
-  loss never makes the whole vocabulary's logits.
-- position embedding and layer norms: whole (replicated over tp).
+  llama's: q column-parallel by query heads, k and v by key/value heads (a rank's query heads
+  are exactly the groups of its key/value heads, as n_kv_heads divides by T), proj
+  row-parallel; n_heads and n_kv_heads become the local counts. The attention module takes its
+  input into the tp region once for q, k and v (one gather, one gradient sum, not three);
+  rotary embedding then turns each local head at the token's place in the whole sequence,
+  which the attention sees whole even under sequence parallelism.
+- MLP: fc column-parallel, proj row-parallel. llama's SwiGLU: gate and up column-parallel
+  (sharing their input's way into the tp region, as q, k and v do), proj row-parallel.
+- the token embedding, and the head (tied to it or not), vocabulary-parallel
+  (vocab_parallel.py): the loss never makes the whole vocabulary's logits.
+- position embedding and layer norms (LayerNorm, llama's RMSNorm): whole (replicated over tp).
 - MoE MLPs: whole on every tp rank (router and experts replicated over tp, experts split
   over ep as without TP), routing the whole micro-batch as one process does (tp_moe.py).
 With sequence parallelism, between the layers every rank holds its part of the sequence:
@@ -45,11 +52,13 @@ import torch
 import torch.nn as nn
 
 from sdtrain.model.gpt import GPT, MLP
+from sdtrain.model.llama import SwiGLU
 from sdtrain.model.moe.layer import MoEMLP
+from sdtrain.model.size import mlp_width
 from sdtrain.parallel.placement import DENSE, AxisShard, Placement, Placements
 from sdtrain.parallel.strategy import base_name
 from sdtrain.parallel.tp_checks import check_tensor_parallel
-from sdtrain.parallel.tp_collectives import TensorParallel
+from sdtrain.parallel.tp_collectives import TensorParallel, into_tp_region
 from sdtrain.parallel.tp_linear import ColumnParallelLinear, RowParallelLinear
 from sdtrain.parallel.tp_moe import moe_parameter_names, route_whole_sequence
 from sdtrain.parallel.vocab_parallel import SequencePartPositions, VocabParallelEmbedding, VocabParallelHeadLoss
@@ -79,8 +88,9 @@ class TensorParallelPlan:
 
 def apply_tensor_parallel(model: GPT, tp: TensorParallel) -> TensorParallelPlan:
     cfg = model.cfg
-    check_tensor_parallel(tp.size, cfg.n_heads, cfg.mlp_ratio * cfg.d_model, cfg.vocab_size, cfg.seq_len,
-                          tp.sequence_parallel)
+    llama = cfg.arch == "llama"
+    check_tensor_parallel(tp.size, cfg.n_heads, mlp_width(cfg), cfg.vocab_size, cfg.seq_len, tp.sequence_parallel,
+                          *((cfg.n_kv_heads, "model.ffn_hidden") if llama else ()))
     shards: dict[str, AxisShard | None] = {name: None for name, _ in model.named_parameters()}
 
     def cut(name: str, whole: torch.Tensor, dim: int, pieces: int = 1) -> torch.Tensor:
@@ -93,9 +103,11 @@ def apply_tensor_parallel(model: GPT, tp: TensorParallel) -> TensorParallelPlan:
             return torch.empty(shape, dtype=whole.dtype, device="meta")
         return tp_piece(whole.detach(), shards[name], tp.size).clone()
 
-    def column(prefix: str, linear: nn.Linear, pieces: int = 1) -> ColumnParallelLinear:
+    def column(prefix: str, linear: nn.Linear, pieces: int = 1, shared_input: bool = False) -> ColumnParallelLinear:
         bias = None if linear.bias is None else cut(f"{prefix}.bias", linear.bias, 0, pieces)
-        return ColumnParallelLinear(cut(f"{prefix}.weight", linear.weight, 0, pieces), bias, tp)
+        layer = ColumnParallelLinear(cut(f"{prefix}.weight", linear.weight, 0, pieces), bias, tp)
+        layer.input_in_tp_region = shared_input  # its module takes the input into the tp region once
+        return layer
 
     def row(prefix: str, linear: nn.Linear) -> RowParallelLinear:
         bias = None if linear.bias is None else linear.bias.detach()  # whole: added once, after the sum
@@ -103,19 +115,30 @@ def apply_tensor_parallel(model: GPT, tp: TensorParallel) -> TensorParallelPlan:
 
     for key, block in model.blocks.items():
         attn, mlp = block.attn, block.mlp
-        attn.qkv = column(f"blocks.{key}.attn.qkv", attn.qkv, pieces=3)  # q, k and v each cut by heads
+        if llama:
+            for name in ("q", "k", "v"):  # q by query heads, k and v by key/value heads
+                setattr(attn, name, column(f"blocks.{key}.attn.{name}", getattr(attn, name), shared_input=True))
+            attn.n_kv_heads //= tp.size
+            enter_tp_region_once(attn, tp)
+        else:
+            attn.qkv = column(f"blocks.{key}.attn.qkv", attn.qkv, pieces=3)  # q, k and v each cut by heads
         attn.proj = row(f"blocks.{key}.attn.proj", attn.proj)
         attn.n_heads //= tp.size
         if isinstance(mlp, MLP):
             mlp.fc = column(f"blocks.{key}.mlp.fc", mlp.fc)
             mlp.proj = row(f"blocks.{key}.mlp.proj", mlp.proj)
+        elif isinstance(mlp, SwiGLU):
+            mlp.gate = column(f"blocks.{key}.mlp.gate", mlp.gate, shared_input=True)
+            mlp.up = column(f"blocks.{key}.mlp.up", mlp.up, shared_input=True)
+            mlp.proj = row(f"blocks.{key}.mlp.proj", mlp.proj)
+            enter_tp_region_once(mlp, tp)
         elif isinstance(mlp, MoEMLP) and tp.sequence_parallel:
             route_whole_sequence(mlp, tp)
     vocab_start = tp.rank * (cfg.vocab_size // tp.size)
     tied = model.tok_emb is not None and model.lm_head is not None and model.lm_head.weight is model.tok_emb.weight
     if model.tok_emb is not None:
         model.tok_emb = VocabParallelEmbedding(cut("tok_emb.weight", model.tok_emb.weight, 0), vocab_start, tp)
-        if tp.sequence_parallel:
+        if tp.sequence_parallel and model.pos_emb is not None:  # llama has none: its positions are rotary
             model.pos_emb = SequencePartPositions(model.pos_emb, tp)
     if model.lm_head is not None:
         head = model.lm_head
@@ -125,6 +148,13 @@ def apply_tensor_parallel(model: GPT, tp: TensorParallel) -> TensorParallelPlan:
     complete = moe_parameter_names(model)  # the MoE layers saw the whole sequence
     whole = [name for name, shard in shards.items() if shard is None and name not in complete]
     return TensorParallelPlan(tp, shards, whole if tp.sequence_parallel else [])
+
+
+def enter_tp_region_once(module: nn.Module, tp: TensorParallel) -> None:
+    """The module's input taken into the tp region (gathered along the sequence under sequence
+    parallelism, else copied) once, before its column-parallel layers that all read it: their
+    input gradients are summed over tp by that one collective's backward."""
+    module.register_forward_pre_hook(lambda _, args: (into_tp_region(args[0], tp), *args[1:]))
 
 
 def tp_piece(whole: torch.Tensor, shard: AxisShard, size: int) -> torch.Tensor:

@@ -43,7 +43,18 @@ class _PieceOfLinear(nn.Linear):
 
 
 class ColumnParallelLinear(_PieceOfLinear):
+    """`input_in_tp_region`: the input comes already through `into_tp_region`, taken once for
+    several layers that read the same input (llama's q, k and v; its SwiGLU's gate and up), so
+    that they share one gather (one all-reduce of the input's gradient) instead of one each."""
+
+    input_in_tp_region = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_in_tp_region:
+            y = F.linear(x, self.weight, self.bias)
+            if self.record_local is not None:
+                self.record_local(self, x, y)
+            return y
         if self.tp.sequence_parallel and self.record_local is None:
             return gathered_linear(x, self.weight, self.bias, self.tp)
         # The split backward's W pass needs the whole input later, outside autograd: it keeps
