@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sdtrain.model.kv_cache import LayerCache
+from sdtrain.model.moe.layer import MoEMLP
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,12 +106,11 @@ class SwiGLU(nn.Module):
 class LlamaBlock(nn.Module):
     def __init__(self, cfg, moe=None):
         super().__init__()
-        if moe is not None:  # the recipe refuses it until the SwiGLU experts exist
-            raise ValueError("MoE with llama blocks is not built yet")
         self.ln_attn = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = LlamaAttention(cfg)
         self.ln_mlp = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+        # With experts (Mixtral's block): SwiGLU experts of the dense MLP's width
+        self.mlp = SwiGLU(cfg) if moe is None else MoEMLP(cfg.d_model, cfg.ffn_hidden, moe, swiglu=True)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:

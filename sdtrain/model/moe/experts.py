@@ -4,6 +4,8 @@ loop per expert.
 
 w1 [E_local, d, hidden] and w2 [E_local, hidden, d] hold experts first_expert ..
 first_expert + E_local - 1 of the layer's E (all of them without expert parallelism).
+GELU experts (gpt2 blocks): gelu(x @ w1) @ w2. SwiGLU experts (llama blocks, Mixtral's):
+w3 [E_local, d, hidden] too, and (silu(x @ w1) * (x @ w3)) @ w2.
 Tokens arrive sorted by expert, `counts[e]` of them for local expert e: torch's grouped GEMM
 (`torch._grouped_mm`, what torchtitan uses; CUTLASS on a Hopper GPU, a loop in C++ on CPU)
 multiplies each expert's rows by its own weights. A capacity buffer padded to C rows per
@@ -52,12 +54,13 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
 
 
 class GroupedExperts(nn.Module):
-    def __init__(self, num_experts: int, d_model: int, hidden: int):
+    def __init__(self, num_experts: int, d_model: int, hidden: int, swiglu: bool = False):
         super().__init__()
         self.num_experts = num_experts  # E, of the whole layer
         self.first_expert = 0
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, hidden)) if swiglu else None
         # Under expert parallelism a rank's expert gradient sums the contributions of the
         # tokens of all ep ranks; averaging it over the ranks that hold the same experts
         # (ep times fewer than the data-parallel ranks) needs it divided by ep first.
@@ -70,18 +73,27 @@ class GroupedExperts(nn.Module):
     def keep(self, first: int, count: int) -> None:
         """Hold only experts first .. first+count-1 (expert parallelism, applied from outside)."""
         self.first_expert = first
-        for name in ("w1", "w2"):
+        for name in ("w1", "w2", "w3"):
             old = getattr(self, name)
+            if old is None:  # GELU experts have no w3
+                continue
             setattr(self, name, nn.Parameter(old.detach()[first : first + count].clone(), requires_grad=old.requires_grad)
                     if not old.is_meta else nn.Parameter(torch.empty((count, *old.shape[1:]), device="meta")))
 
+    @property
+    def weights(self) -> list[nn.Parameter]:
+        """w1, w2 (and w3 for SwiGLU experts)."""
+        return [self.w1, self.w2] + ([] if self.w3 is None else [self.w3])
+
     def forward(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """tokens [N, d] sorted by local expert, counts [E_local] (summing to N) -> [N, d]."""
-        w1, w2 = self.w1, self.w2
-        if self.grad_scale != 1.0:
-            w1, w2 = ScaleGrad.apply(w1, self.grad_scale), ScaleGrad.apply(w2, self.grad_scale)
         device = tokens.device.type
         if torch.is_autocast_enabled(device):  # as autocast runs a Linear: in its dtype
             tokens = tokens.to(torch.get_autocast_dtype(device))
-        hidden = F.gelu(grouped_matmul(tokens, w1.to(tokens.dtype), counts))
-        return grouped_matmul(hidden, w2.to(tokens.dtype), counts)
+        weights = [w if self.grad_scale == 1.0 else ScaleGrad.apply(w, self.grad_scale) for w in self.weights]
+        w1, w2, *w3 = (w.to(tokens.dtype) for w in weights)
+        if w3:
+            hidden = F.silu(grouped_matmul(tokens, w1, counts)) * grouped_matmul(tokens, w3[0], counts)
+        else:
+            hidden = F.gelu(grouped_matmul(tokens, w1, counts))
+        return grouped_matmul(hidden, w2, counts)

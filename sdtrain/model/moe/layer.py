@@ -61,11 +61,11 @@ STAT_FIELDS = 5
 
 
 class MoEMLP(nn.Module):
-    def __init__(self, d_model: int, hidden: int, moe: MoESettings):
+    def __init__(self, d_model: int, hidden: int, moe: MoESettings, swiglu: bool = False):
         super().__init__()
         self.moe = moe
         self.router = nn.Linear(d_model, moe.num_experts, bias=False)
-        self.experts = GroupedExperts(moe.num_experts, d_model, hidden)
+        self.experts = GroupedExperts(moe.num_experts, d_model, hidden, swiglu)  # swiglu: llama blocks' (Mixtral's)
         self.balancer = BiasBalancer(moe.num_experts) if moe.balance == "bias" else None
         self.dispatch = LocalDispatch()  # AllToAllDispatch under expert parallelism (set from outside)
         self.loss_scale = 1.0  # 1 / micro-batches per step (set from outside)
