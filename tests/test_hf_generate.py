@@ -1,4 +1,4 @@
-"""`sdtrain generate` on a Hugging Face folder decodes what transformers decodes: greedy, the
+"""`sdtrain generate` on a Hugging Face folder (GPT-2, LLaMA, Mixtral) decodes what transformers decodes: greedy, the
 same tokens as transformers' own `generate` of the same folder, token for token."""
 
 from __future__ import annotations
@@ -34,10 +34,13 @@ def configs():
         "llama": transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                           **common),
+        "mixtral": transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                              num_local_experts=4, num_experts_per_tok=2, **common),
     }
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "mixtral"])
 def hf_folder(request, tmp_path_factory):
     config = configs()[request.param]
     model = varied(transformers.AutoModelForCausalLM.from_config(config))
