@@ -1,5 +1,6 @@
-"""`sdtrain generate` on a Hugging Face folder (GPT-2, LLaMA, Mixtral) decodes what transformers decodes: greedy, the
-same tokens as transformers' own `generate` of the same folder, token for token."""
+"""`sdtrain generate` on a Hugging Face folder (GPT-2, LLaMA, Mixtral) decodes what transformers
+decodes: greedy, the same tokens as transformers' own `generate` of the same folder, token for
+token, and of a run's `export --format hf` as of the run's checkpoint."""
 
 from __future__ import annotations
 
