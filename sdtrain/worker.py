@@ -101,7 +101,7 @@ def main(argv=None) -> None:
         layers, first, last = stage_layers(recipe.parallel.pipeline, recipe.model, env.stage, partition)
         model = GPT(model_config, seed=recipe.train.seed, loss_chunk_tokens=recipe.train.loss_chunk_tokens,
                     layers=layers, first=first, last=last)
-    if recipe.model.init_from:  # its first values from a Hugging Face folder, wherever a strategy makes them
+    if recipe.model.init_from and not args.resume_from:  # first values from a Hugging Face folder, wherever made
         from sdtrain.model.hf_import import load_pretrained
 
         load_pretrained(model, recipe.model.init_from)

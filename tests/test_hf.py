@@ -304,3 +304,17 @@ def test_gpt2_tensor_parallel_starts_from_the_folder(hf_gpt2, tmp_path, zero_sta
     loaded, seeded = one_process_first_evals
     assert first_eval(run) == pytest.approx(loaded, abs=1e-5)
     assert seeded != pytest.approx(loaded, abs=1e-3)  # the check would see a seeded start
+
+
+def test_a_resumed_run_needs_neither_the_folder_nor_its_name(hf_gpt2, tmp_path):
+    """A run from init_from continues from its checkpoint: the folder may be gone by then, and
+    a recipe without init_from resumes it as well (the weights are the checkpoint's)."""
+    folder = tmp_path / "gpt2"
+    shutil.copytree(hf_gpt2, folder)
+    run = launch_run(tmp_path, "run", 1, recipe({"model": {"init_from": str(folder)},
+                                                 "train": {"steps": 2, "warmup_steps": 0}}))
+    shutil.rmtree(folder)
+    launch_run(tmp_path, "run", 1, recipe({"model": {"init_from": str(folder)}, "train": {"steps": 3, "warmup_steps": 0}}),
+               "train.resume=auto")
+    launch_run(tmp_path, "run", 1, recipe({"train": {"steps": 4, "warmup_steps": 0}}), "train.resume=auto")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_4"

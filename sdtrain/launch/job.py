@@ -30,7 +30,7 @@ from sdtrain.launch.resume_target import recipe_problems
 from sdtrain.launch.rundir import MARKER, check_run_dir, prepare
 from sdtrain.launch.runners import STOP_BY, RemoteSetup, local_commands, remote_commands
 from sdtrain.model.hf_config import check_init_from
-from sdtrain.model.size import count_params
+from sdtrain.model.size import count_params, head_params
 from sdtrain.parallel.layout import Layout
 from sdtrain.parallel.memory import per_device_bytes
 from sdtrain.parallel.partition import check_schedule, describe_stages
@@ -66,8 +66,9 @@ class Job:
         rows = describe_stages(self.recipe.parallel.pipeline, model)
         for row in rows:
             first, last = row["stage"] == 0, row["stage"] == len(rows) - 1
-            layers = sum(len(chunk) for chunk in row["layers"])
-            held = tp_local(row["params"], split_params(model, layers, first, last and not first), self.layout.tp)
+            layers = [i for chunk in row["layers"] for i in chunk]
+            head_copy = head_params(model, first, last) > 0  # untied, or a tied head's copy on a last stage
+            held = tp_local(row["params"], split_params(model, layers, first, head_copy), self.layout.tp)
             per_rank = per_device_bytes(held, self.layout.dp, precision)
             row["state_bytes_per_rank"] = round(per_rank[self.recipe.parallel.zero_stage])
         return rows
@@ -133,8 +134,6 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
     """Everything `launch` will do, decided and checked, with no side effects."""
     request = request or LaunchRequest()
     recipe = load_recipe(recipe_path, overrides, layout_checked_at_launch=True)
-    if recipe.model.init_from:  # its config.json describes the recipe's model, and its weights are there
-        check_init_from(recipe.model)
     nproc = 0  # with a hostfile, its slots say how many workers each host runs
     if not request.hostfile:
         nproc = nproc_per_node if nproc_per_node is not None else resolve_nproc(recipe.launch.nproc_per_node, recipe.launch.backend)
@@ -158,6 +157,8 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
     notes: list[str] = []
     refused: dict = {}
     resume_from = resolve_resume(recipe, run_path, notes, refused)
+    if recipe.model.init_from and not resume_from:  # a resumed run's weights are its checkpoint's
+        check_init_from(recipe.model)  # config.json describes the recipe's model, and its weights are there
     check_run_dir(run_path, moves_earlier_run(request.node_rank, resume_from, run_path))
     recipe_json = json.dumps(recipe.model_dump(mode="json"))
     env_file = load_env_file(Path.cwd(), Path.home(), request.allow_env_file_vars)

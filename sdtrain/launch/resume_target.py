@@ -24,8 +24,9 @@ from sdtrain.train.checkpoint_verify import checkpoint_problems, first_passing, 
 def recipe_problems(recipe, path: Path, info: dict) -> list[str]:
     """What keeps a whole checkpoint from continuing this recipe: another model shape, or no
     step left to train."""
-    wanted = recipe.model.model_dump(exclude={"dropout"})
-    saved = {k: v for k, v in resolved_saved_model(info["model"]).items() if k != "dropout"}
+    # dropout and init_from (where the first weights came from) are no part of the model's shape
+    wanted = recipe.model.model_dump(exclude={"dropout", "init_from"})
+    saved = {k: v for k, v in resolved_saved_model(info["model"]).items() if k not in ("dropout", "init_from")}
     # a key one side lacks (a checkpoint older than the key) counts as null there
     differ = [k for k in dict.fromkeys([*wanted, *saved]) if saved.get(k) != wanted.get(k)]
     if differ:
