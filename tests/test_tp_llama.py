@@ -16,7 +16,11 @@ from sdtrain.model.gpt import GPT, GPTConfig
 from sdtrain.model.moe.experts import GroupedExperts
 from sdtrain.model.moe.layer import MoESettings
 from sdtrain.model.size import count_params
+from sdtrain.estimate.plan import estimate_recipe
+from sdtrain.parallel.tensor_parallel import apply_tensor_parallel
+from sdtrain.parallel.tp_collectives import TensorParallel
 from sdtrain.parallel.tp_volume import tp_step_bytes
+from sdtrain.recipe import validate_recipe
 from test_tp_training import STEPS, assert_same_run, assert_same_weights
 
 # 2 blocks of 4 query heads over 2 key/value heads, a SwiGLU 64 wide: tp 2 leaves a rank 2
@@ -103,6 +107,24 @@ def test_kv_heads_not_divisible_by_tp_exit_2(write_recipe, tmp_path):
     assert ("model.n_kv_heads 1 is not divisible by parallel.tensor_parallel 2" in result.stderr
             and "use parallel.tensor_parallel in [1]" in result.stderr), result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("model", [
+    LLAMA["model"],
+    {**LLAMA["model"], "tie_embeddings": True},
+    {**LLAMA["model"], "moe": {"num_experts": 4, "every_n_layers": 2}},  # block 1's experts stay whole
+], ids=["untied", "tied", "experts"])
+def test_the_estimate_counts_what_a_llama_tp_rank_holds(model):
+    """estimate's weights at tp 2 are 4 bytes times the parameters of a model split by
+    apply_tensor_parallel (no collective runs while splitting: a group of none will do)."""
+    recipe = validate_recipe(merge(TINY, {"model": model, "parallel": {"tensor_parallel": 2}, "train": {
+        "global_batch_size": None, "micro_batch_size": 2, "grad_accum_steps": 4}}))
+    held = GPT(GPTConfig(**recipe.model.model_dump()))
+    apply_tensor_parallel(held, TensorParallel(None, 2, 0))
+    estimate, = estimate_recipe(recipe, 2)
+    assert {t.name: t.bytes for t in estimate.terms}["weights"] == 4 * sum(p.numel() for p in held.parameters())
+    # SP: no backward re-gather (q, k, v share one gather): Megatron's four collectives a block
+    assert estimate.tp_bytes == tp_step_bytes(2, 2 * 4 * 32, 32, True, regathered=False)
 
 
 # --- Mixtral-style SwiGLU experts -------------------------------------------------------------

@@ -17,7 +17,7 @@ from sdtrain.estimate.shape import DTYPE_BYTES, RankShape
 from sdtrain.estimate.tensor_parallel import split_params, tp_local, tp_traffic, wire_bytes
 from sdtrain.estimate.state import model_state
 from sdtrain.estimate.terms import ALWAYS, Estimate, Term
-from sdtrain.model.size import embedding_params, expert_params, final_norm_params, head_params, moe_of
+from sdtrain.model.size import embedding_params, expert_params, final_norm_params, head_params, is_llama, moe_of
 from sdtrain.parallel.layout import Layout
 from sdtrain.parallel.partition import chunk_params, describe_stages
 
@@ -34,7 +34,7 @@ def estimate_shape(shape: RankShape, where: str = "") -> Estimate:
     if shape.tp > 1:
         estimate.tp_bytes = tp_traffic(shape.layers, shape.tokens * shape.grad_accum, shape.d_model,
                                        shape.sequence_parallel, DTYPE_BYTES[shape.precision], shape.first, shape.last,
-                                       shape.checkpointing)
+                                       shape.checkpointing, shape.regathered_inputs)
         estimate.tp_wire_bytes = wire_bytes(estimate.tp_bytes, shape.tp)
     if shape.device == "cpu":
         tensors = sum(t.bytes for t in estimate.at_peak() if t.name not in ("process base", "corpus"))
@@ -104,10 +104,10 @@ def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None 
         head = head_params(model, first, last)  # an untied head, or a tied head's copy on a last stage
         head_copy = head > 0
         root = (embedding_params(model) if first else 0) + (final_norm_params(model) if last else 0) + head
-        # one tp rank's piece of each (what ZeRO then shards over dp); MoE blocks are not tp-split (refused)
-        params = tp_local(row["params"], split_params(model, len(layers), first, head_copy), tp)
-        block = max(tp_local(block_size(model, i, ep), split_params(model, 1, False, False), tp) for i in layers)
-        root = tp_local(root, split_params(model, 0, first, head_copy), tp)
+        # one tp rank's piece of each (what ZeRO then shards over dp); an MoE block's experts stay whole
+        params = tp_local(row["params"], split_params(model, layers, first, head_copy), tp)
+        block = max(tp_local(block_size(model, i, ep), split_params(model, [i], False, False), tp) for i in layers)
+        root = tp_local(root, split_params(model, [], first, head_copy), tp)
         shape = RankShape(
             params=params, layers=len(layers), block_params=block, root_params=root,
             first=first, last=last, d_model=model.d_model, n_heads=model.n_heads, seq_len=model.seq_len,
@@ -121,6 +121,7 @@ def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None 
             moe_layers=sum(1 for i in layers if expert_params(model, i)),
             expert_slots=expert_slots(model, (train.micro_batch_size or 1) * model.seq_len),
             tp=tp, sequence_parallel=parallel.sequence_parallel, grad_accum=M,
+            regathered_inputs=not is_llama(model),
         )
         where = "every rank" if len(stages) == 1 else f"pipeline stage {row['stage']}"
         shapes.append((where, shape))

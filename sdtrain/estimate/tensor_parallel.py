@@ -2,10 +2,12 @@
 parallel/tensor_parallel.py splits sdtrain's GPT over T ranks (torch-free).
 
 Parameters. Split over the T ranks: attention's qkv (weight and bias) and proj weight, the
-MLP's fc (weight and bias) and proj weight, the token embedding and the head tied to it (a
-pipeline's last stage holds its own copy, split too). Whole on every tp rank: the norms, the
-position embedding, and the row-parallel layers' biases (added once, after the sum). ZeRO
-then shards what a rank holds over its dp ranks, as without TP.
+MLP's fc (weight and bias) and proj weight (llama: q, k, v, proj, and SwiGLU's gate, up and
+proj; no biases), the token embedding and the head, tied to it or not (a pipeline's last
+stage holds its own copy, split too). Whole on every tp rank: the norms, the position
+embedding, the row-parallel layers' biases (added once, after the sum), and an MoE block's
+router and experts (tp_moe.py: only its attention is split). ZeRO then shards what a rank
+holds over its dp ranks, as without TP.
 
 Activations (per block and token, in fp32-sized values; activations.py's 16 of fp32, 12 of
 bf16): what the column-parallel layers make is split by heads or features (qkv, attention
@@ -19,29 +21,38 @@ deferred weight pass keeps the two gathered inputs whole (2 + 14/T); the estimat
 re-gather.
 
 Traffic: parallel/tp_volume.py's Megatron accounting, per step and rank (with SP's backward
-re-gathers); a block whose activations are recomputed (activation checkpointing) runs its
-forward collectives again.
+re-gathers for gpt2's blocks; llama's q, k, v and gate, up share one gather whose whole input
+they keep, so none); a block whose activations are recomputed (activation checkpointing) runs
+its forward collectives again.
 """
 
 from __future__ import annotations
 
+from sdtrain.model.size import has_bias, is_llama, kv_heads, mlp_width, moe_at
 from sdtrain.parallel.tp_volume import tp_step_bytes
 
 WHOLE_VALUES = 4  # of a block's values per token and channel, those TP without SP leaves whole (SP: none)
 RECOMPUTED_COLLECTIVES = 2  # per block under activation checkpointing: attention's and the MLP's forward
 
 
-def block_split_params(model) -> int:
-    """One dense block's parameters that TP splits over its ranks."""
-    d, hidden, b = model.d_model, model.mlp_ratio * model.d_model, 1 if model.bias else 0
-    return 3 * d * d + b * 3 * d + d * d + d * hidden + b * hidden + hidden * d
+def block_split_params(model, index: int = 0) -> int:
+    """Block `index`'s parameters that TP splits over its ranks (an MoE block: its attention's)."""
+    d, hidden = model.d_model, mlp_width(model)
+    if is_llama(model):
+        attention = 2 * d * d + 2 * d * kv_heads(model) * (d // model.n_heads)  # q, proj; k, v
+        mlp = 3 * d * hidden  # gate, up, proj
+    else:
+        b = 1 if has_bias(model) else 0
+        attention = 3 * d * d + b * 3 * d + d * d
+        mlp = d * hidden + b * hidden + hidden * d
+    return attention + (0 if moe_at(model, index) is not None else mlp)
 
 
-def split_params(model, layers: int, embedding: bool, head_copy: bool) -> int:
-    """The parameters of a rank's part (`layers` dense blocks, the token embedding, a separate
-    head copy) that TP splits; the rest of the part is whole on every tp rank."""
+def split_params(model, layers: list[int], embedding: bool, head_copy: bool) -> int:
+    """The parameters of a rank's part (blocks `layers`, the token embedding, a head of its
+    own: untied, or a tied head's copy) that TP splits; the rest is whole on every tp rank."""
     vocab = model.vocab_size * model.d_model
-    return layers * block_split_params(model) + vocab * (int(embedding) + int(head_copy))
+    return sum(block_split_params(model, i) for i in layers) + vocab * (int(embedding) + int(head_copy))
 
 
 def tp_local(params: int, split: int, tp: int) -> int:
@@ -56,10 +67,12 @@ def layer_values(values: int, tp: int, sequence_parallel: bool) -> float:
 
 
 def tp_traffic(n_layers: int, tokens: int, d_model: int, sequence_parallel: bool, element_size: int,
-               embedding: bool, head: bool, recompute: bool) -> dict[str, int]:
+               embedding: bool, head: bool, recompute: bool, regathered: bool = True) -> dict[str, int]:
     """Bytes per collective kind one tp rank moves in a step of `tokens` tokens through its
-    `n_layers` blocks (tp_volume.py's count, plus the recomputed forward's)."""
-    counted = tp_step_bytes(n_layers, tokens, d_model, sequence_parallel, element_size, embedding, head)
+    `n_layers` blocks (tp_volume.py's count, plus the recomputed forward's). `regathered`:
+    whether SP's column-parallel layers gather their input again in backward (not llama's)."""
+    counted = tp_step_bytes(n_layers, tokens, d_model, sequence_parallel, element_size, embedding, head,
+                            regathered)
     if recompute and n_layers:
         # the forward's share of a block's collectives, so without the backward re-gathers
         again = tp_step_bytes(n_layers, tokens, d_model, sequence_parallel, element_size, False, False,
