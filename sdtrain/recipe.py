@@ -90,6 +90,9 @@ class ModelConfig(Section):
     tie_embeddings: Optional[bool] = Field(None, description=(
         "the output head is the token embedding; null: true for gpt2, false for llama"))
     norm_eps: Optional[float] = Field(None, gt=0.0, description="epsilon of the LayerNorms / RMSNorms; null: 1e-5")
+    activation: Literal["gelu", "gelu_tanh"] = Field("gelu", description=(
+        "gpt2's MLP: `gelu` (exact) or `gelu_tanh` (the tanh approximation OpenAI's GPT-2 weights were trained "
+        "with, transformers' gelu_new)"))
     init_from: Optional[str] = Field(None, description=(
         "a Hugging Face model folder (config.json, model.safetensors or its index; GPT-2, LLaMA, Mixtral) whose "
         "weights replace the first ones; its config.json must describe this model"))

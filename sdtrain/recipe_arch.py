@@ -27,7 +27,12 @@ def arch_problem(model) -> str | None:
         for key, instead in (("rope_theta", "GPT-2 learns its positions"), ("ffn_hidden", "use mlp_ratio")):
             if getattr(model, key) is not None:
                 return f"{key} is a llama setting and arch is gpt2 ({instead}); remove it, or set arch llama"
+        if model.activation != "gelu" and model.moe.num_experts:
+            return (f"activation {model.activation} with moe: the experts' GELU is the exact one; "
+                    "remove activation, or moe.num_experts 0")
         return None
+    if model.activation != "gelu":
+        return f"activation {model.activation} is a gpt2 setting (llama's MLP is SwiGLU); remove it, or set arch gpt2"
     if model.bias:
         return "bias true with arch llama: LLaMA's blocks have no biases; remove bias (or set it false)"
     head_dim = model.d_model // heads
@@ -58,7 +63,7 @@ def resolved_saved_model(model: dict) -> dict:
     is the GPT-2 it was, and compares equal to the same recipe today."""
     from types import SimpleNamespace
 
-    filled = {key: None for key in LATER_KEYS} | {"arch": "gpt2"} | model
+    filled = {key: None for key in LATER_KEYS} | {"arch": "gpt2", "activation": "gelu"} | model
     try:
         return filled | arch_defaults(SimpleNamespace(**filled))
     except (TypeError, AttributeError, ZeroDivisionError):  # input like the rest: the comparison names it

@@ -30,8 +30,8 @@ def save_hf(model, folder):
 
 @pytest.fixture(scope="module")
 def hf_gpt2(tmp_path_factory):
-    """A tiny GPT-2 with random weights, as transformers makes and saves it (exact GELU: see
-    hf_config.py for why gelu_new is refused), with more positions than the recipe uses."""
+    """A tiny GPT-2 with random weights, as transformers makes and saves it (the exact GELU;
+    GPT-2's own tanh form: test_gpt2_tanh_gelu), with more positions than the recipe uses."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=256, n_positions=48, n_embd=32, n_layer=2, n_head=2,
                                      activation_function="gelu", bos_token_id=0, eos_token_id=0)
@@ -59,6 +59,25 @@ def test_gpt2_init_from_gives_transformers_logits(hf_gpt2):
     theirs, _ = hf_logits(hf_gpt2, tokens())
     assert (sdtrain_logits(model, tokens()) - theirs).abs().max() < TOL
     assert (sdtrain_logits(load_hf_model(hf_gpt2), tokens()) - theirs).abs().max() < TOL  # sdtrain generate's way
+
+
+def test_gpt2_tanh_gelu(tmp_path):
+    """OpenAI's GPT-2 weights go with the tanh-approximated GELU (gelu_new, transformers'
+    default for GPT-2): model.activation gelu_tanh, which the launcher asks for by name."""
+    torch.manual_seed(0)
+    folder = save_hf(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=256, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval(), tmp_path / "gpt2")
+    model = GPT(GPTConfig(**SHAPE, activation="gelu_tanh")).eval()
+    load_pretrained(model, folder)
+    theirs, _ = hf_logits(folder, tokens())
+    assert (sdtrain_logits(model, tokens()) - theirs).abs().max() < TOL
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe({"model": {"init_from": str(folder)}})))
+    result = sdtrain("launch", path, "--dry-run")
+    assert result.returncode == 2 and "model.activation is 'gelu'" in result.stderr and "gelu_tanh" in result.stderr
+    assert sdtrain("launch", path, "--dry-run", "--set", "model.activation=gelu_tanh").returncode == 0
+    result = sdtrain("launch", path, "--dry-run", "--set", "model.activation=gelu_tanh", "--set", "model.arch=llama")
+    assert result.returncode == 2 and "activation gelu_tanh is a gpt2 setting" in result.stderr
 
 
 def test_meta_device_model_reads_its_values_later(hf_gpt2):
@@ -125,7 +144,7 @@ def bad_folder(tmp_path, hf_gpt2, change) -> str:
     (lambda f: (f / "config.json").write_text("[1]"), "not a JSON object"),
     (lambda f: (f / "config.json").write_text('{"model_type": "bert"}'), "model_type 'bert' is not one sdtrain builds"),
     (lambda f: (f / "config.json").write_text(json.dumps({**json.loads((f / "config.json").read_text()),
-                                                          "activation_function": "gelu_new"})), "gelu_new"),
+                                                          "activation_function": "relu"})), "'relu'"),
     (lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"), "pickle file, which sdtrain never loads"),
     (lambda f: ((f / "model.safetensors").unlink(), (f / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"transformer.wte.weight": "../model.safetensors"}}))), "not a path"),

@@ -47,6 +47,7 @@ class GPTConfig:
     ffn_hidden: int | None = None  # llama's SwiGLU width; None: LLaMA's rounding of 8/3 d
     tie_embeddings: bool | None = None  # None: true for gpt2, false for llama
     norm_eps: float | None = None  # None: 1e-5
+    activation: str = "gelu"  # gpt2's MLP: gelu (exact) or gelu_tanh (the approximation GPT-2 was trained with)
     init_from: str | None = None  # a Hugging Face folder whose weights replace the first ones (hf_import.py)
 
     def __post_init__(self):
@@ -97,9 +98,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
 
 
 class Block(nn.Module):

@@ -26,6 +26,8 @@ from sdtrain.model.size import (DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, arch_of, h
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
 CONFIG = "config.json"
+# transformers' names of GPT-2's activations -> model.activation (the three tanh forms are one formula)
+GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 WHAT = "a transformers config.json"
 
 
@@ -69,8 +71,8 @@ class ConfigReader:
 def _gpt2_keys(c: ConfigReader) -> list[tuple[str, object, str]]:
     width = c.take("n_embd")
     act = c.config.get("activation_function", "gelu_new")
-    c.refuse_unless(act == "gelu", f"activation_function {printable(act)[:20]!r} (sdtrain's GPT-2 MLP is the exact "
-                                   f"GELU, activation_function 'gelu')")
+    c.refuse_unless(act in GPT2_ACTIVATIONS, f"activation_function {printable(act)[:20]!r} (sdtrain's GPT-2 MLP takes "
+                                             f"{', '.join(GPT2_ACTIVATIONS)})")
     c.refuse_unless(c.config.get("scale_attn_weights", True) is True, "scale_attn_weights is false")
     c.refuse_unless(not c.config.get("scale_attn_by_inverse_layer_idx"), "scale_attn_by_inverse_layer_idx is true")
     c.refuse_unless(not c.config.get("add_cross_attention"), "add_cross_attention is true")
@@ -80,6 +82,7 @@ def _gpt2_keys(c: ConfigReader) -> list[tuple[str, object, str]]:
             ("d_model", width, "n_embd"), ("n_heads", c.take("n_head"), "n_head"),
             ("vocab_size", c.take("vocab_size"), "vocab_size"), ("seq_len", c.take("n_positions"), "n_positions"),
             ("mlp_ratio", inner // width, "n_inner"), ("bias", True, "model_type"),
+            ("activation", GPT2_ACTIVATIONS[act], "activation_function"),
             ("norm_eps", c.take("layer_norm_epsilon", 1e-5, float), "layer_norm_epsilon"),
             ("tie_embeddings", c.take("tie_word_embeddings", True, bool), "tie_word_embeddings")]
 
@@ -134,8 +137,8 @@ def model_section(folder: str | Path) -> tuple[dict, dict[str, str]]:
 # Keys that decide the model's shape and its numbers: they must agree with the folder. The
 # others config.json suggests (seq_len up to its positions, moe.drop_tokens, the aux loss's
 # weight) are training choices the recipe keeps.
-CHECKED = ("arch", "n_layers", "d_model", "n_heads", "n_kv_heads", "vocab_size", "mlp_ratio", "ffn_hidden", "bias",
-           "rope_theta", "norm_eps", "tie_embeddings", "moe.num_experts", "moe.top_k", "moe.every_n_layers")
+CHECKED = ("arch", "n_layers", "d_model", "n_heads", "n_kv_heads", "vocab_size", "mlp_ratio", "activation", "ffn_hidden",
+           "bias", "rope_theta", "norm_eps", "tie_embeddings", "moe.num_experts", "moe.top_k", "moe.every_n_layers")
 
 
 def resolved(model, key: str):
@@ -148,6 +151,7 @@ def resolved(model, key: str):
         return (moe or {}).get(key[4:], 0 if key == "moe.num_experts" else None)
     rules = {"arch": arch_of, "n_kv_heads": kv_heads, "tie_embeddings": ties_embeddings, "bias": has_bias,
              "norm_eps": lambda m: getattr(m, "norm_eps", None) or DEFAULT_NORM_EPS,
+             "activation": lambda m: getattr(m, "activation", None) or "gelu",  # a section older than the key
              "ffn_hidden": lambda m: mlp_width(m) if is_llama(m) else None,
              "rope_theta": lambda m: (getattr(m, "rope_theta", None) or DEFAULT_ROPE_THETA) if is_llama(m) else None}
     return rules[key](model) if key in rules else getattr(model, key, None)
@@ -223,7 +227,8 @@ def hf_config(model: dict, dtype: str = "float32") -> dict:
         dropout = get("dropout") or 0.0
         return {**common, "n_layer": get("n_layers"), "n_embd": get("d_model"), "n_head": get("n_heads"),
                 "n_positions": get("seq_len"), "n_inner": get("mlp_ratio") * get("d_model"),
-                "activation_function": "gelu", "layer_norm_epsilon": get("norm_eps"), "resid_pdrop": dropout,
+                "activation_function": "gelu_new" if get("activation") == "gelu_tanh" else "gelu",
+                "layer_norm_epsilon": get("norm_eps"), "resid_pdrop": dropout,
                 "embd_pdrop": dropout, "attn_pdrop": dropout, "scale_attn_weights": True,
                 "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
     config = {**common, "num_hidden_layers": get("n_layers"), "hidden_size": get("d_model"),
