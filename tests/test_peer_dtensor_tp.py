@@ -17,10 +17,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
 
 from sdtrain.bench.peer_common import GPTWithHead
-from sdtrain.bench.peer_dtensor_tp import heads_by_rank, tensor_parallel_plan
+from sdtrain.bench.peer_dtensor_tp import heads_by_rank, split_heads, tensor_parallel_plan
 from sdtrain.model import GPTConfig
 
 CFG = GPTConfig(n_layers=2, d_model=32, n_heads=4, seq_len=16, vocab_size=64)
+LLAMA = GPTConfig(arch="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=64, seq_len=16,
+                  vocab_size=64)
 STEPS = 3
 
 
@@ -41,20 +43,18 @@ def losses(model, tp_loss: bool) -> list[float]:
     return out
 
 
-def rank_main(rank: int, world: int, store: str, out: str) -> None:
+def rank_main(rank: int, world: int, store: str, out: str, cfg: GPTConfig) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
     try:
-        whole = GPTWithHead(CFG, seed=3)
+        whole = GPTWithHead(cfg, seed=3)
         split = copy.deepcopy(whole)
-        split.lm_head.weight = split.tok_emb.weight
-        with torch.no_grad():
-            for block in split.blocks.values():
-                block.attn.qkv.weight.copy_(heads_by_rank(block.attn.qkv.weight, world))
-                block.attn.qkv.bias.copy_(heads_by_rank(block.attn.qkv.bias, world))
-                block.attn.n_heads //= world
+        if cfg.tie_embeddings:
+            split.lm_head.weight = split.tok_emb.weight
+        split_heads(split, world)
         parallelize_module(split, init_device_mesh("cpu", (world,)), tensor_parallel_plan(split))
-        split.lm_head.weight = split.tok_emb.weight
+        if cfg.tie_embeddings:
+            split.lm_head.weight = split.tok_emb.weight
         report = {"one_process": losses(whole, False), "dtensor_tp": losses(split, True)}
         if rank == 0:
             with open(out, "w") as f:
@@ -69,9 +69,10 @@ def test_heads_by_rank_gives_each_slice_its_own_heads_of_q_k_and_v():
     assert heads_by_rank(rows, 2).tolist() == [0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10, 11]
 
 
-def test_the_dtensor_peer_trains_the_one_process_trajectory(tmp_path):
+@pytest.mark.parametrize("cfg", [CFG, LLAMA], ids=["gpt2", "llama"])
+def test_the_dtensor_peer_trains_the_one_process_trajectory(tmp_path, cfg):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(rank_main, args=(2, str(tmp_path / "store"), str(tmp_path / "report.json")), nprocs=2)
+    mp.spawn(rank_main, args=(2, str(tmp_path / "store"), str(tmp_path / "report.json"), cfg), nprocs=2)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["dtensor_tp"] == pytest.approx(report["one_process"], rel=1e-5)
     assert report["one_process"][-1] < report["one_process"][0]  # it trained: the steps moved the loss

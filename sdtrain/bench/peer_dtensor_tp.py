@@ -5,8 +5,10 @@ Every worker is one tensor-parallel rank (tp = world; no data parallelism: every
 the same batch). The plan is Megatron's with sequence parallelism: the token and position
 embeddings vocabulary- / position-parallel with their outputs split along the sequence,
 norms on sequence shards, attention's fused qkv and the MLP's up-projection column-parallel,
-both output projections row-parallel, the tied head column-parallel into a loss that never
-gathers whole logits (`loss_parallel`).
+both output projections row-parallel, the head (tied or not) column-parallel into a loss that
+never gathers whole logits (`loss_parallel`). A llama model (model.arch llama): q, k and v, and
+SwiGLU's gate and up column-parallel (each by whole heads: torch's contiguous rows are already
+a rank's heads), the RMSNorms on sequence shards, no position embedding.
 
 torch's ColwiseParallel cuts a fused qkv weight into contiguous rows, which would hand rank 0
 all of q and half of k. So its rows are first reordered to [q, k, v of rank 0's heads,
@@ -43,25 +45,42 @@ def heads_by_rank(qkv_weight: torch.Tensor, tp: int) -> torch.Tensor:
 
 
 def tensor_parallel_plan(model) -> dict:
+    llama = model.cfg.arch == "llama"
     gathered_for_compute = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    # attention is called with (x, cache): the cache (None in training) is no tensor to lay out
+    gathered_attention = PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None))
     plan = {
         "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "pos_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0)),
         "ln_f": SequenceParallel(),
         "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
     }
+    if not llama:  # llama's positions are rotary: no weights
+        plan["pos_emb"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0))
+    columns = ["attn.q", "attn.k", "attn.v", "mlp.gate", "mlp.up"] if llama else ["attn.qkv", "mlp.fc"]
     for key in model.blocks:
         plan.update({
             f"blocks.{key}.ln_attn": SequenceParallel(),
-            f"blocks.{key}.attn": gathered_for_compute,
-            f"blocks.{key}.attn.qkv": ColwiseParallel(),
+            f"blocks.{key}.attn": gathered_attention,
             f"blocks.{key}.attn.proj": RowwiseParallel(output_layouts=Shard(1)),
             f"blocks.{key}.ln_mlp": SequenceParallel(),
             f"blocks.{key}.mlp": gathered_for_compute,
-            f"blocks.{key}.mlp.fc": ColwiseParallel(),
             f"blocks.{key}.mlp.proj": RowwiseParallel(output_layouts=Shard(1)),
         })
+        plan.update({f"blocks.{key}.{name}": ColwiseParallel() for name in columns})
     return plan
+
+
+def split_heads(model, tp: int) -> None:
+    """Each rank's attention computes its heads: gpt2's fused qkv reordered first (see above)."""
+    with torch.no_grad():
+        for block in model.blocks.values():
+            if model.cfg.arch == "llama":
+                block.attn.n_kv_heads //= tp
+            else:
+                block.attn.qkv.weight.copy_(heads_by_rank(block.attn.qkv.weight, tp))
+                if block.attn.qkv.bias is not None:
+                    block.attn.qkv.bias.copy_(heads_by_rank(block.attn.qkv.bias, tp))
+            block.attn.n_heads //= tp  # the heads this rank computes
 
 
 def main() -> None:
@@ -70,14 +89,10 @@ def main() -> None:
     tp = dist.get_world_size()
     mesh = init_device_mesh(device.type, (tp,), mesh_dim_names=("tp",))
     model = build_model(recipe, device)
-    with torch.no_grad():
-        for block in model.blocks.values():
-            block.attn.qkv.weight.copy_(heads_by_rank(block.attn.qkv.weight, tp))
-            if block.attn.qkv.bias is not None:
-                block.attn.qkv.bias.copy_(heads_by_rank(block.attn.qkv.bias, tp))
-            block.attn.n_heads //= tp  # the heads this rank computes
+    split_heads(model, tp)
     parallelize_module(model, mesh, tensor_parallel_plan(model))
-    model.lm_head.weight = model.tok_emb.weight  # one sharded matrix, still tied
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight  # one sharded matrix, still tied
     # the cross-entropy and its backward over vocabulary shards, inside loss_parallel
     train_plain(model, recipe, args, device, sync=lambda last: loss_parallel())
     leave_process_group()
