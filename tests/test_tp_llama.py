@@ -91,10 +91,14 @@ def test_tp2_under_zero3_matches_one_process(reference, tmp_path):
     assert_same_weights(reference, run_dir)
 
 
-def test_pp2_by_tp2_matches_one_process(reference, tmp_path):
-    """4 ranks, 28 s on 2 shared cores: the head's stage holds its vocabulary rows untied."""
+@pytest.mark.parametrize("schedule", [
+    "1f1b",  # 4 ranks, 28 s on 2 shared cores
+    pytest.param("zero_bubble", marks=pytest.mark.slow),  # RMSNorm's and the pieces' deferred weight grads
+])
+def test_pp2_by_tp2_matches_one_process(reference, tmp_path, schedule):
+    """The head's stage holds its vocabulary rows of the untied head."""
     run_dir = launch(tmp_path, "pp2-tp2", 4, "parallel.tensor_parallel=2", "parallel.pipeline.stages=2",
-                     "parallel.pipeline.schedule=1f1b")
+                     f"parallel.pipeline.schedule={schedule}")
     assert_same_run(reference, run_dir)
     assert_same_weights(reference, run_dir)
 
