@@ -76,6 +76,19 @@ def test_gpt2_tanh_gelu(tmp_path):
     result = sdtrain("launch", path, "--dry-run")
     assert result.returncode == 2 and "model.activation is 'gelu'" in result.stderr and "gelu_tanh" in result.stderr
     assert sdtrain("launch", path, "--dry-run", "--set", "model.activation=gelu_tanh").returncode == 0
+    # and back: export's tensors and config.json (gelu_new) give transformers the same model
+    from sdtrain.model.hf_config import hf_config
+    from sdtrain.model.hf_export import hf_tensors, write_weights
+
+    from sdtrain.recipe import ModelConfig
+
+    section = ModelConfig(**SHAPE, activation="gelu_tanh").model_dump()  # as a checkpoint's sdtrain.json holds it
+    out = tmp_path / "out"
+    out.mkdir()
+    write_weights(out, hf_tensors(dict(model.state_dict()), section), 10**9)
+    (out / "config.json").write_text(json.dumps(hf_config(section)))
+    again, _ = hf_logits(out, tokens())
+    assert (again - theirs).abs().max() < TOL
     result = sdtrain("launch", path, "--dry-run", "--set", "model.activation=gelu_tanh", "--set", "model.arch=llama")
     assert result.returncode == 2 and "activation gelu_tanh is a gpt2 setting" in result.stderr
 
