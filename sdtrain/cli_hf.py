@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import click
 
@@ -25,8 +26,9 @@ def parse_size(text: str) -> int:
 @click.option("-o", "--out", help="Write the recipe to this file (default: print it).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 def recipe_from_hf(folder, out, force) -> None:
-    """A recipe's model section (with model.init_from) from HF_DIR's config.json: the rest of
-    the recipe is yours to add; `sdtrain launch` checks it against the folder again."""
+    """A recipe's model section (with model.init_from) from HF_DIR's config.json, and its
+    data.tokenizer where HF_DIR has a tokenizer.json: the rest of the recipe is yours to add;
+    `sdtrain launch` checks it against the folder again."""
     import os
 
     import yaml
@@ -35,10 +37,13 @@ def recipe_from_hf(folder, out, force) -> None:
     from sdtrain.recipe import ModelConfig
 
     section, _ = model_section(folder)
-    # keys this sdtrain's schema has (a llama folder needs the llama keys: refused by the schema otherwise)
     section = {"init_from": str(folder), **section}
     ModelConfig(**section)  # a section the schema refuses is named here, not at launch
-    text = yaml.safe_dump({"model": section}, sort_keys=False)
+    recipe = {"model": section}
+    tokenizer = Path(folder) / "tokenizer.json"
+    if tokenizer.is_file():  # the model's token ids are that tokenizer's
+        recipe["data"] = {"tokenizer": str(tokenizer)}
+    text = yaml.safe_dump(recipe, sort_keys=False)
     if not out:
         click.echo(text, nl=False)
         return

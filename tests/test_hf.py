@@ -195,6 +195,12 @@ def test_recipe_from_hf_prints_a_model_section_launch_takes(hf_gpt2, tmp_path):
     path.write_text(yaml.safe_dump(merge(TINY, {"model": yaml.safe_load(out.read_text())["model"]})))
     assert sdtrain("launch", path, "--dry-run").returncode == 0
     assert sdtrain("recipe", "from-hf", tmp_path / "nope").returncode == 2
+    assert "data" not in yaml.safe_load(result.stdout)
+    folder = tmp_path / "with_tokenizer"
+    shutil.copytree(hf_gpt2, folder)
+    (folder / "tokenizer.json").write_text("{}")
+    result = sdtrain("recipe", "from-hf", folder)
+    assert yaml.safe_load(result.stdout)["data"] == {"tokenizer": str(folder / "tokenizer.json")}
 
 
 def exported_logits_match(run_dir, out, tmp_path, architecture):

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from conftest import TINY, launch_run, merge, sdtrain
 
@@ -88,3 +89,17 @@ def test_a_rank_holding_some_experts_reads_exactly_those(hf_mixtral, monkeypatch
             assert torch.equal(out, param[2:4]), name
     experts = {n.split(".experts.")[1].split(".")[0] for n in opened}
     assert experts == {"2", "3"}, experts
+
+
+def test_mixtral_recipe_from_hf(hf_mixtral, tmp_path):
+    result = sdtrain("recipe", "from-hf", hf_mixtral)
+    assert result.returncode == 0, result.stderr
+    model = yaml.safe_load(result.stdout)["model"]
+    assert model["moe"] == {"num_experts": 4, "top_k": 2, "every_n_layers": 1, "drop_tokens": False,
+                            "aux_loss_coef": 0.001}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(merge(TINY, {"model": model})))
+    assert sdtrain("launch", path, "--dry-run").returncode == 0
+    path.write_text(yaml.safe_dump(merge(TINY, {"model": {**model, "moe": {**model["moe"], "top_k": 1}}})))
+    result = sdtrain("launch", path, "--dry-run")
+    assert result.returncode == 2 and "model.moe.top_k is 1" in result.stderr
