@@ -127,8 +127,11 @@ def test_the_estimate_counts_what_a_llama_tp_rank_holds(model):
     apply_tensor_parallel(held, TensorParallel(None, 2, 0))
     estimate, = estimate_recipe(recipe, 2)
     assert {t.name: t.bytes for t in estimate.terms}["weights"] == 4 * sum(p.numel() for p in held.parameters())
-    # SP: no backward re-gather (q, k, v share one gather): Megatron's four collectives a block
+    # SP: no backward re-gather (q, k, v share one gather): Megatron's four collectives a block,
+    # and the two gathered norm outputs kept whole: 2 + 14 / 2 of gpt2's 16 values a token and channel
     assert estimate.tp_bytes == tp_step_bytes(2, 2 * 4 * 32, 32, True, regathered=False)
+    activations = next(t for t in estimate.terms if t.name == "activations")
+    assert "2 blocks x 9 (tp 2, sequence parallel) values/token/channel" in activations.detail
 
 
 # --- Mixtral-style SwiGLU experts -------------------------------------------------------------

@@ -31,7 +31,8 @@ def layer_bytes(shape: RankShape) -> float:
     """Bytes one block keeps for backward for one micro-batch (one tp rank's: its heads and
     features, and under SP its part of the sequence; estimate/tensor_parallel.py)."""
     tokens, d = shape.tokens, shape.d_model
-    kept = layer_values(VALUES_PER_LAYER[shape.precision], shape.tp, shape.sequence_parallel) * tokens * d * 4
+    kept = layer_values(VALUES_PER_LAYER[shape.precision], shape.tp, shape.sequence_parallel,
+                        shape.regathered_inputs) * tokens * d * 4
     if shape.attention == "math":
         scores = shape.micro_batch * (shape.n_heads // shape.tp) * shape.seq_len**2
         kept += SCORE_VALUES[shape.dropout > 0] * scores * (4 if shape.precision == "fp32" else 2)
@@ -52,7 +53,8 @@ def activations(shape: RankShape) -> list[Term]:
     else:
         values = VALUES_PER_LAYER[shape.precision]
         if shape.tp > 1:
-            values = f"{layer_values(values, shape.tp, shape.sequence_parallel):g} (tp {shape.tp}" + \
+            per_block = layer_values(values, shape.tp, shape.sequence_parallel, shape.regathered_inputs)
+            values = f"{per_block:g} (tp {shape.tp}" + \
                      (", sequence parallel)" if shape.sequence_parallel else ")")
         how = f"{L} blocks x {values} values/token/channel, {shape.attention} attention, x {shape.in_flight} micro-batch(es)"
         terms = [Term("activations", (L * layer_bytes(shape) + per_micro) * shape.in_flight, STEP_FB, how)]

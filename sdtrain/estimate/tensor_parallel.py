@@ -32,6 +32,7 @@ from sdtrain.model.size import has_bias, is_llama, kv_heads, mlp_width, moe_at
 from sdtrain.parallel.tp_volume import tp_step_bytes
 
 WHOLE_VALUES = 4  # of a block's values per token and channel, those TP without SP leaves whole (SP: none)
+KEPT_GATHERED_INPUTS = 2  # the two norm outputs, gathered whole, where SP does not re-gather them in backward
 RECOMPUTED_COLLECTIVES = 2  # per block under activation checkpointing: attention's and the MLP's forward
 
 
@@ -60,9 +61,11 @@ def tp_local(params: int, split: int, tp: int) -> int:
     return params - split + split // tp
 
 
-def layer_values(values: int, tp: int, sequence_parallel: bool) -> float:
-    """A block's kept values per token and channel on one tp rank."""
-    whole = 0 if sequence_parallel else WHOLE_VALUES
+def layer_values(values: int, tp: int, sequence_parallel: bool, regathered: bool = True) -> float:
+    """A block's kept values per token and channel on one tp rank. `regathered`: under SP the
+    column-parallel layers keep only their part of the input (gpt2's); llama's q, k, v and
+    gate, up keep the whole input of the one gather they share (2 whole values)."""
+    whole = (0 if regathered else KEPT_GATHERED_INPUTS) if sequence_parallel else WHOLE_VALUES
     return whole + (values - whole) / tp
 
 
