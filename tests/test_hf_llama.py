@@ -66,3 +66,26 @@ def test_llama_pipeline_run_then_export_loads_in_transformers(hf_llama, tmp_path
     first = GPT(GPTConfig(**SHAPE))
     load_pretrained(first, hf_llama)
     assert max((weights[n] - p).abs().max().item() for n, p in first.named_parameters()) < 2 * 3 * 3e-3
+
+
+def test_tied_llama_round_trip(tmp_path):
+    """tie_embeddings true: the export has no lm_head tensor (transformers ties it), and a
+    folder without one imports with the head read from the embedding."""
+    from sdtrain.model.hf_config import hf_config
+    from sdtrain.model.hf_export import hf_tensors, write_weights
+    from sdtrain.recipe import ModelConfig
+
+    section = ModelConfig(**SHAPE, tie_embeddings=True).model_dump()
+    model = GPT(GPTConfig(**section), seed=3).eval()
+    out = tmp_path / "tied"
+    out.mkdir()
+    tensors = hf_tensors(dict(model.state_dict()), section)
+    assert "lm_head.weight" not in tensors
+    write_weights(out, tensors, 10**9)
+    (out / "config.json").write_text(json.dumps(hf_config(section)))
+    theirs, name = hf_logits(out, tokens())
+    assert name == "LlamaForCausalLM" and (sdtrain_logits(model, tokens()) - theirs).abs().max() < TOL
+    back = GPT(GPTConfig(**section), seed=4).eval()
+    load_pretrained(back, out)
+    assert back.lm_head.weight is back.tok_emb.weight
+    assert torch.equal(sdtrain_logits(back, tokens()), sdtrain_logits(model, tokens()))
