@@ -30,7 +30,8 @@ from sdtrain.model.hf_config import model_section, read_config, resolved
 from sdtrain.model.hf_files import HFFolderError, TensorEntry, tensor_index
 from sdtrain.model.hf_names import HFTensor, hf_tensor
 
-POSITIONS = "pos_emb.weight"  # the one tensor whose rows may outnumber the parameter's (seq_len <= n_positions)
+# GPT-2's position embedding: its rows may outnumber the parameter's (seq_len <= n_positions)
+POSITIONS = "pos_emb.weight"
 
 
 class HFWeights:
@@ -42,14 +43,13 @@ class HFWeights:
         self.tied = tied
         self.index: dict[str, TensorEntry] = tensor_index(self.folder)
 
-    def _entry(self, name: str, shape: tuple[int, ...]) -> TensorEntry:
+    def _entry(self, name: str, shape: tuple[int, ...], more_rows: bool = False) -> TensorEntry:
         entry = self.index.get(name)
         if entry is None:
             fused = " (transformers' fused expert layout: save it with a transformers that writes experts.{j}.w1)" \
                 if any(".experts.gate_up_proj" in key for key in self.index) else ""
             raise HFFolderError(f"{printable(self.folder)} has no tensor {name}{fused}; the model needs it")
-        ok = entry.shape == shape or (name.endswith("wpe.weight") and entry.shape[1:] == shape[1:]
-                                      and entry.shape[0] >= shape[0])
+        ok = entry.shape == shape or (more_rows and entry.shape[1:] == shape[1:] and entry.shape[0] >= shape[0])
         if not ok:
             raise HFFolderError(f"{printable(self.folder)}: tensor {name} has shape {list(entry.shape)}, the recipe's model "
                                 f"needs {list(shape)}; the folder's config.json does not describe its weights")
@@ -58,7 +58,7 @@ class HFWeights:
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         """Raise unless the tensors for parameter `name` of this `shape` are in the folder."""
         for hf_name, hf_shape in self._sources(name, shape):
-            self._entry(hf_name, hf_shape)
+            self._entry(hf_name, hf_shape, name == POSITIONS)
 
     def _sources(self, name: str, shape: tuple[int, ...], first_expert: int = 0):
         where = hf_tensor(self.model_type, name, self.tied)
@@ -72,7 +72,7 @@ class HFWeights:
         """Write parameter `name`'s value from the folder into `out` (on any device, any dtype)."""
         where: HFTensor = hf_tensor(self.model_type, name, self.tied)
         for j, (hf_name, hf_shape) in enumerate(self._sources(name, tuple(out.shape), first_expert)):
-            entry = self._entry(hf_name, hf_shape)
+            entry = self._entry(hf_name, hf_shape, name == POSITIONS)
             with safe_open(str(entry.file), framework="pt") as f:
                 part = f.get_slice(hf_name)
                 value = part[: hf_shape[0]] if name == POSITIONS else part[:]
