@@ -103,6 +103,16 @@ def test_pp2_by_tp2_matches_one_process(reference, tmp_path, schedule):
     assert_same_weights(reference, run_dir)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["train.activation_checkpointing=true", "train.compile=true"])
+def test_tp2_with_checkpointed_or_compiled_llama_blocks_matches_one_process(reference, tmp_path, option):
+    """The pre-hooks taking q/k/v's and gate/up's input into the tp region run inside the
+    checkpointed (recomputed) or compiled block."""
+    run_dir = launch(tmp_path, "tp2", 2, "parallel.tensor_parallel=2", option)
+    assert_same_run(reference, run_dir)
+    assert_same_weights(reference, run_dir)
+
+
 def test_kv_heads_not_divisible_by_tp_exit_2(write_recipe, tmp_path):
     recipe = write_recipe({"model": {**LLAMA["model"], "n_kv_heads": 1}})  # multi-query: one key/value head
     result = sdtrain("launch", recipe, "--run-dir", tmp_path / "run", "--nproc-per-node", 2,
