@@ -10,7 +10,8 @@ reduce-scatter followed by an all-gather. And, as Megatron-LM does (Korthikanti 
 2022, section 4.2.2), the two column-parallel layers keep only this rank's part of the
 sequence for backward and all-gather it again there for their weights' gradients: two more
 all-gathers per layer (tp_gathered_linear.py). Not under the zero-bubble schedule, whose
-deferred weight pass keeps the gathered input instead (`regathered=False`).
+deferred weight pass keeps the gathered input instead (`regathered=False`), nor in llama's
+blocks, whose q, k, v (gate, up) share one gather and keep its output (`regathered=False`).
 
 Beyond the layers: the vocabulary-parallel embedding sums its rows' lookups (forward) and the
 head sums the hidden states' gradient (backward), one tensor each; and the cross-entropy
