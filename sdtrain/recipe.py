@@ -131,13 +131,27 @@ class DataConfig(Section):
     max_bytes: int = Field(16 * 2**20, ge=1024, description="cap on text read from `stdlib` or a folder (16 MiB)")
 
 
+class LossScaleConfig(Section):
+    initial_scale_power: int = Field(16, ge=0, le=64, description=(
+        "fp16: the loss scale starts at 2^this (DeepSpeed's fp16.initial_scale_power)"))
+    window: int = Field(1000, ge=1, description=(
+        "fp16: steps without an overflow before the scale doubles (DeepSpeed's loss_scale_window)"))
+    hysteresis: int = Field(2, ge=1, description=(
+        "fp16: overflows the scale tolerates before it halves; restored when it doubles (DeepSpeed's hysteresis)"))
+    min_scale: float = Field(1.0, gt=0.0, description=(
+        "fp16: the scale never halves below this; an overflow there stops the run (DeepSpeed's min_loss_scale)"))
+    static: float = Field(0.0, ge=0.0, description=(
+        "fp16: 0 scales dynamically; else this fixed scale (overflowing steps are still skipped; DeepSpeed's "
+        "fp16.loss_scale)"))
+
+
 class TrainConfig(Section):
     steps: int = Field(100, ge=1, description="optimizer steps")
     seed: int = Field(1337, ge=0, le=2**63 - 1, description=(  # torch takes 64-bit seeds; rank offsets are added
         "first weights, sample order and dropout all follow from it"))
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
         "`fp32`; `bf16` (autocast; bf16 weights with fp32 master under ZeRO); `fp16` (autocast with dynamic loss "
-        "scaling)"))
+        "scaling, train.loss_scale; fp16 weights with fp32 master under ZeRO)"))
     global_batch_size: Optional[int] = Field(None, ge=1, description=(
         "samples per step; any two of global_batch_size, micro_batch_size, grad_accum_steps decide the third (global = "
         "micro x grad_accum x data parallel)"))
@@ -174,6 +188,8 @@ class TrainConfig(Section):
         "or `skip` that update on every rank alike (fp16's loss scaler keeps its own handling of gradients)"))
     max_skipped_steps: int = Field(10, ge=0, description=(
         "with on_nonfinite skip: more updates than this skipped in a row stop the run"))
+    loss_scale: LossScaleConfig = Field(LossScaleConfig(), description=(
+        "fp16's dynamic loss scaling (every strategy): an overflow on any rank skips the step on all of them"))
 
     @model_validator(mode="after")
     def _warmup_fits(self):
@@ -306,11 +322,6 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _strategy_options_compatible(self, info: ValidationInfo):
         stage, train = self.parallel.zero_stage, self.train
-        if stage >= 1 and train.precision == "fp16":
-            raise ValueError(
-                f"parallel.zero_stage {stage} with train.precision fp16: ZeRO keeps bf16 or fp32 "
-                "weights (no loss scaling across shards); use precision bf16, or zero_stage 0"
-            )
         if stage == 3 and train.compile:
             raise ValueError(
                 "parallel.zero_stage 3 with train.compile: stage 3 gathers and frees each block's "
@@ -322,9 +333,6 @@ class Recipe(Section):
         pipeline = self.parallel.pipeline
         if pipeline.stages > 1:
             check_pipeline_layout(pipeline, self.model.n_layers)
-            if train.precision == "fp16":
-                raise ValueError("parallel.pipeline with train.precision fp16: a loss-scale overflow on one stage "
-                                 "would have to skip the step on all of them; use precision bf16")
             if pipeline.schedule == "zero_bubble" and (train.activation_checkpointing or train.compile):
                 raise ValueError("parallel.pipeline.schedule zero_bubble splits each block's backward through hooks "
                                  "on its layers, which activation checkpointing and torch.compile would bypass; "
@@ -340,9 +348,6 @@ class Recipe(Section):
             return
         if moe.num_experts % ep and not checked_at_launch:  # the launcher checks it with the world size known
             raise ValueError(expert_layout_problem(moe.num_experts, ep))
-        if self.train.precision == "fp16":
-            raise ValueError("model.moe with train.precision fp16: the router's loss terms have no loss scaling; "
-                             "use precision bf16")
         pipeline = self.parallel.pipeline
         if pipeline.stages > 1 and pipeline.schedule == "zero_bubble":
             raise ValueError("model.moe with parallel.pipeline.schedule zero_bubble: its split backward defers the "
@@ -359,14 +364,6 @@ class Recipe(Section):
                                   *((kv_heads(model), "model.ffn_hidden") if model.arch == "llama" else ()))
         except RecipeError as exc:
             raise ValueError(str(exc)) from None  # worded as every other recipe error, with its source
-        tp, key = parallel.tensor_parallel, "parallel.tensor_parallel"
-        if tp == 1:
-            return
-        # What the worker does not run with tensor parallelism yet: refused, never silently ignored.
-        # (ZeRO 1/2/3 run with it: each tp rank shards its pieces over its dp group; so do pipelines.)
-        if self.train.precision == "fp16":  # each tp rank would decide on its own pieces' overflow
-            raise ValueError(f"{key} with train.precision fp16: a loss-scale overflow in one rank's piece would "
-                             "have to skip the step on every tp rank; use precision bf16 or fp32")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -165,6 +165,8 @@ def main(argv=None) -> None:
             "train_s": result.train_s,
             "checkpoint": result.checkpoint,
             "skipped_steps": result.skipped_steps,
+            **({"overflow_steps": result.overflow_steps, "loss_scale": result.loss_scale}
+               if result.loss_scale is not None else {}),  # fp16
             "checkpoint_stall_s": result.checkpoint_stall_s,
             "means": run_means(log.records),  # this launch's: step time and shares depend on the layout
         }

@@ -250,7 +250,6 @@ def test_partitions():
          "model.n_layers=6"], "split evenly into 2 ranks x 2 virtual stages"),
     (2, ["parallel.pipeline.stages=2", "parallel.pipeline.partition=[1,2]", "model.n_layers=4"], "adding up to model.n_layers 4"),
     (2, ["parallel.pipeline.stages=2", "parallel.pipeline.virtual_stages=2"], "goes with schedule interleaved"),
-    (2, ["parallel.pipeline.stages=2", "train.precision=fp16"], "use precision bf16"),
     (2, ["parallel.pipeline.stages=2", "parallel.pipeline.schedule=zero_bubble", "train.activation_checkpointing=true"],
      "activation checkpointing and torch.compile would bypass"),
 ])

@@ -1,6 +1,5 @@
-"""Tensor parallelism in the worker: a fused q/k/v piece's place in the whole tensor, what TP
-does not run with yet refused before launch, and real runs through `sdtrain launch` against
-the one-process run of the same recipe."""
+"""Tensor parallelism in the worker: a fused q/k/v piece's place in the whole tensor, and real
+runs through `sdtrain launch` against the one-process run of the same recipe."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, launch_run, losses, merge, metrics, sdtrain
+from conftest import TINY, launch_run, losses, merge, metrics
 from sdtrain.parallel.placement import AxisShard, Placement
 from sdtrain.parallel.tensor_parallel import tp_piece
 from sdtrain.parallel.tp_volume import tp_step_bytes
@@ -45,23 +44,6 @@ def test_a_box_of_a_qkv_piece_splits_into_one_box_per_part_of_the_whole():
 def test_a_box_of_a_piece_cut_once_is_one_box():
     placement = Placement(shards=(AxisShard("tp", 1, 8, 4),))
     assert placement.whole_boxes((0, 1), (3, 2)) == [((0, 5), (0, 0), (3, 2))]
-
-
-# --- what TP does not run with yet: exit 2 before anything starts ----------------------------
-
-
-@pytest.mark.parametrize("overrides, expected", [
-    (["train.precision=fp16"], "parallel.tensor_parallel with train.precision fp16"),
-])
-def test_what_tp_does_not_run_with_yet_exits_2(write_recipe, tmp_path, overrides, expected):
-    args = ["launch", write_recipe(), "--run-dir", tmp_path / "run", "--nproc-per-node", 4,
-            "--set", "parallel.tensor_parallel=2"]
-    for override in overrides:
-        args += ["--set", override]
-    result = sdtrain(*args)
-    assert result.returncode == 2, result.stderr
-    assert expected in result.stderr
-    assert not (tmp_path / "run").exists()
 
 
 # --- real runs against one process ----------------------------------------------------------

@@ -1,6 +1,8 @@
 """ZeRO stage 0: plain data parallelism with DDP semantics. Every rank holds all weights,
 gradients and optimizer state; gradients are averaged by DDP in buckets that overlap
-backward. fp16 gets dynamic loss scaling here (the ZeRO stages run bf16 or fp32).
+backward. fp16's loss scaling is the one every strategy uses (loss_scale.py): torch's
+GradScaler costs the same here (one unscale kernel and one sync per step) but decides on each
+rank's own gradients, which under pipelining or tensor parallelism are not the whole model.
 
 With tensor parallelism "all weights" are those of the rank's tp piece (whole norms and
 position embedding beside its slices): DDP averages over the replicas of the same tp rank
@@ -20,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sdtrain.parallel.ddp_buckets import settle_buckets
 from sdtrain.parallel.expert_parallel import after_step, balancer_state, moe_metrics, rank_local_buffers
+from sdtrain.parallel.loss_scale import loss_scaler_for
 from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.placement import Placement, Placements, axis_groups, axis_sizes, squares_over_axes
 from sdtrain.parallel.strategy import (
@@ -80,20 +83,13 @@ class DataParallel(Strategy):
         self.optimizer = adamw([p for p in params if decays(p)], [p for p in params if not decays(p)], train, env.device)
         for p in params:
             init_adam_state(self.optimizer, p, {m: torch.zeros_like(p) for m in ADAM_MOMENTS})
-        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=train.precision == "fp16")
+        self.loss_scaler = loss_scaler_for(train, env.device, self.plain, predivide=env.dp_size)
 
     def micro_batch(self, is_last: bool):
         """Skip DDP's all-reduce on every micro-batch but the last of a step."""
         if is_last or not isinstance(self.model, DistributedDataParallel):
             return contextlib.nullcontext()
         return self.model.no_sync()
-
-    def backward(self, loss: torch.Tensor, grad: torch.Tensor | None = None) -> None:
-        if grad is None:
-            self.scaler.scale(loss).backward()
-        else:  # a pipeline chunk's output and the gradient its next chunk sent back
-            loss.backward(grad)
 
     def step(self, lr: float, grad_clip: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
@@ -105,14 +101,15 @@ class DataParallel(Strategy):
         for group, params in self.replicated.items():
             if params and sizes[group] > 1 and (group != "dp" or self.average_in_step):
                 self._average_grads(params, groups[group])
-        self.scaler.unscale_(self.optimizer)
+        if self.loss_scaler is not None and self.loss_scaler.unscale([p.grad for _, p in self.named], predivided=True):
+            self.optimizer.zero_grad(set_to_none=False)  # an overflow on some rank: every rank skips
+            return torch.tensor(float("inf"), device=self.env.device)
         if self.env.pp_size > 1 or len(self.sharded) > 1:
             norm = self._clip_over_pipeline(grad_clip)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.plain.parameters(), grad_clip or float("inf"), foreach=True)
         if self.update_allowed(norm):
-            self.scaler.step(self.optimizer)
-        self.scaler.update()
+            self.optimizer.step()
         # Keep the gradient tensors (with DDP they are views of its buckets, which stay
         # allocated anyway): the memory is then visible to state_bytes().
         self.optimizer.zero_grad(set_to_none=False)
@@ -195,13 +192,6 @@ class DataParallel(Strategy):
         step = self.optimizer.state[self.named[0][1]]["step"]
         for _, p in self.named:
             self.optimizer.state[p]["step"] = step.clone()
-
-    def extra_state(self) -> dict:
-        return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
-
-    def load_extra_state(self, state: dict) -> None:
-        if "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
 
     def comm_bytes(self) -> dict[str, int]:
         counted, self.comm_counted = self.comm_counted, 0

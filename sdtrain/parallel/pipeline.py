@@ -108,7 +108,7 @@ class Pipeline(Strategy):
             if chunk == self.chunks - 1:
                 loss = self.inner.plain.loss(y, micro_batches[m][1])
                 self.loss_sum += loss.detach().float()
-                y = loss / len(micro_batches)  # backward starts here: the gradient of the mean over M
+                y = self.inner.scaled(loss / len(micro_batches))  # backward starts here: the mean over M
         records = self.split.stop_recording() if recording else None
         self.busy_s += time.perf_counter() - started
         self.saved[chunk, m] = (x, y, records)
@@ -174,6 +174,11 @@ class Pipeline(Strategy):
             value.zero_()
         dist.all_reduce(value)
         return value.item() / (self.env.dp_size * self.env.tp_size)
+
+    @property
+    def loss_scaler(self):
+        """fp16: the stage's replicas' scaler; its overflow flag is reduced over every stage."""
+        return self.inner.loss_scaler
 
     def gate_updates(self, gate) -> None:
         self.inner.gate_updates(gate)  # the replicas' step holds the global norm

@@ -37,6 +37,11 @@ def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
 class Strategy:
     model: nn.Module  # what forward runs through (maybe wrapped, e.g. by DDP)
     env: object  # DistEnv
+    loss_scaler = None  # fp16's LossScaler (loss_scale.py): the loss is scaled, the step unscales
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss backward starts from: times the loss scale under fp16."""
+        return loss if self.loss_scaler is None else self.loss_scaler.scaled(loss)
 
     @property
     def plain(self) -> nn.Module:
@@ -52,7 +57,7 @@ class Strategy:
             with self.micro_batch(is_last=i == len(micro_batches) - 1):
                 with autocast():
                     loss = self.plain.loss(self.model(inputs), targets)
-                self.backward(loss / len(micro_batches))
+                self.backward(self.scaled(loss / len(micro_batches)))
             total += loss.detach()
         return total
 
@@ -114,10 +119,11 @@ class Strategy:
         """Propagate freshly loaded master state to whatever the forward pass reads."""
 
     def extra_state(self) -> dict:
-        return {}
+        return {"loss_scale": self.loss_scaler.state_dict()} if self.loss_scaler is not None else {}
 
     def load_extra_state(self, state: dict) -> None:
-        pass
+        if self.loss_scaler is not None:
+            self.loss_scaler.load_extra_state(state)
 
     def state_bytes(self) -> dict[str, int]:
         """Model-state bytes this rank holds, counted from the tensors: params, grads, optimizer."""

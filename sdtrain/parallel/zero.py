@@ -31,6 +31,7 @@ import torch.nn as nn
 from sdtrain.parallel.comm import Comm
 from sdtrain.parallel.expert_parallel import after_step, balancer_state, moe_layers, moe_metrics
 from sdtrain.parallel.flat_unit import FlatUnit
+from sdtrain.parallel.loss_scale import loss_scaler_for
 from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.placement import DENSE, Placements, axis_groups, squares_over_axes
 from sdtrain.parallel.strategy import ADAM_MOMENTS, Strategy, clip_coefficient, tensor_bytes
@@ -59,7 +60,8 @@ class Zero(Strategy):
         self.tp_plan = tp_plan
         self.tp_traffic = TpTraffic(tp_plan) if tp_plan is not None else None
         self.env, self.model = env, model
-        self.param_dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
+        # bf16 and fp16 compute in their own dtype beside fp32 master shards (zero_units.py)
+        self.param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision, torch.float32)
         self.comm = Comm(env.dp_group, overlap=cfg.overlap_comm)
         # Each group a parameter is replicated over shards it: "dp", and under expert
         # parallelism "edp" for the experts (the ranks holding the same ones).
@@ -77,6 +79,10 @@ class Zero(Strategy):
             if layer.balancer is not None:
                 layer.balancer.float()  # its bias moves in steps of 1e-3: fp32
         self.optimizer = build_optimizer(self.units, train, env.device)
+        # fp16: backward starts from scale / dp and each reduced average is multiplied back by
+        # dp, so every fp16 sum holds what one process's would (loss_scale.py)
+        self.loss_scaler = loss_scaler_for(train, env.device, model, predivide=env.dp_size)
+        self.reduced_factor = env.dp_size if self.loss_scaler is not None else 1
         self.pending: list = []  # in-flight reduce-scatters: (work, result, unit)
         self.in_last_micro_batch = False  # stage 1: this backward makes the step's final gradients
         self.spare_grad_buffers: list[torch.Tensor] = []  # stages 2/3: see _whole_grad_buffer
@@ -172,7 +178,7 @@ class Zero(Strategy):
     def _finish(self, work, result: torch.Tensor, unit: FlatUnit) -> None:
         if work is not None:
             work.wait()
-        unit.grad_shard += result
+        unit.grad_shard.add_(result, alpha=self.reduced_factor)
         if self.stage >= 2:  # stage 1 keeps its whole-gradient buffer for the next step
             if len(self.spare_grad_buffers) <= MAX_REDUCE_SCATTERS_IN_FLIGHT:
                 self.spare_grad_buffers.append(unit.grad_full)
@@ -192,6 +198,9 @@ class Zero(Strategy):
         if self.tp_traffic is not None:
             self.tp_traffic.stepped()
         grads = [u.grad_shard.float() if self.param_dtype != torch.float32 else u.grad_shard for u in self.units]
+        if self.loss_scaler is not None and self.loss_scaler.unscale(grads):  # fp16: the shards, in fp32
+            self._clear_grads()  # an overflow on some rank: every rank skips
+            return torch.tensor(float("inf"), device=self.env.device)
         # each weight once: its shards' squares over the group sharding it, then (a weight
         # sharded over axes, e.g. experts over ep) the pieces' over those axes
         partial = [(axes, self._squares([g for u, g in zip(self.units, grads) if u.reduction == (group, axes)],
@@ -241,7 +250,8 @@ class Zero(Strategy):
             return
         lo, hi = max(e.offset, unit.shard_start), min(e.offset + e.numel, unit.shard_start + unit.shard_size)
         if lo < hi:
-            unit.grad_shard[lo - unit.shard_start : hi - unit.shard_start] += grad.reshape(-1)[lo - e.offset : hi - e.offset]
+            part = grad.reshape(-1)[lo - e.offset : hi - e.offset]
+            unit.grad_shard[lo - unit.shard_start : hi - unit.shard_start].add_(part, alpha=self.reduced_factor)
 
     def full_weight(self, param: torch.Tensor) -> torch.Tensor:
         """param's whole current value (stage 3 gathers it for the moment)."""

@@ -80,6 +80,9 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
     for key, label, percent in RUN_MEANS:
         if key in means:
             rows.append((label, f"{100 * means[key]:.1f}% (mean)" if percent else f"{means[key]:.3f} s (mean)"))
+    if summary.get("loss_scale") is not None:  # fp16
+        rows.append(("fp16 loss scale", f"{summary['loss_scale']:g} at the end; "
+                                        f"{summary['overflow_steps']} step(s) skipped for an overflow"))
     rows += [
         ("peak memory / rank", ", ".join(f"{m:.2f}" for m in summary["peak_mem_gib"]) + " GiB"),
         ("train time", f"{summary['train_s']:.1f} s"),

@@ -40,6 +40,8 @@ class TrainResult:
     train_s: float = 0.0
     checkpoint: str | None = None
     skipped_steps: int = 0  # updates dropped for a non-finite loss or gradient norm (on_nonfinite skip)
+    overflow_steps: int = 0  # fp16: updates dropped for a gradient overflow (the loss scaler's, whole run)
+    loss_scale: float | None = None  # fp16: the scale after the last step
     preempted: bool = False  # stopped early at a preemption request, after saving a checkpoint
     checkpoint_stall_s: list = field(default_factory=list)  # per save: how long training stood still
 
@@ -88,7 +90,8 @@ class Trainer:
             loss_sum = self.strategy.forward_backward(micro_batches, self.autocast)
         if self.guard is not None:
             self.guard.begin(step, loss_sum)
-        grad_norm = self.strategy.step(lr_at(step, self.recipe.train), self.recipe.train.grad_clip)
+        self.step_lr = self.lr(step)
+        grad_norm = self.strategy.step(self.step_lr, self.recipe.train.grad_clip)
         if self.guard is not None:
             self.guard.after_step(grad_norm)
         self.heap.after_step()
@@ -128,7 +131,7 @@ class Trainer:
                 record = {
                     "step": done,
                     "loss": loss_value,
-                    "lr": lr_at(step, train),
+                    "lr": self.step_lr,
                     "grad_norm": grad_norm.item(),
                     "step_s": round(elapsed / interval_steps, 4),
                     "tokens_per_s": tokens_per_s,
@@ -139,6 +142,8 @@ class Trainer:
                 record.update(self.strategy.log_metrics(record["mem_gib"]))
                 if self.guard is not None and self.guard.skipped:
                     record["skipped_steps"] = self.guard.skipped
+                if (scaler := self.strategy.loss_scaler) is not None:
+                    record.update(loss_scale=scaler.scale, overflow_steps=scaler.skipped)
                 if self.heap.trims:
                     record["heap_trims"] = self.heap.trims
                 result.final_loss = loss_value
@@ -158,11 +163,19 @@ class Trainer:
                 result.preempted = True
                 break
         result.skipped_steps = self.guard.skipped if self.guard is not None else 0
+        if (scaler := self.strategy.loss_scaler) is not None:
+            result.overflow_steps, result.loss_scale = scaler.skipped, scaler.scale
         self.checkpointer.finish()  # an async save completes before the run ends
         self.strategy.finish()
         steps_run = result.last_step - first_step
         result.tokens_per_s = steps_run * self.tokens_per_step / result.train_s if result.train_s else 0.0
         return result
+
+    def lr(self, step: int) -> float:
+        """The schedule's learning rate for global batch `step`: under fp16 the schedule does
+        not advance on steps skipped for an overflow (as DeepSpeed's lr scheduler)."""
+        scaler = self.strategy.loss_scaler
+        return lr_at(step - (scaler.skipped if scaler is not None else 0), self.recipe.train)
 
     def save_checkpoint(self, done: int, result: TrainResult) -> float:
         """Save at step `done`; returns how long training stood still for it."""
