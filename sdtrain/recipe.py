@@ -68,6 +68,23 @@ class MoEConfig(Section):
         return self
 
 
+class RopeScalingConfig(Section):
+    rope_type: Literal["llama3"] = Field("llama3", description="Llama 3's scaling (Llama 3.1 and 3.2 use it)")
+    factor: float = Field(8.0, ge=1.0, description="the long wavelengths are slowed down by this")
+    low_freq_factor: float = Field(1.0, gt=0.0, description=(
+        "wavelengths past original_max_position_embeddings / this are scaled"))
+    high_freq_factor: float = Field(4.0, gt=0.0, description=(
+        "wavelengths below original_max_position_embeddings / this are left alone; between: interpolated"))
+    original_max_position_embeddings: int = Field(8192, ge=1, description="the context of the first training")
+
+    @model_validator(mode="after")
+    def _factors_ordered(self):
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"high_freq_factor {self.high_freq_factor} must exceed low_freq_factor "
+                             f"{self.low_freq_factor}")
+        return self
+
+
 class ModelConfig(Section):
     n_layers: int = Field(4, ge=1, description="Transformer blocks")
     d_model: int = Field(128, ge=8, description="width of the residual stream")
@@ -85,6 +102,8 @@ class ModelConfig(Section):
     n_kv_heads: Optional[int] = Field(None, ge=1, description=(
         "llama: key/value heads, dividing n_heads (1: multi-query); null: n_heads"))
     rope_theta: Optional[float] = Field(None, gt=0.0, description="llama: the rotary embedding's base; null: 10000")
+    rope_scaling: Optional[RopeScalingConfig] = Field(None, description=(
+        "llama: Llama 3's scaling of the rotary embedding's long wavelengths (`rope_type: llama3`); null: none"))
     ffn_hidden: Optional[int] = Field(None, ge=1, description=(
         "llama: the SwiGLU MLP's hidden width; null: 8/3 x d_model rounded up to a multiple of 256 (LLaMA's)"))
     tie_embeddings: Optional[bool] = Field(None, description=(

@@ -24,7 +24,8 @@ def arch_problem(model) -> str | None:
         if kv is not None and kv != heads:
             return (f"n_kv_heads {kv} with arch gpt2: GPT-2's attention has one key/value head per query head; "
                     "remove n_kv_heads, or set arch llama for grouped-query attention")
-        for key, instead in (("rope_theta", "GPT-2 learns its positions"), ("ffn_hidden", "use mlp_ratio")):
+        for key, instead in (("rope_theta", "GPT-2 learns its positions"), ("rope_scaling", "GPT-2 learns its positions"),
+                             ("ffn_hidden", "use mlp_ratio")):
             if getattr(model, key) is not None:
                 return f"{key} is a llama setting and arch is gpt2 ({instead}); remove it, or set arch llama"
         if model.activation != "gelu" and model.moe.num_experts:
@@ -54,7 +55,7 @@ def arch_defaults(model) -> dict:
 
 
 
-LATER_KEYS = ("arch", "n_kv_heads", "rope_theta", "ffn_hidden", "tie_embeddings", "norm_eps")
+LATER_KEYS = ("arch", "n_kv_heads", "rope_theta", "rope_scaling", "ffn_hidden", "tie_embeddings", "norm_eps")
 
 
 def resolved_saved_model(model: dict) -> dict:

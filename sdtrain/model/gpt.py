@@ -25,6 +25,7 @@ from sdtrain.model.chunked_loss import chunked_cross_entropy
 from sdtrain.model.kv_cache import KVCache, LayerCache
 from sdtrain.model.llama import LlamaBlock
 from sdtrain.model.moe.layer import MoEMLP, MoESettings
+from sdtrain.model.rope_scaling import RopeScaling
 from sdtrain.model.size import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, has_bias, kv_heads, mlp_width, ties_embeddings
 
 NORMS = (nn.LayerNorm, nn.RMSNorm)
@@ -44,6 +45,7 @@ class GPTConfig:
     arch: str = "gpt2"  # gpt2 | llama
     n_kv_heads: int | None = None  # None: n_heads (llama's grouped-query attention)
     rope_theta: float | None = None  # llama's rotary base; None: 10000
+    rope_scaling: RopeScaling | None = None  # llama: Llama 3's scaling of the long wavelengths (rope_scaling.py)
     ffn_hidden: int | None = None  # llama's SwiGLU width; None: LLaMA's rounding of 8/3 d
     tie_embeddings: bool | None = None  # None: true for gpt2, false for llama
     norm_eps: float | None = None  # None: 1e-5
@@ -57,6 +59,7 @@ class GPTConfig:
                     "norm_eps": self.norm_eps or DEFAULT_NORM_EPS}
         if self.arch == "llama":
             resolved.update(ffn_hidden=mlp_width(self), rope_theta=self.rope_theta or DEFAULT_ROPE_THETA)
+        resolved["rope_scaling"] = RopeScaling.of(self.rope_scaling)  # a recipe's section, read once
         for key, value in resolved.items():
             object.__setattr__(self, key, value)
         # The recipe's model section gives its MoE settings as fields (a dict, or a JSON

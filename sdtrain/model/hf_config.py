@@ -26,6 +26,8 @@ from sdtrain.model.size import (DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, arch_of, h
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
 CONFIG = "config.json"
+LLAMA3_SCALING = {"factor": float, "low_freq_factor": float, "high_freq_factor": float,
+                  "original_max_position_embeddings": int}
 # transformers' names of GPT-2's activations -> model.activation (the three tanh forms are one formula)
 GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 WHAT = "a transformers config.json"
@@ -98,8 +100,19 @@ def _llama_keys(c: ConfigReader) -> list[tuple[str, object, str]]:
     c.refuse_unless(c.config.get("sliding_window") is None, "sliding_window attention is set")
     # transformers 5 writes rope_parameters, 4 rope_theta and rope_scaling
     rope = c.config.get("rope_parameters") or c.config.get("rope_scaling") or {}
-    c.refuse_unless(isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) == "default",
-                    f"rope scaling {printable(rope)[:60]} (sdtrain's RoPE is the default, unscaled one)")
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else None
+    c.refuse_unless(kind in ("default", "llama3"), f"rope scaling {printable(rope)[:60]} (sdtrain's RoPE is the "
+                                                   f"default one or Llama 3's, rope_type llama3)")
+    scaling = None
+    if kind == "llama3":
+        scaling = {"rope_type": "llama3"}
+        for key, kind_of in LLAMA3_SCALING.items():
+            value = rope.get(key)
+            value = float(value) if kind_of is float and type(value) is int else value
+            if type(value) is not kind_of or not math.isfinite(value) or value <= 0:
+                raise HFFolderError(f"{c.where}: llama3 rope scaling's {key} is {printable(value)[:40]!r}; "
+                                    f"expected a positive {kind_of.__name__}")
+            scaling[key] = value
     theta = rope.get("rope_theta", c.config.get("rope_theta", 10000.0))
     theta = float(theta) if type(theta) is int else theta
     if type(theta) is not float or not math.isfinite(theta) or theta <= 0:
@@ -110,7 +123,8 @@ def _llama_keys(c: ConfigReader) -> list[tuple[str, object, str]]:
             ("vocab_size", c.take("vocab_size"), "vocab_size"),
             ("seq_len", c.take("max_position_embeddings"), "max_position_embeddings"),
             ("ffn_hidden", c.take("intermediate_size"), "intermediate_size"), ("bias", False, "attention_bias"),
-            ("rope_theta", theta, "rope_theta"), ("norm_eps", c.take("rms_norm_eps", 1e-6, float), "rms_norm_eps"),
+            ("rope_theta", theta, "rope_theta"), ("rope_scaling", scaling, "rope_parameters"),
+            ("norm_eps", c.take("rms_norm_eps", 1e-6, float), "rms_norm_eps"),
             ("tie_embeddings", c.take("tie_word_embeddings", False, bool), "tie_word_embeddings")]
     if c.config["model_type"] == "mixtral":
         keys += [("moe.num_experts", c.take("num_local_experts"), "num_local_experts"),
@@ -138,7 +152,7 @@ def model_section(folder: str | Path) -> tuple[dict, dict[str, str]]:
 # others config.json suggests (seq_len up to its positions, moe.drop_tokens, the aux loss's
 # weight) are training choices the recipe keeps.
 CHECKED = ("arch", "n_layers", "d_model", "n_heads", "n_kv_heads", "vocab_size", "mlp_ratio", "activation", "ffn_hidden",
-           "bias", "rope_theta", "norm_eps", "tie_embeddings", "moe.num_experts", "moe.top_k", "moe.every_n_layers")
+           "bias", "rope_theta", "rope_scaling", "norm_eps", "tie_embeddings", "moe.num_experts", "moe.top_k", "moe.every_n_layers")
 
 
 def resolved(model, key: str):
@@ -152,9 +166,17 @@ def resolved(model, key: str):
     rules = {"arch": arch_of, "n_kv_heads": kv_heads, "tie_embeddings": ties_embeddings, "bias": has_bias,
              "norm_eps": lambda m: getattr(m, "norm_eps", None) or DEFAULT_NORM_EPS,
              "activation": lambda m: getattr(m, "activation", None) or "gelu",  # a section older than the key
+             "rope_scaling": lambda m: _as_dict(getattr(m, "rope_scaling", None)),
              "ffn_hidden": lambda m: mlp_width(m) if is_llama(m) else None,
              "rope_theta": lambda m: (getattr(m, "rope_theta", None) or DEFAULT_ROPE_THETA) if is_llama(m) else None}
     return rules[key](model) if key in rules else getattr(model, key, None)
+
+
+def _as_dict(value) -> dict | None:
+    """A rope_scaling as a dict, whether a recipe's section, GPTConfig's dataclass or a dict."""
+    if value is None or isinstance(value, dict):
+        return value
+    return value.model_dump() if hasattr(value, "model_dump") else value.as_dict()
 
 
 def check_init_from(model) -> None:
@@ -237,7 +259,10 @@ def hf_config(model: dict, dtype: str = "float32") -> dict:
               "max_position_embeddings": get("seq_len"), "hidden_act": "silu", "rms_norm_eps": get("norm_eps"),
               "attention_bias": False, "mlp_bias": False, "attention_dropout": get("dropout") or 0.0,
               # both spellings: transformers 5 reads rope_parameters, 4 reads rope_theta
-              "rope_theta": get("rope_theta"), "rope_parameters": {"rope_type": "default", "rope_theta": get("rope_theta")}}
+              "rope_theta": get("rope_theta"),
+              "rope_parameters": {"rope_type": "default", **(get("rope_scaling") or {}), "rope_theta": get("rope_theta")}}
+    if get("rope_scaling"):
+        config["rope_scaling"] = get("rope_scaling")
     if model_type == "mixtral":
         config.update(num_local_experts=get("moe.num_experts"), num_experts_per_tok=get("moe.top_k"),
                       router_aux_loss_coef=get("moe.aux_loss_coef"), router_jitter_noise=0.0, sliding_window=None,

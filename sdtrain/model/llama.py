@@ -20,12 +20,16 @@ import torch.nn.functional as F
 
 from sdtrain.model.kv_cache import LayerCache
 from sdtrain.model.moe.layer import MoEMLP
+from sdtrain.model.rope_scaling import RopeScaling, scaled_inv_freq
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
+                scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, [len(positions), head_dim], in float32, for the global `positions` of
-    the tokens (a token's place in the whole sequence)."""
+    the tokens (a token's place in the whole sequence); `scaling`: Llama 3's (rope_scaling.py)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    if scaling is not None:
+        inv_freq = scaled_inv_freq(inv_freq, scaling)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)  # channel j and j + head_dim/2 share a frequency
     return angles.cos(), angles.sin()
@@ -48,15 +52,16 @@ class RotaryTables:
     model built on the meta device (ZeRO) has no values to keep, and a table is cheaper to
     make than to checkpoint. A position's row does not depend on the table's length."""
 
-    def __init__(self, head_dim: int, theta: float):
-        self.head_dim, self.theta = head_dim, theta
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None = None):
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         self.made: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         made = self.made.get(device)
         if made is None or made[0].size(0) < end:
             with torch.inference_mode(False):  # made under an eval's inference mode, still usable in training
-                made = self.made[device] = rope_tables(torch.arange(end, device=device), self.head_dim, self.theta)
+                made = self.made[device] = rope_tables(torch.arange(end, device=device), self.head_dim, self.theta,
+                                                         self.scaling)
         return made[0][start:end], made[1][start:end]
 
 
@@ -69,7 +74,7 @@ class LlamaAttention(nn.Module):
         self.k = nn.Linear(cfg.d_model, cfg.n_kv_heads * head_dim, bias=False)
         self.v = nn.Linear(cfg.d_model, cfg.n_kv_heads * head_dim, bias=False)
         self.proj = nn.Linear(cfg.n_heads * head_dim, cfg.d_model, bias=False)
-        self.rotary = RotaryTables(head_dim, cfg.rope_theta)
+        self.rotary = RotaryTables(head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
