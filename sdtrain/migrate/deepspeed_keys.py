@@ -127,15 +127,12 @@ CHECKPOINTING_SAME_NUMBERS = {
     "profile": "timing printout",
 }
 
-# Inside fp16: DeepSpeed's dynamic loss scaler against torch's GradScaler, which sdtrain uses
-# (starts at 2^16, halves on an overflow, doubles after 2000 steps without one). Dynamic
-# scaling skips the steps that overflow either way; these settings only move which early
-# steps that is, so they are listed but do not stop the import.
+# Inside fp16, beside the loss-scaler keys train.loss_scale takes (deepspeed_precision.py):
+# what sdtrain's scaler does not do. Dynamic scaling skips the steps that overflow either way;
+# these only move which steps that is, so they are listed but do not stop the import.
 FP16_SCALER = {
-    "loss_scale_window": "steps without overflow before the scale grows: sdtrain's GradScaler waits 2000",
-    "hysteresis": "overflows tolerated before the scale drops: sdtrain's GradScaler drops at the first",
-    "consecutive_hysteresis": "sdtrain's GradScaler drops at every overflow",
-    "min_loss_scale": "sdtrain's GradScaler has no floor",
+    "consecutive_hysteresis": "true: sdtrain's scaler restores its chances only when the scale doubles "
+                              "(DeepSpeed's default, false)",
     "auto_cast": "sdtrain's fp16 autocasts the forward pass always",
     "fp16_master_weights_and_grads": "sdtrain keeps fp32 weights under fp16 autocast",
 }

@@ -1,10 +1,10 @@
 """DeepSpeed's `bf16` / `fp16` sections -> `train.precision`, and an account of their sub-keys.
 
-The precision is decided once, before anything is listed, so each key lands in one list: fp16
-is carried over where sdtrain has it (no ZeRO, pipeline or experts); with those it is not
-carried over and the recipe trains in bf16 (sdtrain scales no loss across shards or stages);
-and a `--set train.precision` decides over both, so it also settles the refusal. Sub-keys of a
-section that is not carried over are listed as such, never as carried.
+The precision is decided once, before anything is listed, so each key lands in one list; a
+`--set train.precision` decides over the config. fp16 is carried over with every layout
+(sdtrain's loss scaler covers ZeRO, pipelines and experts), and its loss-scaler keys map onto
+train.loss_scale (DeepSpeed's rule, the same knobs). Sub-keys of a section that is not carried
+over are listed as such, never as carried.
 """
 
 from __future__ import annotations
@@ -14,6 +14,13 @@ from sdtrain.migrate.deepspeed_values import AUTO, Converter
 
 SECTIONS = ("bf16", "bfloat16", "fp16")
 BF16_IMPLEMENTATION = ("immediate_grad_update", "check_grad_overflow", "check_overflow")
+# DeepSpeed's fp16 loss-scaler keys -> (train.loss_scale key, least value, note): the same rule
+FP16_SCALER_KEYS = {
+    "initial_scale_power": ("train.loss_scale.initial_scale_power", 0, "the scale starts at 2^this"),
+    "loss_scale_window": ("train.loss_scale.window", 1, "good steps before the scale doubles"),
+    "hysteresis": ("train.loss_scale.hysteresis", 1, "overflows before the scale halves"),
+    "min_loss_scale": ("train.loss_scale.min_scale", 0, "the scale's floor"),
+}
 # bf16 settings whose DeepSpeed default (false) is what sdtrain does; true keeps that state in
 # bf16 instead of fp32, which changes what a step computes. A default written out changes nothing.
 BF16_FP32_STATE = {
@@ -41,12 +48,6 @@ def convert_precision(c: Converter, config: dict, wanted: dict) -> str:
     if chosen and asked is not None and asked != found:
         c.drop(f"{chosen[0]}.enabled", f"true; --set train.precision={asked} chooses instead")
         precision, carried = asked, False
-    elif found == "fp16" and asked is None and (blocker := fp16_blocker(config, wanted)):
-        c.drop("fp16.enabled", f"true, with {blocker}: sdtrain has fp16 only without ZeRO, pipeline or experts (it "
-               "scales no loss across shards or stages); the recipe trains in bf16 instead "
-               "(--set train.precision=bf16 or fp32 chooses and settles this)", numerics=True)
-        c.substitute("train.precision", "bf16")
-        precision, carried = "bf16", False
     elif chosen:
         c.put("train.precision", found, f"{chosen[0]}.enabled",
               "autocast with dynamic loss scaling" if found == "fp16" else "bf16 compute, fp32 master weights under ZeRO")
@@ -64,23 +65,6 @@ def convert_precision(c: Converter, config: dict, wanted: dict) -> str:
     return asked if asked in ("fp32", "bf16", "fp16") else precision
 
 
-def fp16_blocker(config: dict, wanted: dict) -> str:
-    """What in this layout sdtrain's fp16 cannot run with, in words; '' if nothing.
-    Read leniently: the zero and pipeline converters check the values' types themselves."""
-    zero = config.get("zero_optimization", {})
-    stage = lookup(wanted, "parallel.zero_stage", zero.get("stage", 0) if isinstance(zero, dict) else zero)
-    stages = lookup(wanted, "parallel.pipeline.stages",
-                    config["pipeline"].get("stages", 1) if isinstance(config.get("pipeline"), dict) else 1)
-    experts = lookup(wanted, "model.moe.num_experts", 0)
-    if _whole(stage) >= 1:
-        return f"ZeRO stage {stage}"
-    if _whole(stages) > 1:
-        return f"{stages} pipeline stages"
-    if _whole(experts) > 0:
-        return f"{experts} experts"
-    return ""
-
-
 def lookup(tree: dict, dotted: str, default=None):
     node = tree
     for part in dotted.split("."):
@@ -88,10 +72,6 @@ def lookup(tree: dict, dotted: str, default=None):
             return default
         node = node[part]
     return node
-
-
-def _whole(value) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _live_key(c: Converter, section: str, key: str, value) -> None:
@@ -107,17 +87,20 @@ def _live_key(c: Converter, section: str, key: str, value) -> None:
                    numerics=True)
         else:
             c.drop(where, f"{value!r}: sdtrain's bf16 has no such setting", numerics=True)
+    elif value == AUTO and key in FP16_SCALER_KEYS:
+        c.unresolved(where, FP16_SCALER_KEYS[key][0], "the HF Trainer fills it in")
     elif key == "loss_scale":
-        if value in (0, 0.0):
-            c.carry_note(where, "0: dynamic loss scaling, as sdtrain's fp16")
+        scale = c.number(where, value, minimum=0)
+        if scale == 0:
+            c.carry_note(where, "0: dynamic loss scaling, as sdtrain's fp16 (train.loss_scale.static 0)")
         else:
-            c.drop(where, f"{value}: a static loss scale; sdtrain's fp16 scales dynamically (torch's GradScaler)", numerics=True)
-    elif key == "initial_scale_power":
-        if value == 16:
-            c.carry_note(where, "16: sdtrain's GradScaler starts at 2^16 too")
-        else:
-            c.drop(where, f"{value}: the scaler starts at 2^{value}; sdtrain's GradScaler starts at 2^16 (dynamic scaling "
-                   "skips the steps that overflow either way)")
+            c.put("train.loss_scale.static", scale, where, "a static loss scale (overflowing steps are still skipped)")
+    elif key in FP16_SCALER_KEYS:
+        target, minimum, note = FP16_SCALER_KEYS[key]
+        number = c.number(where, value, minimum) if key == "min_loss_scale" else c.integer(where, value, minimum)
+        c.put(target, number, where, note)
+    elif key == "consecutive_hysteresis" and value is False:
+        c.carry_note(where, "false (DeepSpeed's default): the chances come back when the scale doubles, as in sdtrain")
     elif key in keys.FP16_SCALER:
         c.drop(where, keys.FP16_SCALER[key])
     else:

@@ -65,6 +65,7 @@ class LossScaler:
         found = torch.zeros(1, dtype=torch.float32, device=self.device)
         factor = self.predivide if predivided else 1
         inverse = torch.full((1,), factor / self.scale, dtype=torch.float32, device=self.device)
+        _overflow_drill(grads, self.iteration)
         by_kind: dict[tuple, list[torch.Tensor]] = {}
         for g in grads:
             if g is not None:
@@ -131,6 +132,16 @@ class LossScaler:
 def loss_scaler_for(train, device: torch.device, model: nn.Module, predivide: int = 1) -> LossScaler | None:
     """The rank's scaler under fp16; None otherwise (bf16 has fp32's exponent range)."""
     return LossScaler(train.loss_scale, device, model, predivide) if train.precision == "fp16" else None
+
+
+def _overflow_drill(grads: list[torch.Tensor], step: int) -> None:
+    """SDTRAIN_INJECT_OVERFLOW (train/faults.py): an inf in this rank's gradients only."""
+    from sdtrain.train.faults import drill_fires
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    first = next((g for g in grads if g is not None and g.numel()), None)
+    if first is not None and drill_fires("SDTRAIN_INJECT_OVERFLOW", rank, step):
+        first.view(-1)[0] = float("inf")
 
 
 def _router_bases(model: nn.Module) -> list[tuple[nn.Module, float]]:

@@ -123,6 +123,9 @@ class Checkpointer:
             extra = torch.load(extra_file, weights_only=True)
             _restore_rng(extra)
             strategy.load_extra_state(extra)
+        elif (path / "rank0.extra.pt").exists():  # fp16's loss scale is the same on every rank: any rank's
+            extra = torch.load(path / "rank0.extra.pt", weights_only=True)
+            strategy.load_extra_state({key: extra[key] for key in ("loss_scale",) if key in extra})
         return int(info["step"])
 
     def _prune(self, keep_name: str) -> None:

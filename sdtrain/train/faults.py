@@ -4,6 +4,8 @@ SDTRAIN_INJECT_FAULT=RANK:STEP[@ATTEMPT],...  that rank raises at that step (0-b
                                               of the step, as train_step counts)
 SDTRAIN_INJECT_NAN=RANK:STEP[@ATTEMPT],...    that rank's loss at that step becomes NaN
 SDTRAIN_INJECT_HANG=RANK:STEP[@ATTEMPT],...   that rank sleeps for good at that step (hang_drill.py)
+SDTRAIN_INJECT_OVERFLOW=RANK:STEP[@ATTEMPT],... fp16: an inf in that rank's gradients as its loss
+                                              scaler receives them (reduced: no other rank sees it)
 SDTRAIN_INJECT_ADDRESS_LIMIT=RANK:BYTES        that rank gets an address-space limit BYTES above
                                               its start (memory_watch.py): out of memory, safely
 SDTRAIN_DUMP_WEIGHTS=1                        each rank logs a digest of its weights at the
@@ -25,7 +27,7 @@ import re
 from sdtrain.errors import UserInputError
 
 ATTEMPT_VARIABLE = "SDTRAIN_ATTEMPT"
-DRILLS = ("SDTRAIN_INJECT_FAULT", "SDTRAIN_INJECT_NAN", "SDTRAIN_INJECT_HANG")
+DRILLS = ("SDTRAIN_INJECT_FAULT", "SDTRAIN_INJECT_NAN", "SDTRAIN_INJECT_HANG", "SDTRAIN_INJECT_OVERFLOW")
 _ENTRY = re.compile(r"^\s*(\d+):(\d+)(?:@(\d+))?\s*$")
 ADDRESS_LIMIT = "SDTRAIN_INJECT_ADDRESS_LIMIT"
 _ADDRESS_LIMIT = re.compile(r"^\s*(\d+):(\d+)\s*$")
