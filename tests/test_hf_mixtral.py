@@ -81,7 +81,7 @@ def test_a_rank_holding_some_experts_reads_exactly_those(hf_mixtral, monkeypatch
     load_pretrained(part, hf_mixtral)
     opened = []
     original = HFWeights._entry
-    monkeypatch.setattr(HFWeights, "_entry", lambda self, name, shape: (opened.append(name), original(self, name, shape))[1])
+    monkeypatch.setattr(HFWeights, "_entry", lambda self, name, *rest: (opened.append(name), original(self, name, *rest))[1])
     for name, param in whole.named_parameters():
         if ".experts." in name:
             out = torch.empty((2, *param.shape[1:]))
