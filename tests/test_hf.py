@@ -354,5 +354,11 @@ def test_a_resumed_run_needs_neither_the_folder_nor_its_name(hf_gpt2, tmp_path):
     shutil.rmtree(folder)
     launch_run(tmp_path, "run", 1, recipe({"model": {"init_from": str(folder)}, "train": {"steps": 3, "warmup_steps": 0}}),
                "train.resume=auto")
-    launch_run(tmp_path, "run", 1, recipe({"train": {"steps": 4, "warmup_steps": 0}}), "train.resume=auto")
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_4"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_3"
+    from sdtrain.launch.resume_target import recipe_problems
+    from sdtrain.recipe import validate_recipe
+    from sdtrain.train.checkpoint_verify import verify_checkpoint
+
+    checkpoint = run / "checkpoints" / "step_3"
+    without = validate_recipe(recipe({"train": {"steps": 4, "warmup_steps": 0}}), source="test")
+    assert recipe_problems(without, checkpoint, verify_checkpoint(checkpoint)) == []
