@@ -117,6 +117,13 @@ def test_bad_loss_scale_settings_are_refused():
         validate_recipe(merge(TINY, {"train": {"loss_scale": {"scale_window": 10}}}))
 
 
+def test_a_plan_that_does_not_fit_is_offered_zero_under_fp16_too():
+    from sdtrain.estimate.suggest import candidate_changes
+
+    changes = candidate_changes(validate_recipe(merge(TINY, {"train": {"precision": "fp16"}})))
+    assert {"parallel.zero_stage": 1} in changes and {"parallel.zero_stage": 3} in changes
+
+
 # --- every strategy against one process ------------------------------------------------------
 
 

@@ -36,8 +36,7 @@ def candidate_changes(recipe) -> list[dict[str, object]]:
     tp = parallel.tensor_parallel
     if tp > 1 and not parallel.sequence_parallel and recipe.model.seq_len % tp == 0:
         changes.append({"parallel.sequence_parallel": True})  # the same traffic as all-gathers and reduce-scatters
-    if train.precision != "fp16":  # ZeRO keeps bf16 or fp32 weights
-        changes += [{"parallel.zero_stage": s} for s in range(parallel.zero_stage + 1, 4)]
+    changes += [{"parallel.zero_stage": s} for s in range(parallel.zero_stage + 1, 4)]
     if not train.activation_checkpointing and parallel.pipeline.schedule != "zero_bubble":
         changes.append({"train.activation_checkpointing": True})
     micro, accum = train.micro_batch_size or 1, train.grad_accum_steps or 1
