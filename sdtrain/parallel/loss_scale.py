@@ -42,8 +42,8 @@ class LossScaleError(RuntimeError):
 class LossScaler:
     def __init__(self, cfg, device: torch.device, model: nn.Module | None = None, predivide: int = 1):
         """`cfg`: the recipe's train.loss_scale; `model`: the rank's part, whose MoE layers'
-        router loss terms follow the scale; `predivide`: the number of ranks a reduction in
-        fp16 sums over (ZeRO's dp), which backward's start is divided by."""
+        router loss terms follow the scale; `predivide`: the data-parallel size N, which
+        backward's start is divided by (see above)."""
         self.predivide = predivide
         self.dynamic = not cfg.static
         self.scale = float(cfg.static or 2.0 ** cfg.initial_scale_power)
