@@ -148,6 +148,13 @@ def test_pipeline_matches_one_process(one_process, tmp_path):
     assert_same_run(one_process, launch(tmp_path, "pp2", 2, "parallel.pipeline.stages=2"))
 
 
+@pytest.mark.slow  # 4 ranks
+def test_pipeline_of_zero_replicas_matches_one_process(one_process_zero, tmp_path):
+    """The tied head's gradient reaches the embedding's reduced ZeRO-2 shard with the same factor."""
+    run_dir = launch(tmp_path, "pp2z2", 4, "parallel.pipeline.stages=2", "parallel.zero_stage=2")
+    assert_same_run(one_process_zero, run_dir)
+
+
 def test_expert_parallel_matches_one_process(tmp_path):
     moe = {"model": {"moe": {"num_experts": 4}}}
     reference = launch(tmp_path, "moe1", 1, recipe=moe)
