@@ -151,8 +151,10 @@ def test_zero_stage_matches_one_process(one_process_zero, tmp_path, stage):
     assert_same_run(one_process_zero, run_dir)
 
 
-def test_pipeline_matches_one_process(one_process, tmp_path):
-    assert_same_run(one_process, launch(tmp_path, "pp2", 2, "parallel.pipeline.stages=2"))
+@pytest.mark.parametrize("schedule", ["1f1b", "zero_bubble"])  # zero bubble: its split backward starts from the scaled loss
+def test_pipeline_matches_one_process(one_process, tmp_path, schedule):
+    run_dir = launch(tmp_path, "pp2", 2, "parallel.pipeline.stages=2", f"parallel.pipeline.schedule={schedule}")
+    assert_same_run(one_process, run_dir)
 
 
 @pytest.mark.slow  # 4 ranks
