@@ -9,7 +9,8 @@ ones an fp16 run meets, not planted ones. REL_TOL: the 2-rank losses measured wi
 one process (fp16 sums in another order), and 1e-3 would miss a real bug: Adam hardly sees a
 gradient unscaled by twice the factor (DDP unscaling without its pre-divide moved the loss by
 4.4e-4), while the gradient norm doubles; so the norms are held too, within NORM_TOL (measured:
-1.5e-4, and 2.8e-3 under tensor parallelism, whose fp16 pieces round apart). A step skipped on one rank and not the next moves the loss by 1e-2 and more."""
+1.5e-4, and 2.8e-3 under tensor parallelism, whose fp16 pieces round apart). A step skipped on
+one rank and not the next moves the loss by 1e-2 and more."""
 
 import json
 import shutil
@@ -151,7 +152,7 @@ def test_zero_stage_matches_one_process(one_process_zero, tmp_path, stage):
     assert_same_run(one_process_zero, run_dir)
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zero_bubble"])  # zero bubble: its split backward starts from the scaled loss
+@pytest.mark.parametrize("schedule", ["1f1b", "zero_bubble"])  # zero bubble: a split backward from the scaled loss
 def test_pipeline_matches_one_process(one_process, tmp_path, schedule):
     run_dir = launch(tmp_path, "pp2", 2, "parallel.pipeline.stages=2", f"parallel.pipeline.schedule={schedule}")
     assert_same_run(one_process, run_dir)
