@@ -132,6 +132,17 @@ def test_a_plan_that_does_not_fit_is_offered_zero_under_fp16_too():
     assert {"parallel.zero_stage": 1} in changes and {"parallel.zero_stage": 3} in changes
 
 
+def test_dry_run_counts_fp16_state_as_bf16s(write_recipe):
+    """Under ZeRO fp16 keeps 16-bit weights beside fp32 master shards, as bf16 does (K = 12)."""
+    per_rank = {}
+    for precision in ("bf16", "fp16", "fp32"):
+        recipe = write_recipe({"train": {"precision": precision}, "parallel": {"zero_stage": 2}})
+        result = sdtrain("launch", recipe, "--nproc-per-node", 2, "--dry-run", "--json")
+        assert result.returncode == 0, result.stderr
+        per_rank[precision] = json.loads(result.stdout)["stages"][0]["state_bytes_per_rank"]
+    assert per_rank["fp16"] == per_rank["bf16"] != per_rank["fp32"]
+
+
 # --- every strategy against one process ------------------------------------------------------
 
 

@@ -61,7 +61,7 @@ class Job:
     def stages(self) -> list[dict]:
         """Per pipeline stage: its layers, parameters, and model-state bytes per rank (the
         ZeRO formulas over the stage's data-parallel group, of one tp rank's piece)."""
-        precision = "mixed" if self.recipe.train.precision == "bf16" else "fp32"
+        precision = "mixed" if self.recipe.train.precision in ("bf16", "fp16") else "fp32"  # 16-bit beside fp32 master
         model = self.recipe.model
         rows = describe_stages(self.recipe.parallel.pipeline, model)
         for row in rows:
