@@ -258,3 +258,14 @@ def test_bench_puts_sdtrain_beside_a_plain_pytorch_llama(write_recipe, tmp_path)
     gpt2 = sdtrain("bench", write_recipe(name="gpt2.yaml"), "--strategies", "ddp", "--peers", "plain", "--steps", 15,
                    "--repeats", 1, "--json", tmp_path / "gpt2.json", timeout=600)
     assert gpt2.returncode == 0 and "plain: a plain-PyTorch llama, for model.arch llama" in gpt2.stdout + gpt2.stderr
+
+
+def test_deepspeed_peers_that_build_gpt2_blocks_are_skipped_for_llama_with_a_note():
+    from sdtrain.bench.run import _deepspeed_peer_runs
+    from sdtrain.recipe_load import load_recipe
+
+    for peer in ("deepspeed-pipe", "deepspeed-moe"):
+        notes = []
+        assert not _deepspeed_peer_runs(peer, [peer], [(2, 0)], "a strategy", load_recipe(str(REPO / "recipes/llama-tiny.yaml")),
+                                        notes)
+        assert notes == [f"{peer}: builds gpt2 blocks only (this recipe's model.arch is llama), skipped"]

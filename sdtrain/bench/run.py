@@ -178,7 +178,8 @@ def _pipeline_peer_entries(peers: list[str], entries: list[Entry], recipe, recip
     """DeepSpeed's PipelineModule with its 1F1B schedule, once per (P, ZeRO stage) of the
     pipeline rows of this world, at their micro-batches."""
     pipelines = list(dict.fromkeys((e.pipeline.stages, e.stage) for e in entries if e.pipeline))
-    if not _deepspeed_peer_runs("deepspeed-pipe", peers, pipelines, "pipeline strategy (pp<P>-<schedule>)", notes):
+    if not _deepspeed_peer_runs("deepspeed-pipe", peers, pipelines, "pipeline strategy (pp<P>-<schedule>)", recipe,
+                                notes):
         return []
     out = []
     world = entries[0].world
@@ -262,7 +263,7 @@ def _tensor_peer_entries(peers: list[str], world: int, recipe, recipe_path: str,
 def _expert_peer_entries(peers: list[str], entries: list[Entry], recipe, notes: list[str]) -> list[Entry]:
     """DeepSpeed's MoE layer, once per (ep, ZeRO stage) of the ep<N> rows of this world."""
     layouts = list(dict.fromkeys((e.ep, e.stage) for e in entries if e.ep))
-    if not _deepspeed_peer_runs("deepspeed-moe", peers, layouts, "expert-parallel strategy (ep<N>)", notes):
+    if not _deepspeed_peer_runs("deepspeed-moe", peers, layouts, "expert-parallel strategy (ep<N>)", recipe, notes):
         return []
     world = entries[0].world
     recipe_json = json.dumps(recipe_for_world(recipe, world))
@@ -301,13 +302,16 @@ def _peer_entries(recipe, peers: list[str], strategies: list[str], world: int, n
     return entries
 
 
-def _deepspeed_peer_runs(peer: str, peers: list[str], layouts: list, strategy: str, notes: list[str]) -> bool:
-    """Whether DeepSpeed peer `peer` runs: asked for, with rows to compare with (`layouts`)
-    and DeepSpeed installed; else why not, in a note."""
+def _deepspeed_peer_runs(peer: str, peers: list[str], layouts: list, strategy: str, recipe, notes: list[str]) -> bool:
+    """Whether DeepSpeed peer `peer` runs: asked for, with rows to compare with (`layouts`),
+    a gpt2 model and DeepSpeed installed; else why not, in a note."""
     if peer not in peers:
         return False
     if not layouts:
         notes.append(f"{peer}: no {strategy} to compare with, skipped")
+        return False
+    if recipe.model.arch != "gpt2":  # its stage modules and experts are written as gpt2's (GELU, learned positions)
+        notes.append(f"{peer}: builds gpt2 blocks only (this recipe's model.arch is {recipe.model.arch}), skipped")
         return False
     if importlib.util.find_spec("deepspeed") is None:
         notes.append(f"{peer}: deepspeed not installed, skipped (DS_BUILD_OPS=0 pip install deepspeed "
