@@ -7,10 +7,11 @@ Backward: the output hook of block i gathers it and prefetches blocks i-1..i-k; 
           of a block's gradients are reduce-scattered, the block is freed (zero.py).
 Reuse:    the forward's last 1 + k blocks are not freed after their forward: backward starts
           by gathering exactly those again (the last, and k prefetched), so they stay whole
-          instead (DeepSpeed's stage3_max_reuse_distance does the same). No more blocks are
-          whole at once than backward's start holds anyway; what it saves is a gather of
-          (1 + k) blocks per micro-batch, which on a CPU machine costs its cores as much as
-          compute does (bench-20m, 2 ranks: the forward's gathers took ~57 ms of a ~500 ms step).
+          instead, through the head and loss (DeepSpeed's stage3_max_reuse_distance does the
+          same). That is no more whole blocks than backward's start holds anyway, and saves
+          (1 + k) blocks' gathers per micro-batch. On CPU it pays: moving bytes over gloo
+          takes the cores from compute (bench-20m, 2 ranks: ~6 ms of a rank's CPU time for each
+          block gathered, the forward's seven ~9% of a DDP step's).
 The root units (embeddings, final norm, tied output head: one per placement's reduction,
 usually one) are used at both ends of the model: they are gathered when the model's forward
 starts (and again before the head and loss, which run after it) and freed after their
