@@ -54,7 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("recipe")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--strategies", default="zero0,zero1,zero2,zero3")
+    parser.add_argument("--strategies", default="zero0,zero1,zero2,zero3",
+                        help="stages, each optionally with settings of its own: zero3@parallel.zero.prefetch_blocks=2")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per strategy")
     args = parser.parse_args()
     collective_log.install()  # as in a worker: every collective goes through the recorder
@@ -68,8 +69,11 @@ def main() -> None:
     timed(Zero, "_on_grad_ready", "grad hooks")
     strategies, batches = {}, None
     for name in args.strategies.split(","):
-        stage = int(name.removeprefix("zero"))
-        recipe = load_recipe(args.recipe, [*args.overrides, f"parallel.zero_stage={stage}"])
+        # a variant of a stage: zero3@parallel.zero.keep_last_blocks=0 (its own settings after @, &-separated)
+        stage_name, _, variant = name.partition("@")
+        stage = int(stage_name.removeprefix("zero"))
+        recipe = load_recipe(args.recipe, [*args.overrides, *filter(None, variant.split("&")),
+                                           f"parallel.zero_stage={stage}"])
         if not dist.is_initialized():
             env = init_distributed("gloo", 600)
         plan = derive_batch(recipe.train.global_batch_size, recipe.train.micro_batch_size,

@@ -89,11 +89,14 @@ def test_model_state_bytes_match_the_zero_paper(tmp_path, precision, table):
 def test_bytes_communicated_per_step(tmp_path):
     """fp32, one micro-batch per rank: stage 1/2 move 2Ψ elements a step (reduce-scatter of
     gradients + all-gather of weights); stage 3 gathers each block twice (forward, backward)
-    and the root unit (embeddings, final norm) once, since it stays whole through both."""
+    but the forward's last 1 + prefetch_blocks, which stay whole into backward (here both
+    blocks: prefetch_blocks is 1), and the root unit (embeddings, final norm) once, since it
+    stays whole through both."""
     world, elem = 2, 4
     root = 256 * 32 + 32 * 32 + 2 * 32  # token + position embeddings, final LayerNorm
     blocks = PSI - root
-    expected = {1: 2 * PSI, 2: 2 * PSI, 3: 3 * blocks + 2 * root}
+    kept = blocks  # 1 + prefetch_blocks of the 2 blocks
+    expected = {1: 2 * PSI, 2: 2 * PSI, 3: 3 * blocks - kept + 2 * root}
     for stage, elements in expected.items():
         run_dir = launch(tmp_path, f"comm{stage}", world, f"parallel.zero_stage={stage}", "train.micro_batch_size=4",
                          "train.steps=3", "checkpoint.at_end=false", "checkpoint.every=0", "log.every=1", "train.eval_every=2")

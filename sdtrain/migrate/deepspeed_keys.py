@@ -13,6 +13,8 @@ from __future__ import annotations
 
 _DCP = "sdtrain writes DCP checkpoints, which load on any world size and stage"
 _IMPL = "a DeepSpeed implementation detail: no effect on the values a step computes"
+_PARAMETER_CACHE = ("a bound on DeepSpeed's parameter cache; sdtrain keeps the forward's last "
+                     "1 + prefetch_blocks blocks whole into backward and frees every other block after use")
 
 SAME_NUMBERS = {
     "wall_clock_breakdown": "timing printout; metrics.jsonl has step time and tokens/s at every logged step",
@@ -81,10 +83,10 @@ ZERO_SAME_NUMBERS = {
     "cpu_offload_params": "where parameters live (deprecated key); sdtrain keeps them on the device",
     "cpu_offload_use_pin_memory": "an offload setting; sdtrain does not offload",
     "sub_group_size": "the optimizer step's granularity under offload: no effect on the values",
-    "stage3_max_live_parameters": "a bound on DeepSpeed's parameter cache; sdtrain frees each block after use",
-    "max_live_parameters": "a bound on DeepSpeed's parameter cache; sdtrain frees each block after use",
-    "stage3_max_reuse_distance": "a bound on DeepSpeed's parameter cache; sdtrain frees each block after use",
-    "max_reuse_distance": "a bound on DeepSpeed's parameter cache; sdtrain frees each block after use",
+    "stage3_max_live_parameters": _PARAMETER_CACHE,
+    "max_live_parameters": _PARAMETER_CACHE,
+    "stage3_max_reuse_distance": _PARAMETER_CACHE,
+    "max_reuse_distance": _PARAMETER_CACHE,
     "stage3_gather_16bit_weights_on_model_save": "`sdtrain export` writes consolidated weights from any checkpoint",
     "stage3_gather_fp16_weights_on_model_save": "`sdtrain export` writes consolidated weights from any checkpoint",
     "gather_16bit_weights_on_model_save": "`sdtrain export` writes consolidated weights from any checkpoint",

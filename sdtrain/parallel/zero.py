@@ -273,7 +273,10 @@ class Zero(Strategy):
     def _publish_weights(self) -> None:
         """New master weights -> the weights forward reads: cast into the local shard, then
         all-gathered where whole weights are kept (stages 1/2, stage 3's persistent unit);
-        stage 3 blocks gather theirs when they next run."""
+        stage 3 blocks gather theirs when they next run (any still whole, kept for a backward
+        that did not come, is freed: its whole weights are the old ones)."""
+        if self.gatherer is not None:
+            self.gatherer.free_all()
         works = []
         for unit in self.units:
             local = unit.shard if self.stage == 3 else unit.own_slice(unit.full)
