@@ -19,6 +19,7 @@ import pytest
 import torch.distributed as dist
 
 from conftest import TINY, losses, merge, metrics, sdtrain
+from test_zero import BF16, formula
 from sdtrain.errors import RecipeError
 from sdtrain.parallel.loss_scale import LossScaleError, LossScaler
 from sdtrain.recipe_load import validate_recipe
@@ -161,6 +162,10 @@ def test_zero_stage_matches_one_process(one_process_zero, tmp_path, stage):
     run_dir = launch(tmp_path, f"zero{stage}", 2, f"parallel.zero_stage={stage}", "parallel.zero.reduce_bucket_mb=0.05")
     assert 0 < scales(run_dir)[-1][1] < STEPS  # the scale came down through real overflows, then trained
     assert_same_run(one_process_zero, run_dir)
+    # fp16 weights and gradients beside fp32 master shards: the ZeRO paper's K = 12, as bf16's
+    for held in json.loads((run_dir / "summary.json").read_text())["model_state_bytes"]:
+        total, expected = held["params"] + held["grads"] + held["optimizer"], formula(BF16, stage, 2)
+        assert abs(total - expected) <= 0.05 * expected, f"stage {stage}: {held} vs {expected:.0f}"
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "zero_bubble"])  # zero bubble: a split backward from the scaled loss
