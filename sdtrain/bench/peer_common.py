@@ -155,6 +155,19 @@ def train_plain(model, recipe, args, device: torch.device,
     timed_loop(recipe, args, device, train_step)
 
 
+def train_data_parallel(model, recipe, args, device: torch.device) -> None:
+    """train_plain on one worker; on several, inside torch's DistributedDataParallel, whose
+    gradients are all-reduced on the step's last micro-batch only (no_sync before it)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if dist.get_world_size() == 1:
+        train_plain(model, recipe, args, device)
+        return
+    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                    gradient_as_bucket_view=True)
+    train_plain(model, recipe, args, device, sync=lambda last: contextlib.nullcontext() if last else model.no_sync())
+
+
 def recipe_adamw(recipe, params, device: torch.device) -> torch.optim.AdamW:
     """The recipe's AdamW, fused as sdtrain's: every peer's optimizer (the DeepSpeed peers hand
     it to DeepSpeed as its client optimizer)."""

@@ -7,12 +7,7 @@ to it counts sdtrain's model code as well as its trainer. One worker: no DDP, th
 
 from __future__ import annotations
 
-import contextlib
-
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-
-from sdtrain.bench.peer_common import join_process_group, parse_args, train_plain
+from sdtrain.bench.peer_common import join_process_group, parse_args, train_data_parallel
 from sdtrain.bench.plain_llama import PlainLlama
 from sdtrain.parallel.mesh import leave_process_group
 
@@ -22,13 +17,7 @@ def main() -> None:
     device = join_process_group(recipe)
     with device:  # made where it trains
         model = PlainLlama(recipe["model"])
-    if dist.get_world_size() == 1:
-        train_plain(model, recipe, args, device)
-    else:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        gradient_as_bucket_view=True)
-        train_plain(model, recipe, args, device,
-                    sync=lambda last: contextlib.nullcontext() if last else model.no_sync())
+    train_data_parallel(model, recipe, args, device)
     leave_process_group()
 
 
