@@ -181,6 +181,7 @@ def test_pipeline_of_zero_replicas_matches_one_process(one_process_zero, tmp_pat
     assert_same_run(one_process_zero, run_dir)
 
 
+@pytest.mark.slow  # ZeRO and pipelines carry the scaler in make test
 def test_expert_parallel_matches_one_process(tmp_path):
     moe = {"model": {"moe": {"num_experts": 4}}}
     reference = launch(tmp_path, "moe1", 1, recipe=moe)
@@ -202,8 +203,10 @@ DEFAULT_SCALE = ["train.loss_scale.initial_scale_power=16"]  # no overflow of it
 
 @pytest.mark.parametrize("one, two", [
     (["parallel.zero_stage=2"], ["parallel.zero_stage=2"]),
-    ([], ["parallel.pipeline.stages=2"]),  # rank 1 is the last stage: the first must skip too
-    ([], ["parallel.tensor_parallel=2"]),  # rank 1 holds the other half of every layer
+    # rank 1 is the last stage: the first must skip too
+    pytest.param([], ["parallel.pipeline.stages=2"], marks=pytest.mark.slow),
+    # rank 1 holds the other half of every layer
+    pytest.param([], ["parallel.tensor_parallel=2"], marks=pytest.mark.slow),
 ])
 def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path, one, two):
     reference = launch(tmp_path, "one", 1, *DEFAULT_SCALE, *one, env=planted(0))
@@ -223,6 +226,7 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path, one, two
 # --- resume --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two launches
 def test_a_resumed_run_keeps_the_scale_and_the_skipped_steps(one_process_zero, tmp_path):
     every = {"checkpoint": {"every": 10, "keep": 3}}
     first = launch(tmp_path, "first", 1, "parallel.zero_stage=2", recipe=every)

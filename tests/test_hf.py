@@ -344,6 +344,7 @@ def test_gpt2_tensor_parallel_starts_from_the_folder(hf_gpt2, tmp_path, zero_sta
     assert seeded != pytest.approx(loaded, abs=1e-3)  # the check would see a seeded start
 
 
+@pytest.mark.slow  # two launches
 def test_a_resumed_run_needs_neither_the_folder_nor_its_name(hf_gpt2, tmp_path):
     """A run from init_from continues from its checkpoint: the folder may be gone by then, and
     a recipe without init_from resumes it as well (the weights are the checkpoint's)."""

@@ -215,6 +215,7 @@ def test_strategy_matches_single_process(reference, tmp_path, nproc, overrides):
     assert_same_weights(reference, run_dir)
 
 
+@pytest.mark.slow  # three launches; resharding is make test's in test_zero / test_pipeline
 def test_pipeline_checkpoint_resumes_under_zero3(reference, tmp_path):
     """Saved by a 2-stage pipeline (head on stage 1, embedding on stage 0), resumed at step 10
     on two ZeRO-3 ranks: the run goes on as the single process's did."""
@@ -245,6 +246,7 @@ def test_export_holds_the_untied_head(reference, tmp_path):
 
 # --- speed beside the same model written plainly -----------------------------------------------
 
+@pytest.mark.slow  # a bench of two rows; the ratio is measured in the README
 def test_bench_puts_sdtrain_beside_a_plain_pytorch_llama(write_recipe, tmp_path):
     out = tmp_path / "bench.json"
     recipe = write_recipe({"model": LLAMA["model"]})

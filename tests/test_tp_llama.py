@@ -83,6 +83,7 @@ def test_a_tp2_checkpoint_continues_in_one_process(reference, tp2, tmp_path):
     assert_same_weights(reference, resumed)
 
 
+@pytest.mark.slow  # ZeRO over tp pieces is make test's in test_tp_zero
 def test_tp2_under_zero3_matches_one_process(reference, tmp_path):
     """4 ranks: each tp rank's pieces sharded over its 2 data-parallel replicas, first values
     sliced from the whole name-seeded tensors of a meta-device model."""
@@ -92,7 +93,8 @@ def test_tp2_under_zero3_matches_one_process(reference, tmp_path):
 
 
 @pytest.mark.parametrize("schedule", [
-    "1f1b",  # 4 ranks, 28 s on 2 shared cores
+    # 4 ranks, 28 s on 2 shared cores; pp x tp is make test's in test_tp_pipeline
+    pytest.param("1f1b", marks=pytest.mark.slow),
     pytest.param("zero_bubble", marks=pytest.mark.slow),  # RMSNorm's and the pieces' deferred weight grads
 ])
 def test_pp2_by_tp2_matches_one_process(reference, tmp_path, schedule):
