@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -93,3 +94,22 @@ def launch_run(tmp: Path, name: str, nproc: int, recipe: dict, *overrides: str) 
     result = sdtrain(*args, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return tmp / name
+
+
+@contextlib.contextmanager
+def spawned_rank():
+    """The body of a rank that mp.spawn started, after init_process_group. On success it ends
+    as a worker does (mesh.leave_process_group: barrier, destroy, exit without interpreter
+    finalization, which with gloo's threads still about aborts with SIGABRT now and then,
+    "terminate called without an active exception"); on failure the group is destroyed and
+    the exception goes on to mp.spawn, which reports it."""
+    import torch.distributed as dist
+
+    from sdtrain.parallel.mesh import leave_process_group
+
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    leave_process_group()

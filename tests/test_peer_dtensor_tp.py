@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
 
+from conftest import spawned_rank
 from sdtrain.bench.peer_common import GPTWithHead
 from sdtrain.bench.peer_dtensor_tp import heads_by_rank, split_heads, tensor_parallel_plan
 from sdtrain.model import GPTConfig
@@ -46,7 +47,7 @@ def losses(model, tp_loss: bool) -> list[float]:
 def rank_main(rank: int, world: int, store: str, out: str, cfg: GPTConfig) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
-    try:
+    with spawned_rank():
         whole = GPTWithHead(cfg, seed=3)
         split = copy.deepcopy(whole)
         if cfg.tie_embeddings:
@@ -59,9 +60,6 @@ def rank_main(rank: int, world: int, store: str, out: str, cfg: GPTConfig) -> No
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(report, f)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def test_heads_by_rank_gives_each_slice_its_own_heads_of_q_k_and_v():

@@ -9,10 +9,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import spawned_rank
 from sdtrain.model.gpt import GPT, GPTConfig
 from sdtrain.parallel.comm import ALL_GATHER, Comm
 from sdtrain.parallel.join import STORE_FILE_VARIABLE
-from sdtrain.parallel.mesh import init_distributed, leave_process_group
+from sdtrain.parallel.mesh import init_distributed
 from sdtrain.parallel.parallelize import place_parameters
 from sdtrain.parallel.zero import Zero
 from sdtrain.recipe_load import validate_recipe
@@ -27,14 +28,8 @@ def _join(rank: int, world: int, store: str, check) -> None:
     os.environ.update({STORE_FILE_VARIABLE: store, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
     env = init_distributed("gloo", 60)
-    try:
+    with spawned_rank():
         check(env)
-    except BaseException:
-        dist.destroy_process_group()
-        raise  # mp.spawn reports it
-    # No interpreter finalization with gloo threads about: it aborted rank 1 with SIGABRT now and
-    # then after a passing check ("terminate called without an active exception").
-    leave_process_group()
 
 
 def _data(rank: int, numel: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ ranks of one size run once per module (the comparisons are several tests over on
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 
@@ -20,6 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from conftest import spawned_rank
 from sdtrain.errors import RecipeError
 from sdtrain.model.gpt import GPT, GPTConfig
 from sdtrain.parallel.placement import squares_over_axes
@@ -207,7 +207,7 @@ def _all(tensor: torch.Tensor) -> list[torch.Tensor]:
 def rank_main(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
-    try:
+    with spawned_rank():
         report = {"sp_off": compare_with_one_process(False), "sp_on": compare_with_one_process(True),
                   "sp_on_reduce_scatter": compare_with_one_process(True, reduce_scatter_by_all_reduce=False),
                   "sp_on_checkpointed": compare_with_one_process(True, checkpointed=True),
@@ -217,12 +217,6 @@ def rank_main(rank: int, world: int, store: str, out: str) -> None:
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(report, f)
-    finally:
-        # The models are gone, but reference cycles may keep their collectives' group alive
-        # past its destruction, and gloo's threads then abort the exit (2 runs in 6 here).
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 RUNS: dict[int, dict | Exception] = {}

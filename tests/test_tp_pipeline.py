@@ -5,7 +5,6 @@ ZeRO. Real processes through `sdtrain launch` on gloo, fp32, 20 steps."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import TINY, launch_run, losses, merge, metrics
+from conftest import TINY, launch_run, losses, merge, metrics, spawned_rank
 from sdtrain.model.gpt import GPT, GPTConfig
 from sdtrain.parallel.tensor_parallel import apply_tensor_parallel
 from sdtrain.parallel.tp_collectives import TensorParallel
@@ -162,14 +161,10 @@ def split_backward_error(sequence_parallel: bool) -> float:
 def split_backward_rank(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
-    try:
+    with spawned_rank():
         report = {"sp_on": split_backward_error(True), "sp_off": split_backward_error(False)}
         with open(f"{out}.{rank}", "w") as f:
             json.dump(report, f)
-    finally:
-        gc.collect()  # reference cycles may keep the group alive past its destruction (test_tensor_parallel)
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def test_split_backward_of_tp_linears_equals_the_plain_backward(tmp_path):
