@@ -226,6 +226,23 @@ class ZeroConfig(Section):
     prefetch_blocks: int = Field(1, ge=0, description="stage 3: blocks gathered ahead of the one running")
     persistence_threshold: int = Field(0, ge=0, description=(
         "stage 3: parameters with fewer elements than this stay whole on every rank"))
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field("none", description=(
+        "where the fp32 master weights and Adam moments live and step (ZeRO-Offload / -Infinity): `none` beside "
+        "the model; `cpu` in host memory, stepped on the host (on a machine without a GPU the same as none); "
+        "`nvme` in files under nvme_path, stepped in sub-groups streamed through a bounded double buffer"))
+    offload_params: Literal["none", "cpu", "nvme"] = Field("none", description=(
+        "stage 3: where each rank's weight shards live between gathers (`cpu`: host memory; `nvme`: files "
+        "under nvme_path, read ahead of the block's gather)"))
+    nvme_path: Optional[str] = Field(None, max_length=4096, description=(
+        "folder for nvme offload files (removed at exit; never the checkpoint); null: offload/ in the run "
+        "directory. Point it at a fast local disk"))
+    sub_group_mb: float = Field(64.0, gt=0.0, description=(
+        "nvme: optimizer state is read, stepped and written back this many MB (2^20 bytes) of parameters at a "
+        "time; resident memory holds buffer_count such groups, not the state (DeepSpeed's sub_group_size)"))
+    buffer_count: int = Field(3, ge=2, le=16, description=(
+        "nvme: sub-group buffers in flight (3: read the next, step this one, write the last back)"))
+    pin_memory: bool = Field(True, description=(
+        "cpu / nvme on a GPU: page-locked host buffers, so copies to and from the device overlap compute"))
 
 
 class PipelineConfig(Section):
@@ -263,6 +280,17 @@ class ParallelConfig(Section):
         "with tensor_parallel > 1, norms, dropout and residuals split along the sequence too (their activations / "
         "T; all-gathers and reduce-scatters in place of all-reduces); null: true when tensor_parallel > 1; at "
         "tensor_parallel 1 there is nothing to split and it resolves to false"))
+
+    @model_validator(mode="after")
+    def _offload_goes_with_zero(self):
+        zero = self.zero
+        if self.zero_stage == 0 and (zero.offload_optimizer != "none" or zero.offload_params != "none"):
+            raise ValueError("parallel.zero.offload_optimizer / offload_params need ZeRO: set parallel.zero_stage "
+                             "1, 2 or 3 (offload_params: 3), or offload none")
+        if zero.offload_params != "none" and self.zero_stage != 3:
+            raise ValueError(f"parallel.zero.offload_params {zero.offload_params} offloads stage 3's weight shards; "
+                             f"set parallel.zero_stage 3 (it is {self.zero_stage}) or offload_params none")
+        return self
 
     @model_validator(mode="after")
     def _sequence_parallel_resolved(self):
