@@ -20,9 +20,18 @@ gradients.
 Freeing resizes the flat buffer's storage to zero; gathering resizes it back and fills it.
 Parameters stay views of that storage, so tensors autograd saved in forward see the data
 again in backward.
+
+With the weight shards offloaded (`shards`, offload/params.py), a gather first needs its
+shard back in memory: the read of a block's shards is started one block ahead of its gather
+prefetch (an all-gather must have its input when it is issued, and issuing collectives from
+an I/O thread would order them differently on each rank), so reading block i+1+k overlaps
+computing block i while block i+1..i+k's all-gathers run; the staged shard goes once its
+all-gather is done.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -30,13 +39,17 @@ import torch.nn as nn
 from sdtrain.parallel.comm import Comm
 from sdtrain.parallel.flat_unit import FlatUnit
 
+if TYPE_CHECKING:
+    from sdtrain.parallel.offload.params import OffloadedShards
+
 
 class ParamGatherer:
     def __init__(self, model: nn.Module, blocks: list[list[FlatUnit]], roots: list[FlatUnit], comm: Comm,
-                 prefetch: int):
+                 prefetch: int, shards: OffloadedShards | None = None):
         # blocks[i]: block i's units (its dense weights, and its experts' under expert
         # parallelism, which gather over their own group: each unit names its comm)
         self.blocks, self.roots, self.comm, self.prefetch = blocks, roots, comm, prefetch
+        self.shards = shards  # offloaded weight shards, or None: unit.shard is always there
         self.in_flight: dict[int, object] = {}  # id(unit) -> async work
         self.kept_for_backward = range(max(len(blocks) - 1 - prefetch, 0), len(blocks))
         model.register_forward_pre_hook(lambda module, args: self._gather_roots())
@@ -58,20 +71,36 @@ class ParamGatherer:
     def gather(self, unit: FlatUnit | None, async_op: bool = False) -> None:
         if unit is None:
             return
-        work = self.in_flight.get(id(unit))
-        if work is not None:
+        if id(unit) in self.in_flight:
             if not async_op:
-                work.wait()
-                del self.in_flight[id(unit)]
+                self._settle(unit)
             return
         if self.gathered(unit):
             return
+        shard = unit.shard if self.shards is None else self.shards.shard(unit)
         unit.full.untyped_storage().resize_(unit.padded * unit.full.element_size())
-        work = getattr(unit, "comm", self.comm).all_gather(unit.full, unit.shard, async_op=async_op)
+        work = getattr(unit, "comm", self.comm).all_gather(unit.full, shard, async_op=async_op)
         if async_op:
             self.in_flight[id(unit)] = work
+        elif self.shards is not None:
+            self.shards.release(unit)
+
+    def _settle(self, unit: FlatUnit) -> None:
+        """Wait for unit's all-gather; its staged shard, if offloaded, can go."""
+        self.in_flight.pop(id(unit)).wait()
+        if self.shards is not None:
+            self.shards.release(unit)
+
+    def _read_ahead(self, units: list[FlatUnit]) -> None:
+        """Start reading offloaded shards of units not gathered nor gathering."""
+        if self.shards is None:
+            return
+        for unit in units:
+            if id(unit) not in self.in_flight and not self.gathered(unit):
+                self.shards.read_ahead(unit)
 
     def _gather_roots(self) -> None:
+        self._read_ahead([u for block in self.blocks[: 1 + self.prefetch] for u in block])
         for unit in self.roots:
             self.gather(unit)
 
@@ -81,13 +110,14 @@ class ParamGatherer:
         must not pass for gathered with its old ones."""
         for unit in (*(u for block in self.blocks for u in block), *self.roots):
             self.free(unit)
+        if self.shards is not None:
+            self.shards.drop_reads()
 
     def free(self, unit: FlatUnit) -> None:
         if unit.name == "persistent" or not self.gathered(unit):
             return
-        work = self.in_flight.pop(id(unit), None)
-        if work is not None:
-            work.wait()  # never free a buffer a collective is still writing into
+        if id(unit) in self.in_flight:
+            self._settle(unit)  # never free a buffer a collective is still writing into
         unit.full.untyped_storage().resize_(0)
 
     # --- hooks -------------------------------------------------------------------------
@@ -100,6 +130,8 @@ class ParamGatherer:
         self._gather_block(i)
         for j in range(i + 1, min(i + 1 + self.prefetch, len(self.blocks))):
             self._gather_block(j, async_op=True)
+        if i + 1 + self.prefetch < len(self.blocks):
+            self._read_ahead(self.blocks[i + 1 + self.prefetch])
 
     def _after_block(self, i: int, output) -> None:
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
@@ -113,6 +145,8 @@ class ParamGatherer:
         self._gather_block(i)
         for j in range(i - 1, max(i - 1 - self.prefetch, -1), -1):
             self._gather_block(j, async_op=True)
+        if i - 1 - self.prefetch >= 0:
+            self._read_ahead(self.blocks[i - 1 - self.prefetch])
 
     def _after_last_use(self, module, args, output) -> None:
         if not torch.is_grad_enabled():

@@ -1,0 +1,162 @@
+"""ZeRO-Infinity's parameter offload: stage 3's weight shards live off the device between
+gathers (`parallel.zero.offload_params`).
+
+Each unit's shard (unit.shard, in the compute dtype; under fp32 also its master, the same
+tensor) keeps its place in every structure that holds it (the optimizer's views of the master,
+the gatherer, checkpoints), but its storage is resized to zero while it is off: the bytes are
+in a region of the rank's offload store (`nvme`) or in a host copy (`cpu`, on a GPU). A gather
+brings them back into that same storage, which is the staging buffer: read, all-gathered into
+unit.full, and resized to zero again once the all-gather is done. The gatherer asks for a read
+one block ahead of its gather prefetch, so reading block i+1 overlaps computing block i.
+
+After the optimizer step the new shard goes back (`write_back`): cast from the fp32 master
+where that is separate (bf16/fp16), the master itself under fp32. Under fp32 the master must be
+whole in memory while the optimizer steps it (`load_masters`), unless the optimizer reads it in
+sub-groups itself (offload_optimizer nvme, the stepper's own pipeline).
+
+The persistent unit (vectors under the persistence threshold, whole on every rank) is small
+and stays resident: it is all-gathered once per step, never per block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdtrain.parallel.flat_unit import FlatUnit
+
+
+def offloadable(units: list[FlatUnit]) -> list[FlatUnit]:
+    """The units whose shards go off: all but the persistent one."""
+    return [u for u in units if u.name != "persistent"]
+
+
+def _free(tensor: torch.Tensor) -> None:
+    tensor.untyped_storage().resize_(0)
+
+
+def _restore(tensor: torch.Tensor) -> None:
+    tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
+
+
+def _resident(tensor: torch.Tensor) -> bool:
+    return tensor.untyped_storage().nbytes() > 0
+
+
+class OffloadedShards:
+    """The weight shards of stage-3 units off the device (see the module's docstring): in an
+    offload store's regions (`store`, the rank's, whose counters carry these reads and writes
+    into the step's metrics), or with `store` None in pinned host memory (`cpu` on a GPU)."""
+
+    def __init__(self, units: list[FlatUnit], store=None, pin_memory: bool = True):
+        self.store = store
+        self.regions = {}  # id(unit) -> where its shard lives: a store region, or a host tensor
+        self.reads = {}  # id(unit) -> the future of a read into unit.shard
+        self.units = offloadable(units)
+        for unit in self.units:
+            if store is not None:
+                self.regions[id(unit)] = store.allocate(f"{unit.name}.shard", unit.shard_size, unit.shard.dtype)
+                store.write(self.regions[id(unit)], unit.shard)
+            else:
+                host = torch.empty(unit.shard_size, dtype=unit.shard.dtype, pin_memory=pin_memory)
+                self.regions[id(unit)] = host.copy_(unit.shard)
+            _free(unit.shard)
+
+    def holds(self, unit: FlatUnit) -> bool:
+        return id(unit) in self.regions
+
+    # --- the gatherer's side -----------------------------------------------------------
+
+    def read_ahead(self, unit: FlatUnit) -> None:
+        """Start reading unit's shard into its storage, unless it is there or on its way."""
+        if not self.holds(unit) or id(unit) in self.reads or _resident(unit.shard):
+            return
+        _restore(unit.shard)
+        if self.store is None:  # on the copy's stream, ahead of the all-gather that reads it
+            unit.shard.copy_(self.regions[id(unit)], non_blocking=True)
+            return
+        self.reads[id(unit)] = self.store.read_async(self.regions[id(unit)], unit.shard)
+
+    def shard(self, unit: FlatUnit) -> torch.Tensor:
+        """unit.shard with its bytes in it (waiting for its read, or reading it now)."""
+        if not self.holds(unit):
+            return unit.shard
+        self.read_ahead(unit)
+        future = self.reads.pop(id(unit), None)
+        if future is not None:
+            self.store.wait(future)
+        return unit.shard
+
+    def release(self, unit: FlatUnit) -> None:
+        """The gather has its bytes: the staging storage goes (the file still holds them)."""
+        if self.holds(unit) and id(unit) not in self.reads:
+            _free(unit.shard)
+
+    def drop_reads(self) -> None:
+        """Before new shards are written: reads of the old ones are finished and let go, so
+        no gather can use them (a read ahead for a block that did not run)."""
+        for future in self.reads.values():
+            self.store.wait(future)
+        self.reads.clear()
+        for unit in self.units:
+            if _resident(unit.shard) and unit.master is not unit.shard:
+                _free(unit.shard)
+
+    # --- the step's side ---------------------------------------------------------------
+
+    def load_masters(self) -> None:
+        """fp32 (the shard is the master): every master whole in memory for the optimizer."""
+        for unit in self.units:
+            if unit.master is unit.shard:
+                self.read_ahead(unit)
+        for unit in self.units:
+            if unit.master is unit.shard:
+                self.shard(unit)
+
+    def write_back(self, unit: FlatUnit) -> None:
+        """The stepped master -> the unit's shard on disk. Under fp32 (the shard is the master)
+        a master not in memory is already there (loaded into the file by a checkpoint)."""
+        if unit.master is unit.shard:
+            if _resident(unit.shard):
+                self._write(unit, unit.shard)
+                _free(unit.shard)
+            return
+        self._write(unit, unit.master.to(unit.shard.dtype))
+
+    def write_back_part(self, unit: FlatUnit, master_part: torch.Tensor, start: int) -> None:
+        """A stepped sub-group of unit's master (elements [start, start + len) of its shard) ->
+        the shard on disk: for an optimizer that steps in sub-groups, so the weights follow each
+        one instead of the whole master being read again."""
+        self._write(unit, master_part.to(unit.shard.dtype), start)
+
+    def _write(self, unit: FlatUnit, value: torch.Tensor, start: int = 0) -> None:
+        if self.store is None:
+            self.regions[id(unit)][start : start + value.numel()].copy_(value)
+        else:
+            self.store.write(self.regions[id(unit)], value, start)
+
+    def master_view(self, unit: FlatUnit) -> torch.Tensor:
+        """fp32: unit's master as checkpoints see it, a view mapped onto its file region, which DCP
+        saves from and loads into in place; resident, the master itself."""
+        if unit.master is not unit.shard or _resident(unit.shard):
+            return unit.master
+        if self.store is None:
+            return self.regions[id(unit)]
+        return self.store.mapped(self.regions[id(unit)])
+
+    def resident(self) -> list[torch.Tensor]:
+        """Shards of these units now in memory (reads in flight, staging not yet let go)."""
+        return [u.shard for u in self.units if _resident(u.shard)]
+
+
+def offload_weight_shards(units: list[FlatUnit], cfg, store, device: torch.device) -> OffloadedShards | None:
+    """Stage 3's weight shards off the device as `cfg` (parallel.zero) says: `nvme` in `store`;
+    `cpu` in pinned host memory on a GPU, and on a machine without one nowhere else than they
+    are (host memory already: the same as none)."""
+    if cfg.offload_params == "nvme":
+        if device.type != "cpu":
+            raise NotImplementedError("offload_params nvme reads shards into host memory: on a GPU use "
+                                      "offload_params cpu for now")
+        return OffloadedShards(units, store)
+    if cfg.offload_params == "cpu" and device.type == "cuda":
+        return OffloadedShards(units, None, cfg.pin_memory)
+    return None
