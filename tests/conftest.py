@@ -61,6 +61,16 @@ def losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in metrics(run_dir) if "loss" in m]
 
 
+def assert_losses_match(reference: Path, run_dir: Path, rel_tol: float, steps: int, checked=None) -> None:
+    """run_dir logged `steps` losses, as the one-process `reference` did, each within rel_tol
+    of the reference's (only the steps in `checked`, where given)."""
+    expected, got = losses(reference), losses(run_dir)
+    assert len(got) == len(expected) == steps
+    for step, (a, b) in enumerate(zip(expected, got), 1):
+        if checked is None or step in checked:
+            assert abs(a - b) <= rel_tol * abs(a), f"step {step}: one process {a} vs {run_dir.name} {b}"
+
+
 RESUMABLE = {"train": {"steps": 10}, "launch": {"nproc_per_node": 2}, "checkpoint": {"every": 5, "keep": 3, "at_end": True}}
 
 

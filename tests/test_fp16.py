@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch.distributed as dist
 
-from conftest import TINY, losses, merge, metrics, sdtrain
+from conftest import TINY, assert_losses_match, merge, metrics, sdtrain
 from test_zero import BF16, formula
 from sdtrain.errors import RecipeError
 from sdtrain.parallel.loss_scale import LossScaleError, LossScaler
@@ -47,11 +47,7 @@ def scales(run_dir):
 
 
 def assert_same_run(reference, run_dir, steps=range(1, STEPS + 1)):
-    expected, got = losses(reference), losses(run_dir)
-    assert len(got) == len(expected) == STEPS
-    for step in steps:
-        a, b = expected[step - 1], got[step - 1]
-        assert abs(a - b) <= REL_TOL * abs(a), f"step {step}: one process {a} vs {b}"
+    assert_losses_match(reference, run_dir, REL_TOL, STEPS, steps)
     assert [scales(reference)[s - 1] for s in steps] == [scales(run_dir)[s - 1] for s in steps]
     for step in steps:  # null where the step overflowed
         a, b = (next(m for m in metrics(d) if m.get("step") == step and "loss" in m)["grad_norm"]

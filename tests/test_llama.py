@@ -10,9 +10,8 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import REPO, TINY, launch_run, losses, merge, sdtrain
+from conftest import REPO, TINY, assert_losses_match, launch_run, merge, sdtrain
 from sdtrain.model.gpt import GPT, GPTConfig
 from sdtrain.model.size import count_params, flops_per_token, llama_ffn_hidden
 from sdtrain.train.export import load_model_weights
@@ -182,11 +181,7 @@ def reference(tmp_path_factory):
 
 
 def assert_same_run(reference, run_dir, steps=range(1, STEPS + 1)):
-    expected, got = losses(reference), losses(run_dir)
-    assert len(got) == len(expected) == STEPS
-    for step in steps:
-        a, b = expected[step - 1], got[step - 1]
-        assert abs(a - b) <= REL_TOL * abs(a), f"step {step}: single process {a} vs {b}"
+    assert_losses_match(reference, run_dir, REL_TOL, STEPS, steps)
 
 
 def assert_same_weights(reference, run_dir):

@@ -5,7 +5,7 @@ checkpoints that continue in another layout. Real processes on gloo, fp32, 20 st
 import pytest
 import torch
 
-from conftest import TINY, launch_run, losses, merge, metrics, sdtrain
+from conftest import TINY, assert_losses_match, launch_run, losses, merge, metrics, sdtrain
 from sdtrain.model import GPTConfig
 from sdtrain.parallel.partition import describe_stages, partition_layers, stage_layers
 from sdtrain.parallel.schedules import bubble_formula, build_schedule, simulate, replay
@@ -30,11 +30,7 @@ def reference(tmp_path_factory):
 
 
 def assert_same_losses(reference, run_dir, steps=range(1, STEPS + 1)):
-    expected, got = losses(reference), losses(run_dir)
-    assert len(got) == len(expected) == STEPS
-    for step in steps:
-        a, b = expected[step - 1], got[step - 1]
-        assert abs(a - b) <= REL_TOL * abs(a), f"step {step}: single process {a} vs pipeline {b}"
+    assert_losses_match(reference, run_dir, REL_TOL, STEPS, steps)
 
 
 def assert_same_weights(reference, run_dir):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, launch_run, losses, merge, metrics
+from conftest import TINY, assert_losses_match, launch_run, merge, metrics
 from sdtrain.parallel.placement import AxisShard, Placement
 from sdtrain.parallel.tensor_parallel import tp_piece
 from sdtrain.parallel.tp_volume import tp_step_bytes
@@ -71,11 +71,7 @@ def tp2_dp2(tmp_path_factory):
 
 
 def assert_same_run(reference, run_dir, steps=range(1, STEPS + 1)):
-    expected, got = losses(reference), losses(run_dir)
-    assert len(got) == len(expected) == STEPS
-    for step in steps:
-        a, b = expected[step - 1], got[step - 1]
-        assert abs(a - b) <= REL_TOL * abs(a), f"step {step}: one process {a} vs {b}"
+    assert_losses_match(reference, run_dir, REL_TOL, STEPS, steps)
     # the global norm (clipped at 1.0 here: every step's is above) counts each tp piece and
     # each whole parameter once
     expected, got = ({m["step"]: m["grad_norm"] for m in metrics(run)} for run in (reference, run_dir))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, launch_run, losses, merge, metrics, sdtrain
+from conftest import TINY, assert_losses_match, launch_run, losses, merge, metrics, sdtrain
 from sdtrain.model import GPTConfig, count_params
 from sdtrain.train.export import load_model_weights
 
@@ -28,11 +28,7 @@ def reference(tmp_path_factory):
 
 
 def assert_same_run(reference, run_dir, steps=None):
-    expected, got = losses(reference), losses(run_dir)
-    assert len(got) == len(expected) == STEPS
-    for step, (a, b) in enumerate(zip(expected, got), 1):
-        if steps is None or step in steps:
-            assert abs(a - b) <= REL_TOL * abs(a), f"step {step}: single process {a} vs {b}"
+    assert_losses_match(reference, run_dir, REL_TOL, STEPS, steps)
 
 
 @pytest.mark.parametrize("stage, world", [
