@@ -28,6 +28,7 @@ from sdtrain.batch import derive_batch
 from sdtrain.model import GPT, GPTConfig, flops_per_token
 from sdtrain.parallel.layout import Layout
 from sdtrain.parallel.mesh import init_distributed, leave_process_group
+from sdtrain.parallel.offload.store import close_all_stores
 from sdtrain.parallel.parallelize import parallelize
 from sdtrain.parallel.partition import partition_layers, stage_layers
 from sdtrain.recipe import validate_recipe
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
         load_pretrained(model, recipe.model.init_from)
         print(f"rank {rank}: first weights from {recipe.model.init_from}")
     print(f"rank {rank}: model {model.num_params():,} parameters")
-    strategy = parallelize(model, recipe, env, plan.grad_accum, partition)
+    strategy = parallelize(model, recipe, env, plan.grad_accum, partition, args.run_dir)
     setup_mem = peak_memory_gib(env.device)  # weights and optimizer state made, nothing run yet
     print(f"rank {rank}: peak memory after setup {setup_mem:.3f} GiB")
     torch.manual_seed(dropout_seed(recipe.train.seed, env))
@@ -174,6 +175,7 @@ def main(argv=None) -> None:
             write_preempted(args.run_dir, result.last_step, result.checkpoint)
         (args.run_dir / "summary.json").write_text(dumps_strict(summary, indent=2))  # NaN: null, named
         console.print(summary_table(summary))
+    close_all_stores()  # offload folders: leave_process_group exits without atexit hooks
     leave_process_group()
 
 
@@ -202,6 +204,7 @@ def run() -> None:
     try:
         main()
     except BaseException as error:  # noqa: BLE001 - every failure must keep its exit code
+        close_all_stores()  # offload folders (os._exit runs no atexit hooks)
         if isinstance(error, SystemExit) and not error.code:
             os._exit(0)
         traceback.print_exc()

@@ -7,6 +7,7 @@ the parameters' placements, said here once."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch.nn as nn
@@ -25,9 +26,10 @@ if TYPE_CHECKING:
 
 
 def parallelize(model: nn.Module, recipe, env: DistEnv, micro_batches: int = 1,
-                partition: list[list[int]] | None = None) -> Strategy:
+                partition: list[list[int]] | None = None, run_dir: Path | None = None) -> Strategy:
     """`partition`: each pipeline chunk's blocks, as the model's stage was built from
-    (partition.partition_layers; made here from the recipe when not given)."""
+    (partition.partition_layers; made here from the recipe when not given); `run_dir`: where
+    nvme offload files go unless parallel.zero.nvme_path says otherwise."""
     plan = None
     if env.tp_size > 1:  # first: it swaps layers, which every later wrapper must see
         from sdtrain.parallel.tensor_parallel import apply_tensor_parallel
@@ -53,7 +55,8 @@ def parallelize(model: nn.Module, recipe, env: DistEnv, micro_batches: int = 1,
             return DataParallel(model, recipe.train, env, placements, plan)
         from sdtrain.parallel.zero import Zero
 
-        return Zero(model, recipe.parallel.zero_stage, recipe.parallel.zero, recipe.train, env, placements, plan)
+        return Zero(model, recipe.parallel.zero_stage, recipe.parallel.zero, recipe.train, env, placements, plan,
+                    offload_store(recipe.parallel.zero, run_dir, env))
 
     if env.pp_size > 1:
         from sdtrain.parallel.partition import partition_layers
@@ -74,3 +77,14 @@ def place_parameters(model: nn.Module, env: DistEnv, plan: TensorParallelPlan | 
         placements.update(plan.placements())
     placements.update(expert_placements(model, env))
     return placements
+
+
+def offload_store(cfg, run_dir: Path | None, env: DistEnv):
+    """The rank's offload files where anything is offloaded to nvme (parallel.zero `cfg`):
+    under nvme_path, or the run directory's offload/."""
+    if "nvme" not in (cfg.offload_optimizer, cfg.offload_params):
+        return None
+    from sdtrain.parallel.offload.store import OffloadStore
+
+    parent = cfg.nvme_path if cfg.nvme_path is not None else Path(run_dir or ".") / "offload"
+    return OffloadStore(parent, env.rank)

@@ -33,6 +33,7 @@ from sdtrain.parallel.expert_parallel import after_step, balancer_state, moe_lay
 from sdtrain.parallel.flat_unit import FlatUnit
 from sdtrain.parallel.loss_scale import loss_scaler_for
 from sdtrain.parallel.mesh import DistEnv
+from sdtrain.parallel.offload.params import offload_weight_shards
 from sdtrain.parallel.placement import DENSE, Placements, axis_groups, squares_over_axes
 from sdtrain.parallel.strategy import ADAM_MOMENTS, Strategy, clip_coefficient, tensor_bytes
 from sdtrain.parallel.tp_traffic import TpTraffic
@@ -52,10 +53,11 @@ MAX_REDUCE_SCATTERS_IN_FLIGHT = 2
 
 class Zero(Strategy):
     def __init__(self, model: nn.Module, stage: int, cfg, train, env: DistEnv, placements: Placements,
-                 tp_plan: TensorParallelPlan | None = None):
+                 tp_plan: TensorParallelPlan | None = None, offload_store=None):
         """`cfg`: the recipe's parallel.zero section; `train`: its train section; `placements`:
         each parameter's (parallelize's), which says the group that shards it; `tp_plan`: under
-        tensor parallelism, the model's (each tp rank shards its own pieces over env.dp_group)."""
+        tensor parallelism, the model's (each tp rank shards its own pieces over env.dp_group);
+        `offload_store`: the rank's offload files (offload/store.py), where nvme offload is set."""
         self.stage = stage
         self.tp_plan = tp_plan
         self.tp_traffic = TpTraffic(tp_plan) if tp_plan is not None else None
@@ -88,9 +90,12 @@ class Zero(Strategy):
         self.spare_grad_buffers: list[torch.Tensor] = []  # stages 2/3: see _whole_grad_buffer
         for p in self.owner:
             p.register_post_accumulate_grad_hook(self._on_grad_ready if self.stage >= 2 else self._on_grad_final)
-        self.gatherer = None
+        self.gatherer, self.weight_shards = None, None
         if self.stage == 3:
-            self.gatherer = ParamGatherer(model, self.block_units, self.root_units, self.comm, cfg.prefetch_blocks)
+            # ZeRO-Infinity: the weight shards off the device between gathers (offload/params.py)
+            self.weight_shards = offload_weight_shards(self.units, cfg, offload_store, env.device)
+            self.gatherer = ParamGatherer(model, self.block_units, self.root_units, self.comm, cfg.prefetch_blocks,
+                                          self.weight_shards)
 
     # --- backward ----------------------------------------------------------------------
 
@@ -217,6 +222,8 @@ class Zero(Strategy):
             coef = clip_coefficient(norm, grad_clip)
             for g in grads:
                 g.mul_(coef)
+        if self.weight_shards is not None:
+            self.weight_shards.load_masters()  # fp32: the offloaded shards are the masters it steps
         for unit, grad in zip(self.units, grads):
             for view, part in unit.views:
                 view.grad = grad[part]
@@ -279,6 +286,9 @@ class Zero(Strategy):
             self.gatherer.free_all()
         works = []
         for unit in self.units:
+            if self.weight_shards is not None and self.weight_shards.holds(unit):
+                self.weight_shards.write_back(unit)  # the block's next gather reads it from there
+                continue
             local = unit.shard if self.stage == 3 else unit.own_slice(unit.full)
             if local.data_ptr() != unit.master.data_ptr():
                 local.copy_(unit.master)
@@ -292,15 +302,17 @@ class Zero(Strategy):
     def checkpoint_state(self) -> dict:
         model, moments = dict(balancer_state(self.model)), {m: {} for m in ADAM_MOMENTS}
         for unit in self.units:
-            model.update(unit.sharded(unit.master, unit.mesh))
+            master = unit.master if self.weight_shards is None else self.weight_shards.master_view(unit)
+            model.update(unit.sharded(master, unit.mesh))
             for m in ADAM_MOMENTS:
                 moments[m].update(unit.sharded(unit.moments[m], unit.mesh))
         first = next(p for group in self.optimizer.param_groups for p in group["params"])
         return {"model": model, "optim": {**moments, "step": self.optimizer.state[first]["step"]}}
 
     def state_bytes(self) -> dict[str, int]:
-        if self.stage == 3:
-            params = [u.shard for u in self.units] + [u.full for u in self.units if u.name == "persistent"]
+        if self.stage == 3:  # (offloaded shards are not held here)
+            held = [u for u in self.units if self.weight_shards is None or not self.weight_shards.holds(u)]
+            params = [u.shard for u in held] + [u.full for u in self.units if u.name == "persistent"]
         else:
             params = [u.full for u in self.units]
         grads = [u.grad_full if self.stage == 1 else u.grad_shard for u in self.units]

@@ -1,0 +1,94 @@
+"""ZeRO-Infinity's parameter offload (`parallel.zero.offload_params`) at stage 3: the weight
+shards live in the rank's offload files, and the run is bitwise the run without offload."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import TINY, launch_run, losses, merge
+from sdtrain.train.export import load_model_weights
+
+STEPS = 20
+ZERO3 = {"train": {"steps": STEPS}, "parallel": {"zero_stage": 3},
+         "checkpoint": {"at_end": True, "every": 10, "keep": 3}}
+NVME = "parallel.zero.offload_params=nvme"
+
+
+def launch(tmp, name, world, precision, *overrides):
+    return launch_run(tmp, name, world, merge(TINY, ZERO3), f"train.precision={precision}", *overrides)
+
+
+_references = {}
+
+
+@pytest.fixture
+def reference(tmp_path_factory):
+    """The same recipe without offload, one run per (world, precision) for the whole module."""
+    def run(world, precision):
+        if (world, precision) not in _references:
+            tmp = tmp_path_factory.mktemp(f"ref{world}{precision}")
+            _references[world, precision] = launch(tmp, "plain", world, precision)
+        return _references[world, precision]
+    return run
+
+
+def assert_bitwise_same(reference, run_dir):
+    assert losses(run_dir) == losses(reference) and len(losses(run_dir)) == STEPS
+    ours, theirs = load_model_weights(run_dir)[0], load_model_weights(reference)[0]
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def model_state(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())["model_state_bytes"]
+
+
+@pytest.mark.parametrize("world, precision", [
+    (2, "bf16"), (1, "fp32"),
+    pytest.param(2, "fp32", marks=pytest.mark.slow), pytest.param(1, "bf16", marks=pytest.mark.slow),
+])
+def test_offloaded_weight_shards_train_bitwise_as_without(reference, tmp_path, world, precision):
+    # prefetch 1 on 2 blocks: block 1's shard is read while block 0 computes
+    run_dir = launch(tmp_path, "nvme", world, precision, NVME)
+    plain = reference(world, precision)
+    assert_bitwise_same(plain, run_dir)
+    # no weight shard stays resident (no parameter is under the persistence threshold here)
+    for ours, theirs in zip(model_state(run_dir), model_state(plain)):
+        assert ours["params"] == 0 < theirs["params"], (ours, theirs)
+        assert ours["grads"] == theirs["grads"]
+    assert not any((run_dir / "offload").iterdir()), "offload files left behind"
+
+
+@pytest.mark.slow
+def test_persistent_vectors_stay_resident_and_two_blocks_prefetched(reference, tmp_path):
+    plain = launch(tmp_path, "plain", 2, "bf16", "parallel.zero.persistence_threshold=100",
+                   "parallel.zero.prefetch_blocks=2")
+    run_dir = launch(tmp_path, "nvme", 2, "bf16", NVME, "parallel.zero.persistence_threshold=100",
+                     "parallel.zero.prefetch_blocks=2")
+    assert_bitwise_same(plain, run_dir)
+    for ours in model_state(run_dir):
+        assert 0 < ours["params"] < 2 * 2000, ours  # the vectors, whole: a few hundred bf16 each
+
+
+@pytest.mark.parametrize("saved_with, resumed_with, precision", [
+    ((NVME,), (), "fp32"),  # the master in the files -> in memory
+    ((), (NVME,), "fp32"),  # a checkpoint loaded straight into the files (their mapped views)
+    pytest.param((NVME,), (), "bf16", marks=pytest.mark.slow),
+    pytest.param((), (NVME,), "bf16", marks=pytest.mark.slow),
+])
+def test_resume_across_offload_settings(reference, tmp_path, saved_with, resumed_with, precision):
+    plain = reference(2, precision)
+    first = launch(tmp_path, "first", 2, precision, *saved_with)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(first, resumed)
+    shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS}")
+    (resumed / "checkpoints" / "latest").write_text("step_10")
+    launch(tmp_path, "resumed", 2, precision, "train.resume=auto", *resumed_with)
+    got = losses(resumed)
+    assert got[10:] == losses(plain)[10:] and len(got) == STEPS
+    ours, theirs = load_model_weights(resumed)[0], load_model_weights(plain)[0]
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
