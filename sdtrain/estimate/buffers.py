@@ -1,12 +1,12 @@
 """Transient buffers: memory a step holds for a moment, by strategy (data_parallel.py,
-zero.py, zero3.py, model/chunked_loss.py, torch's AdamW), and the gradients that flow
-through backward.
+zero.py, zero3.py, model/chunked_loss.py, torch's AdamW), the gradients that flow
+through backward, and nvme offload's bounded buffers in host memory.
 """
 
 from __future__ import annotations
 
 from sdtrain.estimate.shape import RankShape
-from sdtrain.estimate.terms import STEP_FB, STEP_OPT, Term
+from sdtrain.estimate.terms import HOST, STEP_FB, STEP_OPT, Term
 
 MiB = 2**20
 DDP_BUCKET_BYTES = 25 * MiB  # torch DDP's bucket_cap_mb
@@ -78,3 +78,26 @@ def optimizer_buffers(shape: RankShape) -> list[Term]:
     if shape.precision == "bf16":
         temps += 4 * shard  # the gradient shard in fp32 for clipping and Adam
     return [Term("optimizer temporaries", temps, STEP_OPT, "weights published by all-gather")]
+
+
+NVME_BUFFER_BYTES_PER_PARAM = 16  # a sub-group buffer: fp32 master, m, v and the gradient, per parameter
+
+
+def offload_buffers(shape: RankShape) -> list[Term]:
+    """nvme offload's resident working set in host memory: `buffer_count` sub-groups of fp32
+    master + m + v + gradient in flight (read one, step one, write one back), never more than
+    the shard; and under offload_params nvme, the staging buffers a block's shard is read into
+    before its gather (the running block and its prefetched ones, and the root unit)."""
+    terms = []
+    if shape.offload_optimizer == "nvme":
+        shard = shape.params / shape.dp
+        group = min(shape.sub_group_mb * MiB / 4, shard)  # sub_group_mb counts fp32 master bytes
+        terms.append(Term("offload sub-group buffers", shape.buffer_count * group * NVME_BUFFER_BYTES_PER_PARAM,
+                          STEP_OPT, f"{shape.buffer_count} buffers x {group / 1e6:.1f}M parameters x "
+                          f"{NVME_BUFFER_BYTES_PER_PARAM} B (fp32 master, m, v, gradient)", where=HOST))
+    if shape.offload_params == "nvme":
+        blocks = min(1 + shape.prefetch_blocks, shape.layers)
+        staged = (shape.root_params + blocks * shape.block_params) / shape.dp * shape.weight_bytes
+        terms.append(Term("offload weight staging", staged, STEP_FB,
+                          f"root unit + {blocks} block shard(s) read from the files before their gather", where=HOST))
+    return terms

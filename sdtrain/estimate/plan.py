@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 
 from sdtrain.estimate.activations import activations, expert_activations
-from sdtrain.estimate.buffers import backward_gradients, loss_buffers, optimizer_buffers, strategy_buffers
+from sdtrain.estimate.buffers import (backward_gradients, loss_buffers, offload_buffers, optimizer_buffers,
+                                      strategy_buffers)
 from sdtrain.estimate.process import process_base
 from sdtrain.estimate.shape import DTYPE_BYTES, RankShape
 from sdtrain.estimate.tensor_parallel import split_params, tp_local, tp_traffic, wire_bytes
@@ -23,14 +24,19 @@ from sdtrain.parallel.partition import chunk_params, describe_stages
 
 # One function per term, in the order the table shows them; a strategy that adds memory
 # (experts, say) adds its function here.
-TERMS = (process_base, model_state, activations, expert_activations, backward_gradients, loss_buffers, strategy_buffers, optimizer_buffers)
+TERMS = (process_base, model_state, activations, expert_activations, backward_gradients, loss_buffers, strategy_buffers,
+         optimizer_buffers, offload_buffers)
 
 
 ALLOCATOR_SLACK = 0.12  # CPU: freed memory the C allocator keeps, as a share of the tensors at the peak (measured)
 
 
-def estimate_shape(shape: RankShape, where: str = "") -> Estimate:
-    estimate = Estimate([term for fn in TERMS for term in fn(shape)], where)
+CPU_OFFLOAD_NOTE = "offload cpu: no GPU here, the same as none"
+
+
+def estimate_shape(shape: RankShape, where: str = "", notes: list[str] | None = None) -> Estimate:
+    estimate = Estimate([term for fn in TERMS for term in fn(shape)], where, notes=list(notes or []),
+                        host_is_device=shape.device == "cpu")
     if shape.tp > 1:
         estimate.tp_bytes = tp_traffic(shape.layers, shape.tokens * shape.grad_accum, shape.d_model,
                                        shape.sequence_parallel, DTYPE_BYTES[shape.precision], shape.first, shape.last,
@@ -87,6 +93,19 @@ def corpus_bytes(data) -> int:
     return data.max_bytes
 
 
+def effective_offload(zero, device: str) -> tuple[str, str]:
+    """(offload_optimizer, offload_params) as they act on `device`: `cpu` on a CPU rank is none
+    (the state is in host memory already)."""
+    def acting(value: str) -> str:
+        return "none" if value == "cpu" and device == "cpu" else value
+    return acting(zero.offload_optimizer), acting(zero.offload_params)
+
+
+def offload_notes(recipe, device: str) -> list[str]:
+    zero = recipe.parallel.zero
+    return [CPU_OFFLOAD_NOTE] if device == "cpu" and "cpu" in (zero.offload_optimizer, zero.offload_params) else []
+
+
 def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None = None) -> list[tuple[str, RankShape]]:
     """(which ranks, their shape) for each pipeline stage."""
     model, train, parallel = recipe.model, recipe.train, recipe.parallel
@@ -98,6 +117,7 @@ def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None 
     shapes = []
     stages = describe_stages(pipeline, model)
     tp = layout.tp
+    offload = effective_offload(parallel.zero, device)
     for row in stages:
         layers = [i for chunk in row["layers"] for i in chunk]
         first, last = row["stage"] == 0, row["stage"] == len(stages) - 1
@@ -122,6 +142,8 @@ def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None 
             expert_slots=expert_slots(model, (train.micro_batch_size or 1) * model.seq_len),
             tp=tp, sequence_parallel=parallel.sequence_parallel, grad_accum=M,
             regathered_inputs=not is_llama(model),
+            offload_optimizer=offload[0], offload_params=offload[1],
+            sub_group_mb=parallel.zero.sub_group_mb, buffer_count=parallel.zero.buffer_count,
         )
         where = "every rank" if len(stages) == 1 else f"pipeline stage {row['stage']}"
         shapes.append((where, shape))
@@ -130,7 +152,8 @@ def rank_shapes(recipe, world_size: int, device: str, micro_batches: int | None 
 
 def estimate_recipe(recipe, world_size: int, device: str = "cpu") -> list[Estimate]:
     """One estimate per kind of rank (one, or one per pipeline stage)."""
-    return [estimate_shape(shape, where) for where, shape in rank_shapes(recipe, world_size, device)]
+    notes = offload_notes(recipe, device)
+    return [estimate_shape(shape, where, notes) for where, shape in rank_shapes(recipe, world_size, device)]
 
 
 def largest(estimates: list[Estimate]) -> Estimate:

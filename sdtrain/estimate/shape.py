@@ -47,6 +47,12 @@ class RankShape:
     # under SP, the column-parallel layers gather their input again in backward (gpt2's; llama's
     # q/k/v and gate/up keep the one gather they share)
     regathered_inputs: bool = True
+    # ZeRO-Offload / -Infinity (recipe parallel.zero): where the optimizer state and stage 3's
+    # weight shards live. Effective values: `cpu` on a CPU rank is already `none` (plan.py).
+    offload_optimizer: str = "none"
+    offload_params: str = "none"
+    sub_group_mb: float = 64.0
+    buffer_count: int = 3
 
     @property
     def params_held(self) -> int:

@@ -1,11 +1,12 @@
-"""The estimate as a table: every term, its phase, the total and what dominates."""
+"""The estimate as a table: every term, its phase, the total and what dominates; with offload,
+where each term lives (host memory, disk) and the host's and the disk's totals apart."""
 
 from __future__ import annotations
 
 from rich.text import Text
 
 from sdtrain.console_table import FoldingColumn, FoldingTable
-from sdtrain.estimate.terms import ALWAYS, Estimate
+from sdtrain.estimate.terms import ALWAYS, DEVICE, Estimate
 
 
 def estimate_table(estimate: Estimate, title: str) -> FoldingTable:
@@ -14,14 +15,24 @@ def estimate_table(estimate: Estimate, title: str) -> FoldingTable:
                                  FoldingColumn("how it is counted", wraps=True)])
     peak = estimate.peak_phase
     for term in estimate.terms:
-        live = term.phase in (ALWAYS, peak)
+        live = term.phase in (ALWAYS, peak) and term.where in estimate.counted
         gib = f"{term.bytes / 2**30:.3f}"
-        table.add_row(term.name, term.phase, gib if live else f"({gib})", term.detail)
+        when = term.phase if term.where == DEVICE else f"{term.phase}, {term.where}"
+        table.add_row(term.name, when, gib if live else f"({gib})", term.detail)
     dominant = estimate.largest(1)[0]
     table.add_section()
     table.add_row(Text("peak", style="bold"), peak, Text(f"{estimate.total / 2**30:.3f}", style="bold"),
                   f"dominated by {dominant.name} ({100 * dominant.bytes / estimate.total:.0f}%); "
-                  "terms in () belong to the other phase")
+                  "terms in () belong to the other phase" + ("; on a CPU rank host memory is the device's"
+                                                             if estimate.host_total and estimate.counted != (DEVICE,) else ""))
+    if estimate.host_total and estimate.counted == (DEVICE,):
+        table.add_row("host memory", "peak", f"{estimate.host_total / 2**30:.3f}",
+                      "offloaded state and buffers in this rank's share of the host (checked apart)")
+    if estimate.disk_total:
+        table.add_row("disk", "whole run", f"{estimate.disk_total / 2**30:.3f}",
+                      "nvme offload files of this rank under parallel.zero.nvme_path (ranks of a node share it)")
+    for note in estimate.notes:
+        table.add_row("note", "", "", note)
     if estimate.tp_bytes:
         sent = ", ".join(f"{kind.replace('_', '-')} {value / 2**20:.1f} MiB" for kind, value in estimate.tp_bytes.items())
         table.add_row("tensor-parallel traffic", "per step", f"{estimate.tp_wire_bytes / 2**30:.3f}",

@@ -23,7 +23,7 @@ from sdtrain.errors import CheckpointError, UserInputError
 from sdtrain.estimate.tensor_parallel import split_params, tp_local
 from sdtrain.launch.drills import ActiveDrill, drills_reaching_workers
 from sdtrain.launch.exports import EnvFile, launcher_exports, load_env_file
-from sdtrain.launch.memory_check import check_memory
+from sdtrain.launch.memory_check import check_memory, memory_summary
 from sdtrain.launch.placement import LaunchRequest, build_plan
 from sdtrain.launch.plan import LaunchPlan, resolve_backend, resolve_nproc
 from sdtrain.launch.resume_target import recipe_problems
@@ -73,6 +73,11 @@ class Job:
             row["state_bytes_per_rank"] = round(per_rank[self.recipe.parallel.zero_stage])
         return rows
 
+    def memory(self) -> dict:
+        """Per rank, the largest rank's estimate by where it lives: device, host (offload's),
+        disk (nvme offload's files, and per node: its ranks share the folder's disk)."""
+        return memory_summary(self.recipe, self.plan, self.run_dir)
+
     @property
     def remote(self) -> bool:
         return self.plan.launcher != "local"
@@ -120,6 +125,7 @@ class Job:
             "parallel": self.layout.as_dict(),
             "params": {"total": count_params(self.recipe.model), "active": count_params(self.recipe.model, active=True)},
             "stages": self.stages(),
+            "memory": self.memory(),
             "placement": self.plan.placement(self.layout),
             "batch": self.batch.as_dict(),
             "recipe": self.recipe.model_dump(mode="json"),
@@ -149,11 +155,12 @@ def plan_job(recipe_path: str, overrides: list[str], nproc_per_node: int | None,
     batch = derive_batch(train.global_batch_size, train.micro_batch_size, train.grad_accum_steps, layout.dp)
     check_schedule(recipe.parallel.pipeline, batch.grad_accum)
     recipe = _with_batch(recipe, batch, max(len(node.slots) for node in plan.nodes))
-    memory_warnings = check_memory(recipe, plan, launcher)  # a plan that will not fit stops here (exit 2)
+    run_path = Path(run_dir or Path("runs") / recipe.name).absolute()
+    # a plan that will not fit (memory, or nvme offload's files on disk) stops here (exit 2)
+    memory_warnings = check_memory(recipe, plan, launcher, run_path)
     if recipe.log.tensorboard and find_spec("tensorboard") is None:
         raise UserInputError("log.tensorboard is on but tensorboard is not installed: pip install 'sdtrain[tensorboard]'")
     data_summary = check_source(recipe.data, recipe.model.seq_len, recipe.model.vocab_size)
-    run_path = Path(run_dir or Path("runs") / recipe.name).absolute()
     notes: list[str] = []
     refused: dict = {}
     resume_from = resolve_resume(recipe, run_path, notes, refused)

@@ -204,7 +204,8 @@ def main(argv=None) -> int:
         from sdtrain.launch.memory_check import check_node
         from sdtrain.recipe import validate_recipe
 
-        problem = check_node(validate_recipe(json.loads(args.recipe_json)), args.nnodes * args.nproc, args.nproc)
+        problem = check_node(validate_recipe(json.loads(args.recipe_json)), args.nnodes * args.nproc, args.nproc,
+                             args.run_dir)
         if problem:
             say(f"sdtrain node {args.node_rank} ({socket.gethostname()}): {problem}")
             return 2

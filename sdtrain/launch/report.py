@@ -16,6 +16,7 @@ from sdtrain.launch.disk import DISK_ERRORS, describe, unwritable
 from sdtrain.launch.drills import hang_injected, injected_by, injected_line, not_injected_note
 from sdtrain.launch.failures import merge_reports, only_symptoms, read_reports, root_cause
 from sdtrain.launch.hang_report import hang_diagnosis
+from sdtrain.launch.memory_check import describe_summary
 from sdtrain.launch.node_death import DIED_HINT, node_died
 from sdtrain.launch.oom import explain as explain_oom
 
@@ -33,6 +34,7 @@ def print_plan(console: Console, job) -> None:
     console.print("[bold]parallel[/]: " + job.layout.explain() + sequence)
     console.print("[bold]data[/]: " + escape(job.data_summary))
     console.print("[bold]model[/]: " + model_size_line(job.recipe.model))
+    console.print("[bold]memory[/]: " + escape(describe_summary(job.memory())))
     console.print("[bold]run dir[/]: " + escape(str(job.run_dir) + (f"  (resuming from {job.resume_from})" if job.resume_from else "")))
     # At 80 columns a host name wraps in its cell, never cut to "…" (console_table.py).
     columns = {"rank": "rank", "host": "host", "node": "node_rank", "local rank": "local_rank", "device": "device",

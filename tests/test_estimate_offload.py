@@ -1,0 +1,162 @@
+"""Offload in the accounting (issue 22): the estimate counts device, host and disk apart, the fit
+check adds host to device where they are the same memory (CPU) and refuses a plan whose nvme
+files do not fit the disk, and the will-not-fit report suggests offload when it would fit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import TINY, merge, sdtrain
+from sdtrain.estimate.buffers import NVME_BUFFER_BYTES_PER_PARAM
+from sdtrain.estimate.fit import Budget
+from sdtrain.estimate.plan import CPU_OFFLOAD_NOTE, estimate_recipe
+from sdtrain.estimate.verdict import judge
+from sdtrain.model.size import count_params
+from sdtrain.recipe import validate_recipe
+
+GiB = 2**30
+MODEL = {"n_layers": 4, "d_model": 256, "n_heads": 4, "seq_len": 64, "vocab_size": 256}
+
+
+def recipe(precision="bf16", stage=3, optimizer="none", params="none", **zero):
+    raw = merge(TINY, {"model": MODEL, "train": {"precision": precision, "global_batch_size": 2, "micro_batch_size": 1},
+                       "parallel": {"zero_stage": stage, "zero": {"offload_optimizer": optimizer,
+                                                                  "offload_params": params, **zero}}})
+    return validate_recipe(raw)
+
+
+def terms(r, world=2, device="cpu"):
+    [estimate] = estimate_recipe(r, world, device)
+    return estimate, {t.name: t for t in estimate.terms}
+
+
+PSI = count_params(validate_recipe(merge(TINY, {"model": MODEL})).model)
+
+
+@pytest.mark.parametrize("precision, stage, optimizer, params, disk", [
+    ("bf16", 3, "nvme", "none", 12 * PSI / 2),  # master + m + v, 12Ψ/N
+    ("bf16", 3, "nvme", "nvme", 14 * PSI / 2),  # and the bf16 weight shard, 2Ψ/N
+    ("fp32", 3, "nvme", "none", 8 * PSI / 2),  # m + v: the master is the weight shard
+    ("fp32", 3, "nvme", "nvme", 12 * PSI / 2),  # and the fp32 weight shard, 4Ψ/N
+    ("bf16", 1, "nvme", "none", 12 * PSI / 2),
+    ("fp32", 2, "nvme", "none", 8 * PSI / 2),
+])
+def test_nvme_moves_the_formula_s_bytes_to_disk(precision, stage, optimizer, params, disk):
+    estimate, by_name = terms(recipe(precision, stage, optimizer, params))
+    assert estimate.disk_total == disk
+    moved = [t.name for t in estimate.terms if t.where == "disk"]
+    assert sorted(moved) == sorted(["optimizer state"] + (["weights"] if params == "nvme" else []))
+    before, _ = terms(recipe(precision, stage))
+    assert before.disk_total == 0
+    # what left the device is exactly what went to disk (the gradients stay)
+    assert by_name["gradients"].where == "device"
+    def state_on_device(e):
+        return sum(t.bytes for t in e.terms if t.name in ("weights", "gradients", "optimizer state") and t.where == "device")
+    assert state_on_device(before) - state_on_device(estimate) == disk
+
+
+def test_nvme_buffers_are_host_memory_counted_with_the_device_on_cpu():
+    r = recipe("bf16", 3, "nvme", sub_group_mb=0.25, buffer_count=4)
+    estimate, by_name = terms(r)
+    group = 0.25 * 2**20 / 4  # sub_group_mb counts fp32 master bytes
+    assert group < PSI / 2  # a sub-group smaller than the shard: the pipeline bounds it
+    buffers = by_name["offload sub-group buffers"]
+    assert (buffers.where, buffers.phase, buffers.bytes) == ("host", "optimizer step", 4 * group * NVME_BUFFER_BYTES_PER_PARAM)
+    assert estimate.host_total == buffers.bytes
+    # a CPU rank's host is its device's memory: the checked total holds both
+    assert estimate.total == pytest.approx(
+        estimate.phase_bytes("always", ("device", "host")) + estimate.phase_bytes(estimate.peak_phase, ("device", "host")))
+    big = terms(recipe("bf16", 3, "nvme", sub_group_mb=1024))[1]["offload sub-group buffers"]
+    assert big.bytes == 3 * PSI / 2 * NVME_BUFFER_BYTES_PER_PARAM  # never more than the shard
+
+
+def test_params_nvme_stages_the_gathered_shards_on_the_host():
+    _, by_name = terms(recipe("bf16", 3, "nvme", "nvme"))
+    staging = by_name["offload weight staging"]
+    assert staging.where == "host" and staging.phase == "forward/backward" and staging.bytes > 0
+
+
+def test_cpu_offload_on_a_cpu_machine_is_none_and_says_so():
+    estimate, _ = terms(recipe("bf16", 3, "cpu", "cpu"))
+    plain, _ = terms(recipe("bf16", 3))
+    assert estimate.total == plain.total and estimate.disk_total == 0 and estimate.host_total == 0
+    assert estimate.notes == [CPU_OFFLOAD_NOTE] and plain.notes == []
+
+
+def test_cpu_offload_beside_a_gpu_moves_state_to_the_host_checked_apart():
+    r = recipe("bf16", 3, "cpu")
+    estimate, by_name = terms(r, device="cuda")
+    plain, _ = terms(recipe("bf16", 3), device="cuda")
+    assert by_name["optimizer state"].where == "host" and estimate.host_total == 12 * PSI / 2
+    assert plain.total - estimate.total == pytest.approx(12 * PSI / 2)  # the device's own peak is lighter
+    assert judge(r, 2, "cuda", Budget(64 * GiB, "test"), Budget(64 * GiB, "host")).fits
+    short = judge(r, 2, "cuda", Budget(64 * GiB, "test"), Budget(1024, "a tiny host"))
+    assert not short.fits and "host memory per rank" in short.message() and "a tiny host" in short.message()
+
+
+def _dry_run(path, tmp_path, *sets, limit="64GiB"):
+    args = [a for s in sets for a in ("--set", s)]
+    return sdtrain("launch", path, "--dry-run", "--json", "--run-dir", tmp_path / "run", *args,
+                   env={"SDTRAIN_MEMORY_LIMIT": limit})
+
+
+BIG = {"model": {"n_layers": 12, "d_model": 1024, "n_heads": 16, "seq_len": 64, "vocab_size": 256},
+       "train": {"precision": "bf16", "global_batch_size": 2, "micro_batch_size": 1},
+       "parallel": {"zero_stage": 3}, "launch": {"nproc_per_node": 2}}
+
+
+def test_fit_check_refuses_without_offload_names_the_fix_and_passes_with_it(write_recipe, tmp_path):
+    path = write_recipe(BIG)
+    without = json.loads(sdtrain("estimate", path, "--json", env={}).stdout)["ranks"][0]
+    with_nvme = json.loads(sdtrain("estimate", path, "--json", "--set", "parallel.zero.offload_optimizer=nvme").stdout)["ranks"][0]
+    limit = f"{2 * (without['total_bytes'] + with_nvme['total_bytes']) / 2 / 2**20:.0f}M"  # between the two, 2 ranks
+    refused = _dry_run(path, tmp_path, limit=limit)
+    assert refused.returncode == 2, refused.stdout
+    line = " ".join(refused.stderr.split())
+    assert "will not fit in memory" in line and "--set parallel.zero.offload_optimizer=nvme" in line
+    assert "on disk under parallel.zero.nvme_path" in line
+    passed = _dry_run(path, tmp_path, "parallel.zero.offload_optimizer=nvme", limit=limit)
+    assert passed.returncode == 0, passed.stderr
+    memory = json.loads(passed.stdout)["memory"]
+    assert memory["disk_bytes_per_rank"] == with_nvme["disk_bytes"]
+    assert memory["disk_bytes_per_node"] == 2 * with_nvme["disk_bytes"]
+    assert memory["offload_folder"] == str(tmp_path / "run" / "offload")
+    assert memory["host_bytes_per_rank"] == with_nvme["host_bytes"] > 0
+
+
+def test_dry_run_says_cpu_offload_is_none_without_a_gpu(write_recipe, tmp_path):
+    path = write_recipe(merge(BIG, {"parallel": {"zero": {"offload_optimizer": "cpu"}}}))
+    shown = sdtrain("launch", path, "--dry-run", "--run-dir", tmp_path / "run", env={"SDTRAIN_MEMORY_LIMIT": "64GiB"})
+    assert shown.returncode == 0, shown.stderr
+    assert CPU_OFFLOAD_NOTE in " ".join(shown.stdout.split())
+    estimated = sdtrain("estimate", path)
+    assert CPU_OFFLOAD_NOTE in " ".join(estimated.stdout.split()).replace(" │ ", " ")
+
+
+def test_disk_that_cannot_hold_the_offload_files_is_refused(write_recipe, tmp_path):
+    """The model is sized from this filesystem's real free space so that its nvme files need
+    twice that; the estimate is arithmetic, nothing is allocated."""
+    folder = tmp_path / "not-yet" / "offload"  # its nearest existing parent says which disk
+    free = shutil.disk_usage(tmp_path).free
+    d = 4096
+    per_layer_disk = 12 * 12 * d * d  # bf16 stage 3 at 1 rank: 12Ψ on disk, 12 d^2 parameters a block
+    layers = int(2 * free / per_layer_disk) + 1
+    path = write_recipe({"model": {"n_layers": layers, "d_model": d, "n_heads": 32, "seq_len": 16, "vocab_size": 256},
+                         "train": {"precision": "bf16", "global_batch_size": 1, "micro_batch_size": 1},
+                         "parallel": {"zero_stage": 3, "zero": {"offload_optimizer": "nvme", "nvme_path": str(folder)}}})
+    refused = sdtrain("launch", path, "--dry-run", "--run-dir", tmp_path / "run", env={"SDTRAIN_MEMORY_LIMIT": "1e18"})
+    assert refused.returncode == 2, refused.stdout[-500:]
+    line = " ".join(refused.stderr.split())
+    assert "nvme offload files will not fit on disk" in line and str(folder) in line
+    assert "is free there" in line and "set parallel.zero.nvme_path" in line
+    assert not (tmp_path / "run").exists() and not folder.exists()  # nothing launched, nothing made
+
+
+def test_disk_with_room_passes(write_recipe, tmp_path):
+    path = write_recipe(merge(BIG, {"parallel": {"zero": {"offload_optimizer": "nvme", "nvme_path": str(tmp_path)}}}))
+    passed = _dry_run(path, tmp_path)
+    assert passed.returncode == 0, passed.stderr
+    assert json.loads(passed.stdout)["memory"]["offload_folder"] == str(tmp_path)
