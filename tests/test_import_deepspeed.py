@@ -50,11 +50,12 @@ def test_zero2_bf16_carries_batch_precision_zero_optimizer_and_cosine(tmp_path):
     assert json.loads(launch.stdout)["batch"] == {"global": 32, "micro": 4, "grad_accum": 4, "data_parallel": 2}
 
 
-def test_zero3_with_offload_lists_offload_and_keeps_stage3_settings(tmp_path):
+def test_zero3_with_offload_carries_offload_and_keeps_stage3_settings(tmp_path):
     result, out = run_import(tmp_path, "zero3_offload.json")
-    assert result.returncode == 0, result.stderr  # offload moves memory, not the numbers: listed only
+    assert result.returncode == 0, result.stderr
     recipe = load_recipe(out)
     zero = recipe.parallel.zero
+    assert (zero.offload_optimizer, zero.offload_params, zero.pin_memory) == ("cpu", "cpu", True)  # carried (issue 22)
     assert recipe.parallel.zero_stage == 3 and recipe.train.activation_checkpointing is True
     assert zero.persistence_threshold == 100_000
     assert 1 <= zero.prefetch_blocks <= recipe.model.n_layers - 1  # 5e7 elements: many blocks, capped

@@ -6,7 +6,8 @@ change what is computed (an optimizer, a precision, a data schedule sdtrain does
 an import that meets one stops (exit 2) unless the user says `--lenient`. Every key DeepSpeed
 reads (deepspeed_known.py) is in one of the two or has a converter; a name DeepSpeed does not
 read either is most likely a typo, which DeepSpeed ignores at the top level: it counts as
-changing the numbers until the user has looked.
+changing the numbers until the user has looked. (Offload's keys are converted:
+deepspeed_offload.py.)
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ SAME_NUMBERS = {
     "comet": "a monitoring backend sdtrain lacks; metrics.jsonl holds the numbers",
     "autotuning": "sdtrain does not autotune; `sdtrain bench` measures the strategies side by side",
     "zero_allow_untested_optimizer": "a DeepSpeed guard for client optimizers; sdtrain's ZeRO runs its own AdamW",
-    "zero_force_ds_cpu_optimizer": "a guard for CPU offload, which sdtrain does not do",
-    "aio": "asynchronous I/O for NVMe offload, which sdtrain does not do",
+    "zero_force_ds_cpu_optimizer": "a guard that DeepSpeed's own CPU Adam steps offloaded state; sdtrain steps it with "
+                                   "torch's fused AdamW",
+    "aio": "DeepSpeed's async-I/O (libaio) settings for NVMe offload: sdtrain reads and writes its offload files "
+           "with threads and pread/pwrite",
     "checkpoint": _DCP,
     "prescale_gradients": "divides gradients before the all-reduce instead of after: the same average up to rounding",
     "gradient_predivide_factor": "splits the gradient averaging around the all-reduce: the same average up to rounding",
@@ -76,13 +79,7 @@ ZERO_SAME_NUMBERS = {
     "allgather_partitions": "sdtrain gathers each bucket or block in one all_gather",
     "allgather_bucket_size": "sdtrain gathers each bucket (stages 1/2) or block (stage 3) whole",
     "reduce_scatter": "sdtrain reduce-scatters gradients (an all-reduce on gloo): the same average",
-    "round_robin_gradients": "a CPU-offload optimization; sdtrain does not offload",
-    "offload_optimizer": "where optimizer state lives, not what is computed: sdtrain keeps it on the device, sharded by ZeRO",
-    "offload_param": "where parameters live, not what is computed: sdtrain keeps them on the device, sharded at stage 3",
-    "cpu_offload": "where optimizer state lives (deprecated key); sdtrain keeps it on the device",
-    "cpu_offload_params": "where parameters live (deprecated key); sdtrain keeps them on the device",
-    "cpu_offload_use_pin_memory": "an offload setting; sdtrain does not offload",
-    "sub_group_size": "the optimizer step's granularity under offload: no effect on the values",
+    "round_robin_gradients": "the order DeepSpeed copies gradients to the host under CPU offload: speed, not values",
     "stage3_max_live_parameters": _PARAMETER_CACHE,
     "max_live_parameters": _PARAMETER_CACHE,
     "stage3_max_reuse_distance": _PARAMETER_CACHE,
@@ -106,7 +103,6 @@ ZERO_SAME_NUMBERS = {
     "mics_shard_size": "MiCS sharding groups: a layout, not other values",
     "mics_hierarchical_params_gather": "MiCS gathering: a layout, not other values",
     "stage3_use_all_reduce_for_fetch_params": _IMPL,
-    "cpu_offload_param": "where parameters live (deprecated key); sdtrain keeps them on the device",
     "model_persistence_threshold": "a bound on parameters kept whole on every rank: memory, not values",
     "stage3_model_persistence_threshold": "a bound on parameters kept whole on every rank: memory, not values",
 }

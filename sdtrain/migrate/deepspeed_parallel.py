@@ -2,7 +2,7 @@
 
 Sizes in DeepSpeed count elements; sdtrain's bucket counts MB of gradients, its stage-3
 prefetch counts whole blocks, so those two are converted (the second approximately, and
-said so). The HF Trainer's "auto" sizes follow its own rule from the model's hidden size,
+said so); the offload keys go to deepspeed_offload.py. The HF Trainer's "auto" sizes follow its own rule from the model's hidden size,
 applied to the recipe's model.
 """
 
@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 from sdtrain.migrate import deepspeed_keys as keys
 from sdtrain.migrate import deepspeed_known as known
+from sdtrain.migrate.deepspeed_offload import OFFLOAD_KEYS, convert_offload
 from sdtrain.migrate.deepspeed_values import AUTO, Converter
 from sdtrain.model.size import count_params
 from sdtrain.recipe import ModelConfig
@@ -43,8 +44,8 @@ def convert_zero(c: Converter, zero, precision: str, model: ModelConfig) -> None
         elif key in ("stage3_param_persistence_threshold", "param_persistence_threshold"):
             c.put("parallel.zero.persistence_threshold", c.integer(where, value, minimum=0), where,
                   how + "elements, as in DeepSpeed" + ("" if stage == 3 else f"; used at stage 3 only, this is stage {stage}"))
-        elif key in ("offload_optimizer", "offload_param") and isinstance(value, dict) and value.get("device") in ("none", None):
-            c.drop(where, "device none: no offload, as in sdtrain")
+        elif key in OFFLOAD_KEYS:
+            convert_offload(c, key, value, stage)
         elif key in keys.ZERO_SAME_NUMBERS:
             c.drop(where, keys.ZERO_SAME_NUMBERS[key])
         elif key in keys.ZERO_OTHER_NUMBERS:
