@@ -52,7 +52,7 @@ class ParamGatherer:
         self.shards = shards  # offloaded weight shards, or None: unit.shard is always there
         self.in_flight: dict[int, object] = {}  # id(unit) -> async work
         self.kept_for_backward = range(max(len(blocks) - 1 - prefetch, 0), len(blocks))
-        model.register_forward_pre_hook(lambda module, args: self._gather_roots())
+        model.register_forward_pre_hook(lambda module, args: self._forward_starts())
         # The head and loss run after the forward (on the part that has them): the root
         # stays gathered through them, and in evaluation is freed after the last use.
         last_use = model.head_loss if getattr(model, "head_loss", None) is not None else model
@@ -99,8 +99,11 @@ class ParamGatherer:
             if id(unit) not in self.in_flight and not self.gathered(unit):
                 self.shards.read_ahead(unit)
 
-    def _gather_roots(self) -> None:
+    def _forward_starts(self) -> None:
         self._read_ahead([u for block in self.blocks[: 1 + self.prefetch] for u in block])
+        self._gather_roots()
+
+    def _gather_roots(self) -> None:
         for unit in self.roots:
             self.gather(unit)
 

@@ -51,6 +51,7 @@ class OffloadedShards:
         self.store = store
         self.regions = {}  # id(unit) -> where its shard lives: a store region, or a host tensor
         self.reads = {}  # id(unit) -> the future of a read into unit.shard
+        self.reads_on_demand = 0  # gathers that found no read ahead of them (the root's, at a forward's start)
         self.units = offloadable(units)
         for unit in self.units:
             if store is not None:
@@ -80,6 +81,8 @@ class OffloadedShards:
         """unit.shard with its bytes in it (waiting for its read, or reading it now)."""
         if not self.holds(unit):
             return unit.shard
+        if id(unit) not in self.reads and not _resident(unit.shard):
+            self.reads_on_demand += 1
         self.read_ahead(unit)
         future = self.reads.pop(id(unit), None)
         if future is not None:
@@ -103,6 +106,13 @@ class OffloadedShards:
 
     # --- the step's side ---------------------------------------------------------------
 
+    def hand_masters_to(self, optimizer) -> None:
+        """fp32 with the optimizer offloaded too (offload/optimizer.py): the masters it steps in
+        sub-groups are these shards, in these regions; one copy on disk, not two."""
+        for unit in self.units:
+            if unit.master is unit.shard and self.store is not None:
+                optimizer.master_in_store(unit, self.regions[id(unit)])
+
     def load_masters(self) -> None:
         """fp32 (the shard is the master): every master whole in memory for the optimizer."""
         for unit in self.units:
@@ -114,7 +124,11 @@ class OffloadedShards:
 
     def write_back(self, unit: FlatUnit) -> None:
         """The stepped master -> the unit's shard on disk. Under fp32 (the shard is the master)
-        a master not in memory is already there (loaded into the file by a checkpoint)."""
+        a master not in memory is already there (stepped there by an offloaded optimizer, or
+        loaded there by a checkpoint); a master the optimizer keeps off memory too (None) sent
+        each stepped sub-group here itself (write_back_part)."""
+        if unit.master is None:
+            return
         if unit.master is unit.shard:
             if _resident(unit.shard):
                 self._write(unit, unit.shard)
