@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sdtrain.bench.entry_failure import entry_failure
 from sdtrain.bench.moe_strategy import all_to_all_share
+from sdtrain.bench.offload_strategy import OffloadStrategy, offload_numbers
 from sdtrain.bench.pipeline_strategy import PipelineStrategy
 from sdtrain.launch.drills import ActiveDrill
 from sdtrain.launch.node import threads_per_worker
@@ -42,6 +43,8 @@ class Entry:
     tp: int = 1  # tensor-parallel ranks (a peer's: those of the rows it is compared with)
     sequence_parallel: bool = False
     tp_bytes: dict[str, int] | None = None  # TP's bytes per step by kind (metrics.jsonl's tp_bytes)
+    offload: OffloadStrategy | None = None  # a zero<S>-nvme|cpu row
+    offload_rounds: list[dict] = field(default_factory=list)  # per round: wait and bandwidths (offload_strategy.py)
 
     @property
     def stages(self) -> int:
@@ -73,6 +76,8 @@ def measure(entry: Entry, out: Path, drills: list[ActiveDrill]) -> str | None:
         entry.samples.append(statistics.median(r["tokens_per_s"] for r in rows[1:]))
         if entry.ep:
             entry.all_to_all_shares.append(all_to_all_share(rows[1:]))
+        if entry.offload:
+            entry.offload_rounds.append(offload_numbers(rows[1:]))
         if "bubble" in rows[0]:  # a pipeline's idle share, over the intervals tokens/s is taken from
             entry.bubbles.append(statistics.mean(r["bubble"] for r in rows[1:]))
             per_stage = zip(*(r["bubble_per_stage"] for r in rows[1:]))

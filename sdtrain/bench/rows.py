@@ -42,6 +42,18 @@ def _expert_columns(entry: Entry) -> dict:
     return {"expert_parallel": entry.ep, "all_to_all_share": round(share, 4) if share is not None else None}
 
 
+def _offload_columns(entry: Entry) -> dict:
+    """An offload row's settings and, from the best round (the one whose tokens/s the row shows),
+    the exposed I/O wait per step and the bandwidths achieved (None where the run logged none)."""
+    if entry.offload is None:
+        return {}
+    o = entry.offload
+    best = entry.samples.index(max(entry.samples)) if entry.samples else None
+    numbers = entry.offload_rounds[best] if best is not None and best < len(entry.offload_rounds) else {}
+    return {"offload_optimizer": o.device, "offload_params": o.device if o.params else "none",
+            **{key: (round(value, 4) if value is not None else None) for key, value in numbers.items()}}
+
+
 def report(entries: list[Entry], recipe, steps: int, repeats: int, notes: list[str], peak: dict,
            tokens_per_step: dict[int, int]) -> dict:
     """The bench's results: a row per entry, with its ratios to the peers of its layout
@@ -56,7 +68,7 @@ def report(entries: list[Entry], recipe, steps: int, repeats: int, notes: list[s
                "peak_mem_gib": entry.peak_mem_gib, "model_state_bytes": entry.state_bytes,
                "comm_bytes_per_step": entry.comm_bytes, "tensor_parallel": entry.tp,
                "sequence_parallel": entry.sequence_parallel, "tp_bytes_per_step": entry.tp_bytes,
-               **_pipeline_columns(entry), **_expert_columns(entry)}
+               **_pipeline_columns(entry), **_expert_columns(entry), **_offload_columns(entry)}
         if entry.kind == "sdtrain":
             for peer in entries:
                 if compared(entry, peer) and peer.tokens_per_s:

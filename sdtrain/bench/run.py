@@ -5,7 +5,9 @@ a user runs): a ZeRO stage without a pipeline, or a pipeline `pp<P>-<schedule>`
 (pipeline_strategy.py) whose rows also carry the bubble it measured beside the schedule's
 formula, or an expert-parallel MoE `ep<N>[-zero<S>]` (moe_strategy.py) whose rows also carry
 the share of step time in the all-to-all, or tensor parallelism `tp<T>[-nosp][-zero<S>]`
-(tp_strategy.py) whose rows carry T, sequence parallelism and TP's bytes per step by kind. Each peer is its own implementation of the same model and batch (plain DDP,
+(tp_strategy.py) whose rows carry T, sequence parallelism and TP's bytes per step by kind, or a
+ZeRO stage with offload `zero<S>-nvme|cpu[-params]` (offload_strategy.py) whose rows carry the
+exposed I/O wait and the bandwidth achieved, beside the disk's own (disk.py). Each peer is its own implementation of the same model and batch (plain DDP,
 FSDP2, DeepSpeed ZeRO, DeepSpeed's pipeline at the same P and micro-batches, DeepSpeed's MoE
 layer at the same expert-parallel size, PyTorch's DTensor tensor parallelism; plain eager and
 torch.compile loops on one device), on the device and backend the recipe's run uses.
@@ -31,6 +33,8 @@ from sdtrain.batch import derive_batch
 from sdtrain.bench.entry import Entry, measure
 from sdtrain.bench.moe_strategy import DEEPSPEED_MOE_ZERO, ExpertStrategy, parse_expert_strategy
 from sdtrain.bench.moe_strategy import SYNTAX as EP_SYNTAX
+from sdtrain.bench.offload_strategy import SYNTAX as OFFLOAD_SYNTAX
+from sdtrain.bench.offload_strategy import OffloadStrategy, parse_offload_strategy
 from sdtrain.bench.pipeline_strategy import SYNTAX, PipelineStrategy, parse_pipeline_strategy
 from sdtrain.bench.rows import compared, report
 from sdtrain.bench.tp_strategy import SYNTAX as TP_SYNTAX
@@ -59,13 +63,14 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
     where an sdtrain entry failed."""
     if steps < 3 * INTERVAL:
         raise UserInputError(f"--steps {steps}: need at least {3 * INTERVAL} for a warm-up interval and samples")
-    pipelines, experts, tensors = {}, {}, {}
+    pipelines, experts, tensors, offloads = {}, {}, {}, {}
     for name in strategies:
         pipelines[name], experts[name] = parse_pipeline_strategy(name), parse_expert_strategy(name)
-        tensors[name] = parse_tensor_strategy(name)
-        if pipelines[name] is None and experts[name] is None and tensors[name] is None and name not in STAGES:
+        tensors[name], offloads[name] = parse_tensor_strategy(name), parse_offload_strategy(name)
+        if not (pipelines[name] or experts[name] or tensors[name] or offloads[name]) and name not in STAGES:
             raise UserInputError(f"--strategies: unknown strategy {name!r}; available: {', '.join(STAGES)}, "
-                                 f"a pipeline: {SYNTAX}, experts: {EP_SYNTAX}, or tensor parallelism: {TP_SYNTAX}")
+                                 f"a pipeline: {SYNTAX}, experts: {EP_SYNTAX}, tensor parallelism: {TP_SYNTAX}, "
+                                 f"or offload: {OFFLOAD_SYNTAX}")
     for peer in peers:
         if peer not in PEERS:
             raise UserInputError(f"--peers: unknown peer {peer!r}; available: {', '.join(PEERS)}")
@@ -79,6 +84,8 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
             raise UserInputError(f"--strategies {expert.name}: the recipe has no experts; set model.moe.num_experts "
                                  "(recipes/moe.yaml has them)")
         load_recipe(recipe_path, [*base, *expert.overrides()])
+    for offload in filter(None, offloads.values()):  # and an offload setting it cannot run
+        load_recipe(recipe_path, [*base, *offload.overrides()])
     notes = []
     entries = []
     for world in worlds:
@@ -91,6 +98,8 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
                 entries += _expert_entry(experts[name], world, recipe_path, base, notes)
             elif tensors[name]:
                 entries += _tensor_entry(tensors[name], world, recipe, recipe_path, base, notes)
+            elif offloads[name]:
+                entries.append(_offload_entry(offloads[name], world, recipe_path, base))
             else:
                 entries.append(_sdtrain_entry(name, 1 if name == "single" else world, recipe_path, base))
         entries += _peer_entries(recipe, peers, strategies, world, notes)
@@ -123,6 +132,7 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
             entry.argv += [arg for name in allowed_env_vars for arg in (ALLOW_FLAG, name)]
     peak = _peak_for_mfu(recipe, notes)
     with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
+        disk = _disk_probe(recipe, tmp, notes) if any(o and o.device == "nvme" for o in offloads.values()) else None
         for round_index in range(repeats):
             for i, entry in enumerate(entries):
                 failure = measure(entry, Path(tmp) / f"{i}-{round_index}", drills)
@@ -130,7 +140,30 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
                     notes.append(f"{entry.name} (world {entry.world}) round {round_index + 1} failed: {failure}")
     tokens_per_step = {e.world: recipe_for_world(recipe, e.world)["train"]["global_batch_size"] * recipe.model.seq_len
                        for e in entries}
-    return report(entries, recipe, steps, repeats, notes, peak, tokens_per_step)
+    results = report(entries, recipe, steps, repeats, notes, peak, tokens_per_step)
+    if disk is not None:
+        results["disk"] = disk
+    return results
+
+
+def _offload_entry(offload: OffloadStrategy, world: int, recipe_path: str, base: list[str]) -> Entry:
+    return Entry(offload.name, world, "sdtrain", offload.zero_stage,
+                 _launch_argv(recipe_path, world, [*base, *offload.overrides()]), offload=offload)
+
+
+def _disk_probe(recipe, tmp: str, notes: list[str]) -> dict:
+    """The disk's own bandwidth where the nvme rows write (nvme_path, or the runs' folder under
+    `tmp`), in blocks of one sub-group's region (what the offload store moves at once)."""
+    from sdtrain.bench.disk import probe_disk
+    from sdtrain.estimate.disk import nearest_existing
+
+    zero = recipe.parallel.zero
+    folder = nearest_existing(Path(zero.nvme_path).expanduser()) if zero.nvme_path else Path(tmp)
+    disk = probe_disk(folder, int(zero.sub_group_mb * 2**20))
+    notes.append(f"disk at {disk['path']} (the nvme rows' files): write {disk['write_gbps']:.2f} GB/s (fsync'd), "
+                 f"read {disk['read_gbps']:.2f} GB/s ({disk['read_mode']}); {disk['bytes'] / 2**20:.0f} MiB in "
+                 f"{disk['block_bytes'] / 2**20:.0f} MiB blocks with pwrite / pread, as offload moves them")
+    return disk
 
 
 def _launch_argv(recipe_path: str, world: int, overrides: list[str]) -> list[str]:

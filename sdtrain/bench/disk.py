@@ -1,0 +1,85 @@
+"""The disk's own sequential bandwidth where nvme offload writes, for the bench to put beside
+the bandwidth offload achieved: a file of a few hundred MB written and read back in blocks of
+the size offload moves (one sub-group's region, parallel.zero.sub_group_mb), with pwrite and
+pread as the offload store does.
+
+The write is timed through fsync (on the disk, not in the page cache). Before the read the
+file's pages are dropped from the cache (posix_fadvise DONTNEED after fsync: this file only,
+never the machine's whole cache); the read then goes through O_DIRECT where the filesystem
+takes it (it bypasses the cache altogether), else through the emptied cache, and the result
+says which. A read still served from memory would be far above any disk, so `read_mode`
+is part of the number.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+import time
+from pathlib import Path
+
+MiB = 2**20
+PROBE_BYTES = 256 * MiB
+
+
+def probe_disk(folder: str | os.PathLike, block_bytes: int, total_bytes: int = PROBE_BYTES) -> dict:
+    """{"path", "bytes", "block_bytes", "write_gbps", "read_gbps", "read_mode"} of the
+    filesystem at `folder` (which must exist), GB/s as 10^9 bytes per second."""
+    block_bytes = max(mmap.PAGESIZE, block_bytes // mmap.PAGESIZE * mmap.PAGESIZE)  # O_DIRECT wants aligned sizes
+    blocks = max(1, total_bytes // block_bytes)
+    total = blocks * block_bytes
+    buffer = mmap.mmap(-1, block_bytes)  # page-aligned, as O_DIRECT needs
+    buffer.write(os.urandom(min(block_bytes, MiB)) * (block_bytes // min(block_bytes, MiB)))
+    fd, name = tempfile.mkstemp(prefix=".sdtrain-disk-probe-", dir=folder)
+    try:
+        began = time.perf_counter()
+        for i in range(blocks):
+            _all(os.pwrite, fd, buffer, i * block_bytes)
+        os.fsync(fd)
+        write_s = time.perf_counter() - began
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        read_s, mode = _read(name, fd, buffer, blocks, block_bytes)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+        buffer.close()
+    return {"path": str(Path(folder)), "bytes": total, "block_bytes": block_bytes,
+            "write_gbps": round(total / write_s / 1e9, 3), "read_gbps": round(total / read_s / 1e9, 3),
+            "read_mode": mode}
+
+
+def _read(name: str, fd: int, buffer: mmap.mmap, blocks: int, block_bytes: int) -> tuple[float, str]:
+    """(seconds, how) for reading the file back: O_DIRECT where it opens and reads, else pread
+    after the cache was dropped."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            direct_fd = os.open(name, os.O_RDONLY | direct)
+        except OSError:
+            direct_fd = None
+        if direct_fd is not None:
+            try:
+                return _timed_reads(direct_fd, buffer, blocks, block_bytes), "O_DIRECT"
+            except OSError:
+                pass  # the filesystem opens it but refuses direct reads (tmpfs, some overlays)
+            finally:
+                os.close(direct_fd)
+    return _timed_reads(fd, buffer, blocks, block_bytes), "page cache dropped (posix_fadvise), buffered pread"
+
+
+def _timed_reads(fd: int, buffer: mmap.mmap, blocks: int, block_bytes: int) -> float:
+    began = time.perf_counter()
+    for i in range(blocks):
+        _all(os.preadv, fd, buffer, i * block_bytes)
+    return time.perf_counter() - began
+
+
+def _all(call, fd: int, buffer: mmap.mmap, offset: int) -> None:
+    """pwrite / preadv until the whole block moved (either may move less than asked)."""
+    view, done = memoryview(buffer), 0
+    while done < len(view):
+        moved = call(fd, view[done:], offset + done) if call is os.pwrite else call(fd, [view[done:]], offset + done)
+        if moved <= 0:
+            raise OSError(f"the disk probe moved no bytes at offset {offset + done}")
+        done += moved
