@@ -52,6 +52,7 @@ class OffloadedShards:
         self.regions = {}  # id(unit) -> where its shard lives: a store region, or a host tensor
         self.reads = {}  # id(unit) -> the future of a read into unit.shard
         self.reads_on_demand = 0  # gathers that found no read ahead of them (the root's, at a forward's start)
+        self.stepping: set[int] = set()  # id(unit): fp32 masters loaded for an optimizer in memory to step
         self.units = offloadable(units)
         for unit in self.units:
             if store is not None:
@@ -100,8 +101,8 @@ class OffloadedShards:
         for future in self.reads.values():
             self.store.wait(future)
         self.reads.clear()
-        for unit in self.units:
-            if _resident(unit.shard) and unit.master is not unit.shard:
+        for unit in self.units:  # (an offloaded optimizer may have stepped the file under such a read)
+            if _resident(unit.shard) and id(unit) not in self.stepping:
                 _free(unit.shard)
 
     # --- the step's side ---------------------------------------------------------------
@@ -121,6 +122,7 @@ class OffloadedShards:
         for unit in self.units:
             if unit.master is unit.shard:
                 self.shard(unit)
+                self.stepping.add(id(unit))
 
     def write_back(self, unit: FlatUnit) -> None:
         """The stepped master -> the unit's shard on disk. Under fp32 (the shard is the master)
@@ -130,7 +132,8 @@ class OffloadedShards:
         if unit.master is None:
             return
         if unit.master is unit.shard:
-            if _resident(unit.shard):
+            if id(unit) in self.stepping:
+                self.stepping.discard(id(unit))
                 self._write(unit, unit.shard)
                 _free(unit.shard)
             return
@@ -150,8 +153,8 @@ class OffloadedShards:
 
     def master_view(self, unit: FlatUnit) -> torch.Tensor:
         """fp32: unit's master as checkpoints see it, a view mapped onto its file region, which DCP
-        saves from and loads into in place; resident, the master itself."""
-        if unit.master is not unit.shard or _resident(unit.shard):
+        saves from and loads into in place; loaded for a step, the master itself."""
+        if unit.master is not unit.shard or id(unit) in self.stepping:
             return unit.master
         if self.store is None:
             return self.regions[id(unit)]
