@@ -86,5 +86,8 @@ def offload_store(cfg, run_dir: Path | None, env: DistEnv):
         return None
     from sdtrain.parallel.offload.store import OffloadStore
 
-    parent = cfg.nvme_path if cfg.nvme_path is not None else Path(run_dir or ".") / "offload"
+    if cfg.nvme_path is not None:
+        return OffloadStore(cfg.nvme_path, env.rank)  # the user's folder: only our subfolder is made in it
+    parent = Path(run_dir or ".") / "offload"
+    parent.mkdir(parents=True, exist_ok=True)
     return OffloadStore(parent, env.rank)

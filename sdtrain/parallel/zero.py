@@ -34,12 +34,14 @@ from sdtrain.parallel.flat_unit import FlatUnit
 from sdtrain.parallel.loss_scale import loss_scaler_for
 from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.offload.params import offload_weight_shards
+from sdtrain.parallel.offload.store import offload_metrics
 from sdtrain.parallel.placement import DENSE, Placements, axis_groups, squares_over_axes
 from sdtrain.parallel.strategy import ADAM_MOMENTS, Strategy, clip_coefficient, tensor_bytes
 from sdtrain.parallel.tp_traffic import TpTraffic
 from sdtrain.parallel.zero3 import ParamGatherer
 from sdtrain.parallel.zero_tp import sum_partial_shards
-from sdtrain.parallel.zero_units import build_optimizer, build_units
+from sdtrain.parallel.zero_optimizer import zero_optimizer
+from sdtrain.parallel.zero_units import build_units
 
 if TYPE_CHECKING:
     from sdtrain.parallel.tensor_parallel import TensorParallelPlan
@@ -70,7 +72,12 @@ class Zero(Strategy):
         groups = axis_groups(env)
         self.comms = {"dp": self.comm, **{g: Comm(groups[g], overlap=cfg.overlap_comm)
                                           for g in {p.replicated_over for p in placements.values()} - {"dp"}}}
-        built = build_units(model, stage, cfg, placements, self.comms, env, self.param_dtype, tp_plan)
+        # where the fp32 masters and Adam moments live (zero_optimizer.py): it takes each unit
+        # as it is made, so an offloading one holds no more than one unit's master at a time
+        self.offload_store, self.steps_since_metrics = offload_store, 0
+        self.optimizer = zero_optimizer(cfg, train, env.device, self.param_dtype, offload_store, self._new_master_part)
+        built = build_units(model, stage, cfg, placements, self.comms, env, self.param_dtype, tp_plan,
+                            self.optimizer.adopt)
         self.units = built.units
         # stage 3's grouping, which its gatherer walks (empty at stages 1/2)
         self.block_units, self.root_units, self.persistent_unit = (built.block_units, built.root_units,
@@ -80,7 +87,7 @@ class Zero(Strategy):
         for layer in moe_layers(model).values():
             if layer.balancer is not None:
                 layer.balancer.float()  # its bias moves in steps of 1e-3: fp32
-        self.optimizer = build_optimizer(self.units, train, env.device)
+        self.optimizer.ready()
         # fp16: backward starts from scale / dp and each reduced average is multiplied back by
         # dp, so every fp16 sum holds what one process's would (loss_scale.py)
         self.loss_scaler = loss_scaler_for(train, env.device, model, predivide=env.dp_size)
@@ -94,6 +101,8 @@ class Zero(Strategy):
         if self.stage == 3:
             # ZeRO-Infinity: the weight shards off the device between gathers (offload/params.py)
             self.weight_shards = offload_weight_shards(self.units, cfg, offload_store, env.device)
+            if self.weight_shards is not None and self.optimizer.offloaded:
+                self.weight_shards.hand_masters_to(self.optimizer)  # fp32: one copy on disk, stepped there
             self.gatherer = ParamGatherer(model, self.block_units, self.root_units, self.comm, cfg.prefetch_blocks,
                                           self.weight_shards)
 
@@ -193,6 +202,7 @@ class Zero(Strategy):
     # --- step --------------------------------------------------------------------------
 
     def step(self, lr: float, grad_clip: float) -> torch.Tensor:
+        self.steps_since_metrics += 1
         if self.stage == 1:  # the step's one reduction of the whole accumulated gradients
             for unit in self.units:
                 if unit.waiting:  # not reduced during backward
@@ -222,14 +232,9 @@ class Zero(Strategy):
             coef = clip_coefficient(norm, grad_clip)
             for g in grads:
                 g.mul_(coef)
-        if self.weight_shards is not None:
+        if self.weight_shards is not None and not self.optimizer.offloaded:
             self.weight_shards.load_masters()  # fp32: the offloaded shards are the masters it steps
-        for unit, grad in zip(self.units, grads):
-            for view, part in unit.views:
-                view.grad = grad[part]
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        self.optimizer.step(grads, lr)
         self._publish_weights()
         self._clear_grads()
         after_step(self.model, self.env)
@@ -245,8 +250,6 @@ class Zero(Strategy):
             unit.grad_shard.zero_()
             if self.stage == 1:
                 unit.grad_full.zero_()
-            for view, _ in unit.views:
-                view.grad = None
 
     def add_grad(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         """Add `grad`, the same on every replica, to param's gradient: before the reduction
@@ -271,11 +274,20 @@ class Zero(Strategy):
         return value
 
     def after_load(self) -> None:
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        step = self.optimizer.state[params[0]]["step"]
-        for p in params[1:]:  # every optimizer view takes the loaded step count
-            self.optimizer.state[p]["step"] = step.clone()
+        self.optimizer.after_load()
+        self.optimizer.masters_to_weights()  # masters kept off memory: read back into the weights
         self._publish_weights()
+
+    def _local_weights(self, unit: FlatUnit) -> torch.Tensor:
+        """This rank's shard of unit's weights as forward reads them (stage 3: what is gathered)."""
+        return unit.shard if self.stage == 3 else unit.own_slice(unit.full)
+
+    def _new_master_part(self, unit: FlatUnit, master_part: torch.Tensor, start: int) -> None:
+        """A stepped part of a master the optimizer keeps off memory -> the weights."""
+        if self.weight_shards is not None and self.weight_shards.holds(unit):
+            self.weight_shards.write_back_part(unit, master_part, start)
+            return
+        self._local_weights(unit)[start : start + master_part.numel()].copy_(master_part)
 
     def _publish_weights(self) -> None:
         """New master weights -> the weights forward reads: cast into the local shard, then
@@ -289,8 +301,9 @@ class Zero(Strategy):
             if self.weight_shards is not None and self.weight_shards.holds(unit):
                 self.weight_shards.write_back(unit)  # the block's next gather reads it from there
                 continue
-            local = unit.shard if self.stage == 3 else unit.own_slice(unit.full)
-            if local.data_ptr() != unit.master.data_ptr():
+            local = self._local_weights(unit)
+            # (a master kept off memory, None, went into the weights sub-group by sub-group)
+            if unit.master is not None and local.data_ptr() != unit.master.data_ptr():
                 local.copy_(unit.master)
             if self.stage < 3 or unit.name == "persistent":
                 works.append(unit.comm.all_gather(unit.full, local, async_op=True))
@@ -302,12 +315,14 @@ class Zero(Strategy):
     def checkpoint_state(self) -> dict:
         model, moments = dict(balancer_state(self.model)), {m: {} for m in ADAM_MOMENTS}
         for unit in self.units:
-            master = unit.master if self.weight_shards is None else self.weight_shards.master_view(unit)
+            state = self.optimizer.unit_state(unit)  # offloaded: views mapped onto the files
+            master = state["master"]
+            if self.weight_shards is not None and master is unit.master:  # the weights' own shard
+                master = self.weight_shards.master_view(unit)
             model.update(unit.sharded(master, unit.mesh))
             for m in ADAM_MOMENTS:
-                moments[m].update(unit.sharded(unit.moments[m], unit.mesh))
-        first = next(p for group in self.optimizer.param_groups for p in group["params"])
-        return {"model": model, "optim": {**moments, "step": self.optimizer.state[first]["step"]}}
+                moments[m].update(unit.sharded(state[m], unit.mesh))
+        return {"model": model, "optim": {**moments, "step": self.optimizer.step_count}}
 
     def state_bytes(self) -> dict[str, int]:
         if self.stage == 3:  # (offloaded shards are not held here)
@@ -316,9 +331,8 @@ class Zero(Strategy):
         else:
             params = [u.full for u in self.units]
         grads = [u.grad_full if self.stage == 1 else u.grad_shard for u in self.units]
-        separate = [u.master for u in self.units if self.param_dtype != torch.float32]
-        optim = separate + [t for u in self.units for t in u.moments.values()]
-        return {"params": tensor_bytes(params), "grads": tensor_bytes(grads), "optimizer": tensor_bytes(optim)}
+        return {"params": tensor_bytes(params), "grads": tensor_bytes(grads),
+                "optimizer": tensor_bytes(self.optimizer.resident())}
 
     def comm_bytes(self) -> dict[str, int]:
         counted = self.comm.take_bytes()
@@ -335,5 +349,8 @@ class Zero(Strategy):
         metrics = moe_metrics(self.model, self.env, moe.num_experts) if moe else {}
         if self.tp_traffic is not None:
             metrics.update(self.tp_traffic.metrics())
+        if self.offload_store is not None:  # per step since the last record
+            metrics.update(offload_metrics(self.offload_store.counters.take(), self.steps_since_metrics))
+            self.steps_since_metrics = 0
         return metrics
 

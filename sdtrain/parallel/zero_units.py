@@ -1,4 +1,5 @@
-"""How ZeRO lays parameters into sharded flat units, and the optimizer over their shards.
+"""How ZeRO lays parameters into sharded flat units (the optimizer over their shards:
+zero_optimizer.py).
 
 Stage 3: one unit per Transformer block, plus one for everything else (embeddings, final
 norm), last, and one whole unit of the parameters under the persistence threshold. Stages
@@ -13,6 +14,7 @@ own master (K = 8): stage 1: 8Ψ + 8Ψ/N, stage 2: 4Ψ + 12Ψ/N, stage 3: 16Ψ/N
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,7 +26,7 @@ from sdtrain.parallel.comm import Comm
 from sdtrain.parallel.flat_unit import FlatUnit, replace_parameters
 from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.placement import DENSE, Placements
-from sdtrain.parallel.strategy import ADAM_MOMENTS, adamw, base_name, init_adam_state
+from sdtrain.parallel.strategy import base_name
 from sdtrain.parallel.zero_tp import placed_initial_value
 
 if TYPE_CHECKING:
@@ -42,9 +44,12 @@ class ZeroUnits:
 
 
 def build_units(model: nn.Module, stage: int, cfg, placements: Placements, comms: dict[str, Comm],
-                env: DistEnv, param_dtype: torch.dtype, tp_plan: TensorParallelPlan | None) -> ZeroUnits:
+                env: DistEnv, param_dtype: torch.dtype, tp_plan: TensorParallelPlan | None,
+                adopt: Callable[[FlatUnit], None]) -> ZeroUnits:
     """The model's parameters laid into flat units (see the module's docstring), each sharded
-    over comms[its placement's replicated_over] and given its state by shard_state.
+    over comms[its placement's replicated_over], given its state by shard_state and handed
+    to the optimizer (`adopt`, zero_optimizer.py) at once: an offloading one moves its
+    master out before the next unit is made.
 
     Each unit is sharded as soon as it is made, so with a meta-device model (whose
     weights the units make) stage 3 never holds more than one unit whole: a model
@@ -80,6 +85,7 @@ def build_units(model: nn.Module, stage: int, cfg, placements: Placements, comms
         unit.mesh = DeviceMesh.from_group(comm.group, env.device.type)  # the checkpoint's DTensors'
         replace_parameters(model, unit.replaced)
         shard_state(unit, stage, param_dtype, env.device)
+        adopt(unit)
         return unit
 
     if stage == 3:
@@ -138,25 +144,6 @@ def shard_state(unit: FlatUnit, stage: int, param_dtype: torch.dtype, device: to
             e.param.grad = unit.grad_full[e.offset : e.offset + e.numel].view(e.shape)
     if stage == 3 and unit.name != "persistent":
         unit.full.untyped_storage().resize_(0)  # whole weights only while a block runs
-
-
-def build_optimizer(units: list[FlatUnit], train, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the units' master shards, split into decayed and not, each unit's Adam
-    moments views of one flat tensor per moment (unit.moments, which checkpoints save)."""
-    decay, no_decay = [], []
-    for unit in units:
-        with_decay, without = unit.decay_split()
-        unit.views = [(unit.master[with_decay], with_decay), (unit.master[without], without)]
-        unit.moments = {m: torch.zeros_like(unit.master) for m in ADAM_MOMENTS}
-        for view, part in unit.views:
-            if view.numel():
-                (decay if part is with_decay else no_decay).append(view)
-    optimizer = adamw(decay, no_decay, train, device)
-    for unit in units:  # Adam moments are views of one flat tensor per unit
-        for view, part in unit.views:
-            if view.numel():
-                init_adam_state(optimizer, view, {m: t[part] for m, t in unit.moments.items()})
-    return optimizer
 
 
 def _suffix(placement) -> str:

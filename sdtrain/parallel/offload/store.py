@@ -67,10 +67,8 @@ def check_offload_dir(path: str | os.PathLike) -> Path:
 
 class OffloadStore:
     def __init__(self, parent: str | os.PathLike, rank: int, io_threads: int = 4):
-        """A store under `parent` (checked by check_offload_dir; the run directory's offload/
-        folder is made here if missing)."""
-        parent = Path(parent)
-        parent.mkdir(parents=True, exist_ok=True)
+        """A store in a new folder of its own under `parent`, an existing writable directory
+        (check_offload_dir)."""
         self.folder = check_offload_dir(parent) / f"rank{rank}-{os.getpid()}"
         self.folder.mkdir(mode=0o700)  # ours alone; an existing one is not ours: FileExistsError
         data = self.folder / "state.bin"
@@ -196,6 +194,18 @@ class IoCounters:
             self.spans = {"read": [], "write": []}
             self.waited = 0.0
         return taken
+
+
+def offload_metrics(taken: dict[str, float], steps: int) -> dict[str, float]:
+    """metrics.jsonl's offload numbers from IoCounters.take() over `steps` steps: GiB read and
+    written per step, seconds per step the step waited on I/O (exposed, not overlapped), and
+    the bandwidth achieved while I/O was running (GB/s, 1e9 bytes)."""
+    steps = max(steps, 1)
+    return {"offload_read_gib": round(taken["read_bytes"] / steps / 2**30, 6),
+            "offload_write_gib": round(taken["write_bytes"] / steps / 2**30, 6),
+            "offload_wait_s": round(taken["wait_s"] / steps, 6),
+            "offload_read_gbps": round(taken["read_bytes"] / taken["read_s"] / 1e9, 3) if taken["read_s"] else 0.0,
+            "offload_write_gbps": round(taken["write_bytes"] / taken["write_s"] / 1e9, 3) if taken["write_s"] else 0.0}
 
 
 def _union_length(spans: list[tuple[float, float]]) -> float:
