@@ -160,3 +160,24 @@ def test_disk_with_room_passes(write_recipe, tmp_path):
     passed = _dry_run(path, tmp_path)
     assert passed.returncode == 0, passed.stderr
     assert json.loads(passed.stdout)["memory"]["offload_folder"] == str(tmp_path)
+
+
+def test_the_0_6b_demo_is_refused_in_8_gib_without_offload_and_fits_with_it(tmp_path):
+    """recipes/offload-0.6b.yaml's claim, by the estimate (SDTRAIN_MEMORY_LIMIT stands for the
+    8 GiB cgroup; the report lists the commands that check it in a real one)."""
+    from conftest import REPO
+
+    recipe = REPO / "recipes" / "offload-0.6b.yaml"
+    env = {"SDTRAIN_MEMORY_LIMIT": "8GiB"}
+
+    def dry_run(*sets):
+        return sdtrain("launch", recipe, "--dry-run", "--json", "--run-dir", tmp_path / "run",
+                       *[a for s in sets for a in ("--set", s)], env=env)
+
+    refused = dry_run("parallel.zero.offload_optimizer=none")
+    assert refused.returncode == 2 and "--set parallel.zero.offload_optimizer=nvme" in " ".join(refused.stderr.split())
+    nvme, params = dry_run(), dry_run("parallel.zero.offload_params=nvme")
+    assert nvme.returncode == 0 and params.returncode == 0, nvme.stderr + params.stderr
+    nvme, params = json.loads(nvme.stdout)["memory"], json.loads(params.stdout)["memory"]
+    assert params["checked_bytes_per_rank"] < nvme["checked_bytes_per_rank"] <= 4 * GiB
+    assert params["disk_bytes_per_rank"] > nvme["disk_bytes_per_rank"] > 0
