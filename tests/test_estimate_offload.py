@@ -181,3 +181,34 @@ def test_the_0_6b_demo_is_refused_in_8_gib_without_offload_and_fits_with_it(tmp_
     nvme, params = json.loads(nvme.stdout)["memory"], json.loads(params.stdout)["memory"]
     assert params["checked_bytes_per_rank"] < nvme["checked_bytes_per_rank"] <= 4 * GiB
     assert params["disk_bytes_per_rank"] > nvme["disk_bytes_per_rank"] > 0
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_fp16_under_zero_is_counted_as_bf16(stage):
+    """fp16 with ZeRO keeps fp16 weights and gradients beside fp32 master shards (K = 12), as bf16."""
+    fp16, bf16 = terms(recipe("fp16", stage))[0], terms(recipe("bf16", stage))[0]
+    assert [(t.name, t.bytes) for t in fp16.terms if t.name != "activations"] == \
+        [(t.name, t.bytes) for t in bf16.terms if t.name != "activations"]
+
+
+def test_out_of_memory_report_suggests_offload_with_its_numbers():
+    from types import SimpleNamespace
+
+    from sdtrain.launch.oom import explain
+
+    big = validate_recipe(merge(TINY, BIG))
+    plain = max(e.total for e in estimate_recipe(big, 2, "cpu"))
+    offloaded = max(e.total for e in estimate_recipe(recipe_with(big, "nvme"), 2, "cpu"))
+    limit = (plain + offloaded) / 2
+    job = SimpleNamespace(recipe=big, plan=SimpleNamespace(backend="gloo", world_size=2))
+    text = explain(job, {"certain": True, "evidence": "the allocator refused: can't allocate memory",
+                         "last_bytes": limit, "peak_bytes": None, "limit_bytes": limit, "limit_source": "a test's limit"})
+    line = " ".join(text.split())
+    assert "--set parallel.zero.offload_optimizer=nvme" in line and f"{offloaded / GiB:.2f} GiB per rank" in line
+    assert "on disk under parallel.zero.nvme_path" in line
+
+
+def recipe_with(r, optimizer):
+    changed = r.model_copy(deep=True)
+    changed.parallel.zero.offload_optimizer = optimizer
+    return changed

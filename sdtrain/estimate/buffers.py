@@ -75,8 +75,8 @@ def optimizer_buffers(shape: RankShape) -> list[Term]:
         return []
     shard = shape.params / shape.dp
     temps = shape.weight_bytes * shard
-    if shape.precision == "bf16":
-        temps += 4 * shard  # the gradient shard in fp32 for clipping and Adam
+    if shape.weight_bytes == 2:
+        temps += 4 * shard  # the gradient shard in fp32 for clipping and Adam (fp16: unscaled in it)
     return [Term("optimizer temporaries", temps, STEP_OPT, "weights published by all-gather")]
 
 

@@ -73,9 +73,10 @@ class RankShape:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes per element of the weights forward reads: bf16 under ZeRO with bf16, else
-        fp32 (DDP under autocast keeps fp32 weights and casts on the fly)."""
-        return 2 if self.zero_stage and self.precision == "bf16" else 4
+        """Bytes per element of the weights forward reads: bf16 / fp16 under ZeRO with bf16 /
+        fp16 (beside fp32 master shards), else fp32 (DDP under autocast keeps fp32 weights and
+        casts on the fly)."""
+        return 2 if self.zero_stage and self.precision in ("bf16", "fp16") else 4
 
     def but(self, **changes) -> RankShape:
         return replace(self, **changes)
