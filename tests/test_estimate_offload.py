@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from conftest import TINY, merge, sdtrain
-from sdtrain.estimate.buffers import NVME_BUFFER_BYTES_PER_PARAM
+from sdtrain.estimate.buffers import sub_group_numel
 from sdtrain.estimate.fit import Budget
 from sdtrain.estimate.plan import CPU_OFFLOAD_NOTE, estimate_recipe
 from sdtrain.estimate.verdict import judge
@@ -58,19 +58,27 @@ def test_nvme_moves_the_formula_s_bytes_to_disk(precision, stage, optimizer, par
     assert state_on_device(before) - state_on_device(estimate) == disk
 
 
-def test_nvme_buffers_are_host_memory_counted_with_the_device_on_cpu():
-    r = recipe("bf16", 3, "nvme", sub_group_mb=0.25, buffer_count=4)
+@pytest.mark.parametrize("precision, kinds", [("bf16", 3), ("fp32", 2)])  # master, m, v; fp32: m, v
+def test_nvme_buffers_are_host_memory_counted_with_the_device_on_cpu(precision, kinds):
+    r = recipe(precision, 3, "nvme", sub_group_mb=0.25, buffer_count=4)
     estimate, by_name = terms(r)
-    group = 0.25 * 2**20 / 4  # sub_group_mb counts fp32 master bytes
-    assert group < PSI / 2  # a sub-group smaller than the shard: the pipeline bounds it
+    group = 0.25 * 2**20 / 4  # sub_group_mb counts fp32 master bytes (65,536: a multiple of 1024)
+    assert group < PSI / 2 / 4  # more sub-groups than buffers: the pipeline bounds them
     buffers = by_name["offload sub-group buffers"]
-    assert (buffers.where, buffers.phase, buffers.bytes) == ("host", "optimizer step", 4 * group * NVME_BUFFER_BYTES_PER_PARAM)
+    assert (buffers.where, buffers.phase, buffers.bytes) == ("host", "optimizer step", 4 * group * kinds * 4)
     assert estimate.host_total == buffers.bytes
     # a CPU rank's host is its device's memory: the checked total holds both
     assert estimate.total == pytest.approx(
         estimate.phase_bytes("always", ("device", "host")) + estimate.phase_bytes(estimate.peak_phase, ("device", "host")))
-    big = terms(recipe("bf16", 3, "nvme", sub_group_mb=1024))[1]["offload sub-group buffers"]
-    assert big.bytes == 3 * PSI / 2 * NVME_BUFFER_BYTES_PER_PARAM  # never more than the shard
+    one = terms(recipe(precision, 3, "nvme", sub_group_mb=1024))[1]["offload sub-group buffers"]
+    assert one.bytes == sub_group_numel(1024) * kinds * 4  # the shard is one sub-group: one buffer
+
+
+def test_fp32_params_offload_without_nvme_optimizer_loads_the_masters_for_the_step():
+    _, by_name = terms(recipe("fp32", 3, "none", "nvme"))
+    loaded = by_name["weight shards loaded for the step"]
+    assert (loaded.bytes, loaded.phase) == (4 * PSI / 2, "optimizer step")
+    assert "weight shards loaded for the step" not in terms(recipe("fp32", 3, "nvme", "nvme"))[1]
 
 
 def test_params_nvme_stages_the_gathered_shards_on_the_host():

@@ -5,6 +5,8 @@ through backward, and nvme offload's bounded buffers in host memory.
 
 from __future__ import annotations
 
+import math
+
 from sdtrain.estimate.shape import RankShape
 from sdtrain.estimate.terms import HOST, STEP_FB, STEP_OPT, Term
 
@@ -80,24 +82,36 @@ def optimizer_buffers(shape: RankShape) -> list[Term]:
     return [Term("optimizer temporaries", temps, STEP_OPT, "weights published by all-gather")]
 
 
-NVME_BUFFER_BYTES_PER_PARAM = 16  # a sub-group buffer: fp32 master, m, v and the gradient, per parameter
+SUB_GROUP_ALIGN = 1024  # parallel/offload/optimizer.py: sub-groups are whole multiples of this many elements
+
+
+def sub_group_numel(sub_group_mb: float) -> int:
+    """Elements per sub-group, as offload/optimizer.py makes them (sub_group_mb MiB of fp32 master)."""
+    return max(SUB_GROUP_ALIGN, int(sub_group_mb * MiB / 4) // SUB_GROUP_ALIGN * SUB_GROUP_ALIGN)
 
 
 def offload_buffers(shape: RankShape) -> list[Term]:
-    """nvme offload's resident working set in host memory: `buffer_count` sub-groups of fp32
-    master + m + v + gradient in flight (read one, step one, write one back), never more than
-    the shard; and under offload_params nvme, the staging buffers a block's shard is read into
-    before its gather (the running block and its prefetched ones, and the root unit)."""
+    """nvme offload's resident working set in host memory: up to `buffer_count` sub-group
+    buffers of fp32 state in flight (read the next, step this one, write the last back), each
+    a sub-group of the master (where separate: bf16/fp16) and m, v; never more buffers than the
+    shard has sub-groups. (The gradients the step reads are the resident shard, counted as
+    such.) Under offload_params nvme, the staging buffers a block's shard is read into before
+    its gather (offload/params.py: the running block, its prefetched ones and one read ahead of
+    them, and the root unit); under fp32 without an nvme optimizer to read them in sub-groups,
+    the weight shards (the masters) come back whole for the step."""
     terms = []
     if shape.offload_optimizer == "nvme":
-        shard = shape.params / shape.dp
-        group = min(shape.sub_group_mb * MiB / 4, shard)  # sub_group_mb counts fp32 master bytes
-        terms.append(Term("offload sub-group buffers", shape.buffer_count * group * NVME_BUFFER_BYTES_PER_PARAM,
-                          STEP_OPT, f"{shape.buffer_count} buffers x {group / 1e6:.1f}M parameters x "
-                          f"{NVME_BUFFER_BYTES_PER_PARAM} B (fp32 master, m, v, gradient)", where=HOST))
+        group, kinds = sub_group_numel(shape.sub_group_mb), 3 if shape.weight_bytes == 2 else 2
+        buffers = min(shape.buffer_count, math.ceil(shape.params / shape.dp / group))
+        terms.append(Term("offload sub-group buffers", buffers * group * kinds * 4, STEP_OPT,
+                          f"{buffers} buffers x {group / 1e6:.2f}M parameters x {kinds} fp32 "
+                          f"({'master, m, v' if kinds == 3 else 'm, v'})", where=HOST))
     if shape.offload_params == "nvme":
-        blocks = min(1 + shape.prefetch_blocks, shape.layers)
+        blocks = min(2 + shape.prefetch_blocks, shape.layers)
         staged = (shape.root_params + blocks * shape.block_params) / shape.dp * shape.weight_bytes
         terms.append(Term("offload weight staging", staged, STEP_FB,
                           f"root unit + {blocks} block shard(s) read from the files before their gather", where=HOST))
+    if shape.offload_params != "none" and shape.weight_bytes == 4 and shape.offload_optimizer != "nvme":
+        terms.append(Term("weight shards loaded for the step", 4 * shape.params / shape.dp, STEP_OPT,
+                          "fp32: the masters are the weight shards, whole for the optimizer's step"))
     return terms
