@@ -78,6 +78,10 @@ def test_offloaded_optimizer_trains_bitwise_as_in_memory(reference, tmp_path, wo
     ("fp16", 2, 2, "fp16", ("train.loss_scale.initial_scale_power=24",)),
     # experts: their own units, sharded over their edp group, stepped through the same store
     ("experts", 2, 1, "bf16", ("model.moe.num_experts=4", "parallel.expert_parallel=2")),
+    # with stage 3's weight shards offloaded too: under fp32 they are the masters, stepped in
+    # the params' own regions (one copy on disk); under bf16 each sub-group's cast goes there
+    ("params-fp32", 2, 3, "fp32", ("parallel.zero.offload_params=nvme",)),
+    pytest.param("params-bf16", 2, 3, "bf16", ("parallel.zero.offload_params=nvme",), marks=pytest.mark.slow),
     # a pipeline: each stage's ZeRO over its replicas, a store per rank
     pytest.param("pipeline", 2, 1, "bf16", ("parallel.pipeline.stages=2",), marks=pytest.mark.slow),
     pytest.param("pipeline-zero3-fp32", 4, 3, "fp32", ("parallel.pipeline.stages=2",), marks=pytest.mark.slow),
