@@ -15,6 +15,10 @@ Stage 3  weights are sharded too: each Transformer block's weights exist whole o
 How parameters are laid into those flat units (blocks, buckets), their master shards under
 bf16 and the model-state bytes that gives, and the optimizer over the shards: zero_units.py.
 
+Where the fp32 masters and Adam moments live (device or host memory, or files: ZeRO-Offload and
+ZeRO-Infinity's offload_optimizer) is the optimizer's business, zero_optimizer.py; stage 3's
+weight shards off the device (offload_params), offload/params.py.
+
 Under tensor parallelism each tp rank runs all of this over its own pieces (Ψ / T, plus the
 tp-replicated weights), N being its dp group; what crosses tp is in zero_tp.py.
 """
