@@ -14,6 +14,9 @@ STEPS = 20
 ZERO3 = {"train": {"steps": STEPS}, "parallel": {"zero_stage": 3},
          "checkpoint": {"at_end": True, "every": 10, "keep": 3}}
 NVME = "parallel.zero.offload_params=nvme"
+# the optimizer's state in the files too, stepped in sub-groups of 4096 elements: several per unit
+BOTH = (NVME, "parallel.zero.offload_optimizer=nvme", "parallel.zero.sub_group_mb=0.015625")
+OFFLOADED = {"none": (), "params": (NVME,), "both": BOTH}
 
 
 def launch(tmp, name, world, precision, *overrides):
@@ -46,13 +49,15 @@ def model_state(run_dir):
     return json.loads((run_dir / "summary.json").read_text())["model_state_bytes"]
 
 
-@pytest.mark.parametrize("world, precision", [
-    (2, "bf16"), (1, "fp32"),
-    pytest.param(2, "fp32", marks=pytest.mark.slow), pytest.param(1, "bf16", marks=pytest.mark.slow),
+@pytest.mark.parametrize("world, precision, offloaded", [
+    (2, "bf16", "params"), (1, "fp32", "both"),
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in [
+        (2, "fp32", "params"), (1, "bf16", "params"), (1, "fp32", "params"),
+        (2, "bf16", "both"), (2, "fp32", "both"), (1, "bf16", "both")]),
 ])
-def test_offloaded_weight_shards_train_bitwise_as_without(reference, tmp_path, world, precision):
+def test_offloaded_weight_shards_train_bitwise_as_without(reference, tmp_path, world, precision, offloaded):
     # prefetch 1 on 2 blocks: block 1's shard is read while block 0 computes
-    run_dir = launch(tmp_path, "nvme", world, precision, NVME)
+    run_dir = launch(tmp_path, "nvme", world, precision, *OFFLOADED[offloaded])
     plain = reference(world, precision)
     assert_bitwise_same(plain, run_dir)
     # no weight shard stays resident (no parameter is under the persistence threshold here)
@@ -74,19 +79,20 @@ def test_persistent_vectors_stay_resident_and_two_blocks_prefetched(reference, t
 
 
 @pytest.mark.parametrize("saved_with, resumed_with, precision", [
-    ((NVME,), (), "fp32"),  # the master in the files -> in memory
-    ((), (NVME,), "fp32"),  # a checkpoint loaded straight into the files (their mapped views)
-    pytest.param((NVME,), (), "bf16", marks=pytest.mark.slow),
-    pytest.param((), (NVME,), "bf16", marks=pytest.mark.slow),
+    ("params", "none", "fp32"),  # the master in the files -> in memory
+    ("none", "params", "fp32"),  # a checkpoint loaded straight into the files (their mapped views)
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in [
+        ("params", "none", "bf16"), ("none", "params", "bf16"), ("both", "none", "bf16"),
+        ("none", "both", "fp32"), ("params", "both", "bf16")]),
 ])
 def test_resume_across_offload_settings(reference, tmp_path, saved_with, resumed_with, precision):
     plain = reference(2, precision)
-    first = launch(tmp_path, "first", 2, precision, *saved_with)
+    first = launch(tmp_path, "first", 2, precision, *OFFLOADED[saved_with])
     resumed = tmp_path / "resumed"
     shutil.copytree(first, resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS}")
     (resumed / "checkpoints" / "latest").write_text("step_10")
-    launch(tmp_path, "resumed", 2, precision, "train.resume=auto", *resumed_with)
+    launch(tmp_path, "resumed", 2, precision, "train.resume=auto", *OFFLOADED[resumed_with])
     got = losses(resumed)
     assert got[10:] == losses(plain)[10:] and len(got) == STEPS
     ours, theirs = load_model_weights(resumed)[0], load_model_weights(plain)[0]
