@@ -98,3 +98,18 @@ def test_resume_across_offload_settings(reference, tmp_path, saved_with, resumed
     ours, theirs = load_model_weights(resumed)[0], load_model_weights(plain)[0]
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offload_params cpu moves shards off a GPU: needs CUDA")
+def test_cpu_offload_keeps_shards_in_host_memory_beside_a_gpu(tmp_path):
+    """On a GPU, `cpu` keeps each shard in pinned host memory and copies it to the device for
+    its gather: the run is the one without offload (the same kernels on the same device), and
+    no weight shard stays in device memory."""
+    gpu = {"launch": {"backend": "nccl"}}
+    runs = {}
+    for name, offload in (("plain", "none"), ("cpu", "cpu")):
+        runs[name] = launch_run(tmp_path, name, 1, merge(TINY, merge(ZERO3, gpu)), "train.precision=bf16",
+                                f"parallel.zero.offload_params={offload}")
+    for a, b in zip(losses(runs["plain"]), losses(runs["cpu"])):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    assert model_state(runs["cpu"])[0]["params"] == 0 < model_state(runs["plain"])[0]["params"]
