@@ -78,6 +78,20 @@ def test_persistent_vectors_stay_resident_and_two_blocks_prefetched(reference, t
         assert 0 < ours["params"] < 2 * 2000, ours  # the vectors, whole: a few hundred bf16 each
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name, world, overrides", [
+    # experts: block units of their own, sharded over their edp group, each offloaded
+    ("experts", 2, ("model.moe.num_experts=4", "parallel.expert_parallel=2")),
+    # a pipeline of ZeRO-3 replicas: each stage gathers its own blocks from its rank's files
+    ("pipeline", 4, ("parallel.pipeline.stages=2",)),
+    ("recompute", 2, ("train.activation_checkpointing=true",)),
+])
+def test_params_offload_composes_bitwise(tmp_path, name, world, overrides):
+    plain = launch(tmp_path, "plain", world, "bf16", *overrides)
+    run_dir = launch(tmp_path, "nvme", world, "bf16", *overrides, *BOTH)
+    assert_bitwise_same(plain, run_dir)
+
+
 @pytest.mark.parametrize("saved_with, resumed_with, precision", [
     ("params", "none", "fp32"),  # the master in the files -> in memory
     ("none", "params", "fp32"),  # a checkpoint loaded straight into the files (their mapped views)
