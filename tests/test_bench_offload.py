@@ -8,12 +8,15 @@ import os
 
 import pytest
 
-from conftest import sdtrain
+from conftest import TINY, sdtrain
 from sdtrain.bench.disk import probe_disk
+from sdtrain.bench.entry import Entry
 from sdtrain.bench.offload_strategy import OffloadStrategy, offload_numbers, parse_offload_strategy
+from sdtrain.bench.rows import report
 from sdtrain.bench.table import bench_table
 from sdtrain.console_table import FoldingTable
 from sdtrain.errors import UserInputError
+from sdtrain.recipe import validate_recipe
 
 
 @pytest.mark.parametrize("name, stage, device, params", [
@@ -104,3 +107,16 @@ def test_bench_runs_an_nvme_row_beside_its_stage_and_the_disk(write_recipe, tmp_
     assert rows["zero1-nvme"]["offload_optimizer"] == "nvme" and "offload_wait_s" in rows["zero1-nvme"]
     assert "offload_optimizer" not in rows["zero1"]
     assert results["disk"]["write_gbps"] > 0 and "disk at" in result.stdout
+
+
+def test_an_offload_row_is_compared_with_its_stage_in_memory():
+    plain = Entry("zero3", 2, "sdtrain", 3, [], samples=[1000.0])
+    nvme = Entry("zero3-nvme", 2, "sdtrain", 3, [], samples=[800.0], offload=parse_offload_strategy("zero3-nvme"),
+                 offload_rounds=[{"offload_wait_s": 0.1, "offload_read_gbps": 2.0, "offload_write_gbps": 1.0}])
+    other_stage = Entry("zero2", 2, "sdtrain", 2, [], samples=[900.0])
+    recipe = validate_recipe(TINY)
+    rows = {r["name"]: r for r in report([plain, nvme, other_stage], recipe, 15, 1, [], {"flops": None},
+                                         {2: 1000})["results"]}
+    assert rows["zero3-nvme"]["vs_zero3"] == 0.8 and "vs_zero2" not in rows["zero3-nvme"]
+    assert rows["zero3-nvme"]["offload_wait_s"] == 0.1 and rows["zero3-nvme"]["offload_params"] == "none"
+    assert not any(k.startswith("vs_") for k in rows["zero3"])

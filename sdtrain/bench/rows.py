@@ -1,7 +1,8 @@
 """The rows of `sdtrain bench`'s results: each entry's numbers, its layout's columns (a pipeline's
 bubble, an MoE row's all-to-all share, tensor parallelism's T, sequence parallelism and bytes by
-kind), and its ratios: to the peers that run its layout, and for a pipeline or tensor-parallel
-row to the plain data-parallel rows on the same workers (which to pick)."""
+kind), and its ratios: to the peers that run its layout, for a pipeline or tensor-parallel
+row to the plain data-parallel rows on the same workers (which to pick), and for an offload row
+to its ZeRO stage in memory (what offload costs)."""
 
 from __future__ import annotations
 
@@ -78,7 +79,12 @@ def report(entries: list[Entry], recipe, steps: int, repeats: int, notes: list[s
             if entry.pipeline or entry.tp > 1:  # which to pick: against the same workers without it
                 for other in entries:
                     if (other.kind == "sdtrain" and other.world == entry.world and not other.pipeline
-                            and other.tp == 1 and not other.ep and other.tokens_per_s):
+                            and other.tp == 1 and not other.ep and not other.offload and other.tokens_per_s):
+                        row[f"vs_{other.name}"] = round(entry.tokens_per_s / other.tokens_per_s, 3)
+            if entry.offload:  # what offload costs: against the same stage in memory, on the same workers
+                for other in entries:
+                    if (other.kind == "sdtrain" and other.world == entry.world and other.stage == entry.stage
+                            and not (other.offload or other.pipeline or other.ep or other.tp > 1) and other.tokens_per_s):
                         row[f"vs_{other.name}"] = round(entry.tokens_per_s / other.tokens_per_s, 3)
         rows.append(row)
     return {"recipe": recipe.name, "model": recipe.model.model_dump(), "precision": recipe.train.precision,
