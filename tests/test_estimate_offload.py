@@ -147,20 +147,39 @@ def test_dry_run_says_cpu_offload_is_none_without_a_gpu(write_recipe, tmp_path):
 def test_disk_that_cannot_hold_the_offload_files_is_refused(write_recipe, tmp_path):
     """The model is sized from this filesystem's real free space so that its nvme files need
     twice that; the estimate is arithmetic, nothing is allocated."""
-    folder = tmp_path / "not-yet" / "offload"  # its nearest existing parent says which disk
+    run_dir = tmp_path / "not-yet" / "run"  # the default folder's nearest existing parent says which disk
+    folder = run_dir / "offload"
     free = shutil.disk_usage(tmp_path).free
     d = 4096
     per_layer_disk = 12 * 12 * d * d  # bf16 stage 3 at 1 rank: 12Ψ on disk, 12 d^2 parameters a block
     layers = int(2 * free / per_layer_disk) + 1
     path = write_recipe({"model": {"n_layers": layers, "d_model": d, "n_heads": 32, "seq_len": 16, "vocab_size": 256},
                          "train": {"precision": "bf16", "global_batch_size": 1, "micro_batch_size": 1},
-                         "parallel": {"zero_stage": 3, "zero": {"offload_optimizer": "nvme", "nvme_path": str(folder)}}})
-    refused = sdtrain("launch", path, "--dry-run", "--run-dir", tmp_path / "run", env={"SDTRAIN_MEMORY_LIMIT": "1e18"})
+                         "parallel": {"zero_stage": 3, "zero": {"offload_optimizer": "nvme"}}})
+    refused = sdtrain("launch", path, "--dry-run", "--run-dir", run_dir, env={"SDTRAIN_MEMORY_LIMIT": "1e18"})
     assert refused.returncode == 2, refused.stdout[-500:]
     line = " ".join(refused.stderr.split())
     assert "nvme offload files will not fit on disk" in line and str(folder) in line
     assert "is free there" in line and "set parallel.zero.nvme_path" in line
-    assert not (tmp_path / "run").exists() and not folder.exists()  # nothing launched, nothing made
+    assert not (tmp_path / "not-yet").exists()  # nothing launched, nothing made
+    warned = sdtrain("launch", path, "--dry-run", "--run-dir", run_dir, "--set", "launch.memory_check=warn",
+                     env={"SDTRAIN_MEMORY_LIMIT": "1e18"})
+    assert warned.returncode == 0 and "nvme offload files will not fit on disk" in " ".join(warned.stderr.split())
+
+
+@pytest.mark.parametrize("memory_check", ["error", "off"])
+def test_an_nvme_path_that_is_no_folder_is_refused_before_launch(write_recipe, tmp_path, memory_check):
+    """The workers would refuse it (offload/store.py) after the launch: the launcher says it first, in
+    the same words, whatever memory_check says."""
+    missing = tmp_path / "no-such-disk"
+    path = write_recipe({"parallel": {"zero_stage": 1, "zero": {"offload_optimizer": "nvme", "nvme_path": str(missing)}},
+                         "launch": {"memory_check": memory_check}})
+    refused = sdtrain("launch", path, "--dry-run", "--run-dir", tmp_path / "run")
+    assert refused.returncode == 2
+    assert f"parallel.zero.nvme_path {str(missing)!r} is not a directory: create it" in " ".join(refused.stderr.split())
+    assert not missing.exists()
+    unused = write_recipe({"parallel": {"zero_stage": 1, "zero": {"nvme_path": str(missing)}}})  # offload none
+    assert sdtrain("launch", unused, "--dry-run", "--run-dir", tmp_path / "run").returncode == 0
 
 
 def test_disk_with_room_passes(write_recipe, tmp_path):

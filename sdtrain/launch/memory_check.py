@@ -2,7 +2,8 @@
 machine may have, and nvme offload's files against the free space where they go. A plan
 that will not fit is refused (exit 2) before any worker starts, naming its largest terms and
 the cheapest changes that would fit (or, for the disk, the folder, the bytes needed and
-free); `launch.memory_check` warn / off overrides. A remote node's agent runs the same check
+free); `launch.memory_check` warn / off overrides. A user's nvme_path that is not a writable
+folder is refused whatever memory_check says: the workers would refuse it. A remote node's agent runs the same check
 on its own machine (check_node), since only it can see its memory and its disk.
 
 On a CPU machine device and host are the same memory: the estimate's total already holds
@@ -15,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdtrain.errors import UserInputError
-from sdtrain.estimate.disk import disk_problem, offload_folder
+from sdtrain.estimate.disk import disk_problem, nvme_path_problem, offload_folder
 from sdtrain.estimate.fit import cpu_budget, node_budget
 from sdtrain.estimate.plan import estimate_recipe
 from sdtrain.estimate.verdict import judge
@@ -56,6 +57,9 @@ def check_memory(recipe, plan, launcher: str, run_dir: Path | None = None) -> li
     """The launcher's check of its own machine: warnings to print, or UserInputError."""
     if launcher != "local":
         return []  # each node agent checks its own machine before it starts workers
+    path_problem = nvme_path_problem(recipe)  # the workers would refuse it whatever memory_check says
+    if path_problem:
+        raise UserInputError(path_problem)
     device = "cuda" if plan.backend == "nccl" else "cpu"
     workers = sum(len(node.slots) for node in plan.nodes)
     problems = _problems(recipe, plan.world_size, workers, device, run_dir)
@@ -66,6 +70,9 @@ def check_memory(recipe, plan, launcher: str, run_dir: Path | None = None) -> li
 
 def check_node(recipe, world_size: int, nproc: int, run_dir: Path | None = None) -> str | None:
     """A node agent's check of its machine, before its workers start."""
+    path_problem = nvme_path_problem(recipe)
+    if path_problem:
+        return path_problem
     if recipe.launch.memory_check != "error":
         return None
     try:
