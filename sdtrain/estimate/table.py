@@ -15,7 +15,8 @@ def estimate_table(estimate: Estimate, title: str) -> FoldingTable:
                                  FoldingColumn("how it is counted", wraps=True)])
     peak = estimate.peak_phase
     for term in estimate.terms:
-        live = term.phase in (ALWAYS, peak) and term.where in estimate.counted
+        # a term of another place (a GPU's host, the disk) adds to that place's row below, not to the peak
+        live = term.phase in (ALWAYS, peak) or term.where not in estimate.counted
         gib = f"{term.bytes / 2**30:.3f}"
         when = term.phase if term.where == DEVICE else f"{term.phase}, {term.where}"
         table.add_row(term.name, when, gib if live else f"({gib})", term.detail)
