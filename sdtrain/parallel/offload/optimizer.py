@@ -124,8 +124,9 @@ class OffloadedAdam:
     def _buffer(self, k: int) -> dict[str, torch.Tensor]:
         """Sub-group k's buffer: room for each kind of state some unit keeps in the store."""
         kinds = dict.fromkeys(kind for regions in self.regions for kind in regions)
+        size = max(group.numel for group in self.groups)  # (units smaller than sub_group_mb: theirs)
         while len(self.buffers) <= k % self.buffer_count:
-            self.buffers.append({kind: torch.empty(self.group_numel, dtype=torch.float32) for kind in kinds})
+            self.buffers.append({kind: torch.empty(size, dtype=torch.float32) for kind in kinds})
         return self.buffers[k % self.buffer_count]
 
     def _read(self, k: int) -> list:
