@@ -123,11 +123,11 @@ def test_an_offload_row_is_compared_with_its_stage_in_memory():
 
 
 def test_reads_faster_than_the_disk_are_said_to_come_from_the_page_cache():
-    from sdtrain.bench.run import _cached_reads
+    from sdtrain.bench.disk import cached_reads
 
     disk = {"read_gbps": 1.3}
     rows = [_row("zero3-nvme", offload_optimizer="nvme", offload_read_gbps=7.3),
             _row("zero2-nvme", offload_optimizer="nvme", offload_read_gbps=0.9),
             _row("zero3-nvme-params", offload_optimizer="nvme", offload_read_gbps=None)]
-    [note] = _cached_reads(rows, disk)
+    [note] = cached_reads(rows, disk)
     assert note.startswith("zero3-nvme (world 2) read 7.30 GB/s, above the disk's own 1.30") and "page cache" in note

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sdtrain.estimate.disk import nearest_existing
+
 MiB = 2**20
 PROBE_BYTES = 256 * MiB
 
@@ -83,3 +85,24 @@ def _all(call, fd: int, buffer: mmap.mmap, offset: int) -> None:
         if moved <= 0:
             raise OSError(f"the disk probe moved no bytes at offset {offset + done}")
         done += moved
+
+
+def disk_beside_rows(recipe, tmp: str, notes: list[str]) -> dict:
+    """The disk's own bandwidth where the nvme rows write (nvme_path, or the runs' folder under
+    `tmp`), in blocks of one sub-group's region (what the offload store moves at once)."""
+    zero = recipe.parallel.zero
+    folder = nearest_existing(Path(zero.nvme_path).expanduser()) if zero.nvme_path else Path(tmp)
+    disk = probe_disk(folder, int(zero.sub_group_mb * 2**20))
+    notes.append(f"disk at {disk['path']} (the nvme rows' files): write {disk['write_gbps']:.2f} GB/s (fsync'd), "
+                 f"read {disk['read_gbps']:.2f} GB/s ({disk['read_mode']}); {disk['bytes'] / 2**20:.0f} MiB in "
+                 f"{disk['block_bytes'] / 2**20:.0f} MiB blocks with pwrite / pread, as offload moves them")
+    return disk
+
+
+def cached_reads(rows: list[dict], disk: dict) -> list[str]:
+    """Offload's preads go through the page cache: where the files fit in free memory a row
+    reads faster than the disk can, and says so rather than credit the disk."""
+    return [f"{row['name']} (world {row['world_size']}) read {row['offload_read_gbps']:.2f} GB/s, above the disk's own "
+            f"{disk['read_gbps']:.2f}: its reads came from the page cache (the offload files fit in free memory)"
+            for row in rows if row.get("offload_optimizer") == "nvme" and row.get("offload_read_gbps")
+            and row["offload_read_gbps"] > disk["read_gbps"]]

@@ -30,6 +30,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from sdtrain.batch import derive_batch
+from sdtrain.bench.disk import cached_reads, disk_beside_rows
 from sdtrain.bench.entry import Entry, measure
 from sdtrain.bench.moe_strategy import DEEPSPEED_MOE_ZERO, ExpertStrategy, parse_expert_strategy
 from sdtrain.bench.moe_strategy import SYNTAX as EP_SYNTAX
@@ -132,7 +133,7 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
             entry.argv += [arg for name in allowed_env_vars for arg in (ALLOW_FLAG, name)]
     peak = _peak_for_mfu(recipe, notes)
     with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
-        disk = _disk_probe(recipe, tmp, notes) if any(o and o.device == "nvme" for o in offloads.values()) else None
+        disk = disk_beside_rows(recipe, tmp, notes) if any(o and o.device == "nvme" for o in offloads.values()) else None
         for round_index in range(repeats):
             for i, entry in enumerate(entries):
                 failure = measure(entry, Path(tmp) / f"{i}-{round_index}", drills)
@@ -143,37 +144,13 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
     results = report(entries, recipe, steps, repeats, notes, peak, tokens_per_step)
     if disk is not None:
         results["disk"] = disk
-        results["notes"] += _cached_reads(results["results"], disk)
+        results["notes"] += cached_reads(results["results"], disk)
     return results
-
-
-def _cached_reads(rows: list[dict], disk: dict) -> list[str]:
-    """Offload's preads go through the page cache: where the files fit in free memory a row
-    reads faster than the disk can, and says so rather than credit the disk."""
-    return [f"{row['name']} (world {row['world_size']}) read {row['offload_read_gbps']:.2f} GB/s, above the disk's own "
-            f"{disk['read_gbps']:.2f}: its reads came from the page cache (the offload files fit in free memory)"
-            for row in rows if row.get("offload_optimizer") == "nvme" and row.get("offload_read_gbps")
-            and row["offload_read_gbps"] > disk["read_gbps"]]
 
 
 def _offload_entry(offload: OffloadStrategy, world: int, recipe_path: str, base: list[str]) -> Entry:
     return Entry(offload.name, world, "sdtrain", offload.zero_stage,
                  _launch_argv(recipe_path, world, [*base, *offload.overrides()]), offload=offload)
-
-
-def _disk_probe(recipe, tmp: str, notes: list[str]) -> dict:
-    """The disk's own bandwidth where the nvme rows write (nvme_path, or the runs' folder under
-    `tmp`), in blocks of one sub-group's region (what the offload store moves at once)."""
-    from sdtrain.bench.disk import probe_disk
-    from sdtrain.estimate.disk import nearest_existing
-
-    zero = recipe.parallel.zero
-    folder = nearest_existing(Path(zero.nvme_path).expanduser()) if zero.nvme_path else Path(tmp)
-    disk = probe_disk(folder, int(zero.sub_group_mb * 2**20))
-    notes.append(f"disk at {disk['path']} (the nvme rows' files): write {disk['write_gbps']:.2f} GB/s (fsync'd), "
-                 f"read {disk['read_gbps']:.2f} GB/s ({disk['read_mode']}); {disk['bytes'] / 2**20:.0f} MiB in "
-                 f"{disk['block_bytes'] / 2**20:.0f} MiB blocks with pwrite / pread, as offload moves them")
-    return disk
 
 
 def _launch_argv(recipe_path: str, world: int, overrides: list[str]) -> list[str]:
