@@ -85,3 +85,23 @@ def test_sub_groups_are_whole_kibielements():
     assert sub_group_numel(64) == 64 * 2**20 // 4
     assert sub_group_numel(0.001) == 1024  # never below the alignment
     assert sub_group_numel(0.01) % 1024 == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_host_masters_step_as_resident_ones(dtype):
+    # offload_optimizer cpu's path (beside a GPU), run on the host here: masters of their own,
+    # fp32 included, the same fused kernel, so the same bits; none of it counted as device memory
+    resident_units, host_units = units(dtype), units(dtype)
+    resident, host = ResidentAdam(TRAIN, dtype != torch.float32), ResidentAdam(TRAIN, dtype != torch.float32,
+                                                                            host=True, pin_memory=False)
+    for optimizer, made in ((resident, resident_units), (host, host_units)):
+        for unit in made:
+            optimizer.adopt(unit)
+        optimizer.ready()
+    assert all(u.master.data_ptr() != u.full.data_ptr() for u in host_units)
+    grads = [torch.randn(u.shard_size) for u in resident_units]
+    resident.step(grads, 1e-3)
+    host.step(grads, 1e-3)
+    for ours, theirs in zip(host_units, resident_units):
+        assert torch.equal(ours.master, theirs.master)
+    assert host.resident() == [] and resident.resident()

@@ -80,7 +80,8 @@ class ResidentAdam:
     def step(self, grads: list[torch.Tensor], lr: float) -> None:
         if self.host:  # the gradient shards to the host, all copies queued before the wait
             grads = [g.to("cpu", non_blocking=True) for g in grads]
-            torch.cuda.current_stream().synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.current_stream().synchronize()
         for unit, grad in zip(self.units, grads):
             for view, part in unit.views:
                 view.grad = grad[part]
