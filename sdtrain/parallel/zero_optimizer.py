@@ -32,7 +32,9 @@ def zero_optimizer(cfg, train, device: torch.device, param_dtype: torch.dtype, s
     if cfg.offload_optimizer == "nvme":
         from sdtrain.parallel.offload.optimizer import OffloadedAdam
 
-        return OffloadedAdam(train, store, cfg.sub_group_mb, cfg.buffer_count, separate_masters, weights_sink)
+        # the step runs on the host: beside a GPU even fp32 weights get a master of their own, in the files
+        return OffloadedAdam(train, store, cfg.sub_group_mb, cfg.buffer_count,
+                             separate_masters or device.type != "cpu", weights_sink)
     host = cfg.offload_optimizer == "cpu" and device.type == "cuda"
     return ResidentAdam(train, separate_masters, host, cfg.pin_memory)
 

@@ -76,7 +76,7 @@ class OffloadedAdam:
         regions = {m: self.store.allocate(f"{unit.name}.{m}", unit.shard_size, torch.float32) for m in ADAM_MOMENTS}
         if self.separate_masters:
             regions["master"] = self.store.allocate(f"{unit.name}.master", unit.shard_size, torch.float32)
-            self.store.write(regions["master"], unit.master.contiguous())
+            self.store.write(regions["master"], unit.master.detach().to("cpu", torch.float32).contiguous())
             unit.master = None
         index = len(self.units)
         self.units.append(unit)
