@@ -127,15 +127,15 @@ def test_a_failed_run_leaves_no_offload_files(tmp_path, write_recipe):
     assert list(nvme.iterdir()) == []  # rank 1 raised, rank 0 was stopped: neither left its folder
 
 
-def test_an_nvme_path_that_is_no_folder_is_refused_and_not_made(tmp_path, write_recipe):
-    # (the workers refuse it; a check before launch is the launcher's, see the report of issue 22)
+def test_an_nvme_path_that_is_no_folder_is_refused_before_launch_and_not_made(tmp_path, write_recipe):
+    # refused before launch, in the words the workers' store would use (offload/store.check_offload_dir)
     from conftest import sdtrain
 
     recipe = write_recipe({"parallel": {"zero_stage": 1}})
     refused = sdtrain("launch", recipe, "--run-dir", tmp_path / "run", "--set", NVME[0],
                       "--set", f"parallel.zero.nvme_path={tmp_path / 'missing'}", timeout=600)
     said = refused.stdout + refused.stderr
-    assert refused.returncode != 0 and "parallel.zero.nvme_path" in said and "is not a directory" in said, said[-3000:]
+    assert refused.returncode == 2 and "parallel.zero.nvme_path" in said and "is not a directory" in said, said[-3000:]
     assert not (tmp_path / "missing").exists()
 
 
