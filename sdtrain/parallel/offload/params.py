@@ -10,7 +10,9 @@ unit.full, and resized to zero again once the all-gather is done. The gatherer a
 one block ahead of its gather prefetch, so reading block i+1 overlaps computing block i.
 
 After the optimizer step the new shard goes back (`write_back`): cast from the fp32 master
-where that is separate (bf16/fp16), the master itself under fp32. Under fp32 the master must be
+where that is separate (bf16/fp16), the master itself under fp32. The writes run on the
+store's I/O threads into the next forward; a unit's read first waits for its write (that
+wait, like every wait on a read, is the step's exposed I/O time). Under fp32 the master must be
 whole in memory while the optimizer steps it (`load_masters`), unless the optimizer reads it in
 sub-groups itself (offload_optimizer nvme, the stepper's own pipeline).
 
@@ -53,6 +55,8 @@ class OffloadedShards:
         self.reads = {}  # id(unit) -> the future of a read into unit.shard
         self.reads_on_demand = 0  # gathers that found no read ahead of them (the root's, at a forward's start)
         self.stepping: set[int] = set()  # id(unit): fp32 masters loaded for an optimizer in memory to step
+        self.writes: dict[int, list] = {}  # id(unit) -> [(future, the tensor it writes)] in flight
+        self.free_when_written: set[int] = set()  # id(unit): a shard that is its own write's source
         self.units = offloadable(units)
         for unit in self.units:
             if store is not None:
@@ -70,7 +74,10 @@ class OffloadedShards:
 
     def read_ahead(self, unit: FlatUnit) -> None:
         """Start reading unit's shard into its storage, unless it is there or on its way."""
-        if not self.holds(unit) or id(unit) in self.reads or _resident(unit.shard):
+        if not self.holds(unit) or id(unit) in self.reads:
+            return
+        self._settle_writes(unit, keep=True)  # (a shard just written from memory is there already)
+        if _resident(unit.shard):
             return
         _restore(unit.shard)
         if self.store is None:  # on the copy's stream, ahead of the all-gather that reads it
@@ -82,7 +89,7 @@ class OffloadedShards:
         """unit.shard with its bytes in it (waiting for its read, or reading it now)."""
         if not self.holds(unit):
             return unit.shard
-        if id(unit) not in self.reads and not _resident(unit.shard):
+        if id(unit) not in self.reads and not _resident(unit.shard) and id(unit) not in self.free_when_written:
             self.reads_on_demand += 1
         self.read_ahead(unit)
         future = self.reads.pop(id(unit), None)
@@ -101,6 +108,9 @@ class OffloadedShards:
         for future in self.reads.values():
             self.store.wait(future)
         self.reads.clear()
+        for unit in self.units:
+            if id(unit) in self.free_when_written:
+                self._settle_writes(unit)
         for unit in self.units:  # (an offloaded optimizer may have stepped the file under such a read)
             if _resident(unit.shard) and id(unit) not in self.stepping:
                 _free(unit.shard)
@@ -135,27 +145,43 @@ class OffloadedShards:
             if id(unit) in self.stepping:
                 self.stepping.discard(id(unit))
                 self._write(unit, unit.shard)
-                _free(unit.shard)
+                self.free_when_written.add(id(unit))
+                if self.store is None:
+                    self._settle_writes(unit)
             return
-        self._write(unit, unit.master.to(unit.shard.dtype))
+        self._write(unit, unit.master.to(unit.shard.dtype, copy=True))
 
     def write_back_part(self, unit: FlatUnit, master_part: torch.Tensor, start: int) -> None:
         """A stepped sub-group of unit's master (elements [start, start + len) of its shard) ->
         the shard on disk: for an optimizer that steps in sub-groups, so the weights follow each
         one instead of the whole master being read again."""
-        self._write(unit, master_part.to(unit.shard.dtype), start)
+        self._write(unit, master_part.to(unit.shard.dtype, copy=True), start)
 
     def _write(self, unit: FlatUnit, value: torch.Tensor, start: int = 0) -> None:
+        """value -> unit's shard from `start`: in flight on the store's threads (value kept alive
+        until it is written), or copied to the host shard now."""
         if self.store is None:
             self.regions[id(unit)][start : start + value.numel()].copy_(value)
-        else:
-            self.store.write(self.regions[id(unit)], value, start)
+            return
+        future = self.store.write_async(self.regions[id(unit)], value, start)
+        self.writes.setdefault(id(unit), []).append((future, value))
+
+    def _settle_writes(self, unit: FlatUnit, keep: bool = False) -> None:
+        """Wait for unit's writes; a shard that was their source can go now (`keep`: it stays,
+        for the gather about to read it)."""
+        for future, _ in self.writes.pop(id(unit), []):
+            self.store.wait(future)
+        if id(unit) in self.free_when_written:
+            self.free_when_written.discard(id(unit))
+            if not keep:
+                _free(unit.shard)
 
     def master_view(self, unit: FlatUnit) -> torch.Tensor:
         """fp32: unit's master as checkpoints see it, a view mapped onto its file region, which DCP
         saves from and loads into in place; loaded for a step, the master itself."""
         if unit.master is not unit.shard or id(unit) in self.stepping:
             return unit.master
+        self._settle_writes(unit)
         if self.store is None:
             return self.regions[id(unit)]
         return self.store.mapped(self.regions[id(unit)])
