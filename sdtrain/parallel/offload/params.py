@@ -22,9 +22,16 @@ and stays resident: it is all-gathered once per step, never per block.
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 from sdtrain.parallel.flat_unit import FlatUnit
+
+
+# Write-backs in flight at once: each holds its cast of a master until written, so more would
+# hold more of the weights in memory again (all of them, unbounded, at the end of a step).
+WRITES_IN_FLIGHT = 2
 
 
 def offloadable(units: list[FlatUnit]) -> list[FlatUnit]:
@@ -55,7 +62,8 @@ class OffloadedShards:
         self.reads = {}  # id(unit) -> the future of a read into unit.shard
         self.reads_on_demand = 0  # gathers that found no read ahead of them (the root's, at a forward's start)
         self.stepping: set[int] = set()  # id(unit): fp32 masters loaded for an optimizer in memory to step
-        self.writes: dict[int, list] = {}  # id(unit) -> [(future, the tensor it writes)] in flight
+        self.writes: dict[int, list] = {}  # id(unit) -> futures of its writes in flight
+        self.write_order: deque = deque()  # every write's future, oldest first (WRITES_IN_FLIGHT)
         self.free_when_written: set[int] = set()  # id(unit): a shard that is its own write's source
         self.units = offloadable(units)
         for unit in self.units:
@@ -158,18 +166,21 @@ class OffloadedShards:
         self._write(unit, master_part.to(unit.shard.dtype, copy=True), start)
 
     def _write(self, unit: FlatUnit, value: torch.Tensor, start: int = 0) -> None:
-        """value -> unit's shard from `start`: in flight on the store's threads (value kept alive
-        until it is written), or copied to the host shard now."""
+        """value -> unit's shard from `start`: in flight on the store's threads (the pool's task
+        holds value until it is written), or copied to the host shard now."""
         if self.store is None:
             self.regions[id(unit)][start : start + value.numel()].copy_(value)
             return
         future = self.store.write_async(self.regions[id(unit)], value, start)
-        self.writes.setdefault(id(unit), []).append((future, value))
+        self.writes.setdefault(id(unit), []).append(future)
+        self.write_order.append(future)
+        while len(self.write_order) > WRITES_IN_FLIGHT:
+            self.store.wait(self.write_order.popleft())
 
     def _settle_writes(self, unit: FlatUnit, keep: bool = False) -> None:
         """Wait for unit's writes; a shard that was their source can go now (`keep`: it stays,
         for the gather about to read it)."""
-        for future, _ in self.writes.pop(id(unit), []):
+        for future in self.writes.pop(id(unit), []):
             self.store.wait(future)
         if id(unit) in self.free_when_written:
             self.free_when_written.discard(id(unit))
