@@ -1,0 +1,194 @@
+"""A layout's step time, term by term: what `plan --explain LAYOUT` prints.
+
+compute     FLOPs / (peak x efficiency): the model's 6N + attention per token (model/size.py),
+            the largest pipeline stage's share, split over tp, x 4/3 with activation
+            checkpointing (forward runs again); efficiency rises with the micro-batch's tokens
+tp          Megatron's per-layer collectives (estimate/tensor_parallel.py's bytes on the wire)
+            on a node's links, not overlapped (each waits on the layer before it)
+pp p2p      each micro-batch's activations forward and their gradients back across a stage
+            boundary (V boundaries per rank under interleaving)
+ep          the four all-to-alls of each MoE layer per micro-batch over the expert group
+bubble      the schedule's idle share (parallel/schedules.py): (P-1)/(M+P-1) for gpipe and
+            1f1b, (P-1)/(V·M+P-1) interleaved, zero bubble's simulated one
+dp          gradient traffic by ZeRO stage with the overlap each really has: DDP all-reduces
+            once, under the last micro-batch's backward; ZeRO-1 reduce-scatters and all-gathers
+            in the step, exposed; ZeRO-2 reduce-scatters every micro-batch under its backward,
+            all-gathers in the step; ZeRO-3 gathers weights forward and backward and
+            reduce-scatters every micro-batch, prefetched under compute
+optimizer   memory-bound Adam: the bytes of state it reads and writes / memory bandwidth
+offload     NVMe optimizer state: read and written back every step at disk bandwidth, in
+            sub-groups overlapped with the host's step; the gradients and new weights cross PCIe
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from sdtrain.model.size import flops_per_token
+from sdtrain.parallel.schedules import bubble_formula
+from sdtrain.plan.candidate import Candidate
+from sdtrain.plan.cluster import Cluster
+from sdtrain.plan.memory import Memory
+
+RECOMPUTE = 4 / 3  # checkpointing runs forward (1/3 of forward + backward) twice
+BACKWARD_SHARE = 2 / 3
+ADAM_BYTES_PER_PARAM = 32  # reads the gradient (4), reads and writes master, m and v (24), writes the weight (4)
+OFFLOADED_STATE_BYTES = 12  # fp32 master + m + v per parameter, read and written back every step
+DDP_BUCKET_BYTES = 25 * 2**20  # the last bucket has no backward left to hide under
+
+
+@dataclass(frozen=True)
+class TimeTerm:
+    name: str
+    seconds: float
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "seconds": self.seconds, "detail": self.detail}
+
+
+@dataclass
+class StepTime:
+    terms: list[TimeTerm]
+    tokens_per_step: int
+    flops_per_token: float
+    world: int
+    peak_flops: float
+
+    @property
+    def seconds(self) -> float:
+        return sum(t.seconds for t in self.terms)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.seconds
+
+    @property
+    def mfu(self) -> float:
+        return self.tokens_per_s * self.flops_per_token / (self.world * self.peak_flops)
+
+
+def ring(n: int, kind: str) -> float:
+    """Share of a tensor each rank puts on its links: all-reduce 2(n-1)/n, the others (n-1)/n."""
+    return (2 if kind == "all_reduce" else 1) * (n - 1) / n
+
+
+SIMULATED_ACTIONS = 64  # zero bubble: its own schedule simulated up to P x M of this; past it, the closed form
+
+
+@lru_cache(maxsize=None)
+def bubble_share(schedule: str, P: int, V: int, M: int) -> float:
+    """The schedule's idle share (parallel/schedules.py). Zero bubble's simulation grows with
+    P x M; past SIMULATED_ACTIONS, ZB-H1's closed form, a third of 1F1B's bubble with backward
+    split evenly into B and W (Qi et al. 2023): (P-1) / (3M + P-1)."""
+    if schedule == "zero_bubble" and P * M > SIMULATED_ACTIONS:
+        return (P - 1) / (3 * M + P - 1)
+    return bubble_formula(schedule, P, V, M)
+
+
+_FLOPS: dict[str, float] = {}
+
+
+def model_flops(model) -> float:
+    """flops_per_token, once per model (its per-layer sum costs milliseconds at 96 layers)."""
+    key = model.model_dump_json()
+    if key not in _FLOPS:
+        _FLOPS[key] = flops_per_token(model)
+    return _FLOPS[key]
+
+
+def stage_flops_per_token(model, shapes) -> float:
+    """FLOPs per token of the busiest pipeline stage: its blocks' share, and the head's on the last."""
+    head = 6.0 * model.vocab_size * model.d_model
+    block = (model_flops(model) - head) / model.n_layers
+    return max(shape.layers * block + (head if shape.last else 0) for _, shape in shapes)
+
+
+def step_time(c: Candidate, recipe, memory: Memory, cluster: Cluster) -> StepTime:
+    model, shapes = recipe.model, memory.shapes
+    shape = max((s for _, s in shapes), key=lambda s: s.params)  # the stage with the most to reduce
+    peak = cluster.peak_tflops * 1e12
+    M, tokens = c.grad_accum_steps, c.micro_batch_size * model.seq_len
+    act_bytes = 4 if recipe.train.precision == "fp32" else 2
+    terms: list[TimeTerm] = []
+
+    eff = cluster.efficiency_at(tokens)
+    flops = stage_flops_per_token(model, shapes) * tokens / c.tp * (RECOMPUTE if c.activation_checkpointing else 1)
+    compute = flops / (peak * eff)
+    terms.append(TimeTerm("compute", M * compute, f"{M} micro-batch(es) x {flops:.3g} FLOPs / ({peak / 1e12:g} "
+                          f"TFLOP/s x {eff:.2f} at {tokens} tokens)" + (" incl. recompute" if c.activation_checkpointing else "")))
+    per_micro = compute
+
+    if c.tp > 1:
+        bw = cluster.bandwidth(c.tp)
+        tp = memory.estimate.tp_wire_bytes / bw
+        terms.append(TimeTerm("tp collectives", tp, f"{memory.estimate.tp_wire_bytes / 2**20:.1f} MiB on the wire per "
+                              f"step / {bw / 1e9:g} GB/s, not overlapped"))
+        per_micro += tp / M
+    if c.pp > 1:
+        split = c.tp if recipe.parallel.sequence_parallel else 1
+        sent = 2 * tokens * model.d_model * act_bytes / split * c.virtual_stages
+        bw = cluster.bandwidth(c.dp * c.tp + 1)
+        terms.append(TimeTerm("pp p2p", M * sent / bw, f"{M} x {sent / 2**20:.2f} MiB (activations forward, "
+                              f"gradients back) / {bw / 1e9:g} GB/s"))
+        per_micro += sent / bw
+    if c.ep > 1 and shape.moe_layers:
+        sent = 4 * shape.moe_layers * shape.expert_slots * model.d_model * act_bytes * ring(c.ep, "all_to_all")
+        bw = cluster.bandwidth(c.ep * c.tp)
+        terms.append(TimeTerm("ep all-to-all", M * sent / bw, f"{M} x 4 x {shape.moe_layers} MoE layers x "
+                              f"{shape.expert_slots} slots / {bw / 1e9:g} GB/s"))
+        per_micro += sent / bw
+    if c.pp > 1:
+        bubble = bubble_share(c.schedule, c.pp, c.virtual_stages, M)
+        terms.append(TimeTerm("pipeline bubble", M * per_micro * bubble / (1 - bubble),
+                              f"{bubble:.1%} idle: {c.schedule}, P={c.pp}, M={M}" + (f", V={c.virtual_stages}" if c.virtual_stages > 1 else "")))
+
+    terms += data_parallel_terms(c, shape, cluster, compute, M)
+    terms += optimizer_terms(c, shape, cluster)
+    return StepTime(terms, c.micro_batch_size * M * c.dp * model.seq_len, model_flops(model), c.world, peak)
+
+
+def data_parallel_terms(c: Candidate, shape, cluster: Cluster, compute: float, M: int) -> list[TimeTerm]:
+    if c.dp == 1:
+        return []
+    bw, D = cluster.bandwidth(c.dp * c.tp), c.dp
+    g = 4 if c.zero_stage == 0 else shape.weight_bytes  # DDP reduces fp32 gradients
+    size = shape.params * g  # a rank's (tp-local) gradients; experts reduce over fewer ranks, counted alike
+    backward = BACKWARD_SHARE * compute
+    where = f"/ {bw / 1e9:g} GB/s over dp {D}"
+    if c.zero_stage == 0:
+        comm = size * ring(D, "all_reduce") / bw
+        tail = min(comm, DDP_BUCKET_BYTES * ring(D, "all_reduce") / bw)
+        return [TimeTerm("dp all-reduce", max(comm - backward, tail),
+                         f"{size / 2**20:.1f} MiB all-reduced {where}: {comm:.3g} s, under the last backward ({backward:.3g} s)")]
+    gather = size * ring(D, "all_gather") / bw
+    if c.zero_stage == 1:
+        return [TimeTerm("dp reduce-scatter + all-gather", 2 * gather, f"2 x {size / 2**20:.1f} MiB in the step {where}, exposed")]
+    if c.zero_stage == 2:
+        hidden = M * max(0.0, gather - backward)
+        return [TimeTerm("dp reduce-scatter", hidden, f"{M} x {gather:.3g} s under each backward ({backward:.3g} s)"),
+                TimeTerm("dp all-gather", gather, f"{size / 2**20:.1f} MiB of new weights {where}, exposed")]
+    first = shape.block_params * g * ring(D, "all_gather") / bw  # the gather nothing runs under
+    per_micro = 3 * gather
+    return [TimeTerm("zero-3 gathers + reduce-scatter", M * (max(0.0, per_micro - compute) + 2 * first),
+                     f"{M} x 3 x {size / 2**20:.1f} MiB {where}: {per_micro:.3g} s under {compute:.3g} s of compute, "
+                     "plus the first block's gather each way")]
+
+
+def optimizer_terms(c: Candidate, shape, cluster: Cluster) -> list[TimeTerm]:
+    shard = shape.params_held / (c.dp if c.zero_stage else 1)
+    if c.offload == "none":
+        bw = cluster.memory_gbps * 1e9
+        return [TimeTerm("optimizer step", shard * ADAM_BYTES_PER_PARAM / bw,
+                         f"{shard:.3g} params x {ADAM_BYTES_PER_PARAM} B / {cluster.memory_gbps:g} GB/s (memory-bound)")]
+    host = shard * ADAM_BYTES_PER_PARAM / (cluster.host_memory_gbps * 1e9)
+    disk = 2 * shard * OFFLOADED_STATE_BYTES / (cluster.disk_gbps * 1e9)
+    terms = [TimeTerm("optimizer step (host)", host, f"{shard:.3g} params x {ADAM_BYTES_PER_PARAM} B / "
+                      f"{cluster.host_memory_gbps:g} GB/s"),
+             TimeTerm("offload I/O", max(0.0, disk - host), f"{2 * shard * OFFLOADED_STATE_BYTES / 2**30:.2f} GiB "
+                      f"read + written / {cluster.disk_gbps:g} GB/s: {disk:.3g} s, less the host step it overlaps")]
+    if cluster.device == "cuda":
+        crossing = shard * (shape.weight_bytes * 2) / (cluster.pcie_gbps * 1e9)
+        terms.append(TimeTerm("offload PCIe", crossing, f"gradients down, weights up / {cluster.pcie_gbps:g} GB/s"))
+    return terms
