@@ -386,10 +386,12 @@ def main() -> None:
 from sdtrain.cli_bench import bench  # noqa: E402  (its commands take the options above)
 from sdtrain.cli_hf import recipe_from_hf  # noqa: E402
 from sdtrain.cli_generate import generate  # noqa: E402
+from sdtrain.cli_plan import plan  # noqa: E402
 
 cli.add_command(bench)
 recipe_group.add_command(recipe_from_hf)
 cli.add_command(generate)
+cli.add_command(plan)
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,7 @@ candidate.py   one layout: its axes, and its name (pp2-tp1-dp2-z3-mb4-ac0)
 cluster.py     the cluster planned for: given by flags or a YAML file
 measure.py     ... or measured on this machine (peak, bandwidths, efficiency), cached
 enumerate.py   every layout, and the reason for each one that cannot run
-memory.py      a layout -> the estimate's peak bytes per rank (offload priced here until the estimate does)
+memory.py      a layout -> the estimate's peak bytes per rank (device, host, disk)
 time_model.py  a layout -> its step time, term by term
 rank.py        all of it together: the layouts that fit, fastest first
 explain.py     one layout's terms, as text
