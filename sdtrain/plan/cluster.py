@@ -25,6 +25,7 @@ GPU_DEFAULTS = {
     "disk_gbps": 3.0,  # NVMe, where offloaded optimizer state lives
     "efficiency": 0.65,  # share of peak a block's matmuls reach at large micro-batches
     "efficiency_half_tokens": 256.0,  # tokens per micro-batch at which half of that is reached
+    "latency_us": 20.0,  # what any collective costs however small (NCCL in a node)
 }
 
 
@@ -42,6 +43,7 @@ class Cluster:
     disk_gbps: float = GPU_DEFAULTS["disk_gbps"]
     efficiency: float = GPU_DEFAULTS["efficiency"]
     efficiency_half_tokens: float = GPU_DEFAULTS["efficiency_half_tokens"]
+    latency_us: float = GPU_DEFAULTS["latency_us"]
     device: str = "cuda"  # cuda | cpu: which memory the estimate counts (cpu: the whole process)
     source: str = "given"  # where these numbers come from, for the header and the cache
 
@@ -56,6 +58,16 @@ class Cluster:
                                  "give whole nodes")
         if not self.efficiency <= 1:
             raise UserInputError(f"cluster efficiency {self.efficiency}: a share of peak, at most 1")
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether communication runs beside compute: on a GPU it has its own engines and streams;
+        CPU ranks run gloo's transfers on the cores the matmuls need, so nothing hides."""
+        return self.device == "cuda"
+
+    @property
+    def latency(self) -> float:
+        return self.latency_us * 1e-6
 
     @property
     def nodes(self) -> int:
@@ -112,7 +124,7 @@ def cluster_from_flags(values: dict) -> Cluster | None:
 
 def cluster_from_yaml(path: str) -> Cluster:
     """A cluster YAML: the six flags' names as keys (gpus: 1024 ...) and optionally memory_gbps,
-    host_memory_gbps, pcie_gbps, disk_gbps, efficiency, efficiency_half_tokens, device."""
+    host_memory_gbps, pcie_gbps, disk_gbps, efficiency, efficiency_half_tokens, latency_us, device."""
     from sdtrain.user_files import BoundedLoader, parse_yaml, read_text
 
     text = read_text(path, "cluster file", 1 << 16, "YAML", UserInputError)

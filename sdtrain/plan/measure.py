@@ -26,7 +26,7 @@ from sdtrain.errors import UserInputError
 from sdtrain.plan.cluster import GPU_DEFAULTS, Cluster
 
 CACHE_ENV = "SDTRAIN_CACHE"
-COMM_SIZE = "16M"
+COMM_SIZES = "4K,16M"  # the latency, and the bandwidth
 CALIBRATION_LAYERS = 2
 CALIBRATION_SEQUENCES = (1, 8)  # micro-batches timed: the efficiency curve's two points
 CPU_DISK_GBPS = 1.0  # not measured: a page-cached local disk on a shared CPU machine
@@ -79,6 +79,7 @@ def measure_cluster(recipe, recipe_path: str, nproc: int, remeasure: bool = Fals
                    host_memory_gbps=host["memory_gbps"] if device == "cpu" else GPU_DEFAULTS["host_memory_gbps"],
                    disk_gbps=CPU_DISK_GBPS if device == "cpu" else GPU_DEFAULTS["disk_gbps"],
                    efficiency=calibration["efficiency"], efficiency_half_tokens=calibration["half_tokens"],
+                   latency_us=host["latency_us"],
                    device=device, source=f"measured here {host['measured_at']}; refresh: {refresh}")
 
 
@@ -101,8 +102,9 @@ def measure_machine(device: str, nproc: int) -> dict:
 
     torch.set_num_threads(threads(nproc))
     peak = measure_peak_flops(device)
+    busbw, latency_us = bus_bandwidth(nproc, device)
     return {"peak_tflops": peak.flops / 1e12, "peak": peak.describe(), "memory_gbps": memory_bandwidth(device),
-            "busbw_gbps": bus_bandwidth(nproc, device), "device": device, "nproc": nproc}
+            "busbw_gbps": busbw, "latency_us": latency_us, "device": device, "nproc": nproc}
 
 
 def memory_bandwidth(device: str) -> float:
@@ -123,21 +125,22 @@ def memory_bandwidth(device: str) -> float:
     return best
 
 
-def bus_bandwidth(nproc: int, device: str) -> float:
-    """All-reduce bus bandwidth over `nproc` workers, from `sdtrain bench comm` (GB/s)."""
+def bus_bandwidth(nproc: int, device: str) -> tuple[float, float]:
+    """(all-reduce bus bandwidth GB/s, the smallest all-reduce's time in us) over `nproc` workers,
+    from `sdtrain bench comm`."""
     if nproc == 1:
-        return 1e3  # nothing to cross: any number; no term uses it
+        return 1e3, 1.0  # nothing to cross: any numbers; no term uses them
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "comm.json"
         argv = [sys.executable, "-m", "sdtrain", "bench", "comm", "--nproc", str(nproc), "--ops", "all_reduce",
-                "--sizes", COMM_SIZE, "--repeats", "2", "--json", str(out)]
+                "--sizes", COMM_SIZES, "--repeats", "2", "--json", str(out)]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
         if done.returncode or not out.is_file():
             raise UserInputError(f"measuring this machine's bandwidth failed ({' '.join(argv[1:])}: "
                                  f"{(done.stderr or done.stdout).strip()[-300:]}); give the cluster with --gpus ... "
                                  "--inter-node-gbps, or --cluster FILE")
         rows = [r for r in json.loads(out.read_text())["results"] if r["op"] == "all_reduce"]
-    return max(r["busbw_gbps"] for r in rows)
+    return max(r["busbw_gbps"] for r in rows), min(r["time_us"] for r in rows)
 
 
 def calibrate(recipe, device: str, nproc: int, peak_tflops: float) -> dict:
@@ -169,6 +172,8 @@ def calibrate(recipe, device: str, nproc: int, peak_tflops: float) -> dict:
     (t1, e1), (t2, e2) = points
     slope = (1 / e1 - 1 / e2) / (1 / t1 - 1 / t2)  # h / E
     top = 1 / (1 / e2 - slope / t2)  # E
-    if slope <= 0 or not 0 < top <= 1:  # noise: a flat curve at the larger point's efficiency
+    if slope <= 0:  # noise: a flat curve at the larger point's efficiency
         return {"efficiency": min(e2, 1.0), "half_tokens": 1.0, "points": points}
+    if not 0 < top <= 1:  # the curve would pass the peak: capped there, through the small point
+        top = 1.0
     return {"efficiency": top, "half_tokens": slope * top, "points": points}

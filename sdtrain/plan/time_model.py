@@ -14,7 +14,10 @@ dp          gradient traffic by ZeRO stage with the overlap each really has: DDP
             once, under the last micro-batch's backward; ZeRO-1 reduce-scatters and all-gathers
             in the step, exposed; ZeRO-2 reduce-scatters every micro-batch under its backward,
             all-gathers in the step; ZeRO-3 gathers weights forward and backward and
-            reduce-scatters every micro-batch, prefetched under compute
+            reduce-scatters every micro-batch, prefetched under compute. Nothing hides on CPU
+            ranks, where gloo's transfers take the cores the matmuls need
+latency     every collective costs the cluster's latency however small it is (bench comm's
+            smallest all-reduce): what dominates small models and many-layer ZeRO-3
 optimizer   memory-bound Adam: the bytes of state it reads and writes / memory bandwidth
 offload     NVMe optimizer state: read and written back every step at disk bandwidth, in
             sub-groups overlapped with the host's step; the gradients and new weights cross PCIe
@@ -22,6 +25,7 @@ offload     NVMe optimizer state: read and written back every step at disk bandw
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -36,6 +40,7 @@ BACKWARD_SHARE = 2 / 3
 ADAM_BYTES_PER_PARAM = 32  # reads the gradient (4), reads and writes master, m and v (24), writes the weight (4)
 OFFLOADED_STATE_BYTES = 12  # fp32 master + m + v per parameter, read and written back every step
 DDP_BUCKET_BYTES = 25 * 2**20  # the last bucket has no backward left to hide under
+TP_CALLS_PER_LAYER = 4  # Megatron: attention's and the MLP's all-reduce, forward and backward (SP: twice as many)
 
 
 @dataclass(frozen=True)
@@ -122,23 +127,27 @@ def step_time(c: Candidate, recipe, memory: Memory, cluster: Cluster) -> StepTim
 
     if c.tp > 1:
         bw = cluster.bandwidth(c.tp)
-        tp = memory.estimate.tp_wire_bytes / bw
+        calls = M * shape.layers * TP_CALLS_PER_LAYER * (2 if recipe.parallel.sequence_parallel else 1) \
+            * (1.5 if c.activation_checkpointing else 1)
+        tp = memory.estimate.tp_wire_bytes / bw + calls * cluster.latency
         terms.append(TimeTerm("tp collectives", tp, f"{memory.estimate.tp_wire_bytes / 2**20:.1f} MiB on the wire per "
-                              f"step / {bw / 1e9:g} GB/s, not overlapped"))
+                              f"step / {bw / 1e9:g} GB/s + {calls:g} calls x {cluster.latency_us:g} us, not overlapped"))
         per_micro += tp / M
     if c.pp > 1:
         split = c.tp if recipe.parallel.sequence_parallel else 1
         sent = 2 * tokens * model.d_model * act_bytes / split * c.virtual_stages
         bw = cluster.bandwidth(c.dp * c.tp + 1)
-        terms.append(TimeTerm("pp p2p", M * sent / bw, f"{M} x {sent / 2**20:.2f} MiB (activations forward, "
-                              f"gradients back) / {bw / 1e9:g} GB/s"))
-        per_micro += sent / bw
+        p2p = sent / bw + 2 * c.virtual_stages * cluster.latency
+        terms.append(TimeTerm("pp p2p", M * p2p, f"{M} x {sent / 2**20:.2f} MiB (activations forward, "
+                              f"gradients back) / {bw / 1e9:g} GB/s, + latency"))
+        per_micro += p2p
     if c.ep > 1 and shape.moe_layers:
         sent = 4 * shape.moe_layers * shape.expert_slots * model.d_model * act_bytes * ring(c.ep, "all_to_all")
         bw = cluster.bandwidth(c.ep * c.tp)
-        terms.append(TimeTerm("ep all-to-all", M * sent / bw, f"{M} x 4 x {shape.moe_layers} MoE layers x "
-                              f"{shape.expert_slots} slots / {bw / 1e9:g} GB/s"))
-        per_micro += sent / bw
+        a2a = sent / bw + 4 * shape.moe_layers * cluster.latency
+        terms.append(TimeTerm("ep all-to-all", M * a2a, f"{M} x 4 x {shape.moe_layers} MoE layers x "
+                              f"{shape.expert_slots} slots / {bw / 1e9:g} GB/s, + latency"))
+        per_micro += a2a
     if c.pp > 1:
         bubble = bubble_share(c.schedule, c.pp, c.virtual_stages, M)
         terms.append(TimeTerm("pipeline bubble", M * per_micro * bubble / (1 - bubble),
@@ -152,28 +161,34 @@ def step_time(c: Candidate, recipe, memory: Memory, cluster: Cluster) -> StepTim
 def data_parallel_terms(c: Candidate, shape, cluster: Cluster, compute: float, M: int) -> list[TimeTerm]:
     if c.dp == 1:
         return []
-    bw, D = cluster.bandwidth(c.dp * c.tp), c.dp
+    bw, D, alpha = cluster.bandwidth(c.dp * c.tp), c.dp, cluster.latency
     g = 4 if c.zero_stage == 0 else shape.weight_bytes  # DDP reduces fp32 gradients
     size = shape.params * g  # a rank's (tp-local) gradients; experts reduce over fewer ranks, counted alike
-    backward = BACKWARD_SHARE * compute
+    # what communication can hide under: nothing where it shares the cores (CPU ranks)
+    backward = BACKWARD_SHARE * compute if cluster.overlaps else 0.0
+    under = compute if cluster.overlaps else 0.0
     where = f"/ {bw / 1e9:g} GB/s over dp {D}"
+    buckets = math.ceil(size / DDP_BUCKET_BYTES) if c.zero_stage in (0, 2) else 1
     if c.zero_stage == 0:
-        comm = size * ring(D, "all_reduce") / bw
-        tail = min(comm, DDP_BUCKET_BYTES * ring(D, "all_reduce") / bw)
+        comm = size * ring(D, "all_reduce") / bw + buckets * alpha
+        tail = min(comm, DDP_BUCKET_BYTES * ring(D, "all_reduce") / bw + alpha)
         return [TimeTerm("dp all-reduce", max(comm - backward, tail),
                          f"{size / 2**20:.1f} MiB all-reduced {where}: {comm:.3g} s, under the last backward ({backward:.3g} s)")]
     gather = size * ring(D, "all_gather") / bw
     if c.zero_stage == 1:
-        return [TimeTerm("dp reduce-scatter + all-gather", 2 * gather, f"2 x {size / 2**20:.1f} MiB in the step {where}, exposed")]
+        return [TimeTerm("dp reduce-scatter + all-gather", 2 * (gather + alpha),
+                         f"2 x {size / 2**20:.1f} MiB in the step {where}, exposed")]
     if c.zero_stage == 2:
-        hidden = M * max(0.0, gather - backward)
-        return [TimeTerm("dp reduce-scatter", hidden, f"{M} x {gather:.3g} s under each backward ({backward:.3g} s)"),
-                TimeTerm("dp all-gather", gather, f"{size / 2**20:.1f} MiB of new weights {where}, exposed")]
-    first = shape.block_params * g * ring(D, "all_gather") / bw  # the gather nothing runs under
-    per_micro = 3 * gather
-    return [TimeTerm("zero-3 gathers + reduce-scatter", M * (max(0.0, per_micro - compute) + 2 * first),
-                     f"{M} x 3 x {size / 2**20:.1f} MiB {where}: {per_micro:.3g} s under {compute:.3g} s of compute, "
-                     "plus the first block's gather each way")]
+        scatter = gather + buckets * alpha
+        return [TimeTerm("dp reduce-scatter", M * max(0.0, scatter - backward),
+                         f"{M} x {scatter:.3g} s under each backward ({backward:.3g} s)"),
+                TimeTerm("dp all-gather", gather + alpha, f"{size / 2**20:.1f} MiB of new weights {where}, exposed")]
+    units = shape.layers + 1  # each block, and the root unit
+    first = shape.block_params * g * ring(D, "all_gather") / bw + alpha  # the gather nothing runs under
+    per_micro = 3 * (gather + units * alpha)
+    return [TimeTerm("zero-3 gathers + reduce-scatter", M * (max(0.0, per_micro - under) + 2 * first),
+                     f"{M} x 3 x {size / 2**20:.1f} MiB in {units} units {where}: {per_micro:.3g} s under "
+                     f"{under:.3g} s of compute, plus the first block's gather each way")]
 
 
 def optimizer_terms(c: Candidate, shape, cluster: Cluster) -> list[TimeTerm]:
