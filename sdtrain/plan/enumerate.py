@@ -35,7 +35,7 @@ class Option:
     reason: str = ""
 
 
-def structures(world: int, moe: bool, per_node: int) -> Iterator[dict]:
+def structures(world: int, moe: bool) -> Iterator[dict]:
     for pp in divisors(world):
         for tp in divisors(world // pp):
             dp = world // (pp * tp)
@@ -85,7 +85,7 @@ def enumerate_layouts(base, world: int, global_batch: int, per_node: int) -> Ite
     or the reason it cannot run."""
     base_raw = base.model_dump(mode="json")
     moe = bool(base.model.moe.num_experts)
-    for s in structures(world, moe, per_node):
+    for s in structures(world, moe):
         dp = s["dp"]
         micro_batches = divisors(global_batch // dp) if global_batch % dp == 0 else [1]
         reason, recipe = "", None
