@@ -21,6 +21,8 @@ from sdtrain.bench.pipeline_strategy import PipelineStrategy
 from sdtrain.launch.drills import ActiveDrill
 from sdtrain.launch.node import threads_per_worker
 
+PEER_OFFLOAD_KEYS = ("offload_wait_s", "offload_read_gib", "offload_write_gib")
+
 
 @dataclass
 class Entry:
@@ -89,8 +91,12 @@ def measure(entry: Entry, out: Path, drills: list[ActiveDrill]) -> str | None:
         entry.tp_bytes = rows[-1].get("tp_bytes")
     else:
         result = json.loads(out.read_text())
+        if "skipped" in result:  # a peer that cannot run here says why (DeepSpeed's async_io op, say)
+            return f"skipped: {result['skipped']}"
         entry.samples.append(statistics.median(result["tokens_per_s"][1:]))
         if entry.ep:
             entry.all_to_all_shares.append(result.get("all_to_all_share"))
+        if entry.offload:  # what the peer measured of its own I/O (peer_deepspeed_nvme.py)
+            entry.offload_rounds.append({key: result.get(key) for key in PEER_OFFLOAD_KEYS})
         entry.peak_mem_gib = result["peak_mem_gib"]
     return None

@@ -14,7 +14,8 @@ from sdtrain.parallel.schedules import bubble_formula
 def compared(entry: Entry, peer: Entry) -> bool:
     """Whether `peer` runs the layout of sdtrain's `entry` (their ratio is a row's vs_<peer>)."""
     return (peer.kind == "peer" and (peer.world, peer.stage, peer.stages, peer.ep, peer.tp)
-            == (entry.world, entry.stage, entry.stages, entry.ep, entry.tp))
+            == (entry.world, entry.stage, entry.stages, entry.ep, entry.tp)
+            and peer.offload in (None, entry.offload))  # an offloading peer: only its own offload's row
 
 
 def _pipeline_columns(entry: Entry) -> dict:
@@ -74,7 +75,8 @@ def report(entries: list[Entry], recipe, steps: int, repeats: int, notes: list[s
             for peer in entries:
                 if compared(entry, peer) and peer.tokens_per_s:
                     row[f"vs_{peer.name}"] = round(entry.tokens_per_s / peer.tokens_per_s, 3)
-                    if (entry.ep or entry.tp > 1) and len(peer.samples) == len(entry.samples):  # back to back
+                    back_to_back = entry.ep or entry.tp > 1 or peer.offload
+                    if back_to_back and len(peer.samples) == len(entry.samples):
                         row["paired_ratios"] = [round(a / b, 3) for a, b in zip(entry.samples, peer.samples)]
             if entry.pipeline or entry.tp > 1:  # which to pick: against the same workers without it
                 for other in entries:

@@ -34,6 +34,7 @@ from sdtrain.bench.disk import cached_reads, disk_beside_rows
 from sdtrain.bench.entry import Entry, measure
 from sdtrain.bench.moe_strategy import DEEPSPEED_MOE_ZERO, ExpertStrategy, parse_expert_strategy
 from sdtrain.bench.moe_strategy import SYNTAX as EP_SYNTAX
+from sdtrain.bench.offload_peer import nvme_peers
 from sdtrain.bench.offload_strategy import SYNTAX as OFFLOAD_SYNTAX
 from sdtrain.bench.offload_strategy import OffloadStrategy, parse_offload_strategy
 from sdtrain.bench.pipeline_strategy import SYNTAX, PipelineStrategy, parse_pipeline_strategy
@@ -51,7 +52,8 @@ INTERVAL = 5  # steps per throughput sample
 STAGES = {"single": 0, "ddp": 0, "zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 # a zero<S> row is that stage alone, whatever the recipe says
 NO_PIPELINE = ["parallel.pipeline.stages=1", "parallel.tensor_parallel=1"]
-PEERS = ("torch", "fsdp2", "deepspeed", "deepspeed-pipe", "deepspeed-moe", "dtensor-tp", "eager", "compile", "plain")
+PEERS = ("torch", "fsdp2", "deepspeed", "deepspeed-pipe", "deepspeed-moe", "deepspeed-nvme", "dtensor-tp", "eager",
+         "compile", "plain")
 DEEPSPEED_PIPE_ZERO = (0, 1)  # DeepSpeed's pipeline refuses ZeRO-2 and 3
 SINGLE_DEVICE_PEERS = {"eager": "torch-eager", "compile": "torch-compile"}  # --peers name: row name
 
@@ -109,6 +111,8 @@ def run_bench(recipe_path: str, strategies: list[str], peers: list[str], worlds:
                                           notes)
         entries = _after_their_rows(entries, _expert_peer_entries(peers, [e for e in entries if e.world == world],
                                                                   recipe, notes))
+        entries = _after_their_rows(entries, _offload_peer_entries(
+            peers, world, [e for e in entries if e.world == world], recipe, notes))
     for name, pipeline in pipelines.items():
         if pipeline and not any(e.pipeline == pipeline for e in entries):
             if pipeline.tp > 1:  # the recipe's own message: P x T divides none of the worker counts
@@ -230,13 +234,13 @@ def _expert_entry(expert: ExpertStrategy, world: int, recipe_path: str, base: li
 
 
 def _after_their_rows(entries: list[Entry], peers: list[Entry]) -> list[Entry]:
-    """Each expert-parallel (or tensor-parallel) peer right after the ep<N> (tp<T>) row it is
-    compared with, so the two run back to back in every round: a shared machine's load drifts
-    within a round. A peer with no such row runs last."""
+    """Each expert-parallel (tensor-parallel, NVMe-offload) peer right after the ep<N> (tp<T>,
+    zero3-nvme) row it is compared with, so the two run back to back in every round: a shared
+    machine's load drifts within a round. A peer with no such row runs last."""
     out, placed = [], set()
     for entry in entries:
         out.append(entry)
-        if entry.kind == "sdtrain" and (entry.ep or entry.tp > 1) and not entry.pipeline:
+        if entry.kind == "sdtrain" and (entry.ep or entry.tp > 1 or entry.offload) and not entry.pipeline:
             mine = [p for p in peers if compared(entry, p) and id(p) not in placed]
             placed.update(map(id, mine))
             out += mine
@@ -296,6 +300,13 @@ def _expert_peer_entries(peers: list[str], entries: list[Entry], recipe, notes: 
         argv = _torchrun_argv(world, "peer_deepspeed_moe", recipe_json, f"{ep}:{stage}")
         out.append(Entry(peer.peer_name, world, "peer", stage, argv, ep=ep))
     return out
+
+
+def _offload_peer_entries(peers: list[str], world: int, entries: list[Entry], recipe, notes: list[str]):
+    """DeepSpeed's own NVMe offload beside the zero3-nvme[-params] rows of this world (offload_peer.py)."""
+    recipe_json = json.dumps(recipe_for_world(recipe, world))
+    return [Entry(name, world, "peer", o.zero_stage, _torchrun_argv(world, "peer_deepspeed_nvme", recipe_json, option),
+                  offload=o) for name, option, o in nvme_peers(peers, [e.offload for e in entries], notes)]
 
 
 def _peer_entries(recipe, peers: list[str], strategies: list[str], world: int, notes: list[str]) -> list[Entry]:
