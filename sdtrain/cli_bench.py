@@ -35,6 +35,7 @@ def bench() -> None:
                    "(sequence parallel unless -nosp), tp<T>[-nosp][-zero<S>], e.g. tp2, tp2-nosp, tp4-zero1.")
 @click.option("--peers", default="",
               help="Comma-separated, run in the same invocation: torch, fsdp2, deepspeed, deepspeed-pipe, deepspeed-moe, "
+                   "deepspeed-nvme (DeepSpeed's own NVMe offload, compared with zero3-nvme[-params]), "
                    "dtensor-tp (PyTorch's tensor parallelism over every worker, compared with tp<world>); eager, compile (one device); "
                    "plain (a llama recipe's model written plainly in PyTorch, in a DDP loop).")
 @click.option("--nproc", default="2", show_default=True, help="Worker counts to measure at, e.g. 2,4.")
