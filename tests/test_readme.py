@@ -122,13 +122,14 @@ def recipe_keys() -> set[str]:
 
 def strategy_ok(name: str) -> bool:
     from sdtrain.bench.moe_strategy import parse_expert_strategy
+    from sdtrain.bench.offload_strategy import parse_offload_strategy
     from sdtrain.bench.pipeline_strategy import parse_pipeline_strategy
     from sdtrain.bench.run import STAGES
     from sdtrain.bench.tp_strategy import parse_tensor_strategy
 
     try:
         return name in STAGES or any(parse(name) is not None for parse in (
-            parse_pipeline_strategy, parse_expert_strategy, parse_tensor_strategy))
+            parse_pipeline_strategy, parse_expert_strategy, parse_tensor_strategy, parse_offload_strategy))
     except UserInputError:
         return False
 
