@@ -80,8 +80,11 @@ class Zero(Strategy):
         # as it is made, so an offloading one holds no more than one unit's master at a time
         self.offload_store, self.steps_since_metrics = offload_store, 0
         self.optimizer = zero_optimizer(cfg, train, env.device, self.param_dtype, offload_store, self._new_master_part)
+        # stage 3 (ZeRO-Infinity): the weight shards off the device between gathers, each taken
+        # off as its unit is made (offload/params.py)
+        self.weight_shards = offload_weight_shards(cfg, offload_store, env.device) if stage == 3 else None
         built = build_units(model, stage, cfg, placements, self.comms, env, self.param_dtype, tp_plan,
-                            self.optimizer.adopt)
+                            self._adopt)
         self.units = built.units
         # stage 3's grouping, which its gatherer walks (empty at stages 1/2)
         self.block_units, self.root_units, self.persistent_unit = (built.block_units, built.root_units,
@@ -101,14 +104,20 @@ class Zero(Strategy):
         self.spare_grad_buffers: list[torch.Tensor] = []  # stages 2/3: see _whole_grad_buffer
         for p in self.owner:
             p.register_post_accumulate_grad_hook(self._on_grad_ready if self.stage >= 2 else self._on_grad_final)
-        self.gatherer, self.weight_shards = None, None
+        self.gatherer = None
         if self.stage == 3:
-            # ZeRO-Infinity: the weight shards off the device between gathers (offload/params.py)
-            self.weight_shards = offload_weight_shards(self.units, cfg, offload_store, env.device)
+            if self.weight_shards is not None:
+                self.weight_shards.ready()
             if self.weight_shards is not None and self.optimizer.offloaded:
                 self.weight_shards.hand_masters_to(self.optimizer)  # fp32: one copy on disk, stepped there
             self.gatherer = ParamGatherer(model, self.block_units, self.root_units, self.comm, cfg.prefetch_blocks,
                                           self.weight_shards)
+
+    def _adopt(self, unit: FlatUnit) -> None:
+        """A unit just made: its optimizer state, then (stage 3, offloaded) its weight shard, leave."""
+        self.optimizer.adopt(unit)
+        if self.weight_shards is not None:
+            self.weight_shards.adopt(unit, optimizer_in_memory=not self.optimizer.offloaded)
 
     # --- backward ----------------------------------------------------------------------
 

@@ -34,11 +34,6 @@ from sdtrain.parallel.flat_unit import FlatUnit
 WRITES_IN_FLIGHT = 2
 
 
-def offloadable(units: list[FlatUnit]) -> list[FlatUnit]:
-    """The units whose shards go off: all but the persistent one."""
-    return [u for u in units if u.name != "persistent"]
-
-
 def _free(tensor: torch.Tensor) -> None:
     tensor.untyped_storage().resize_(0)
 
@@ -56,8 +51,8 @@ class OffloadedShards:
     offload store's regions (`store`, the rank's, whose counters carry these reads and writes
     into the step's metrics), or with `store` None in pinned host memory (`cpu` on a GPU)."""
 
-    def __init__(self, units: list[FlatUnit], store=None, pin_memory: bool = True):
-        self.store = store
+    def __init__(self, store=None, pin_memory: bool = True):
+        self.store, self.pin_memory = store, pin_memory
         self.regions = {}  # id(unit) -> where its shard lives: a store region, or a host tensor
         self.reads = {}  # id(unit) -> the future of a read into unit.shard
         self.reads_on_demand = 0  # gathers that found no read ahead of them (the root's, at a forward's start)
@@ -65,15 +60,35 @@ class OffloadedShards:
         self.writes: dict[int, list] = {}  # id(unit) -> futures of its writes in flight
         self.write_order: deque = deque()  # every write's future, oldest first (WRITES_IN_FLIGHT)
         self.free_when_written: set[int] = set()  # id(unit): a shard that is its own write's source
-        self.units = offloadable(units)
-        for unit in self.units:
-            if store is not None:
-                self.regions[id(unit)] = store.allocate(f"{unit.name}.shard", unit.shard_size, unit.shard.dtype)
-                store.write(self.regions[id(unit)], unit.shard)
-            else:
-                host = torch.empty(unit.shard_size, dtype=unit.shard.dtype, pin_memory=pin_memory)
-                self.regions[id(unit)] = host.copy_(unit.shard)
-            _free(unit.shard)
+        self.units: list[FlatUnit] = []
+        self.deferred: list[FlatUnit] = []  # fp32 masters an in-memory optimizer sets up on first
+
+    def adopt(self, unit: FlatUnit, optimizer_in_memory: bool) -> None:
+        """Take a new unit's shard off (as soon as the unit is made, so no more than one unit's
+        shard is ever in memory at setup), unless it is the persistent unit, which stays. An
+        fp32 shard is the master: an optimizer in memory makes its views of it first (ready)."""
+        if unit.name == "persistent":
+            return
+        if optimizer_in_memory and unit.master is unit.shard:
+            self.deferred.append(unit)
+            return
+        self._take_off(unit)
+
+    def ready(self) -> None:
+        """The optimizer is set up: the shards it needed in memory go off too."""
+        for unit in self.deferred:
+            self._take_off(unit)
+        self.deferred.clear()
+
+    def _take_off(self, unit: FlatUnit) -> None:
+        if self.store is not None:
+            self.regions[id(unit)] = self.store.allocate(f"{unit.name}.shard", unit.shard_size, unit.shard.dtype)
+            self.store.write(self.regions[id(unit)], unit.shard)
+        else:
+            host = torch.empty(unit.shard_size, dtype=unit.shard.dtype, pin_memory=self.pin_memory)
+            self.regions[id(unit)] = host.copy_(unit.shard)
+        _free(unit.shard)
+        self.units.append(unit)
 
     def holds(self, unit: FlatUnit) -> bool:
         return id(unit) in self.regions
@@ -202,7 +217,7 @@ class OffloadedShards:
         return [u.shard for u in self.units if _resident(u.shard)]
 
 
-def offload_weight_shards(units: list[FlatUnit], cfg, store, device: torch.device) -> OffloadedShards | None:
+def offload_weight_shards(cfg, store, device: torch.device) -> OffloadedShards | None:
     """Stage 3's weight shards off the device as `cfg` (parallel.zero) says: `nvme` in `store`;
     `cpu` in pinned host memory on a GPU, and on a machine without one nowhere else than they
     are (host memory already: the same as none)."""
@@ -210,7 +225,7 @@ def offload_weight_shards(units: list[FlatUnit], cfg, store, device: torch.devic
         if device.type != "cpu":
             raise NotImplementedError("offload_params nvme reads shards into host memory: on a GPU use "
                                       "offload_params cpu for now")
-        return OffloadedShards(units, store)
+        return OffloadedShards(store)
     if cfg.offload_params == "cpu" and device.type == "cuda":
-        return OffloadedShards(units, None, cfg.pin_memory)
+        return OffloadedShards(None, cfg.pin_memory)
     return None
