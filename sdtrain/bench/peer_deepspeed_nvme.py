@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from sdtrain.bench.offload_peer import PARAMS_ON_CPU
 from sdtrain.bench.peer_common import (
     build_model,
     deepspeed_config,
@@ -57,13 +58,6 @@ def nvme_config(folder: str, model=None) -> dict:
     return zero
 
 
-# DeepSpeed 0.19.8 on its CPU accelerator, bench-20m at 2 ranks: under fp32 the swapped-in weights
-# come back bf16 ("expected m1 and m2 to have the same dtype, but got: float != c10::BFloat16" in
-# LinearFunctionForZeroStage3); under bf16 the first gather runs out of swap buffers ("Not enough
-# buffers 0 for swapping 1") and with 64 of them swaps a weight in twice ("param 84 already
-# assigned swap buffer id 50"). On a GPU it runs.
-PARAMS_ON_CPU = ("DeepSpeed's offload_param nvme does not run on its CPU accelerator (0.19.8: fp32 weights swap back "
-                 "as bf16; bf16 runs out of, or double-assigns, swap buffers)")
 PERSISTENCE_THRESHOLD = 10**5  # DeepSpeed's default: weights this small stay resident, never swapped
 AIO = {"block_size": MiB, "queue_depth": 8, "intra_op_parallelism": 2, "single_submit": False,
        "overlap_events": True}

@@ -306,7 +306,7 @@ def _offload_peer_entries(peers: list[str], world: int, entries: list[Entry], re
     """DeepSpeed's own NVMe offload beside the zero3-nvme[-params] rows of this world (offload_peer.py)."""
     recipe_json = json.dumps(recipe_for_world(recipe, world))
     return [Entry(name, world, "peer", o.zero_stage, _torchrun_argv(world, "peer_deepspeed_nvme", recipe_json, option),
-                  offload=o) for name, option, o in nvme_peers(peers, [e.offload for e in entries], notes)]
+                  offload=o) for name, option, o in nvme_peers(peers, [e.offload for e in entries], notes, recipe)]
 
 
 def _peer_entries(recipe, peers: list[str], strategies: list[str], world: int, notes: list[str]) -> list[Entry]:
