@@ -6,8 +6,8 @@ backend (gloo on CPU).
 The files live in a folder beside the round's result file (under the bench's run folder) and
 are removed when the peer ends, however it ends. DeepSpeed's offload wants its own CPU Adam
 (DeepSpeedCPUAdam, AdamW mode at the recipe's lr, betas and weight decay); it and the async-I/O
-op (libaio) are compiled by DeepSpeed on first use, inside deepspeed.initialize, so before the
-first timed interval. Besides tokens/s it reports, from rank 0 after the warm-up interval, the
+op (libaio) are JIT-compiled by DeepSpeed on first use (cached after), before the clock starts.
+The precision is the recipe's (DeepSpeed's bf16 block, else fp32), as the sdtrain row's. Besides tokens/s it reports, from rank 0 after the warm-up interval, the
 bytes its process read from and wrote to the disk per step (/proc/self/io: the kernel's count,
 page-cache hits excluded) and the time its training thread spent in DeepSpeed's swap calls
 (the I/O the step waited on, as sdtrain's offload_wait_s).
@@ -40,6 +40,11 @@ from sdtrain.parallel.mesh import leave_process_group
 
 OPTIONS = ("optimizer", "params")
 MiB = 2**20
+PERSISTENCE_THRESHOLD = 10**5  # DeepSpeed's default: weights this small stay resident, never swapped
+# DeepSpeed's aio block: 1 MiB requests, 8 in flight, 2 I/O threads (intra_op_parallelism is its
+# thread_count); a sub-group under one block it keeps in memory
+AIO = {"block_size": MiB, "queue_depth": 8, "intra_op_parallelism": 2, "single_submit": False,
+       "overlap_events": True}
 
 
 def nvme_config(folder: str, model=None) -> dict:
@@ -57,10 +62,6 @@ def nvme_config(folder: str, model=None) -> dict:
         zero["offload_param"] = {**nvme, "buffer_count": 2 * len(block) + 4, "buffer_size": largest, "max_in_cpu": 0}
     return zero
 
-
-PERSISTENCE_THRESHOLD = 10**5  # DeepSpeed's default: weights this small stay resident, never swapped
-AIO = {"block_size": MiB, "queue_depth": 8, "intra_op_parallelism": 2, "single_submit": False,
-       "overlap_events": True}
 
 
 def disk_bytes() -> tuple[int, int]:
