@@ -105,6 +105,21 @@ def test_cpu_offload_beside_a_gpu_moves_state_to_the_host_checked_apart():
     assert not short.fits and "host memory per rank" in short.message() and "a tiny host" in short.message()
 
 
+def test_weight_offload_to_nvme_beside_a_gpu_is_refused_before_launch_with_the_alternative():
+    """The workers have no pinned staging pool for it yet: refused by the launcher (and a node
+    agent) on a GPU, in one line naming offload_params cpu; on CPU it is what runs."""
+    from types import SimpleNamespace
+
+    from sdtrain.errors import UserInputError
+    from sdtrain.launch.memory_check import check_memory, unbuilt_offload
+
+    r = recipe("bf16", 3, "nvme", "nvme")
+    assert unbuilt_offload(r, "cpu") is None and unbuilt_offload(recipe("bf16", 3, "nvme"), "cuda") is None
+    gpu_plan = SimpleNamespace(backend="nccl", world_size=2, nodes=[SimpleNamespace(slots=[0, 1])])
+    with pytest.raises(UserInputError, match="offload_params cpu"):
+        check_memory(r, gpu_plan, "local")
+
+
 def _dry_run(path, tmp_path, *sets, limit="64GiB"):
     args = [a for s in sets for a in ("--set", s)]
     return sdtrain("launch", path, "--dry-run", "--json", "--run-dir", tmp_path / "run", *args,

@@ -47,6 +47,15 @@ def offload_disk_problem(recipe, world_size: int, workers_here: int, device: str
     return disk_problem(offload_folder(recipe, run_dir), per_rank, workers_here)
 
 
+def unbuilt_offload(recipe, device: str) -> str | None:
+    """An offload the workers would refuse on this device, said before any of them starts."""
+    if device == "cuda" and recipe.parallel.zero.offload_params == "nvme":
+        return ("parallel.zero.offload_params nvme is not built beside a GPU yet (its shards would go through a "
+                "pinned host staging pool): use offload_params cpu (pinned host memory), with offload_optimizer "
+                "nvme if the optimizer state must leave memory too")
+    return None
+
+
 def _problems(recipe, world_size: int, workers: int, device: str, run_dir: Path | None) -> list[str]:
     found = [memory_problem(recipe, world_size, workers, device),
              offload_disk_problem(recipe, world_size, workers, device, run_dir)]
@@ -61,6 +70,9 @@ def check_memory(recipe, plan, launcher: str, run_dir: Path | None = None) -> li
     if path_problem:
         raise UserInputError(path_problem)
     device = "cuda" if plan.backend == "nccl" else "cpu"
+    unbuilt = unbuilt_offload(recipe, device)
+    if unbuilt:
+        raise UserInputError(unbuilt)
     workers = sum(len(node.slots) for node in plan.nodes)
     problems = _problems(recipe, plan.world_size, workers, device, run_dir)
     if problems and recipe.launch.memory_check == "error":
@@ -81,6 +93,9 @@ def check_node(recipe, world_size: int, nproc: int, run_dir: Path | None = None)
         device = "cuda" if recipe.launch.backend != "gloo" and torch.cuda.is_available() else "cpu"
     except ImportError:
         device = "cpu"
+    unbuilt = unbuilt_offload(recipe, device)
+    if unbuilt:
+        return unbuilt
     problems = _problems(recipe, world_size, nproc, device, run_dir)
     return f"{problems[0]} {OVERRIDE}" if problems else None
 
