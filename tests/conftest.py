@@ -71,6 +71,25 @@ def assert_losses_match(reference: Path, run_dir: Path, rel_tol: float, steps: i
             assert abs(a - b) <= rel_tol * abs(a), f"step {step}: one process {a} vs {run_dir.name} {b}"
 
 
+def assert_bitwise_same(reference: Path, run_dir: Path, steps: int) -> None:
+    """run_dir logged the reference's `steps` losses to the bit, and its final checkpoint holds the
+    same weights to the bit (offload, which must change where state lives and nothing else)."""
+    import torch
+
+    from sdtrain.train.export import load_model_weights
+
+    assert losses(run_dir) == losses(reference) and len(losses(run_dir)) == steps
+    ours, theirs = load_model_weights(run_dir)[0], load_model_weights(reference)[0]
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def model_state(run_dir: Path) -> list[dict]:
+    """Each rank's model-state bytes by kind, as summary.json reports them."""
+    return json.loads((run_dir / "summary.json").read_text())["model_state_bytes"]
+
+
 RESUMABLE = {"train": {"steps": 10}, "launch": {"nproc_per_node": 2}, "checkpoint": {"every": 5, "keep": 3, "at_end": True}}
 
 

@@ -2,15 +2,13 @@
 (where separate) and Adam moments in the rank's offload files, stepped in sub-groups, and
 the run is bitwise the run without offload."""
 
-import json
 import shutil
 
 import pytest
 import torch
 
-from conftest import TINY, launch_run, losses, merge, metrics
+from conftest import TINY, assert_bitwise_same, launch_run, losses, merge, metrics, model_state
 from sdtrain.model import GPTConfig, count_params
-from sdtrain.train.export import load_model_weights
 
 STEPS = 20
 BASE = {"train": {"steps": STEPS}, "checkpoint": {"at_end": True, "every": 10, "keep": 3}}
@@ -38,18 +36,6 @@ def reference(tmp_path_factory):
     return run
 
 
-def assert_bitwise_same(reference, run_dir, steps=STEPS):
-    assert losses(run_dir) == losses(reference) and len(losses(run_dir)) == steps
-    ours, theirs = load_model_weights(run_dir)[0], load_model_weights(reference)[0]
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        assert torch.equal(ours[name], theirs[name]), name
-
-
-def model_state(run_dir):
-    return json.loads((run_dir / "summary.json").read_text())["model_state_bytes"]
-
-
 @pytest.mark.parametrize("world, stage, precision", [
     (2, 2, "bf16"), (1, 1, "fp32"), (2, 3, "fp32"),
     *(pytest.param(w, s, p, marks=pytest.mark.slow)
@@ -59,7 +45,7 @@ def model_state(run_dir):
 def test_offloaded_optimizer_trains_bitwise_as_in_memory(reference, tmp_path, world, stage, precision):
     run_dir = launch(tmp_path, "nvme", world, stage, precision, *NVME)
     plain = reference(world, stage, precision)
-    assert_bitwise_same(plain, run_dir)
+    assert_bitwise_same(plain, run_dir, STEPS)
     for ours, theirs in zip(model_state(run_dir), model_state(plain)):
         assert ours["optimizer"] == 0 < theirs["optimizer"], (ours, theirs)  # nothing of it resident
         assert ours["params"] == theirs["params"] and ours["grads"] == theirs["grads"]
@@ -89,7 +75,7 @@ def test_offloaded_optimizer_trains_bitwise_as_in_memory(reference, tmp_path, wo
 def test_offload_composes_bitwise(tmp_path, name, world, stage, precision, overrides):
     plain = launch(tmp_path, "plain", world, stage, precision, *overrides)
     run_dir = launch(tmp_path, "nvme", world, stage, precision, *overrides, *NVME)
-    assert_bitwise_same(plain, run_dir)
+    assert_bitwise_same(plain, run_dir, STEPS)
     if precision == "fp16":
         ours, theirs = metrics(run_dir), metrics(plain)
         assert [m["loss_scale"] for m in ours] == [m["loss_scale"] for m in theirs]
@@ -110,7 +96,7 @@ def test_resume_across_offload_settings(reference, tmp_path, saved_with, resumed
     shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS}")
     (resumed / "checkpoints" / "latest").write_text("step_10")
     launch(tmp_path, "resumed", 2, 2, precision, "train.resume=auto", *resumed_with)
-    assert_bitwise_same(plain, resumed)
+    assert_bitwise_same(plain, resumed, STEPS)
 
 
 def test_a_failed_run_leaves_no_offload_files(tmp_path, write_recipe):

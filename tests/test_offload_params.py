@@ -1,13 +1,12 @@
 """ZeRO-Infinity's parameter offload (`parallel.zero.offload_params`) at stage 3: the weight
 shards live in the rank's offload files, and the run is bitwise the run without offload."""
 
-import json
 import shutil
 
 import pytest
 import torch
 
-from conftest import TINY, launch_run, losses, merge
+from conftest import TINY, assert_bitwise_same, launch_run, losses, merge, model_state
 from sdtrain.train.export import load_model_weights
 
 STEPS = 20
@@ -37,18 +36,6 @@ def reference(tmp_path_factory):
     return run
 
 
-def assert_bitwise_same(reference, run_dir):
-    assert losses(run_dir) == losses(reference) and len(losses(run_dir)) == STEPS
-    ours, theirs = load_model_weights(run_dir)[0], load_model_weights(reference)[0]
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        assert torch.equal(ours[name], theirs[name]), name
-
-
-def model_state(run_dir):
-    return json.loads((run_dir / "summary.json").read_text())["model_state_bytes"]
-
-
 @pytest.mark.parametrize("world, precision, offloaded", [
     (2, "bf16", "params"), (1, "fp32", "both"),
     *(pytest.param(*case, marks=pytest.mark.slow) for case in [
@@ -59,7 +46,7 @@ def test_offloaded_weight_shards_train_bitwise_as_without(reference, tmp_path, w
     # prefetch 1 on 2 blocks: block 1's shard is read while block 0 computes
     run_dir = launch(tmp_path, "nvme", world, precision, *OFFLOADED[offloaded])
     plain = reference(world, precision)
-    assert_bitwise_same(plain, run_dir)
+    assert_bitwise_same(plain, run_dir, STEPS)
     # no weight shard stays resident (no parameter is under the persistence threshold here)
     for ours, theirs in zip(model_state(run_dir), model_state(plain)):
         assert ours["params"] == 0 < theirs["params"], (ours, theirs)
@@ -73,7 +60,7 @@ def test_persistent_vectors_stay_resident_and_two_blocks_prefetched(reference, t
                    "parallel.zero.prefetch_blocks=2")
     run_dir = launch(tmp_path, "nvme", 2, "bf16", NVME, "parallel.zero.persistence_threshold=100",
                      "parallel.zero.prefetch_blocks=2")
-    assert_bitwise_same(plain, run_dir)
+    assert_bitwise_same(plain, run_dir, STEPS)
     for ours in model_state(run_dir):
         assert 0 < ours["params"] < 2 * 2000, ours  # the vectors, whole: a few hundred bf16 each
 
@@ -89,7 +76,7 @@ def test_persistent_vectors_stay_resident_and_two_blocks_prefetched(reference, t
 def test_params_offload_composes_bitwise(tmp_path, name, world, overrides):
     plain = launch(tmp_path, "plain", world, "bf16", *overrides)
     run_dir = launch(tmp_path, "nvme", world, "bf16", *overrides, *BOTH)
-    assert_bitwise_same(plain, run_dir)
+    assert_bitwise_same(plain, run_dir, STEPS)
 
 
 @pytest.mark.parametrize("saved_with, resumed_with, precision", [

@@ -176,6 +176,17 @@ def recipe_adamw(recipe, params, device: torch.device) -> torch.optim.AdamW:
                              weight_decay=t["weight_decay"], fused=device.type in ("cpu", "cuda"))
 
 
+def deepspeed_step(engine, recipe, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """One step of a DeepSpeed engine over the recipe's micro-batches (the engine steps its
+    optimizer at the accumulation boundary only); the last micro-batch's loss."""
+    for inputs, targets in micro_batches(recipe, generator, device):
+        logits = engine(inputs)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        engine.backward(loss)
+        engine.step()
+    return loss
+
+
 def deepspeed_config(recipe, zero_optimization: dict) -> dict:
     """DeepSpeed's config for the recipe's batch split, clipping and precision."""
     t = recipe["train"]

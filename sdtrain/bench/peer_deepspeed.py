@@ -8,13 +8,12 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from sdtrain.bench.peer_common import (
     build_model,
     deepspeed_config,
+    deepspeed_step,
     device_and_backend,
-    micro_batches,
     parse_args,
     recipe_adamw,
     timed_loop,
@@ -40,15 +39,7 @@ def main() -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     generator = torch.Generator().manual_seed(t["seed"] + dist.get_rank())
 
-    def train_step(step):
-        for inputs, targets in micro_batches(recipe, generator, device):
-            logits = engine(inputs)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-            engine.backward(loss)
-            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-        return loss
-
-    timed_loop(recipe, args, device, train_step)
+    timed_loop(recipe, args, device, lambda step: deepspeed_step(engine, recipe, generator, device))
     leave_process_group()
 
 

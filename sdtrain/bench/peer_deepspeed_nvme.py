@@ -25,14 +25,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from sdtrain.bench.offload_peer import PARAMS_ON_CPU
 from sdtrain.bench.peer_common import (
     build_model,
     deepspeed_config,
+    deepspeed_step,
     device_and_backend,
-    micro_batches,
     parse_args,
     timed_loop,
 )
@@ -126,11 +125,7 @@ def run(args, recipe, device, backend, deepspeed, cpu_adam, folder: Path) -> Non
     io = SwapIO(warm_up_steps=args.interval)
 
     def train_step(step):
-        for inputs, targets in micro_batches(recipe, generator, device):
-            logits = engine(inputs)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-            engine.backward(loss)
-            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+        loss = deepspeed_step(engine, recipe, generator, device)
         io.after_step(step)
         return loss
 
