@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from sdtrain.parallel.placement import DENSE, AxisShard, Placement, expert_placement
+from sdtrain.recipe import TrainConfig, ZeroConfig
 
 
 def test_an_expert_slice_sits_in_the_layers_whole_tensor_at_its_first_expert():
@@ -23,8 +23,9 @@ def test_an_expert_slice_sits_in_the_layers_whole_tensor_at_its_first_expert():
     assert DENSE.reduction == ("dp", ())
 
 
-TRAIN = SimpleNamespace(lr=0.1, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, precision="fp32")
-ZERO = SimpleNamespace(overlap_comm=False, reduce_bucket_mb=25, persistence_threshold=0, prefetch_blocks=1)
+# the recipe's own sections, so a key the strategies start reading is there
+TRAIN = TrainConfig(lr=0.1, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, precision="fp32")
+ZERO = ZeroConfig(overlap_comm=False, reduce_bucket_mb=25.0, persistence_threshold=0, prefetch_blocks=1)
 
 
 def _toy_model():
