@@ -29,7 +29,7 @@ run: setup
 	$(VENV)/bin/sdtrain launch recipes/quickstart.yaml
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 test-slow: setup
 	$(PY) -m pytest -m slow
