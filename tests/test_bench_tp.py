@@ -85,6 +85,7 @@ def test_activations_per_rank_shrink_with_tp_and_further_with_sequence_paralleli
     assert "tp2+sp" in result.stdout and "of tp1" in result.stdout
 
 
+@pytest.mark.slow
 def test_bench_pipeline_with_tensor_parallelism(write_recipe, tmp_path):
     out = tmp_path / "bench.json"
     result = sdtrain("bench", write_recipe(), "--strategies", "pp2-1f1b-tp2", "--nproc", 4, "--steps", 15,

@@ -92,6 +92,7 @@ def test_a_malformed_drill_is_refused_before_launch(write_recipe, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_restart_never_takes_a_checkpoint_the_launch_refused(full_run, tmp_path):
     """Issue 19's reproduction: step_10's shard is a link to a file outside its folder, with
     the same bytes, so its manifest matches. The launch (train.resume auto) refuses it and

@@ -5,6 +5,8 @@ is wider than an 80-column terminal."""
 
 import json
 
+import pytest
+
 from conftest import TINY, merge, metrics, sdtrain
 
 # Expert parallel over the 2 ranks, so the first launch logs an all-to-all share and its resume
@@ -15,6 +17,7 @@ RUN = merge(TINY, {"model": {"moe": {"num_experts": 2, "top_k": 1, "every_n_laye
                    "checkpoint": {"every": 2, "at_end": True}, "log": {"every": 2}})
 
 
+@pytest.mark.slow
 def test_a_resumed_runs_summary_covers_the_whole_run(write_recipe, tmp_path):
     recipe, run_dir = write_recipe(RUN), tmp_path / "run"
     # rank 1 fails at step 3 of the first attempt: the job restarts from step 2's checkpoint,

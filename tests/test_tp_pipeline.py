@@ -84,7 +84,7 @@ def assert_metrics_per_stage(run_dir, schedule):
         assert row["comm_bytes"] == expected[0]  # rank 0's: the first stage's
 
 
-@pytest.mark.parametrize("schedule, virtual", [("1f1b", 1), ("interleaved", 2)])
+@pytest.mark.parametrize("schedule, virtual", [("1f1b", 1), pytest.param("interleaved", 2, marks=pytest.mark.slow)])
 def test_tp2_pp2_matches_one_process(reference, tmp_path, schedule, virtual):
     run_dir = launch(tmp_path, f"tp2-pp2-{schedule}", 4, *TP2_PP2, f"parallel.pipeline.schedule={schedule}",
                      f"parallel.pipeline.virtual_stages={virtual}")
@@ -110,6 +110,7 @@ def test_tp2_pp2_with_every_schedule_and_zero_matches_one_process(reference, tmp
     assert_same_weights(reference, run_dir)
 
 
+@pytest.mark.slow  # the reshard across tp and pp; make test keeps tp's own (test_tp_training)
 def test_a_tp2_dp2_checkpoint_continues_at_tp2_pp2(reference, tmp_path):
     """The checkpoint matrix: pieces saved as whole tensors by TP x DP load into TP x PP's
     stages, the head's copy on the last stage taken from the first stage's embedding."""
