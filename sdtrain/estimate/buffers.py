@@ -9,6 +9,7 @@ import math
 
 from sdtrain.estimate.shape import RankShape
 from sdtrain.estimate.terms import HOST, STEP_FB, STEP_OPT, Term
+from sdtrain.parallel.offload.sub_groups import sub_group_numel
 
 MiB = 2**20
 DDP_BUCKET_BYTES = 25 * MiB  # torch DDP's bucket_cap_mb
@@ -80,14 +81,6 @@ def optimizer_buffers(shape: RankShape) -> list[Term]:
     if shape.weight_bytes == 2:
         temps += 4 * shard  # the gradient shard in fp32 for clipping and Adam (fp16: unscaled in it)
     return [Term("optimizer temporaries", temps, STEP_OPT, "weights published by all-gather")]
-
-
-SUB_GROUP_ALIGN = 1024  # parallel/offload/optimizer.py: sub-groups are whole multiples of this many elements
-
-
-def sub_group_numel(sub_group_mb: float) -> int:
-    """Elements per sub-group, as offload/optimizer.py makes them (sub_group_mb MiB of fp32 master)."""
-    return max(SUB_GROUP_ALIGN, int(sub_group_mb * MiB / 4) // SUB_GROUP_ALIGN * SUB_GROUP_ALIGN)
 
 
 def offload_buffers(shape: RankShape) -> list[Term]:

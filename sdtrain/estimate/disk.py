@@ -6,11 +6,11 @@ nearest existing parent says which filesystem, and how much is free there.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from sdtrain.estimate.terms import gib
+from sdtrain.parallel.offload.folder import folder_problem
 
 OFFLOAD_FOLDER = "offload"  # under the run directory, where nvme_path is null
 
@@ -22,20 +22,13 @@ def offload_folder(recipe, run_dir: Path | str) -> Path:
 
 def nvme_path_problem(recipe) -> str | None:
     """A user's nvme_path that the workers would refuse (parallel/offload/store.py's
-    check_offload_dir, in the same words), said before launch: it must be an existing writable
+    check_offload_dir: offload/folder.py), said before launch: it must be an existing writable
     folder, since sdtrain makes only its own subfolder in it. None: fine, unused, or null."""
     zero = recipe.parallel.zero
     path = zero.nvme_path
     if not path or "nvme" not in (zero.offload_optimizer, zero.offload_params):
         return None
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        return (f"parallel.zero.nvme_path {str(path)!r} is not a directory: create it (on a local NVMe disk, with "
-                "room for the offloaded state) or set nvme_path null for the run directory")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return (f"parallel.zero.nvme_path {str(path)!r} is not writable by this user: choose a folder you can "
-                "write, or set nvme_path null for the run directory")
-    return None
+    return folder_problem(path)
 
 
 def nearest_existing(path: Path) -> Path:

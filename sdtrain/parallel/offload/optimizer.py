@@ -24,12 +24,8 @@ import torch
 
 from sdtrain.parallel.flat_unit import FlatUnit
 from sdtrain.parallel.offload.store import OffloadStore, Region
+from sdtrain.parallel.offload.sub_groups import sub_group_numel
 from sdtrain.parallel.strategy import ADAM_MOMENTS
-
-# Sub-groups start at multiples of this many elements within each part the in-memory AdamW
-# steps (larger than any vector width: the kernel's tail loop sees the same elements).
-SUB_GROUP_ALIGN = 1024
-FP32_BYTES = 4
 
 # (unit, the stepped master's elements [start, start + len) of its shard, start) -> wherever
 # the weights forward reads take them (cast into the resident shard, or offloaded weights)
@@ -42,11 +38,6 @@ class SubGroup:
     start: int  # in the unit's shard
     numel: int
     weight_decay: float
-
-
-def sub_group_numel(sub_group_mb: float) -> int:
-    """Elements per sub-group: sub_group_mb MiB of fp32 master, a multiple of SUB_GROUP_ALIGN."""
-    return max(SUB_GROUP_ALIGN, int(sub_group_mb * 2**20 / FP32_BYTES) // SUB_GROUP_ALIGN * SUB_GROUP_ALIGN)
 
 
 class OffloadedAdam:
@@ -123,10 +114,12 @@ class OffloadedAdam:
 
     def _buffer(self, k: int) -> dict[str, torch.Tensor]:
         """Sub-group k's buffer: room for each kind of state some unit keeps in the store."""
-        kinds = dict.fromkeys(kind for regions in self.regions for kind in regions)
-        size = max(group.numel for group in self.groups)  # (units smaller than sub_group_mb: theirs)
         while len(self.buffers) <= k % self.buffer_count:
-            self.buffers.append({kind: torch.empty(size, dtype=torch.float32) for kind in kinds})
+            if not self.buffers:  # the first step's: every unit adopted, every kind known
+                self.buffer_kinds = list(dict.fromkeys(kind for regions in self.regions for kind in regions))
+                self.buffer_numel = max(group.numel for group in self.groups)  # (units smaller than sub_group_mb)
+            self.buffers.append({kind: torch.empty(self.buffer_numel, dtype=torch.float32)
+                                 for kind in self.buffer_kinds})
         return self.buffers[k % self.buffer_count]
 
     def _read(self, k: int) -> list:

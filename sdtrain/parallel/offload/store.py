@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from sdtrain.errors import UserInputError
+from sdtrain.parallel.offload.folder import folder_problem
 
 ALIGNMENT = 4096  # bytes: a page, and what O_DIRECT would need
 # preadv/pwritev move at most about 2 GiB per call (Linux's MAX_RW_COUNT): larger tensors go in steps
@@ -55,14 +56,10 @@ class Region:
 def check_offload_dir(path: str | os.PathLike) -> Path:
     """The user's nvme_path, checked before anything is written there: an existing, writable
     directory (we make only our own subfolder in it, never the path itself)."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise UserInputError(f"parallel.zero.nvme_path {str(path)!r} is not a directory: create it (on a local "
-                             "NVMe disk, with room for the offloaded state) or set nvme_path null for the run directory")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserInputError(f"parallel.zero.nvme_path {str(path)!r} is not writable by this user: choose a folder "
-                             "you can write, or set nvme_path null for the run directory")
-    return folder
+    problem = folder_problem(path)
+    if problem:
+        raise UserInputError(problem)
+    return Path(path).expanduser()
 
 
 class OffloadStore:
