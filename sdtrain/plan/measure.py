@@ -90,17 +90,13 @@ def device_budget(device: str, nproc: int) -> float:
     return budget.per_rank
 
 
-def threads(nproc: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // nproc)  # what each worker gets (launch/node.py's threads_per_worker)
-
-
 def measure_machine(device: str, nproc: int) -> dict:
     import torch
 
+    from sdtrain.launch.node import threads_per_worker
     from sdtrain.train.peak import measure_peak_flops
 
-    torch.set_num_threads(threads(nproc))
+    torch.set_num_threads(threads_per_worker(nproc))  # as each worker gets
     peak = measure_peak_flops(device)
     busbw, latency_us = bus_bandwidth(nproc, device)
     return {"peak_tflops": peak.flops / 1e12, "peak": peak.describe(), "memory_gbps": memory_bandwidth(device),
@@ -148,10 +144,11 @@ def calibrate(recipe, device: str, nproc: int, peak_tflops: float) -> dict:
     two micro-batch sizes: e(t) = E·t / (t + h) through both points (1/e is linear in 1/t)."""
     import torch
 
+    from sdtrain.launch.node import threads_per_worker
     from sdtrain.model.gpt import GPT, GPTConfig
     from sdtrain.model.size import flops_per_token
 
-    torch.set_num_threads(threads(nproc))
+    torch.set_num_threads(threads_per_worker(nproc))  # as each worker gets
     fields = recipe.model.model_dump()
     fields.update(n_layers=min(CALIBRATION_LAYERS, recipe.model.n_layers), init_from=None)
     config = GPTConfig(**fields)
