@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import resource
 import statistics
 import time
 
@@ -101,6 +102,7 @@ def main() -> None:
     # zero0 step next to it, and the median of those ratios is reported.
     times = {name: [] for name in strategies}
     cpu = {name: [] for name in strategies}  # this process's CPU seconds (all threads, gloo's too)
+    faults = {name: 0 for name in strategies}  # minor page faults (memory the kernel handed out anew)
     SPENT.clear()
     spent = {}
     for _ in range(args.steps):
@@ -108,8 +110,10 @@ def main() -> None:
             before = dict(SPENT)
             dist.barrier()
             start, cpu_start = time.perf_counter(), time.process_time()
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             step(strategy)
             cpu_used = time.process_time() - cpu_start
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
             dist.barrier()
             times[name].append(time.perf_counter() - start)
             cpu[name].append(cpu_used)
@@ -128,6 +132,7 @@ def main() -> None:
             "vs_zero0": round(statistics.median(a / b for a, b in zip(t, base)), 3) if base else None,
             "cpu_ms": round(cpu_both[name].median().item() * 1e3, 1),
             "cpu_vs_zero0": round((cpu_both[name] / cpu_base).median().item(), 3) if base else None,
+            "page_faults_per_step": faults[name] // count,
             "parts_ms": {k: round(v / count * 1e3, 1) for k, v in spent[name].items()},
         } for name, t in times.items()}, indent=1))
     dist.barrier()

@@ -74,6 +74,7 @@ def test_a_drill_in_a_bench_gets_the_banner_and_its_failure_one_message(write_re
     assert err.index("drill active") < err.index("bench failed")
 
 
+@pytest.mark.slow  # make test keeps the drill banner test above
 def test_a_bench_checks_the_env_file_and_drills_as_a_launch_before_any_run(write_recipe, tmp_path):
     recipe = write_recipe()
     (tmp_path / ".sdtrain_env").write_text("SDTRAIN_INJECT_FAULT=0:6\n")

@@ -49,6 +49,7 @@ def test_bench_tp_bad_input_exits_2(write_recipe, tmp_path):
         assert not (tmp_path / "never.json").exists() and "tokens/s" not in result.stdout  # nothing ran
 
 
+@pytest.mark.slow  # make test keeps the DTensor peer's own trajectory test (test_peer_dtensor_tp)
 def test_bench_tp2_beside_dtensor_tp(write_recipe, tmp_path):
     out = tmp_path / "bench.json"
     result = sdtrain("bench", write_recipe(), "--strategies", "tp2", "--peers", "dtensor-tp", "--steps", 15,

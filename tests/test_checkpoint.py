@@ -38,6 +38,7 @@ def test_resume_is_bitwise_equal_to_uninterrupted(full_run, tmp_path):
     assert got == expected  # bitwise: fp32 on CPU, same data position, same optimizer state
 
 
+@pytest.mark.slow  # make test keeps the 2-rank resume (and the 4-rank reshards of test_tp_zero / test_pipeline)
 def test_resume_at_four_ranks_is_bitwise_equal_to_uninterrupted(full_run, tmp_path):
     """At 3+ ranks the order in which gloo adds the ranks' gradients depends on DDP's bucket
     layout; a resumed run once averaged its first step in another layout than the

@@ -28,7 +28,8 @@ def _run(tmp, nproc, extra=()):
     return run_dir
 
 
-@pytest.mark.parametrize("extra", [(), ("--set", "train.micro_batch_size=1")], ids=["accum2", "accum4"])
+@pytest.mark.parametrize("extra", [pytest.param((), marks=pytest.mark.slow), ("--set", "train.micro_batch_size=1")],
+                         ids=["accum2", "accum4"])
 def test_two_ranks_match_one(single_process_run, tmp_path, extra):
     reference = losses(single_process_run)
     assert len(reference) == 10 and reference[-1] < reference[0]

@@ -80,6 +80,8 @@ def test_a_folder_of_another_architecture_exits_2(tmp_path):
     assert result.returncode == 2 and "model_type 'bert'" in result.stderr and result.stdout == ""
 
 
+@pytest.mark.parametrize("hf_folder", ["llama", pytest.param("gpt2", marks=pytest.mark.slow),
+                                       pytest.param("mixtral", marks=pytest.mark.slow)], indirect=True)
 def test_an_exported_run_decodes_in_transformers_as_sdtrain_decodes_it(hf_folder, tmp_path):
     """A real run (from the folder's weights: a tiny model trained for seconds only ever says
     spaces) -> `sdtrain export --format hf` -> transformers' greedy generate of the export gives

@@ -155,6 +155,7 @@ def test_ssh_killed_worker_on_second_node_stops_every_node(sshd, tmp_path):
     kill_rank_and_check_fail_fast(launcher, run_dir)
 
 
+@pytest.mark.slow  # in make test-multinode (make test keeps two ssh launches)
 def test_ssh_ctrl_c_reaches_every_node(sshd, tmp_path):
     run_dir = tmp_path / "run"
     launcher = start([write(tmp_path, LONG), *ssh_args(sshd, tmp_path)], run_dir)
@@ -169,6 +170,7 @@ def test_ssh_ctrl_c_reaches_every_node(sshd, tmp_path):
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.slow  # in make test-multinode (make test keeps two ssh launches)
 def test_env_file_reaches_the_nodes_and_a_raising_rank_is_named(sshd, tmp_path):
     """.sdtrain_env in the working directory (the nodes cd there too) makes rank 2, on the
     second node, raise at step 3: its traceback comes back as the root cause."""
@@ -247,6 +249,7 @@ def test_preflight_names_every_failure_with_a_hint(sshd, tmp_path):
     assert "✗ 127.0.0.3: ssh: `ssh -F /dev/null" in out and "must work without a password prompt" in out
 
 
+@pytest.mark.slow  # in make test-multinode (make test keeps two ssh launches)
 def test_every_node_its_own_launcher_with_node_rank(reference, tmp_path):
     """The Kubernetes way (launcher/kubernetes.yaml): no runner, each node starts
     `sdtrain launch --hostfile F --node-rank R` itself; they meet at the master port."""

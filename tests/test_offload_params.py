@@ -80,8 +80,9 @@ def test_params_offload_composes_bitwise(tmp_path, name, world, overrides):
 
 
 @pytest.mark.parametrize("saved_with, resumed_with, precision", [
-    ("params", "none", "fp32"),  # the master in the files -> in memory
+    # (make test keeps test_offload_optimizer's resume across settings)
     *(pytest.param(*case, marks=pytest.mark.slow) for case in [
+        ("params", "none", "fp32"),  # the master in the files -> in memory
         ("none", "params", "fp32"),  # a checkpoint loaded straight into the files (their mapped views)
         ("params", "none", "bf16"), ("none", "params", "bf16"), ("both", "none", "bf16"),
         ("none", "both", "fp32"), ("params", "both", "bf16")]),

@@ -45,7 +45,7 @@ SLOW = pytest.mark.slow  # the rest of the matrix: `make test-slow`
 
 
 @pytest.mark.parametrize("stages, schedule, virtual", [
-    (2, "1f1b", 1), pytest.param(2, "gpipe", 1, marks=SLOW), (2, "interleaved", 2),
+    pytest.param(2, "1f1b", 1, marks=SLOW), pytest.param(2, "gpipe", 1, marks=SLOW), (2, "interleaved", 2),
     pytest.param(4, "1f1b", 1, marks=SLOW), pytest.param(4, "gpipe", 1, marks=SLOW), pytest.param(4, "interleaved", 2, marks=SLOW),
     (3, "1f1b", 1),  # 8 layers over 3 stages: 3 + 3 + 2
     (2, "zero_bubble", 1), pytest.param(4, "zero_bubble", 1, marks=SLOW),

@@ -83,7 +83,7 @@ def test_tp2_zero1_counts_tp_traffic_beside_zero_traffic(tp_zero1):
         assert abs(zero - 2 * local * element) <= 0.01 * 2 * local * element, f"step {row['step']}: {zero}"
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])  # and zero1 below
 def test_tp2_zero_matches_single_process(reference, tmp_path, stage):
     run_dir = tp_zero(tmp_path, stage)
     assert_same_losses(reference, run_dir)
