@@ -36,6 +36,7 @@ from sdtrain.train.checkpoint import Checkpointer
 from sdtrain.train.data import TRAIN, VAL, Batches
 from sdtrain.train.memory_watch import start_memory_watch
 from sdtrain.train.faults import weights_digest
+from sdtrain.train.heap import keep_freed_buffers_in_heap
 from sdtrain.train.metrics import MetricsLog, peak_flops, peak_memory_gib
 from sdtrain.train.nonfinite import StepGuard
 from sdtrain.train.preempt import PreemptRequest, write_preempted
@@ -83,6 +84,8 @@ def main(argv=None) -> None:
 
     layout = Layout.of(recipe, int(os.environ["WORLD_SIZE"]))  # the launcher checked it for this world size
     env = init_distributed(recipe.launch.backend, recipe.launch.timeout_s, layout)
+    if env.device.type == "cpu":
+        keep_freed_buffers_in_heap()  # the tensors live in glibc's heap: reuse pages, not fault them anew
     plan = derive_batch(
         recipe.train.global_batch_size, recipe.train.micro_batch_size, recipe.train.grad_accum_steps, env.dp_size
     )

@@ -58,7 +58,13 @@ def main() -> None:
     parser.add_argument("--strategies", default="zero0,zero1,zero2,zero3",
                         help="stages, each optionally with settings of its own: zero3@parallel.zero.prefetch_blocks=2")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per strategy")
+    parser.add_argument("--malloc", choices=["default", "keep"], default="keep",
+                        help="keep: as a CPU worker sets glibc's heap (heap.py); default: glibc's own settings")
     args = parser.parse_args()
+    if args.malloc == "keep":
+        from sdtrain.train.heap import keep_freed_buffers_in_heap
+
+        print("heap kept:", keep_freed_buffers_in_heap())
     collective_log.install()  # as in a worker: every collective goes through the recorder
     from sdtrain.parallel.zero import Zero
 
