@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from sdtrain.estimate.disk import nearest_existing
+from sdtrain.parallel.offload.vectored_io import move_all
 
 MiB = 2**20
 PROBE_BYTES = 256 * MiB
@@ -37,7 +38,7 @@ def probe_disk(folder: str | os.PathLike, block_bytes: int, total_bytes: int = P
     try:
         began = time.perf_counter()
         for i in range(blocks):
-            _all(os.pwrite, fd, buffer, i * block_bytes)
+            move_all(os.pwritev, fd, memoryview(buffer), i * block_bytes)
         os.fsync(fd)
         write_s = time.perf_counter() - began
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -73,18 +74,8 @@ def _read(name: str, fd: int, buffer: mmap.mmap, blocks: int, block_bytes: int) 
 def _timed_reads(fd: int, buffer: mmap.mmap, blocks: int, block_bytes: int) -> float:
     began = time.perf_counter()
     for i in range(blocks):
-        _all(os.preadv, fd, buffer, i * block_bytes)
+        move_all(os.preadv, fd, memoryview(buffer), i * block_bytes)
     return time.perf_counter() - began
-
-
-def _all(call, fd: int, buffer: mmap.mmap, offset: int) -> None:
-    """pwrite / preadv until the whole block moved (either may move less than asked)."""
-    view, done = memoryview(buffer), 0
-    while done < len(view):
-        moved = call(fd, view[done:], offset + done) if call is os.pwrite else call(fd, [view[done:]], offset + done)
-        if moved <= 0:
-            raise OSError(f"the disk probe moved no bytes at offset {offset + done}")
-        done += moved
 
 
 def disk_beside_rows(recipe, tmp: str, notes: list[str]) -> dict:

@@ -34,10 +34,9 @@ import torch
 
 from sdtrain.errors import UserInputError
 from sdtrain.parallel.offload.folder import folder_problem
+from sdtrain.parallel.offload.vectored_io import move_all
 
 ALIGNMENT = 4096  # bytes: a page, and what O_DIRECT would need
-# preadv/pwritev move at most about 2 GiB per call (Linux's MAX_RW_COUNT): larger tensors go in steps
-MAX_IO_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -219,18 +218,9 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def _move(call, fd: int, tensor: torch.Tensor, offset: int) -> None:
-    """preadv/pwritev of the tensor's bytes at `offset`, in steps of MAX_IO_BYTES, until all
-    moved (both may move fewer bytes than asked)."""
-    total = tensor.numel() * tensor.element_size()
-    address, done = tensor.data_ptr(), 0
-    while done < total:
-        size = min(total - done, MAX_IO_BYTES)
-        window = (ctypes.c_char * size).from_address(address + done)
-        moved = call(fd, [memoryview(window).cast("B")], offset + done)
-        if moved <= 0:
-            raise OSError(f"offload I/O moved no bytes at offset {offset + done} (the file ends at "
-                          f"{os.fstat(fd).st_size}; disk full?)")
-        done += moved
+    """preadv/pwritev straight on the tensor's bytes at `offset` (no copy: a view of its memory)."""
+    size = tensor.numel() * tensor.element_size()
+    move_all(call, fd, memoryview((ctypes.c_char * size).from_address(tensor.data_ptr())).cast("B"), offset)
 
 
 # --- removal at exit ---------------------------------------------------------------------
