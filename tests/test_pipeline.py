@@ -88,11 +88,14 @@ def two_by_two(reference, tmp_path_factory):
     (0, "1f1b"), pytest.param(1, "1f1b", marks=SLOW), pytest.param(2, "1f1b", marks=SLOW), (3, "1f1b"),
     pytest.param(2, "zero_bubble", marks=SLOW),
     pytest.param(3, "zero_bubble", marks=SLOW),  # W passes feed ZeRO's reduce-scatters
+    (3, "gpipe"),  # every forward before any backward: the roots freed by the first are gathered again
+    pytest.param(3, "interleaved", marks=SLOW),
 ])
 def test_pipeline_with_data_parallel_and_zero(reference, two_by_two, tmp_path, stage, schedule):
     run_dir = two_by_two if stage == 0 else launch(
         tmp_path, f"pp2dp2-zero{stage}-{schedule}", 4, "parallel.pipeline.stages=2", f"parallel.zero_stage={stage}",
-        "parallel.zero.reduce_bucket_mb=0.05", f"parallel.pipeline.schedule={schedule}")
+        "parallel.zero.reduce_bucket_mb=0.05", f"parallel.pipeline.schedule={schedule}",
+        f"parallel.pipeline.virtual_stages={2 if schedule == 'interleaved' else 1}")
     assert_same_losses(reference, run_dir)
     assert_same_weights(reference, run_dir)
 

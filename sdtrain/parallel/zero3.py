@@ -14,8 +14,8 @@ Reuse:    the forward's last 1 + k blocks are not freed after their forward: bac
           block gathered, the forward's seven ~9% of a DDP step's).
 The root units (embeddings, final norm, tied output head: one per placement's reduction,
 usually one) are used at both ends of the model: they are gathered when the model's forward
-starts (and again before the head and loss, which run after it) and freed after their
-gradients.
+starts (and again before the head and loss, which run after it, and before each backward)
+and freed after their gradients.
 
 Freeing resizes the flat buffer's storage to zero; gathering resizes it back and fills it.
 Parameters stay views of that storage, so tensors autograd saved in forward see the data
@@ -155,3 +155,9 @@ class ParamGatherer:
         if not torch.is_grad_enabled():
             for unit in self.roots:
                 self.free(unit)  # evaluation: no backward will need it
+        elif isinstance(output, torch.Tensor) and output.requires_grad:
+            # The roots are freed once their gradients are reduce-scattered, after a micro-batch's
+            # backward: where a schedule runs several forwards before their backwards (GPipe), the
+            # next backward needs them whole again. Gathered before it starts (a no-op where a
+            # forward in between gathered them already).
+            output.register_hook(lambda grad: self._gather_roots())
