@@ -89,7 +89,7 @@ def test_nvme_offload_moves_the_optimizer_state_off_the_device():
 
 
 def term(row, name):
-    return next(t.seconds for t in row.time.terms if t.name == name)
+    return next((t.seconds for t in row.time.terms if t.name == name), 0.0)
 
 
 def test_time_model_terms():
@@ -109,6 +109,18 @@ def test_time_model_terms():
     # the ranking is by predicted tokens/s among those that fit
     fitting = [r for r in rows if r.fits]
     assert [r.time.tokens_per_s for r in fitting] == sorted((r.time.tokens_per_s for r in fitting), reverse=True)
+
+
+def test_ranks_sharing_cores_stretch_their_busy_time_and_lend_their_bubble():
+    whole = plan_layouts(recipe(), cluster(device="cpu"), 8)
+    shared = plan_layouts(recipe(), cluster(device="cpu", rank_share=0.5), 8)
+    for name in ("pp1-tp1-dp4-z0-mb2-ac0", "pp2-tp1-dp2-z0-mb1-ac0"):
+        alone, sharing = find(whole, name), find(shared, name)
+        assert term(alone, "cores shared") == 0
+        busy = alone.time.seconds - term(alone, "pipeline bubble")  # the pipeline's wait costs no core
+        assert sharing.time.seconds == pytest.approx(busy / 0.5)
+    with pytest.raises(UserInputError, match="rank_share"):
+        cluster(rank_share=1.5)
 
 
 def test_a_layout_that_does_not_fit_says_so_with_the_margin():

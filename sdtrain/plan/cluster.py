@@ -44,6 +44,9 @@ class Cluster:
     efficiency: float = GPU_DEFAULTS["efficiency"]
     efficiency_half_tokens: float = GPU_DEFAULTS["efficiency_half_tokens"]
     latency_us: float = GPU_DEFAULTS["latency_us"]
+    # the share of its device a rank has while every rank of its node computes: 1 for GPUs; on
+    # CPU, cores / (ranks x threads each) where more ranks than cores share them
+    rank_share: float = 1.0
     device: str = "cuda"  # cuda | cpu: which memory the estimate counts (cpu: the whole process)
     source: str = "given"  # where these numbers come from, for the header and the cache
 
@@ -56,6 +59,8 @@ class Cluster:
         if self.gpus % self.gpus_per_node and self.gpus > self.gpus_per_node:
             raise UserInputError(f"--gpus {self.gpus} is not a multiple of --gpus-per-node {self.gpus_per_node}: "
                                  "give whole nodes")
+        if not self.rank_share <= 1:
+            raise UserInputError(f"cluster rank_share {self.rank_share}: a share of a device, at most 1")
         if not self.efficiency <= 1:
             raise UserInputError(f"cluster efficiency {self.efficiency}: a share of peak, at most 1")
 
@@ -96,7 +101,9 @@ class Cluster:
         return (f"{self.gpus} {'GPU' if self.device == 'cuda' else 'CPU rank'}(s), {self.per_node} per node, "
                 f"{self.device_memory_gib:g} GiB each, {self.peak_tflops:g} TFLOP/s peak x efficiency "
                 f"{self.efficiency:.2f}, bus bandwidth {self.intra_node_gbps:g} GB/s in a node, "
-                f"{self.inter_node_gbps:g} GB/s across ({self.source})")
+                f"{self.inter_node_gbps:g} GB/s across"
+                + (f", ranks sharing cores ({self.rank_share:g} of one each)" if self.rank_share < 1 else "")
+                + f" ({self.source})")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -124,7 +131,8 @@ def cluster_from_flags(values: dict) -> Cluster | None:
 
 def cluster_from_yaml(path: str) -> Cluster:
     """A cluster YAML: the six flags' names as keys (gpus: 1024 ...) and optionally memory_gbps,
-    host_memory_gbps, pcie_gbps, disk_gbps, efficiency, efficiency_half_tokens, latency_us, device."""
+    host_memory_gbps, pcie_gbps, disk_gbps, efficiency, efficiency_half_tokens, latency_us, rank_share,
+    device."""
     from sdtrain.user_files import BoundedLoader, parse_yaml, read_text
 
     text = read_text(path, "cluster file", 1 << 16, "YAML", UserInputError)

@@ -79,8 +79,19 @@ def measure_cluster(recipe, recipe_path: str, nproc: int, remeasure: bool = Fals
                    host_memory_gbps=host["memory_gbps"] if device == "cpu" else GPU_DEFAULTS["host_memory_gbps"],
                    disk_gbps=CPU_DISK_GBPS if device == "cpu" else GPU_DEFAULTS["disk_gbps"],
                    efficiency=calibration["efficiency"], efficiency_half_tokens=calibration["half_tokens"],
-                   latency_us=host["latency_us"],
+                   latency_us=host["latency_us"], rank_share=rank_share(device, nproc),
                    device=device, source=f"measured here {host['measured_at']}; refresh: {refresh}")
+
+
+def rank_share(device: str, nproc: int) -> float:
+    """The share of a core's worth each CPU worker gets while all compute: the launcher gives each
+    at least one thread (launch/node.py), so more workers than cores take turns on them."""
+    if device != "cpu":
+        return 1.0
+    from sdtrain.launch.node import threads_per_worker
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(1.0, cores / (nproc * threads_per_worker(nproc)))
 
 
 def device_budget(device: str, nproc: int) -> float:

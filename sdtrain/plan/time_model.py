@@ -21,6 +21,8 @@ latency     every collective costs the cluster's latency however small it is (be
 optimizer   memory-bound Adam: the bytes of state it reads and writes / memory bandwidth
 offload     NVMe optimizer state: read and written back every step at disk bandwidth, in
             sub-groups overlapped with the host's step; the gradients and new weights cross PCIe
+cores       more CPU ranks than cores (rank_share < 1): a rank's busy time stretches by 1 /
+            rank_share, while its pipeline bubble costs nothing (other ranks run on the core)
 """
 
 from __future__ import annotations
@@ -155,7 +157,23 @@ def step_time(c: Candidate, recipe, memory: Memory, cluster: Cluster) -> StepTim
 
     terms += data_parallel_terms(c, shape, cluster, compute, M)
     terms += optimizer_terms(c, shape, cluster)
+    terms += shared_cores_term(terms, cluster)
     return StepTime(terms, c.micro_batch_size * M * c.dp * model.seq_len, model_flops(model), c.world, peak)
+
+
+def shared_cores_term(terms: list[TimeTerm], cluster: Cluster) -> list[TimeTerm]:
+    """More CPU ranks than cores: each rank's busy time (everything but its pipeline bubble, in
+    which it waits and the others run on its core) stretches by 1 / rank_share; the step takes
+    that, or the terms' own sum where the bubble is the longer wait."""
+    if cluster.rank_share >= 1:
+        return []
+    total = sum(t.seconds for t in terms)
+    busy = total - sum(t.seconds for t in terms if t.name == "pipeline bubble")
+    stretched = busy / cluster.rank_share
+    if stretched <= total:
+        return []
+    return [TimeTerm("cores shared", stretched - total, f"{cluster.per_node} ranks on {cluster.per_node * cluster.rank_share:g} "
+                     f"cores' worth: {busy:.3g} s of busy time / {cluster.rank_share:g}, the bubble lent to other ranks")]
 
 
 def data_parallel_terms(c: Candidate, shape, cluster: Cluster, compute: float, M: int) -> list[TimeTerm]:
