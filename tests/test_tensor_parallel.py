@@ -66,12 +66,12 @@ def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:, :-1], ids[:, 1:]
 
 
-def compare_with_one_process(sequence_parallel: bool, reduce_scatter_by_all_reduce: bool = True,
+def compare_with_one_process(sequence_parallel: bool, by_ring: bool = True,
                              checkpointed: bool = False) -> dict:
     one = GPT(CFG, seed=SEED, loss_chunk_tokens=CHUNK)
     model = GPT(CFG, seed=SEED, loss_chunk_tokens=CHUNK)
     tp = TensorParallel.of(dist.group.WORLD, sequence_parallel)
-    tp.reduce_scatter_by_all_reduce = reduce_scatter_by_all_reduce  # False: NCCL's path, on gloo's reduce-scatter
+    tp.by_ring = by_ring  # False: NCCL's path, torch's own all-gather and reduce-scatter (on gloo here)
     plan = apply_tensor_parallel(model, tp)
     if checkpointed:  # as parallelize does, after tensor parallelism: each block's forward runs again in backward
         for key, block in model.blocks.items():
@@ -209,7 +209,7 @@ def rank_main(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
     with spawned_rank():
         report = {"sp_off": compare_with_one_process(False), "sp_on": compare_with_one_process(True),
-                  "sp_on_reduce_scatter": compare_with_one_process(True, reduce_scatter_by_all_reduce=False),
+                  "sp_on_reduce_scatter": compare_with_one_process(True, by_ring=False),
                   "sp_on_checkpointed": compare_with_one_process(True, checkpointed=True),
                   "bf16": compare_under_autocast(),
                   "regathered": compare_regathered_with_kept(),

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from sdtrain.parallel.comm import ALL_GATHER, REDUCE_SCATTER
+from sdtrain.parallel.ring import RingAllGather, RingReduceScatter
 
 SEQUENCE_DIM = 1  # activations are [batch, sequence, features]
 
@@ -38,15 +39,15 @@ class TensorParallel:
     size: int
     rank: int
     sequence_parallel: bool = False
-    # gloo has no reduce-scatter of its own (it clones the input and all-reduces the clone):
-    # summing the input in place and keeping this rank's part moves the same bytes, no copy.
-    reduce_scatter_by_all_reduce: bool = False
+    # gloo's all-gather is slow and it has no reduce-scatter (torch's all-reduces a clone): on
+    # gloo both go around ring.py's rings, as ZeRO's do
+    by_ring: bool = False
     bytes: dict = field(default_factory=lambda: defaultdict(int))
 
     @classmethod
     def of(cls, group, sequence_parallel: bool = False) -> TensorParallel:
         return cls(group, dist.get_world_size(group), dist.get_rank(group), sequence_parallel,
-                   reduce_scatter_by_all_reduce=dist.get_backend(group) == "gloo")
+                   by_ring=dist.get_backend(group) == "gloo")
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, kind: str = "all_reduce") -> torch.Tensor:
         """In place. `kind`: the name it is counted under (the gradient sums apart from the
@@ -57,23 +58,36 @@ class TensorParallel:
 
     def gather_sequence(self, shard: torch.Tensor) -> torch.Tensor:
         """[B, T / size, d] from every rank -> [B, T, d], in rank order along the sequence."""
+        whole, work = self.start_gather_sequence(shard)
+        work.wait()
+        return whole
+
+    def start_gather_sequence(self, shard: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """gather_sequence, started: (the whole, valid once work.wait() returned; work)."""
         by_sequence = shard.movedim(SEQUENCE_DIM, 0).contiguous()  # the flat collectives cut dim 0
         whole = by_sequence.new_empty((by_sequence.size(0) * self.size, *by_sequence.shape[1:]))
         self.bytes["all_gather"] += whole.numel() * whole.element_size()
-        getattr(dist, ALL_GATHER)(whole, by_sequence, group=self.group)
-        return whole.movedim(0, SEQUENCE_DIM)
+        if self.by_ring:
+            whole.chunk(self.size)[self.rank].copy_(by_sequence)
+            work = RingAllGather(whole.view(-1), self.group, self.rank, self.size)  # rings cut flat buffers
+        else:
+            work = getattr(dist, ALL_GATHER)(whole, by_sequence, group=self.group, async_op=True)
+        return whole.movedim(0, SEQUENCE_DIM), work
 
     def reduce_scatter_sequence(self, whole: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of [B, T, d], this rank's part of the sequence: [B, T / size, d].
-        `whole` may be overwritten (see reduce_scatter_by_all_reduce)."""
+        `whole` may be overwritten (the ring sums into it)."""
         self.bytes["reduce_scatter"] += whole.numel() * whole.element_size()
         length = whole.size(SEQUENCE_DIM) // self.size
-        if self.reduce_scatter_by_all_reduce:
-            dist.all_reduce(whole, group=self.group)
-            return whole.narrow(SEQUENCE_DIM, self.rank * length, length).contiguous()
         by_sequence = whole.movedim(SEQUENCE_DIM, 0).contiguous()
-        part = by_sequence.new_empty((length, *by_sequence.shape[1:]))
-        getattr(dist, REDUCE_SCATTER)(part, by_sequence, group=self.group)
+        if self.by_ring:
+            received = torch.empty(by_sequence.numel() // self.size, dtype=whole.dtype, device=whole.device)
+            RingReduceScatter(by_sequence.view(-1), self.group, self.rank, self.size, received, average=False).wait()
+            # a copy: a view would keep the whole buffer (the other ranks' partial sums) alive
+            part = by_sequence.chunk(self.size)[self.rank].clone()
+        else:
+            part = by_sequence.new_empty((length, *by_sequence.shape[1:]))
+            getattr(dist, REDUCE_SCATTER)(part, by_sequence, group=self.group)
         return part.movedim(0, SEQUENCE_DIM)
 
     def sequence_part(self, length: int) -> slice:

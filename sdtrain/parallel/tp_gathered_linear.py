@@ -36,11 +36,13 @@ class _GatheredLinear(torch.autograd.Function):
         compute_weight = weight if dtype is None else weight.to(dtype)
         g = grad.reshape(-1, grad.size(-1))
         grad_shard = grad_weight = grad_bias = None
+        if need_weight:  # the re-gather runs while the input's gradient is computed
+            whole, gathering = tp.start_gather_sequence(shard)
         if need_input:
             whole_grad = g.mm(compute_weight).view(*grad.shape[:-1], weight.size(1)).to(shard.dtype)
             grad_shard = tp.reduce_scatter_sequence(whole_grad)  # fresh: may be summed in place
         if need_weight:
-            whole = tp.gather_sequence(shard)
+            gathering.wait()
             x = whole.reshape(-1, whole.size(-1))
             grad_weight = g.t().mm(x if dtype is None else x.to(dtype)).to(weight.dtype)
         if ctx.has_bias and need_bias:
