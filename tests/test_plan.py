@@ -123,6 +123,16 @@ def test_ranks_sharing_cores_stretch_their_busy_time_and_lend_their_bubble():
         cluster(rank_share=1.5)
 
 
+def test_a_measured_tp_overhead_prices_tp_layouts_in_place_of_their_collectives():
+    priced = plan_layouts(recipe(), cluster(device="cpu"), 8)
+    measured = plan_layouts(recipe(), cluster(device="cpu", tp_overheads=((2, 1.5),)), 8)
+    name = "pp1-tp2-dp2-z0-mb2-ac0"
+    assert term(find(measured, name), "compute") == pytest.approx(1.5 * term(find(priced, name), "compute"))
+    assert term(find(priced, name), "tp collectives") > 0 and term(find(measured, name), "tp collectives") == 0
+    # tp 4 was not measured: priced from FLOPs and bandwidth as before
+    assert find(measured, "pp1-tp4-dp1-z0-mb2-ac0").time.seconds == find(priced, "pp1-tp4-dp1-z0-mb2-ac0").time.seconds
+
+
 def test_a_layout_that_does_not_fit_says_so_with_the_margin():
     rows = plan_layouts(recipe(), cluster(memory=0.3, device="cpu"), 8, margin=0.1)
     assert not any(r.fits for r in rows)

@@ -8,6 +8,7 @@ import yaml
 
 from conftest import REPO, sdtrain
 from sdtrain.plan.rank import JSON_KEYS
+from sdtrain.recipe import load_recipe
 
 BENCH = REPO / "recipes" / "bench-20m.yaml"
 CLUSTER = ("--gpus", 4, "--gpus-per-node", 4, "--device-memory-gib", 2, "--peak-tflops", 0.2,
@@ -106,3 +107,13 @@ def test_measured_here_is_cached_with_the_date_and_the_command_to_refresh(tmp_pa
     assert machine["measured_at"] and "--remeasure" in machine["refresh"] and machine["peak_tflops"] > 0
     again = plan(BENCH, "--nproc-per-node", 1, "--json", "--top", 1, env=env)
     assert json.loads(again.stdout)[0]["predicted_step_s"] == json.loads(out.stdout)[0]["predicted_step_s"]
+
+
+def test_the_tp_probe_times_a_real_tp_pair():
+    """Two processes run the two-block model cut over tp 2 (sequence parallel) as a run cuts it."""
+    from sdtrain.plan.tp_probe import tp_overhead
+
+    fields = load_recipe(BENCH, [], layout_checked_at_launch=True).model.model_dump()
+    fields.update(n_layers=2, init_from=None)
+    overhead = tp_overhead(fields, 1024, 2, 2, True, 1, one_process_s=1.0)
+    assert 0 < overhead < 100

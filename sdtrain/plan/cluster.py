@@ -47,6 +47,9 @@ class Cluster:
     # the share of its device a rank has while every rank of its node computes: 1 for GPUs; on
     # CPU, cores / (ranks x threads each) where more ranks than cores share them
     rank_share: float = 1.0
+    # measured (tp_probe.py): (tp, how much more than FLOPs / tp a tp layout's compute and its
+    # collectives took); none given: FLOPs / tp and the collectives priced from bandwidth
+    tp_overheads: tuple = ()
     device: str = "cuda"  # cuda | cpu: which memory the estimate counts (cpu: the whole process)
     source: str = "given"  # where these numbers come from, for the header and the cache
 
@@ -91,6 +94,9 @@ class Cluster:
         at most: inside a node, or across nodes (the slower link sets a ring's pace)."""
         gbps = self.intra_node_gbps if group_span <= self.per_node else self.inter_node_gbps
         return gbps * 1e9
+
+    def tp_overhead(self, tp: int) -> float | None:
+        return next((overhead for size, overhead in self.tp_overheads if size == tp), None)
 
     def efficiency_at(self, tokens: float) -> float:
         """Share of peak a micro-batch of `tokens` tokens per rank reaches: small matmuls waste
@@ -139,7 +145,7 @@ def cluster_from_yaml(path: str) -> Cluster:
     raw = parse_yaml(text, f"cluster file {printable(path)}", BoundedLoader, 1000, UserInputError) or {}
     if not isinstance(raw, dict):
         raise UserInputError(f"cluster file {printable(path)} must be a mapping of keys (gpus: 1024 ...)")
-    known = {f.name: f for f in fields(Cluster) if f.name != "source"}
+    known = {f.name: f for f in fields(Cluster) if f.name not in ("source", "tp_overheads")}
     unknown = [k for k in raw if k not in known]
     if unknown:
         raise UserInputError(f"cluster file {printable(path)}: unknown key {excerpt(unknown[0])}; known: {', '.join(known)}")

@@ -29,6 +29,7 @@ CACHE_ENV = "SDTRAIN_CACHE"
 COMM_SIZES = "4K,16M"  # the latency, and the bandwidth
 CALIBRATION_LAYERS = 2
 CALIBRATION_SEQUENCES = (1, 8)  # micro-batches timed: the efficiency curve's two points
+CALIBRATION_VERSION = 2  # 2: with tp_overheads (a cached one without them is measured again)
 CPU_DISK_GBPS = 1.0  # not measured: a page-cached local disk on a shared CPU machine
 
 
@@ -70,7 +71,7 @@ def measure_cluster(recipe, recipe_path: str, nproc: int, remeasure: bool = Fals
     host = cached(f"machine-{key(socket.gethostname(), nproc, device)}", refresh, remeasure,
                   lambda: measure_machine(device, nproc))
     model = recipe.model.model_dump(mode="json")
-    calibration = cached(f"efficiency-{key(socket.gethostname(), nproc, device, model, recipe.train.precision)}",
+    calibration = cached(f"efficiency-{key(CALIBRATION_VERSION, socket.gethostname(), nproc, device, model, recipe.train.precision)}",
                          refresh, remeasure, lambda: calibrate(recipe, device, nproc, host["peak_tflops"]))
     budget = device_budget(device, nproc)
     return Cluster(gpus=nproc, gpus_per_node=nproc, device_memory_gib=budget / 2**30,
@@ -79,6 +80,7 @@ def measure_cluster(recipe, recipe_path: str, nproc: int, remeasure: bool = Fals
                    host_memory_gbps=host["memory_gbps"] if device == "cpu" else GPU_DEFAULTS["host_memory_gbps"],
                    disk_gbps=CPU_DISK_GBPS if device == "cpu" else GPU_DEFAULTS["disk_gbps"],
                    efficiency=calibration["efficiency"], efficiency_half_tokens=calibration["half_tokens"],
+                   tp_overheads=tuple(tuple(pair) for pair in calibration.get("tp_overheads", [])),
                    latency_us=host["latency_us"], rank_share=rank_share(device, nproc),
                    device=device, source=f"measured here {host['measured_at']}; refresh: {refresh}")
 
@@ -164,7 +166,7 @@ def calibrate(recipe, device: str, nproc: int, peak_tflops: float) -> dict:
     fields.update(n_layers=min(CALIBRATION_LAYERS, recipe.model.n_layers), init_from=None)
     config = GPTConfig(**fields)
     model = GPT(config, loss_chunk_tokens=recipe.train.loss_chunk_tokens).to(device)
-    points = []
+    points, best_s = [], {}
     for sequences in CALIBRATION_SEQUENCES:
         x = torch.randint(0, config.vocab_size, (sequences, config.seq_len), device=device)
         best = float("inf")
@@ -176,12 +178,34 @@ def calibrate(recipe, device: str, nproc: int, peak_tflops: float) -> dict:
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
         tokens = sequences * config.seq_len
+        best_s[sequences] = best
         points.append((tokens, flops_per_token(config) * tokens / best / (peak_tflops * 1e12)))
+    tp_overheads = measure_tp_overheads(recipe, fields, nproc, device, best_s)
     (t1, e1), (t2, e2) = points
     slope = (1 / e1 - 1 / e2) / (1 / t1 - 1 / t2)  # h / E
     top = 1 / (1 / e2 - slope / t2)  # E
     if slope <= 0:  # noise: a flat curve at the larger point's efficiency
-        return {"efficiency": min(e2, 1.0), "half_tokens": 1.0, "points": points}
+        return {"efficiency": min(e2, 1.0), "half_tokens": 1.0, "points": points, "tp_overheads": tp_overheads}
     if not 0 < top <= 1:  # the curve would pass the peak: capped there, through the small point
         top = 1.0
-    return {"efficiency": top, "half_tokens": slope * top, "points": points}
+    return {"efficiency": top, "half_tokens": slope * top, "points": points, "tp_overheads": tp_overheads}
+
+
+def measure_tp_overheads(recipe, fields: dict, nproc: int, device: str, best_s: dict) -> list:
+    """[tp, overhead] for each tp this node's workers could form (tp_probe.py), on CPU: a GPU's
+    tp runs on NCCL beside compute, which this one-device probe cannot show."""
+    from sdtrain.divisors import divisors
+    from sdtrain.launch.node import threads_per_worker
+    from sdtrain.plan.tp_probe import tp_overhead
+
+    if device != "cpu":
+        return []
+    sequences = CALIBRATION_SEQUENCES[-1]
+    overheads = []
+    for tp in divisors(nproc)[1:]:
+        try:
+            overheads.append([tp, tp_overhead(fields, recipe.train.loss_chunk_tokens, sequences, tp, True,
+                                               threads_per_worker(nproc), best_s[sequences])])
+        except Exception:  # noqa: BLE001 - a model tp cannot cut (heads, width): no such layout is planned
+            continue
+    return overheads

@@ -123,11 +123,15 @@ def step_time(c: Candidate, recipe, memory: Memory, cluster: Cluster) -> StepTim
     eff = cluster.efficiency_at(tokens)
     flops = stage_flops_per_token(model, shapes) * tokens / c.tp * (RECOMPUTE if c.activation_checkpointing else 1)
     compute = flops / (peak * eff)
+    tp_overhead = cluster.tp_overhead(c.tp) if c.tp > 1 else None
+    measured_tp = f" x {tp_overhead:.2f}, tp {c.tp}'s measured cost with its collectives" if tp_overhead else ""
+    compute *= tp_overhead or 1.0
     terms.append(TimeTerm("compute", M * compute, f"{M} micro-batch(es) x {flops:.3g} FLOPs / ({peak / 1e12:g} "
-                          f"TFLOP/s x {eff:.2f} at {tokens} tokens)" + (" incl. recompute" if c.activation_checkpointing else "")))
+                          f"TFLOP/s x {eff:.2f} at {tokens} tokens)" + measured_tp
+                          + (" incl. recompute" if c.activation_checkpointing else "")))
     per_micro = compute
 
-    if c.tp > 1:
+    if c.tp > 1 and not tp_overhead:
         bw = cluster.bandwidth(c.tp)
         calls = M * shape.layers * TP_CALLS_PER_LAYER * (2 if recipe.parallel.sequence_parallel else 1) \
             * (1.5 if c.activation_checkpointing else 1)
