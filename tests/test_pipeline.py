@@ -85,7 +85,8 @@ def two_by_two(reference, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage, schedule", [
-    (0, "1f1b"), pytest.param(1, "1f1b", marks=SLOW), pytest.param(2, "1f1b", marks=SLOW), (3, "1f1b"),
+    (0, "1f1b"), pytest.param(1, "1f1b", marks=SLOW), pytest.param(2, "1f1b", marks=SLOW),
+    pytest.param(3, "1f1b", marks=SLOW),  # make test keeps ZeRO-3 under gpipe, below
     pytest.param(2, "zero_bubble", marks=SLOW),
     pytest.param(3, "zero_bubble", marks=SLOW),  # W passes feed ZeRO's reduce-scatters
     (3, "gpipe"),  # every forward before any backward: the roots freed by the first are gathered again
