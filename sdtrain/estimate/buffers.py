@@ -83,6 +83,19 @@ def optimizer_buffers(shape: RankShape) -> list[Term]:
     return [Term("optimizer temporaries", temps, STEP_OPT, "weights published by all-gather")]
 
 
+def largest_unit_shard(shape: RankShape) -> int:
+    """Elements of the largest ZeRO unit's shard on this rank (zero_units.py): at stage 3 a
+    block or the root unit; at stages 1/2 a bucket, which closes once past reduce_bucket_mb, so
+    by at most one parameter more (an MLP matrix, or the vocabulary's embedding or head)."""
+    if shape.zero_stage == 3:
+        largest = max(shape.block_params, shape.root_params)
+    else:
+        limit = shape.reduce_bucket_mb * 2**20 / shape.weight_bytes
+        vocabulary = shape.vocab_size * shape.d_model / shape.tp if shape.first or shape.last else 0
+        largest = min(shape.params_held, limit + max(shape.mlp_ratio * shape.d_model ** 2 / shape.tp, vocabulary))
+    return max(1, math.ceil(largest / shape.dp))
+
+
 def offload_buffers(shape: RankShape) -> list[Term]:
     """nvme offload's resident working set in host memory: up to `buffer_count` sub-group
     buffers of fp32 state in flight (read the next, step this one, write the last back), each
@@ -94,7 +107,9 @@ def offload_buffers(shape: RankShape) -> list[Term]:
     the weight shards (the masters) come back whole for the step."""
     terms = []
     if shape.offload_optimizer == "nvme":
-        group, kinds = sub_group_numel(shape.sub_group_mb), 3 if shape.weight_bytes == 2 else 2
+        # a sub-group never spans units: a unit's shard smaller than sub_group_mb is its own
+        group = min(sub_group_numel(shape.sub_group_mb), largest_unit_shard(shape))
+        kinds = 3 if shape.weight_bytes == 2 else 2
         buffers = min(shape.buffer_count, math.ceil(shape.params / shape.dp / group))
         terms.append(Term("offload sub-group buffers", buffers * group * kinds * 4, STEP_OPT,
                           f"{buffers} buffers x {group / 1e6:.2f}M parameters x {kinds} fp32 "
