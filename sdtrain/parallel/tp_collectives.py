@@ -28,6 +28,17 @@ from sdtrain.parallel.ring import RingAllGather, RingReduceScatter
 SEQUENCE_DIM = 1  # activations are [batch, sequence, features]
 
 
+class _Done:
+    """The work of a collective that has already completed."""
+
+    @staticmethod
+    def wait() -> bool:
+        return True
+
+
+DONE = _Done()
+
+
 @dataclass
 class TensorParallel:
     """The tensor-parallel group of this rank (`size` ranks, this one `rank` among them), and
@@ -67,9 +78,12 @@ class TensorParallel:
         by_sequence = shard.movedim(SEQUENCE_DIM, 0).contiguous()  # the flat collectives cut dim 0
         whole = by_sequence.new_empty((by_sequence.size(0) * self.size, *by_sequence.shape[1:]))
         self.bytes["all_gather"] += whole.numel() * whole.element_size()
-        if self.by_ring:
+        if self._ring():
             whole.chunk(self.size)[self.rank].copy_(by_sequence)
             work = RingAllGather(whole.view(-1), self.group, self.rank, self.size)  # rings cut flat buffers
+        elif torch.compiler.is_compiling():  # traced: synchronous, as torch.compile takes it
+            getattr(dist, ALL_GATHER)(whole, by_sequence, group=self.group)
+            work = DONE
         else:
             work = getattr(dist, ALL_GATHER)(whole, by_sequence, group=self.group, async_op=True)
         return whole.movedim(0, SEQUENCE_DIM), work
@@ -80,15 +94,23 @@ class TensorParallel:
         self.bytes["reduce_scatter"] += whole.numel() * whole.element_size()
         length = whole.size(SEQUENCE_DIM) // self.size
         by_sequence = whole.movedim(SEQUENCE_DIM, 0).contiguous()
-        if self.by_ring:
+        if self._ring():
             received = torch.empty(by_sequence.numel() // self.size, dtype=whole.dtype, device=whole.device)
             RingReduceScatter(by_sequence.view(-1), self.group, self.rank, self.size, received, average=False).wait()
             # a copy: a view would keep the whole buffer (the other ranks' partial sums) alive
             part = by_sequence.chunk(self.size)[self.rank].clone()
+        elif self.by_ring:  # gloo under torch.compile: summed in place, this rank's part kept
+            dist.all_reduce(whole, group=self.group)
+            return whole.narrow(SEQUENCE_DIM, self.rank * length, length).contiguous()
         else:
             part = by_sequence.new_empty((length, *by_sequence.shape[1:]))
             getattr(dist, REDUCE_SCATTER)(part, by_sequence, group=self.group)
         return part.movedim(0, SEQUENCE_DIM)
+
+    def _ring(self) -> bool:
+        """The rings are eager Python (ring.py): under torch.compile torch's own collectives,
+        which it traces."""
+        return self.by_ring and not torch.compiler.is_compiling()
 
     def sequence_part(self, length: int) -> slice:
         """This rank's positions of a sequence of `length` under sequence parallelism."""
