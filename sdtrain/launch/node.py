@@ -166,10 +166,14 @@ def kill_everything() -> None:
     os._exit(128 + signal.SIGTERM)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def threads_per_worker(nproc: int) -> int:
     """Split this node's cores among its workers; more threads than cores thrash."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // nproc)
+    return max(1, usable_cores() // nproc)
 
 
 def main(argv=None) -> int:

@@ -93,15 +93,15 @@ class TensorParallel:
         `whole` may be overwritten (the ring sums into it)."""
         self.bytes["reduce_scatter"] += whole.numel() * whole.element_size()
         length = whole.size(SEQUENCE_DIM) // self.size
+        if self.by_ring and torch.compiler.is_compiling():  # gloo, traced: summed in place, this rank's part kept
+            dist.all_reduce(whole, group=self.group)
+            return whole.narrow(SEQUENCE_DIM, self.rank * length, length).contiguous()
         by_sequence = whole.movedim(SEQUENCE_DIM, 0).contiguous()
         if self._ring():
             received = torch.empty(by_sequence.numel() // self.size, dtype=whole.dtype, device=whole.device)
             RingReduceScatter(by_sequence.view(-1), self.group, self.rank, self.size, received, average=False).wait()
             # a copy: a view would keep the whole buffer (the other ranks' partial sums) alive
             part = by_sequence.chunk(self.size)[self.rank].clone()
-        elif self.by_ring:  # gloo under torch.compile: summed in place, this rank's part kept
-            dist.all_reduce(whole, group=self.group)
-            return whole.narrow(SEQUENCE_DIM, self.rank * length, length).contiguous()
         else:
             part = by_sequence.new_empty((length, *by_sequence.shape[1:]))
             getattr(dist, REDUCE_SCATTER)(part, by_sequence, group=self.group)

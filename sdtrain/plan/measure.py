@@ -90,10 +90,9 @@ def rank_share(device: str, nproc: int) -> float:
     at least one thread (launch/node.py), so more workers than cores take turns on them."""
     if device != "cpu":
         return 1.0
-    from sdtrain.launch.node import threads_per_worker
+    from sdtrain.launch.node import threads_per_worker, usable_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(1.0, cores / (nproc * threads_per_worker(nproc)))
+    return min(1.0, usable_cores() / (nproc * threads_per_worker(nproc)))
 
 
 def device_budget(device: str, nproc: int) -> float:
