@@ -60,11 +60,12 @@ def test_write_gives_a_recipe_that_launches_as_is(tmp_path):
     out_file = tmp_path / "planned.yaml"
     cluster = ("--gpus", 2, "--gpus-per-node", 2, "--device-memory-gib", 2, "--peak-tflops", 0.2,
                "--intra-node-gbps", 2, "--inter-node-gbps", 1)
-    out = plan(BENCH, *cluster, "--write", out_file, "--explain", "pp2-tp1-dp1-z1-mb2-ac1-gpipe")
+    out = plan(BENCH, *cluster, "--write", out_file, "--explain", "pp2-tp1-dp1-z1-nvme-mb2-ac1-gpipe")
     assert out.returncode == 0, out.stderr
     written = yaml.safe_load(out_file.read_text())
     assert written["parallel"]["pipeline"] == {**written["parallel"]["pipeline"], "stages": 2, "schedule": "gpipe"}
     assert written["parallel"]["zero_stage"] == 1 and written["train"]["micro_batch_size"] == 2
+    assert written["parallel"]["zero"]["offload_optimizer"] == "nvme"
     assert written["train"]["activation_checkpointing"] is True
     dry = sdtrain("launch", out_file, "--dry-run", "--json", "--run-dir", tmp_path / "run")
     assert dry.returncode == 0, dry.stderr
