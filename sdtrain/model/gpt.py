@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from sdtrain.model.chunked_loss import chunked_cross_entropy
 from sdtrain.model.kv_cache import KVCache, LayerCache
 from sdtrain.model.llama import LlamaBlock
+from sdtrain.model.llama_ops import RMSNorm
 from sdtrain.model.moe.layer import MoEMLP, MoESettings
 from sdtrain.model.rope_scaling import RopeScaling
 from sdtrain.model.size import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, has_bias, kv_heads, mlp_width, ties_embeddings
@@ -159,7 +160,7 @@ class GPT(nn.Module):
         # The global index of each experts module's first expert (expert parallelism keeps a
         # slice of them on each rank): an expert's first value depends on that index only.
         self.first_expert: dict[str, int] = {}
-        final_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps) if llama else \
+        final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps) if llama else \
             nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.ln_f = final_norm if last else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if last else None

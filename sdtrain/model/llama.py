@@ -9,7 +9,8 @@ Hugging Face's names map onto one to one.
 Rotary embedding follows Hugging Face's `rotate_half` convention: channel j of a head turns
 with channel j + head_dim/2, at frequency theta^(-2j/head_dim), tables made in float32.
 Attention is scaled_dot_product_attention with `enable_gqa`: k and v keep their n_kv_heads
-heads and are never repeated in memory.
+heads and are never repeated in memory. RMSNorm and the rotation have their backward written
+out (llama_ops.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sdtrain.model.kv_cache import LayerCache
+from sdtrain.model.llama_ops import RMSNorm, apply_rope
 from sdtrain.model.moe.layer import MoEMLP
 from sdtrain.model.rope_scaling import RopeScaling, scaled_inv_freq
 
@@ -33,17 +35,6 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)  # channel j and j + head_dim/2 share a frequency
     return angles.cos(), angles.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, head_dim]; cos, sin: [T, head_dim]."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotate_half(x) * sin
 
 
 class RotaryTables:
@@ -111,9 +102,9 @@ class SwiGLU(nn.Module):
 class LlamaBlock(nn.Module):
     def __init__(self, cfg, moe=None):
         super().__init__()
-        self.ln_attn = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ln_attn = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = LlamaAttention(cfg)
-        self.ln_mlp = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ln_mlp = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         # With experts (Mixtral's block): SwiGLU experts of the dense MLP's width
         self.mlp = SwiGLU(cfg) if moe is None else MoEMLP(cfg.d_model, cfg.ffn_hidden, moe, swiglu=True)
         self.drop = nn.Dropout(cfg.dropout)
