@@ -66,3 +66,17 @@ def test_peak_flops_gives_mfu(tmp_path):
     row = metrics(run_dir)[-1]
     fpt = 6 * (2 * 12 * 32 * 32 + 2 * 13 * 32 + 256 * 32 + 2 * 32) + 12 * 2 * 32 * 32
     assert row["mfu"] == pytest.approx(fpt * row["tokens_per_s"] / 1e11, rel=1e-6)
+
+
+def test_a_pipelines_gradients_average_large_ones_in_place_and_small_ones_bucketed():
+    """DataParallel under a pipeline averages in step(): a gradient of AVERAGE_BUCKET_BYTES or
+    more alone (in place, no copy), smaller ones together up to that size, every one once."""
+    from sdtrain.parallel.data_parallel import AVERAGE_BUCKET_BYTES, _average_buckets
+
+    floats = AVERAGE_BUCKET_BYTES // 4
+    grads = [torch.zeros(10), torch.zeros(floats), torch.zeros(floats // 2), torch.zeros(floats // 2 + 1),
+             torch.zeros(3)]
+    buckets = _average_buckets(grads)
+    assert [[g.numel() for g in b] for b in buckets] == [[floats], [10, floats // 2], [floats // 2 + 1, 3]]
+    assert sorted(id(g) for b in buckets for g in b) == sorted(id(g) for g in grads)
+    assert all(sum(g.numel() * 4 for g in b) <= AVERAGE_BUCKET_BYTES for b in buckets if len(b) > 1)
