@@ -129,7 +129,8 @@ class DataParallel(Strategy):
                 continue
             flat = torch.cat([g.reshape(-1) for g in bucket])
             dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=group)
-            torch._foreach_copy_(bucket, [part.view_as(g) for g, part in zip(bucket, flat.split([g.numel() for g in bucket]))])
+            parts = flat.split([g.numel() for g in bucket])
+            torch._foreach_copy_(bucket, [part.view_as(g) for g, part in zip(bucket, parts)])
 
     def _clip_over_pipeline(self, grad_clip: float) -> torch.Tensor:
         """The global norm counts every stage's gradients and every piece of a sharded weight
