@@ -72,6 +72,9 @@ def test_write_gives_a_recipe_that_launches_as_is(tmp_path):
     launched = json.loads(dry.stdout)
     assert launched["world_size"] == 2 and launched["batch"]["micro"] == 2 and launched["batch"]["grad_accum"] == 4
     assert plan(BENCH, *cluster, "--write", out_file).returncode == 2  # exists: --force to overwrite
+    refused = plan(BENCH, *cluster, "--write", tmp_path / "z1.yaml", "--explain", "pp2-tp1-dp1-z1-mb2-ac1-gpipe")
+    assert refused.returncode == 2 and "shards over dp, which is 1" in " ".join(refused.stderr.split())
+    assert not (tmp_path / "z1.yaml").exists()  # ZeRO at dp 1 without offload: refused, nothing written
     assert plan(BENCH, *cluster, "--write", out_file, "--force").returncode == 0
 
 
