@@ -126,6 +126,24 @@ def test_ranks_sharing_cores_stretch_their_busy_time_and_lend_their_bubble():
         cluster(rank_share=1.5)
 
 
+def test_zero3_latency_hides_under_compute_on_cpu_ranks_but_its_transfers_do_not():
+    """On CPU ranks gloo's copies take the cores, so ZeRO-3's bytes add to the step in full;
+    its collectives' latency is waiting, which the prefetch hides under the compute left."""
+    name, z3 = "pp1-tp1-dp4-z3-mb2-ac0", "zero-3 gathers + reduce-scatter"
+
+    def row(**link):
+        return find(plan_layouts(recipe(), cluster(device="cpu", tflops=0.1, **link), 8), name)
+
+    quick, waiting = row(latency_us=1.0), row(latency_us=1000.0)
+    M = quick.candidate.grad_accum_steps
+    waits = 3 * 8 * 1e-3  # three collectives per unit (7 blocks and the root) a micro-batch, 1 ms each
+    assert waits < term(quick, "compute") / M - term(quick, z3) / M  # room under the compute
+    # so every wait hides but the first block's gather, each way
+    assert term(waiting, z3) - term(quick, z3) == pytest.approx(M * 2 * (1e-3 - 1e-6))
+    # while the bytes are exposed in full: half the bandwidth, twice the term
+    assert term(row(latency_us=1.0, intra=50.0, inter=5.0), z3) == pytest.approx(2 * term(quick, z3), rel=1e-3)
+
+
 def test_a_measured_tp_overhead_prices_tp_layouts_in_place_of_their_collectives():
     priced = plan_layouts(recipe(), cluster(device="cpu"), 8)
     measured = plan_layouts(recipe(), cluster(device="cpu", tp_overheads=((2, 1.5),)), 8)
