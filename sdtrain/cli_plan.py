@@ -91,10 +91,12 @@ def table(rows, cluster, limit: int) -> None:
 @click.option("--force", is_flag=True, help="Overwrite --write's file if it exists.")
 @click.option("--verify", "verify_k", type=click.IntRange(min=1), help="Launch the top K and a few more; predicted beside measured.")
 @click.option("--verify-steps", type=click.IntRange(min=3), default=6, show_default=True, help="Steps of each verify run.")
+@click.option("--verify-rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Launch every verified layout this many times, round after round; each keeps its fastest.")
 @click.option("--verify-dir", default="runs/plan-verify", show_default=True, help="Where the verify runs go.")
 @click.option("--remeasure", is_flag=True, help="Measure this machine again instead of reading the cache.")
 def plan(recipe, overrides, nproc_per_node, hostfile, cluster_file, top, margin, as_json, explain_name, write_out,
-         force, verify_k, verify_steps, verify_dir, remeasure, **flags) -> None:
+         force, verify_k, verify_steps, verify_rounds, verify_dir, remeasure, **flags) -> None:
     """Every layout of RECIPE's model and global batch over a cluster (pp x tp x dp x ep, ZeRO
     stage, offload, micro-batch, activation checkpointing, pipeline schedule), with memory per
     rank from the estimate and a predicted step time; ranked by tokens/s among those that fit.
@@ -139,5 +141,5 @@ def plan(recipe, overrides, nproc_per_node, hostfile, cluster_file, top, margin,
     if verify_k:
         from sdtrain.plan.verify import report, verify
 
-        results = verify(rows, cluster, verify_k, recipe, verify_dir, verify_steps)
+        results = verify(rows, cluster, verify_k, recipe, verify_dir, verify_steps, verify_rounds)
         click.echo(report(results))
