@@ -91,8 +91,9 @@ def table(rows, cluster, limit: int) -> None:
 @click.option("--force", is_flag=True, help="Overwrite --write's file if it exists.")
 @click.option("--verify", "verify_k", type=click.IntRange(min=1), help="Launch the top K and a few more; predicted beside measured.")
 @click.option("--verify-steps", type=click.IntRange(min=3), default=6, show_default=True, help="Steps of each verify run.")
-@click.option("--verify-rounds", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Launch every verified layout this many times, round after round; each keeps its fastest.")
+@click.option("--verify-rounds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Launch every verified layout this many times, round after round (as bench alternates); "
+                   "each keeps its fastest step and largest peak.")
 @click.option("--verify-dir", default="runs/plan-verify", show_default=True, help="Where the verify runs go.")
 @click.option("--remeasure", is_flag=True, help="Measure this machine again instead of reading the cache.")
 def plan(recipe, overrides, nproc_per_node, hostfile, cluster_file, top, margin, as_json, explain_name, write_out,

@@ -113,7 +113,7 @@ def launch_argv(recipe_file: Path, run_dir: Path, nproc: int, steps: int) -> lis
 
 
 def verify(rows: list[Planned], cluster: Cluster, k: int, recipe_path: str, verify_dir: str, steps: int,
-           rounds: int = 1) -> list[Verified]:
+           rounds: int = 2) -> list[Verified]:
     if not cluster.source.startswith("measured here"):
         raise UserInputError("--verify launches the layouts on this machine: plan for it (--nproc-per-node N, or "
                              "nothing), not for a cluster given by flags or --cluster")
