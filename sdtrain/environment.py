@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 
@@ -13,11 +12,13 @@ def describe_environment() -> dict[str, str]:
     import torch
     import torch.distributed as dist
 
+    from sdtrain.launch.node import usable_cores  # the agent's count: what it splits among the workers
+
     info = {
         "sdtrain": sdtrain.__version__,
         "python": f"{platform.python_version()} ({sys.executable})",
         "platform": platform.platform(),
-        "cpu cores": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
+        "cpu cores": str(usable_cores()),
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "not built with CUDA",
         "gpus": str(torch.cuda.device_count()) if torch.cuda.is_available() else "none",

@@ -54,6 +54,7 @@ class OffloadedAdam:
         self.weights_sink = weights_sink
         self.units: list[FlatUnit] = []
         self.regions: list[dict[str, Region]] = []  # per unit: "master" (if offloaded) and the moments
+        self.regions_of: dict[FlatUnit, dict[str, Region]] = {}  # the same, by unit (units hash by identity)
         self.groups: list[SubGroup] = []
         self.step_count = torch.zeros((), dtype=torch.float32)  # AdamW's `step`, one for every view
         self.buffers: list[dict[str, torch.Tensor]] = []  # made as first needed, at most buffer_count
@@ -72,6 +73,7 @@ class OffloadedAdam:
         index = len(self.units)
         self.units.append(unit)
         self.regions.append(regions)
+        self.regions_of[unit] = regions
         with_decay, without = unit.decay_split()
         for part, decay in ((with_decay, self.train.weight_decay), (without, 0.0)):
             for start in range(part.start, part.stop, self.group_numel):
@@ -80,7 +82,7 @@ class OffloadedAdam:
     def master_in_store(self, unit: FlatUnit, region: Region) -> None:
         """unit's master is the weights' shard and has moved into `region` of the store (stage
         3's offloaded fp32 shards, offload/params.py): step it there."""
-        self.regions[self.units.index(unit)]["master"] = region
+        self.regions_of[unit]["master"] = region
 
     def ready(self) -> None:
         """Every unit adopted (nothing to do: the sub-groups were cut as they came)."""
@@ -162,7 +164,7 @@ class OffloadedAdam:
     def unit_state(self, unit: FlatUnit) -> dict[str, torch.Tensor]:
         """unit's master and moments as checkpoints see them: mapped views of their regions
         (DCP saves from them and loads into them in place), or the resident master."""
-        regions = self.regions[self.units.index(unit)]
+        regions = self.regions_of[unit]
         state = {kind: self.store.mapped(region) for kind, region in regions.items()}
         state.setdefault("master", unit.master)
         return state
