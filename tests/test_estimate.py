@@ -52,3 +52,19 @@ def test_expert_layout_is_checked_for_the_gpus_given(write_recipe, tmp_path, ep,
     assert estimated.returncode == 2 and expected in _one_line(estimated), estimated.stderr
     launched = sdtrain("launch", recipe, "--nproc-per-node", 2, "--dry-run", "--run-dir", tmp_path / "run")
     assert _one_line(launched) == _one_line(estimated)
+
+
+def test_a_pipelines_ddp_counts_its_in_step_bucket_not_ddps():
+    """Without a pipeline torch's DDP holds a 25 MiB bucket in backward; a pipeline's replicas
+    average in step (data_parallel.py), small gradients at most 4 MiB together."""
+    from sdtrain.estimate.buffers import AVERAGE_BUCKET_BYTES, DDP_BUCKET_BYTES
+    from sdtrain.estimate.plan import estimate_recipe
+    from sdtrain.recipe import load_recipe
+
+    def bucket_terms(*overrides):
+        recipe = load_recipe(REPO / "recipes" / "bench-20m.yaml", list(overrides), layout_checked_at_launch=True)
+        return [(t.name, t.bytes, t.phase) for e in estimate_recipe(recipe, 4) for t in e.terms if "bucket" in t.name]
+
+    assert bucket_terms("parallel.zero_stage=0") == [("DDP bucket in flight", DDP_BUCKET_BYTES, "forward/backward")]
+    piped = bucket_terms("parallel.zero_stage=0", "parallel.pipeline.stages=2")
+    assert piped == [("gradient bucket", AVERAGE_BUCKET_BYTES, "optimizer step")] * 2  # each stage's

@@ -13,6 +13,9 @@ from sdtrain.parallel.offload.sub_groups import sub_group_numel
 
 MiB = 2**20
 DDP_BUCKET_BYTES = 25 * MiB  # torch DDP's bucket_cap_mb
+# a pipeline's replicas average in step (parallel/data_parallel.py): the small gradients together up
+# to this, a larger one alone and in place
+AVERAGE_BUCKET_BYTES = 4 * MiB
 REDUCE_SCATTERS_IN_FLIGHT = 2  # zero.MAX_REDUCE_SCATTERS_IN_FLIGHT, plus the bucket being filled
 BACKWARD_VALUES = 8  # fp32 values per token and channel alive while one block's backward runs
 
@@ -49,6 +52,9 @@ def strategy_buffers(shape: RankShape) -> list[Term]:
     if shape.zero_stage == 0:
         if shape.dp == 1:
             return []
+        if shape.pipelined:
+            return [Term("gradient bucket", min(AVERAGE_BUCKET_BYTES, 4 * shape.params_held), STEP_OPT,
+                         "small gradients averaged together in step, up to 4 MiB (larger ones in place)")]
         bucket = min(DDP_BUCKET_BYTES, 4 * shape.params_held)
         return [Term("DDP bucket in flight", bucket, STEP_FB, "gloo's all-reduce of one 25 MiB gradient bucket")]
     bucket_elems = shape.reduce_bucket_mb * MiB / p

@@ -44,6 +44,7 @@ class RankShape:
     tp: int = 1  # tensor-parallel ranks splitting each layer (params, block_params, root_params: one rank's)
     sequence_parallel: bool = False
     grad_accum: int = 1  # micro-batches of a step (every one passes every stage)
+    pipelined: bool = False  # a pipeline stage: its DDP replicas average in step, not in DDP's buckets
     # under SP, the column-parallel layers gather their input again in backward (gpt2's; llama's
     # q/k/v and gate/up keep the one gather they share)
     regathered_inputs: bool = True

@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from sdtrain.estimate.buffers import AVERAGE_BUCKET_BYTES  # the estimate counts what this holds
 from sdtrain.parallel.ddp_buckets import settle_buckets
 from sdtrain.parallel.expert_parallel import after_step, balancer_state, moe_metrics, rank_local_buffers
 from sdtrain.parallel.loss_scale import loss_scaler_for
@@ -231,9 +232,6 @@ def _counting_allreduce(strategy: DataParallel, bucket):
     tensor = bucket.buffer()
     strategy.comm_counted += tensor.numel() * tensor.element_size()
     return default_hooks.allreduce_hook(strategy.env.dp_group, bucket)
-
-
-AVERAGE_BUCKET_BYTES = 4 * 2**20  # small gradients go together up to this; a larger one alone, in place
 
 
 def _average_buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
