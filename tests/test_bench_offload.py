@@ -9,7 +9,7 @@ import os
 import pytest
 
 from conftest import TINY, sdtrain
-from sdtrain.bench.disk import probe_disk
+from sdtrain.bench.disk import probe_disk, probe_page_cache
 from sdtrain.bench.entry import Entry
 from sdtrain.bench.offload_strategy import OffloadStrategy, offload_numbers, parse_offload_strategy
 from sdtrain.bench.rows import report
@@ -93,6 +93,14 @@ def test_disk_probe_measures_and_leaves_nothing(tmp_path):
     assert found["bytes"] == 4 * found["block_bytes"] and found["path"] == str(tmp_path)
     assert found["write_gbps"] > 0 and found["read_gbps"] > 0
     assert found["read_mode"] in ("O_DIRECT", "page cache dropped (posix_fadvise), buffered pread")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_page_cache_probe_measures_and_leaves_nothing(tmp_path):
+    """What the planner prices CPU offload at (plan/measure.py): the same moves, never fsync'd."""
+    found = probe_page_cache(tmp_path, block_bytes=4 * 2**20, total_bytes=16 * 2**20)
+    assert found["bytes"] == 16 * 2**20 and found["block_bytes"] == 4 * 2**20 and found["path"] == str(tmp_path)
+    assert found["write_gbps"] > 0 and found["read_gbps"] > 0 and "read_mode" not in found
     assert list(tmp_path.iterdir()) == []
 
 

@@ -106,9 +106,11 @@ def test_measured_here_is_cached_with_the_date_and_the_command_to_refresh(tmp_pa
     out = plan(BENCH, "--nproc-per-node", 1, "--json", "--top", 1, env=env)
     assert out.returncode == 0, out.stderr
     files = sorted(p.name for p in (tmp_path / "plan").iterdir())
-    assert [f.split("-")[0] for f in files] == ["efficiency", "machine"]
+    assert [f.split("-")[0] for f in files] == ["efficiency", "machine", "page"]
     machine = json.loads(next((tmp_path / "plan").glob("machine-*.json")).read_text())
     assert machine["measured_at"] and "--remeasure" in machine["refresh"] and machine["peak_tflops"] > 0
+    page_cache = json.loads(next((tmp_path / "plan").glob("page-cache-*.json")).read_text())  # CPU offload's price
+    assert page_cache["measured_at"] and page_cache["read_gbps"] > 0 and page_cache["write_gbps"] > 0
     again = plan(BENCH, "--nproc-per-node", 1, "--json", "--top", 1, env=env)
     assert json.loads(again.stdout)[0]["predicted_step_s"] == json.loads(out.stdout)[0]["predicted_step_s"]
 

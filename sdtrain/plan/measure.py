@@ -1,8 +1,9 @@
 """The cluster measured here, for `sdtrain plan` without cluster flags: the device's peak
 (train/peak.py, as `sdtrain env`), its memory bandwidth (a large copy), the bus bandwidth of
 an all-reduce over this node's workers (`sdtrain bench comm`, in its own processes), what
-each rank may hold (estimate/fit.py), and the efficiency a two-block slice of the recipe's
-model reaches in forward + backward at two micro-batch sizes (the calibration).
+each rank may hold (estimate/fit.py), on CPU the page cache's bandwidth where NVMe offload's
+files go (bench/disk.py), and the efficiency a two-block slice of the recipe's model reaches
+in forward + backward at two micro-batch sizes (the calibration).
 
 Each measurement takes seconds to a minute, so it is cached (one JSON file per machine and
 worker count, and per model shape for the calibration) with the date and the command that
@@ -30,7 +31,7 @@ COMM_SIZES = "4K,16M"  # the latency, and the bandwidth
 CALIBRATION_LAYERS = 2
 CALIBRATION_SEQUENCES = (1, 8)  # micro-batches timed: the efficiency curve's two points
 CALIBRATION_VERSION = 2  # 2: with tp_overheads (a cached one without them is measured again)
-CPU_DISK_GBPS = 1.0  # not measured: a page-cached local disk on a shared CPU machine
+PAGE_CACHE_PROBE_BYTES = 256 * 2**20
 
 
 def cache_dir() -> Path:
@@ -78,11 +79,28 @@ def measure_cluster(recipe, recipe_path: str, nproc: int, remeasure: bool = Fals
                    peak_tflops=host["peak_tflops"], intra_node_gbps=host["busbw_gbps"],
                    inter_node_gbps=host["busbw_gbps"], memory_gbps=host["memory_gbps"],
                    host_memory_gbps=host["memory_gbps"] if device == "cpu" else GPU_DEFAULTS["host_memory_gbps"],
-                   disk_gbps=CPU_DISK_GBPS if device == "cpu" else GPU_DEFAULTS["disk_gbps"],
+                   disk_gbps=offload_gbps(recipe, refresh, remeasure) if device == "cpu" else GPU_DEFAULTS["disk_gbps"],
                    efficiency=calibration["efficiency"], efficiency_half_tokens=calibration["half_tokens"],
                    tp_overheads=tuple(tuple(pair) for pair in calibration.get("tp_overheads", [])),
                    latency_us=host["latency_us"], rank_share=rank_share(device, nproc),
                    device=device, source=f"measured here {host['measured_at']}; refresh: {refresh}")
+
+
+def offload_gbps(recipe, refresh: str, remeasure: bool) -> float:
+    """GB/s at which NVMe offload moves its state, read and written back (the harmonic mean of
+    the two directions: each moves the same bytes), measured where its files go. On a CPU
+    machine that is the page cache's: the files are rewritten in place every step and, where
+    they fit in free memory, never wait on the disk (a verify's offload runs here read 11 GB/s
+    and wrote 4 GB/s against a disk of 1.4 / 2.1). Where they do not fit, give the disk's own
+    bandwidth (`sdtrain bench` prints it beside its nvme rows) in a cluster YAML."""
+    from sdtrain.bench.disk import probe_page_cache
+    from sdtrain.estimate.disk import nearest_existing
+
+    zero = recipe.parallel.zero
+    folder = nearest_existing(Path(zero.nvme_path or "runs").expanduser())
+    probe = cached(f"page-cache-{key(socket.gethostname(), str(folder), zero.sub_group_mb)}", refresh, remeasure,
+                   lambda: probe_page_cache(folder, int(zero.sub_group_mb * 2**20), PAGE_CACHE_PROBE_BYTES))
+    return 2 / (1 / probe["read_gbps"] + 1 / probe["write_gbps"])
 
 
 def rank_share(device: str, nproc: int) -> float:

@@ -20,7 +20,8 @@ dp          gradient traffic by ZeRO stage with the overlap each really has: DDP
 latency     every collective costs the cluster's latency however small it is (bench comm's
             smallest all-reduce): what dominates small models and many-layer ZeRO-3
 optimizer   memory-bound Adam: the bytes of state it reads and writes / memory bandwidth
-offload     NVMe optimizer state: read and written back every step at disk bandwidth, in
+offload     NVMe optimizer state: read and written back every step at the disk's bandwidth (on
+            a CPU machine measured here, the page cache's, which serves the files), in
             sub-groups overlapped with the host's step; the gradients and new weights cross PCIe
 cores       more CPU ranks than cores (rank_share < 1): a rank's busy time stretches by 1 /
             rank_share, while its pipeline bubble costs nothing (other ranks run on the core)
