@@ -104,6 +104,23 @@ def test_page_cache_probe_measures_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_planner_prices_cpu_offload_by_the_probe_where_the_files_go(tmp_path, monkeypatch):
+    from conftest import REPO
+    from sdtrain.plan.measure import UNPROBED_DISK_GBPS, offload_gbps
+    from sdtrain.recipe import load_recipe
+
+    monkeypatch.setenv("SDTRAIN_CACHE", str(tmp_path / "cache"))
+
+    def priced(nvme_path):
+        recipe = load_recipe(REPO / "recipes" / "bench-20m.yaml", [f"parallel.zero.nvme_path={nvme_path}"])
+        return offload_gbps(recipe, "refresh", remeasure=False)
+
+    (tmp_path / "nvme").mkdir()
+    assert priced(tmp_path / "nvme" / "run") > 0  # probed in the nearest folder that exists
+    assert list((tmp_path / "nvme").iterdir()) == [] and len(list((tmp_path / "cache" / "plan").iterdir())) == 1
+    assert priced("/proc/sdtrain-nowhere") == UNPROBED_DISK_GBPS  # nowhere to write: a slow disk, no crash
+
+
 @pytest.mark.slow
 def test_bench_runs_an_nvme_row_beside_its_stage_and_the_disk(write_recipe, tmp_path):
     out = tmp_path / "bench.json"

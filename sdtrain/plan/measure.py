@@ -32,6 +32,7 @@ CALIBRATION_LAYERS = 2
 CALIBRATION_SEQUENCES = (1, 8)  # micro-batches timed: the efficiency curve's two points
 CALIBRATION_VERSION = 2  # 2: with tp_overheads (a cached one without them is measured again)
 PAGE_CACHE_PROBE_BYTES = 256 * 2**20
+UNPROBED_DISK_GBPS = 1.0  # where the probe cannot write
 
 
 def cache_dir() -> Path:
@@ -98,8 +99,11 @@ def offload_gbps(recipe, refresh: str, remeasure: bool) -> float:
 
     zero = recipe.parallel.zero
     folder = nearest_existing(Path(zero.nvme_path or "runs").expanduser())
-    probe = cached(f"page-cache-{key(socket.gethostname(), str(folder), zero.sub_group_mb)}", refresh, remeasure,
-                   lambda: probe_page_cache(folder, int(zero.sub_group_mb * 2**20), PAGE_CACHE_PROBE_BYTES))
+    try:
+        probe = cached(f"page-cache-{key(socket.gethostname(), str(folder), zero.sub_group_mb)}", refresh, remeasure,
+                       lambda: probe_page_cache(folder, int(zero.sub_group_mb * 2**20), PAGE_CACHE_PROBE_BYTES))
+    except OSError:  # not writable there, or full: offload would fail there too; priced as a slow disk
+        return UNPROBED_DISK_GBPS
     return 2 / (1 / probe["read_gbps"] + 1 / probe["write_gbps"])
 
 
