@@ -61,9 +61,15 @@ def test_every_axis_is_enumerated_and_refusals_say_why():
     assert "spans nodes" in reasons["pp1-tp4-dp1-z0-mb8-ac0"]  # tp 4 > 2 per node
     assert "zero_bubble" in reasons["pp2-tp1-dp2-z0-mb1-ac1-zero_bubble"]  # the recipe's own check
     assert "micro-batches" in reasons["pp2-tp1-dp2-z0-mb4-ac0"]  # 1f1b needs M >= P
-    # ZeRO at dp 1 shards nothing: refused, unless it offloads (which runs through ZeRO)
+    # ZeRO at dp 1 shards nothing: refused, unless it offloads (which runs through ZeRO), and then
+    # stage 1 alone, unless the recipe offloads stage 3's weights too
     assert "dp, which is 1" in reasons["pp2-tp2-dp1-z3-mb2-ac0-gpipe"]
-    assert "pp2-tp2-dp1-z3-nvme-mb2-ac0-gpipe" not in reasons and "pp2-tp1-dp2-z3-mb1-ac0-gpipe" not in reasons
+    assert "pp2-tp2-dp1-z1-nvme-mb2-ac0-gpipe" not in reasons and "pp2-tp1-dp2-z3-mb1-ac0-gpipe" not in reasons
+    for stage in (2, 3):
+        assert "same optimizer state as stage 1" in reasons[f"pp2-tp2-dp1-z{stage}-nvme-mb2-ac0-gpipe"]
+    weights_off = recipe(BENCH, "parallel.zero_stage=3", "parallel.zero.offload_params=nvme")
+    assert any(o.candidate.name == "pp2-tp2-dp1-z3-nvme-mb2-ac0-gpipe" and o.recipe is not None
+               for o in enumerate_layouts(weights_off, 4, 8, per_node=2))
     # the recipe's n_layers 7 cannot be cut into 4 stages x 2 chunks
     assert "interleaved" in reasons["pp4-tp1-dp1-z0-mb1-ac0-interleaved2"] or "chunks" in reasons["pp4-tp1-dp1-z0-mb1-ac0-interleaved2"]
 
