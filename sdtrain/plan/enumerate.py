@@ -6,7 +6,7 @@ The axes: pp x tp x dp = world (every split), ep dividing dp (with experts), ZeR
 (1-3 at dp 1 only with offload: ZeRO shards over dp, so without offload they would be stage 0
 with extra buffers, measured 3-10% slower and up to 1.7x the peak memory on the 2-core VM; and at
 dp 1 with offload only stage 1, which offloads the same optimizer state as 2 and 3 without their
-churn: measured 3-6% faster than stage 2, and stage 3's gathered blocks grew the heap to 1.32x its
+churn: measured 2-7% faster than stage 2, and stage 3's gathered blocks grew the heap to 1.32x its
 predicted peak for the 4x model under tp 2 (stage 3 stays where the recipe offloads its weights)), the
 optimizer state beside the model or on NVMe (ZeRO 1-3), activation checkpointing off and
 on, the pipeline schedule (pp > 1: 1f1b, gpipe, interleaved with two chunks per rank, zero
