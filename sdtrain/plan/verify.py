@@ -121,20 +121,24 @@ def verify(rows: list[Planned], cluster: Cluster, k: int, recipe_path: str, veri
     if not fitting:
         raise UserInputError("no layout fits: nothing to verify")
     chosen, root = picks(fitting, k), Path(verify_dir)
+    recipes = {}  # each pick's recipe, written once for all its rounds
+    for row in chosen:
+        (root / row.name).mkdir(parents=True, exist_ok=True)
+        recipes[row.name] = root / row.name / "recipe.yaml"
+        recipes[row.name].write_text(layout_recipe_text(row, cluster, recipe_path))
     runs: dict[str, list[Verified]] = {row.name: [] for row in chosen}
     for round_index in range(rounds):
         for row in chosen:
-            runs[row.name].append(launch_one(row, cluster, recipe_path, root / row.name, steps,
+            runs[row.name].append(launch_one(row, recipes[row.name], cluster.per_node, steps,
                                              "run" if round_index == 0 else f"run-{round_index + 1}"))
     return [best_of(runs[row.name]) for row in chosen]
 
 
-def launch_one(row: Planned, cluster: Cluster, recipe_path: str, folder: Path, steps: int, run_name: str) -> Verified:
-    folder.mkdir(parents=True, exist_ok=True)
-    recipe_file = folder / "recipe.yaml"
-    recipe_file.write_text(layout_recipe_text(row, cluster, recipe_path))
+def launch_one(row: Planned, recipe_file: Path, nproc: int, steps: int, run_name: str) -> Verified:
+    """One round of one pick: its launch, into run_name beside its recipe, with the log."""
+    folder = recipe_file.parent
     run_dir = folder / run_name
-    argv = launch_argv(recipe_file, run_dir, cluster.per_node, steps)
+    argv = launch_argv(recipe_file, run_dir, nproc, steps)
     print(f"verify {row.name}: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
     done = subprocess.run(argv, capture_output=True, text=True)
     log = folder / f"{run_name}.log"
