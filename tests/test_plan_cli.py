@@ -87,6 +87,7 @@ def test_write_gives_a_recipe_that_launches_as_is(tmp_path):
     ((*CLUSTER[:-1], 0), "must be above 0"),
     (("--gpus", 6, "--gpus-per-node", 4, *CLUSTER[4:]), "whole nodes"),
     ((*CLUSTER, "--verify", 1), "plan for it"),
+    ((*CLUSTER, "--verify", 1, "--verify-rounds", 0), "--verify-rounds"),
 ])
 def test_bad_input_exits_2_with_the_fix(args, words):
     out = plan(BENCH, *args)
