@@ -34,6 +34,7 @@ from sdtrain.parallel.strategy import (
     clip_coefficient,
     decays,
     init_adam_state,
+    sum_of_squares,
     tensor_bytes,
 )
 from sdtrain.parallel.tp_traffic import TpTraffic
@@ -140,10 +141,7 @@ class DataParallel(Strategy):
         grads, partial = [], []
         for axes, params in self.sharded.items():
             mine = [p.grad for p in params if p.grad is not None]
-            # one norm per gradient, as clip_grad_norm_ takes them: no squared copy of each
-            squares = torch.stack(torch._foreach_norm(mine, 2, dtype=torch.float32)).pow(2).sum() if mine \
-                else torch.zeros((), device=self.env.device)
-            partial.append((axes, squares))
+            partial.append((axes, sum_of_squares(mine, self.env.device)))
             grads += mine
         squares = squares_over_axes(partial, axis_groups(self.env))
         if self.env.pp_size > 1:

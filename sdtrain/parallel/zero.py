@@ -40,7 +40,7 @@ from sdtrain.parallel.mesh import DistEnv
 from sdtrain.parallel.offload.params import offload_weight_shards
 from sdtrain.parallel.offload.store import offload_metrics
 from sdtrain.parallel.placement import DENSE, Placements, axis_groups, squares_over_axes
-from sdtrain.parallel.strategy import ADAM_MOMENTS, Strategy, clip_coefficient, tensor_bytes
+from sdtrain.parallel.strategy import ADAM_MOMENTS, Strategy, clip_coefficient, sum_of_squares, tensor_bytes
 from sdtrain.parallel.tp_traffic import TpTraffic
 from sdtrain.parallel.zero3 import ParamGatherer
 from sdtrain.parallel.zero_tp import sum_partial_shards
@@ -255,8 +255,7 @@ class Zero(Strategy):
 
     def _squares(self, grads: list[torch.Tensor], comm: Comm) -> torch.Tensor:
         """The sum of squares of these shards' gradients over the comm's group."""
-        local = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=self.env.device)
-        return comm.all_reduce_sum(local.float().reshape(1))
+        return comm.all_reduce_sum(sum_of_squares(grads, self.env.device).reshape(1))
 
     def _clear_grads(self) -> None:
         for unit in self.units:
