@@ -101,6 +101,25 @@ def term(row, name):
     return next((t.seconds for t in row.time.terms if t.name == name), 0.0)
 
 
+def test_offload_io_adds_to_the_host_step_on_cpu_ranks_and_zero_pays_its_own_passes():
+    """On CPU the page-cache copies run on the cores the offloaded step needs, so nothing of
+    the I/O hides; on a GPU's host it overlaps the step. ZeRO's passes over gradients and
+    weights are priced at memory bandwidth, the whole rank's only at stages 1-2."""
+    name = "pp1-tp1-dp4-z1-nvme-mb2-ac0"
+    on_gpu = find(plan_layouts(recipe(), cluster(disk_gbps=3.0, host_memory_gbps=50.0), 8), name)
+    on_cpu = find(plan_layouts(recipe(), cluster(device="cpu", disk_gbps=3.0, host_memory_gbps=50.0), 8), name)
+    host, disk = term(on_cpu, "optimizer step (host)"), term(on_cpu, "offload I/O")
+    assert term(on_gpu, "optimizer step (host)") == pytest.approx(host)
+    assert term(on_gpu, "offload I/O") == pytest.approx(disk - host)
+    shard = on_cpu.memory.shapes[0][1].params_held / 4
+    assert disk == pytest.approx(2 * shard * 8 / 3e9)  # fp32: m and v only, the master is the weights
+    rows = plan_layouts(recipe(), cluster(memory_gbps=10.0), 8)
+    passes = {z: term(find(rows, f"pp1-tp1-dp4-z{z}-mb2-ac0"), "zero passes") for z in range(4)}
+    held = find(rows, "pp1-tp1-dp4-z1-mb2-ac0").memory.shapes[0][1].params_held
+    assert passes[0] == 0 and passes[3] == pytest.approx(held / 4 * 28 / 10e9)
+    assert passes[1] == pytest.approx(passes[3] + held * 20 / 10e9) and passes[1] > passes[2] > passes[3]
+
+
 def test_time_model_terms():
     rows = plan_layouts(recipe(), cluster(intra=0.5, inter=0.5), 8)
     # the schedule's bubble: (P-1)/(M+P-1) of the step's pipeline time

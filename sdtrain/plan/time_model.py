@@ -19,10 +19,14 @@ dp          gradient traffic by ZeRO stage with the overlap each really has: DDP
             (waiting, not work) still hides under the compute they leave
 latency     every collective costs the cluster's latency however small it is (bench comm's
             smallest all-reduce): what dominates small models and many-layer ZeRO-3
-optimizer   memory-bound Adam: the bytes of state it reads and writes / memory bandwidth
+optimizer   memory-bound Adam: the bytes of state it reads and writes / memory bandwidth; under
+            ZeRO also its own passes over the gradients and weights (reduce, norm, clip, clear,
+            publish), at memory bandwidth
 offload     NVMe optimizer state: read and written back every step at the disk's bandwidth (on
             a CPU machine measured here, the page cache's, which serves the files), in
-            sub-groups overlapped with the host's step; the gradients and new weights cross PCIe
+            sub-groups overlapped with the host's step where I/O runs beside it (a GPU's host);
+            on CPU ranks the copies take the cores the step needs, so they add to it. The
+            gradients and new weights cross PCIe
 cores       more CPU ranks than cores (rank_share < 1): a rank's busy time stretches by 1 /
             rank_share, while its pipeline bubble costs nothing (other ranks run on the core)
 """
@@ -42,7 +46,14 @@ from sdtrain.plan.memory import Memory
 RECOMPUTE = 4 / 3  # checkpointing runs forward (1/3 of forward + backward) twice
 BACKWARD_SHARE = 2 / 3
 ADAM_BYTES_PER_PARAM = 32  # reads the gradient (4), reads and writes master, m and v (24), writes the weight (4)
-OFFLOADED_STATE_BYTES = 12  # fp32 master + m + v per parameter, read and written back every step
+OFFLOADED_MOMENT_BYTES = 8  # m + v per parameter, read and written back every step
+OFFLOADED_MASTER_BYTES = 4  # and the fp32 master where it is not the weights (bf16/fp16)
+# ZeRO's own passes over memory each step, beside Adam's (parallel/zero.py's step): over the
+# gradient shard, the reduced gradient added in (12), its norm (4), the clip (8) and the clear (4);
+# over the whole rank's parameters at stage 1, the reduction's local copy (8), the whole-gradient
+# buffer cleared (4) and the new weights published (8), at stage 2 the weights published (8)
+ZERO_SHARD_PASS_BYTES = 28
+ZERO_WHOLE_PASS_BYTES = {1: 20, 2: 8, 3: 0}
 DDP_BUCKET_BYTES = 25 * 2**20  # the last bucket has no backward left to hide under
 TP_CALLS_PER_LAYER = 4  # Megatron: attention's and the MLP's all-reduce, forward and backward (SP: twice as many)
 
@@ -223,17 +234,36 @@ def data_parallel_terms(c: Candidate, shape, cluster: Cluster, compute: float, M
 
 def optimizer_terms(c: Candidate, shape, cluster: Cluster) -> list[TimeTerm]:
     shard = shape.params_held / (c.dp if c.zero_stage else 1)
+    terms = zero_pass_terms(c, shape, shard, cluster)
     if c.offload == "none":
         bw = cluster.memory_gbps * 1e9
         return [TimeTerm("optimizer step", shard * ADAM_BYTES_PER_PARAM / bw,
-                         f"{shard:.3g} params x {ADAM_BYTES_PER_PARAM} B / {cluster.memory_gbps:g} GB/s (memory-bound)")]
+                         f"{shard:.3g} params x {ADAM_BYTES_PER_PARAM} B / {cluster.memory_gbps:g} GB/s (memory-bound)")] + terms
     host = shard * ADAM_BYTES_PER_PARAM / (cluster.host_memory_gbps * 1e9)
-    disk = 2 * shard * OFFLOADED_STATE_BYTES / (cluster.disk_gbps * 1e9)
-    terms = [TimeTerm("optimizer step (host)", host, f"{shard:.3g} params x {ADAM_BYTES_PER_PARAM} B / "
-                      f"{cluster.host_memory_gbps:g} GB/s"),
-             TimeTerm("offload I/O", max(0.0, disk - host), f"{2 * shard * OFFLOADED_STATE_BYTES / 2**30:.2f} GiB "
-                      f"read + written / {cluster.disk_gbps:g} GB/s: {disk:.3g} s, less the host step it overlaps")]
+    state = OFFLOADED_MOMENT_BYTES + (OFFLOADED_MASTER_BYTES if shape.weight_bytes != 4 else 0)
+    disk = 2 * shard * state / (cluster.disk_gbps * 1e9)
+    hidden = host if cluster.overlaps else 0.0  # CPU ranks: the copies take the cores the step runs on
+    terms += [TimeTerm("optimizer step (host)", host, f"{shard:.3g} params x {ADAM_BYTES_PER_PARAM} B / "
+                       f"{cluster.host_memory_gbps:g} GB/s"),
+              TimeTerm("offload I/O", max(0.0, disk - hidden), f"{2 * shard * state / 2**30:.2f} GiB read + written / "
+                       f"{cluster.disk_gbps:g} GB/s: {disk:.3g} s, "
+                       + ("less the host step it overlaps" if cluster.overlaps else "on the cores the step needs"))]
     if cluster.device == "cuda":
         crossing = shard * (shape.weight_bytes * 2) / (cluster.pcie_gbps * 1e9)
         terms.append(TimeTerm("offload PCIe", crossing, f"gradients down, weights up / {cluster.pcie_gbps:g} GB/s"))
     return terms
+
+
+def zero_pass_terms(c: Candidate, shape, shard: float, cluster: Cluster) -> list[TimeTerm]:
+    """ZeRO's step besides Adam: passes over the gradient shard and, at stages 1-2, over the
+    rank's whole parameters (ZERO_*_PASS_BYTES), memory-bound. At dp 1 under offload they are
+    the whole model's: stage 1 with NVMe offload measured 0.30 s a step over stage 0 for the 4x
+    bench model (51M parameters) on one rank, of which 0.09 s the offloaded Adam itself; these
+    passes are 0.13 s of it, the I/O 0.12."""
+    if not c.zero_stage:
+        return []
+    size = shard * ZERO_SHARD_PASS_BYTES + shape.params_held * ZERO_WHOLE_PASS_BYTES[c.zero_stage]
+    return [TimeTerm("zero passes", size / (cluster.memory_gbps * 1e9),
+                     f"{size / 2**20:.0f} MiB: the gradient shard reduced, normed, clipped and cleared"
+                     + (", the weights published" if ZERO_WHOLE_PASS_BYTES[c.zero_stage] else "")
+                     + f" / {cluster.memory_gbps:g} GB/s")]
