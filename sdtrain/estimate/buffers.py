@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from sdtrain.estimate.shape import RankShape
-from sdtrain.estimate.terms import HOST, STEP_FB, STEP_OPT, Term
+from sdtrain.estimate.terms import ALWAYS, HOST, STEP_FB, STEP_OPT, Term
 from sdtrain.parallel.offload.sub_groups import sub_group_numel
 
 MiB = 2**20
@@ -78,15 +78,20 @@ def strategy_buffers(shape: RankShape) -> list[Term]:
 
 def optimizer_buffers(shape: RankShape) -> list[Term]:
     """The optimizer step's temporaries: fused AdamW updates in place and makes none; ZeRO
-    clips an fp32 copy of the gradient shard under bf16, and publishes by cloning every
-    unit's new weight shard before the all-gathers."""
+    clips an fp32 copy of the gradient shard under bf16, and on NCCL publishes by cloning
+    every unit's new weight shard before the all-gathers (gloo's ring gathers in place:
+    parallel/comm.py)."""
     if shape.zero_stage == 0:
         return []
     shard = shape.params / shape.dp
-    temps = shape.weight_bytes * shard
+    temps, what = 0.0, []
+    if shape.device == "cuda":
+        temps += shape.weight_bytes * shard
+        what.append("weights published by all-gather")
     if shape.weight_bytes == 2:
         temps += 4 * shard  # the gradient shard in fp32 for clipping and Adam (fp16: unscaled in it)
-    return [Term("optimizer temporaries", temps, STEP_OPT, "weights published by all-gather")]
+        what.append("the gradient shard in fp32")
+    return [Term("optimizer temporaries", temps, STEP_OPT, ", ".join(what))] if temps else []
 
 
 def largest_unit_shard(shape: RankShape) -> int:
@@ -117,7 +122,8 @@ def offload_buffers(shape: RankShape) -> list[Term]:
         group = min(sub_group_numel(shape.sub_group_mb), largest_unit_shard(shape))
         kinds = 3 if shape.weight_bytes == 2 else 2
         buffers = min(shape.buffer_count, math.ceil(shape.params / shape.dp / group))
-        terms.append(Term("offload sub-group buffers", buffers * group * kinds * 4, STEP_OPT,
+        # made at the first step and kept (OffloadedAdam.buffers): resident in every phase after it
+        terms.append(Term("offload sub-group buffers", buffers * group * kinds * 4, ALWAYS,
                           f"{buffers} buffers x {group / 1e6:.2f}M parameters x {kinds} fp32 "
                           f"({'master, m, v' if kinds == 3 else 'm, v'})", where=HOST))
     if shape.offload_params == "nvme":
