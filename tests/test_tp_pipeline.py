@@ -56,8 +56,12 @@ def assert_same_weights(reference, run_dir):
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert ours[name].shape == theirs[name].shape, name
-        # atol: the key bias has a zero gradient, which Adam turns into ~1e-6 noise (see test_ddp)
-        torch.testing.assert_close(ours[name], theirs[name], rtol=REL_TOL, atol=1e-5, msg=name)
+        # atol: Adam moves an element whose gradient is near zero by its normalised step whatever
+        # the gradient's size, so the tp split's last-bit differences show there: the key bias
+        # (zero gradient) by ~1e-6 (see test_ddp), and on an AVX-512/AMX CPU one MLP weight of 4,096
+        # by 1.1e-5 after 20 steps. 3e-5 is 1% of one step at the recipe's lr (3e-3).
+        torch.testing.assert_close(ours[name], theirs[name], rtol=REL_TOL, atol=3e-5,
+                                   msg=lambda detail, name=name: f"{name}: {detail}")
 
 
 def partial_grad_bytes(blocks: int, position_embedding: bool, final_norm: bool) -> int:
