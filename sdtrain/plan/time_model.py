@@ -277,8 +277,8 @@ def zero_pass_terms(c: Candidate, shape, shard: float, cluster: Cluster) -> list
     """ZeRO's step besides Adam: passes over the gradient shard and, at stages 1-2, over the
     rank's whole parameters (ZERO_*_PASS_BYTES), memory-bound. At dp 1 under offload they are
     the whole model's: stage 1 with NVMe offload measured 0.30 s a step over stage 0 for the 4x
-    bench model (51M parameters) on one rank, of which 0.09 s the offloaded Adam itself; these
-    passes are 0.13 s of it, the I/O 0.12."""
+    bench model (51M parameters) on one rank, where the offloaded Adam alone, its I/O included,
+    costs 0.09 s more than in memory; priced, these passes are 0.13 s and the I/O 0.12."""
     if not c.zero_stage:
         return []
     size = shard * ZERO_SHARD_PASS_BYTES + shape.params_held * ZERO_WHOLE_PASS_BYTES[c.zero_stage]
