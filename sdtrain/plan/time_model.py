@@ -126,18 +126,13 @@ def stage_flops(model, shapes) -> list[float]:
     return [shape.layers * block + (head if shape.last else 0) for _, shape in shapes]
 
 
-def stage_flops_per_token(model, shapes) -> float:
-    """FLOPs per token of the busiest pipeline stage."""
-    return max(stage_flops(model, shapes))
-
-
-def bubble_balance(model, shapes) -> float:
-    """The share of the balanced bubble an uneven pipeline idles: the slowest stage waits while
-    the others fill and drain, and they take their own time, not its. A step of M micro-batches
-    over stages t_1..t_P takes about sum(t) + (M-1) max(t): the bubble is sum(t) - max(t), which
-    is (P-1) max(t) only where every stage is as slow as the slowest. bench-20m's 7 blocks over 2
-    stages (4 + 3) at one micro-batch measured 0.53 s, where the balanced bubble said 0.61."""
-    flops = stage_flops(model, shapes)
+def bubble_balance(flops: list[float]) -> float:
+    """The share of the balanced bubble an uneven pipeline idles, from its stages' FLOPs: the
+    slowest stage waits while the others fill and drain, and they take their own time, not its.
+    A step of M micro-batches over stages t_1..t_P takes about sum(t) + (M-1) max(t): the bubble
+    is sum(t) - max(t), which is (P-1) max(t) only where every stage is as slow as the slowest.
+    bench-20m's 7 blocks over 2 stages (4 + 3) at one micro-batch measured 0.53 s, where the
+    balanced bubble said 0.61."""
     if len(flops) < 2:
         return 1.0
     return (sum(flops) - max(flops)) / ((len(flops) - 1) * max(flops))
@@ -152,7 +147,8 @@ def step_time(c: Candidate, recipe, memory: Memory, cluster: Cluster) -> StepTim
     terms: list[TimeTerm] = []
 
     eff = cluster.efficiency_at(tokens)
-    flops = stage_flops_per_token(model, shapes) * tokens / c.tp * (RECOMPUTE if c.activation_checkpointing else 1)
+    per_stage = stage_flops(model, shapes)
+    flops = max(per_stage) * tokens / c.tp * (RECOMPUTE if c.activation_checkpointing else 1)
     compute = flops / (peak * eff)
     tp_overhead = cluster.tp_overhead(c.tp) if c.tp > 1 else None
     measured_tp = f" x {tp_overhead:.2f}, tp {c.tp}'s measured cost with its collectives" if tp_overhead else ""
@@ -186,7 +182,7 @@ def step_time(c: Candidate, recipe, memory: Memory, cluster: Cluster) -> StepTim
                               f"{shape.expert_slots} slots / {bw / 1e9:g} GB/s, + latency"))
         per_micro += a2a
     if c.pp > 1:
-        bubble, balance = bubble_share(c.schedule, c.pp, c.virtual_stages, M), bubble_balance(model, shapes)
+        bubble, balance = bubble_share(c.schedule, c.pp, c.virtual_stages, M), bubble_balance(per_stage)
         terms.append(TimeTerm("pipeline bubble", M * per_micro * bubble / (1 - bubble) * balance,
                               f"{bubble:.1%} idle: {c.schedule}, P={c.pp}, M={M}" + (f", V={c.virtual_stages}" if c.virtual_stages > 1 else "")
                               + (f"; x {balance:.2f}, the other stages lighter than the slowest" if balance < 1 else "")))
