@@ -29,7 +29,9 @@ offload     NVMe optimizer state: read and written back every step at the disk's
             on CPU ranks the copies take the cores the step needs, so they add to it. The
             gradients and new weights cross PCIe
 cores       more CPU ranks than cores (rank_share < 1): a rank's busy time stretches by 1 /
-            rank_share, while its pipeline bubble costs nothing (other ranks run on the core)
+            rank_share; a pipeline's schedule runs with processor sharing (shared_cores.py),
+            so its bubble is lent to the ranks that have work, and where fewer have work than
+            there are cores (fill, drain) a core idles
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from sdtrain.parallel.schedules import bubble_formula
 from sdtrain.plan.candidate import Candidate
 from sdtrain.plan.cluster import Cluster
 from sdtrain.plan.memory import Memory
+from sdtrain.plan.shared_cores import shared_pipeline_span
 
 RECOMPUTE = 4 / 3  # checkpointing runs forward (1/3 of forward + backward) twice
 BACKWARD_SHARE = 2 / 3
@@ -189,23 +192,36 @@ def step_time(c: Candidate, recipe, memory: Memory, cluster: Cluster) -> StepTim
 
     terms += data_parallel_terms(c, shape, cluster, compute, M)
     terms += optimizer_terms(c, shape, cluster)
-    terms += shared_cores_term(terms, cluster)
+    terms += shared_cores_term(terms, c, cluster, [f / max(per_stage) for f in per_stage], per_micro)
     return StepTime(terms, c.micro_batch_size * M * c.dp * model.seq_len, model_flops(model), c.world, peak)
 
 
-def shared_cores_term(terms: list[TimeTerm], cluster: Cluster) -> list[TimeTerm]:
-    """More CPU ranks than cores: each rank's busy time (everything but its pipeline bubble, in
-    which it waits and the others run on its core) stretches by 1 / rank_share; the step takes
-    that, or the terms' own sum where the bubble is the longer wait."""
+PIPELINED = ("compute", "tp collectives", "pp p2p", "ep all-to-all", "pipeline bubble")
+
+
+def shared_cores_term(terms: list[TimeTerm], c: Candidate, cluster: Cluster, stage_weights: list[float],
+                      per_micro: float) -> list[TimeTerm]:
+    """More CPU ranks than cores: each rank's busy time stretches by 1 / rank_share, except where
+    fewer ranks have work than there are cores: a pipeline's fill and drain, which its schedule,
+    run with processor sharing (shared_cores.py), prices. The rest of the step (the optimizer,
+    data parallelism's collectives) runs on every rank at once."""
     if cluster.rank_share >= 1:
         return []
     total = sum(t.seconds for t in terms)
-    busy = total - sum(t.seconds for t in terms if t.name == "pipeline bubble")
-    stretched = busy / cluster.rank_share
+    pipelined = sum(t.seconds for t in terms if t.name in PIPELINED)
+    cores = c.world * cluster.rank_share
+    if c.pp > 1:
+        span = per_micro * shared_pipeline_span(c.schedule, c.pp, c.virtual_stages, c.grad_accum_steps,
+                                                tuple(round(w, 4) for w in stage_weights), c.tp * c.dp, cores)
+        how = f"the {c.schedule} schedule run with {cores:g} cores shared by {c.world} ranks: {span:.3g} s"
+    else:
+        span = pipelined / cluster.rank_share
+        how = f"{pipelined:.3g} s of compute / {cluster.rank_share:g}"
+    stretched = span + (total - pipelined) / cluster.rank_share
     if stretched <= total:
         return []
-    return [TimeTerm("cores shared", stretched - total, f"{cluster.per_node} ranks on {cluster.per_node * cluster.rank_share:g} "
-                     f"cores' worth: {busy:.3g} s of busy time / {cluster.rank_share:g}, the bubble lent to other ranks")]
+    return [TimeTerm("cores shared", stretched - total, f"{c.world} ranks on {cores:g} cores' worth: {how}, "
+                     f"the rest {total - pipelined:.3g} s / {cluster.rank_share:g}")]
 
 
 def data_parallel_terms(c: Candidate, shape, cluster: Cluster, compute: float, M: int) -> list[TimeTerm]:
