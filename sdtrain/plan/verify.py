@@ -156,12 +156,13 @@ def best_of(runs: list[Verified]) -> Verified:
 
 
 def report(results: list[Verified]) -> str:
-    lines = [f"{'layout':<34} {'pred s':>9} {'meas s':>9} {'pred GiB':>9} {'meas GiB':>9} {'mem err':>8}"]
+    width = max([len("layout"), *(len(v.row.name) for v in results)])
+    lines = [f"{'layout':<{width}} {'pred s':>9} {'meas s':>9} {'pred GiB':>9} {'meas GiB':>9} {'mem err':>8}"]
     for v in results:
         meas = f"{v.measured_step_s:.4f}" if v.measured_step_s else "-"
         mem = f"{v.measured_mem_gib:.3f}" if v.measured_mem_gib else "-"
         err = f"{v.mem_error:+.1%}" if v.mem_error is not None else "-"
-        lines.append(f"{v.row.name:<34} {v.row.time.seconds:>9.4f} {meas:>9} {v.predicted_mem_gib:>9.3f} {mem:>9} "
+        lines.append(f"{v.row.name:<{width}} {v.row.time.seconds:>9.4f} {meas:>9} {v.predicted_mem_gib:>9.3f} {mem:>9} "
                      f"{err:>8} {v.problem}")
     done = [v for v in results if v.measured_step_s]
     rho = spearman([v.row.time.seconds for v in done], [v.measured_step_s for v in done])
