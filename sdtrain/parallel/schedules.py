@@ -94,7 +94,6 @@ def _zero_bubble(P: int, M: int) -> list[list[Action]]:
     fills what would be a bubble. The first chunk has no input gradient to send: its B is the
     whole backward and its W is empty. Ranks run in the order found here, which already
     satisfied every dependency, so the real run cannot deadlock."""
-    costs = {"F": 1.0, "B": 1.0, "W": 1.0}
     done: dict[Action, float] = {}
     clocks, plans = [0.0] * P, [[] for _ in range(P)]
     next_forward, in_flight = [0] * P, [0] * P
@@ -112,8 +111,7 @@ def _zero_bubble(P: int, M: int) -> list[list[Action]]:
                 clocks[r] = max(clocks[r], min(later))
             continue
         p, action = choices[0]
-        cost = costs[action.kind] * (2.0 if (p, action.kind) == (0, "B") else 0.0 if (p, action.kind) == (0, "W") else 1.0)
-        clocks[p] = done[action] = clocks[p] + cost
+        clocks[p] = done[action] = clocks[p] + action_cost(action, True, 1.0, 2.0)
         plans[p].append(action)
         if action.kind == "F":
             next_forward[p] += 1
@@ -151,7 +149,7 @@ def simulate(schedule: list[list[Action]], stages: int, chunks: int, forward_cos
     done: dict[Action, float] = {}
     clocks = [0.0] * stages
     positions = [0] * stages
-    split = any(a.kind == "W" for actions in schedule for a in actions)
+    split = splits_backward(schedule)
     busy = [0.0] * stages
     progressed = True
     while progressed:
@@ -159,18 +157,10 @@ def simulate(schedule: list[list[Action]], stages: int, chunks: int, forward_cos
         for rank in range(stages):
             while positions[rank] < len(schedule[rank]):
                 action = schedule[rank][positions[rank]]
-                needs = []
-                if action.kind == "F" and action.chunk > 0:
-                    needs.append(Action("F", action.chunk - 1, action.micro_batch))
-                if action.kind == "B":
-                    needs.append(Action("F", action.chunk, action.micro_batch))
-                    if action.chunk < chunks - 1:
-                        needs.append(Action("B", action.chunk + 1, action.micro_batch))
-                if action.kind == "W":
-                    needs.append(Action("B", action.chunk, action.micro_batch))
+                needs = inputs(action, chunks)
                 if any(n not in done for n in needs):
                     break
-                cost = costs[rank][positions[rank]] if costs else _cost(action, split, forward_cost, backward_cost)
+                cost = costs[rank][positions[rank]] if costs else action_cost(action, split, forward_cost, backward_cost)
                 start = max([clocks[rank], *(done[n] for n in needs)])
                 clocks[rank] = done[action] = start + cost
                 busy[rank] += cost
@@ -201,11 +191,29 @@ def replay(schedule: list[list[Action]], chunks: int, costs: list[list[list[floa
     return sum(1 - b / length for b in busy) / stages if length else None
 
 
-def _cost(action: Action, split: bool, forward_cost: float, backward_cost: float) -> float:
+def inputs(action: Action, chunks: int) -> list[Action]:
+    """What an action waits for: F(c, m) for F(c-1, m); B(c, m) for F(c, m) and B(c+1, m);
+    W(c, m) for B(c, m)."""
+    c, m = action.chunk, action.micro_batch
+    if action.kind == "F":
+        return [Action("F", c - 1, m)] if c > 0 else []
+    if action.kind == "B":
+        return [Action("F", c, m)] + ([Action("B", c + 1, m)] if c < chunks - 1 else [])
+    return [Action("B", c, m)]
+
+
+def splits_backward(schedule: list[list[Action]]) -> bool:
+    """Whether the schedule runs backward as B and W (zero bubble)."""
+    return any(a.kind == "W" for actions in schedule for a in actions)
+
+
+def action_cost(action: Action, split: bool, forward_cost: float, backward_cost: float) -> float:
+    """An action's time on a rank of its own: split backwards (B and W) half a backward each,
+    the first chunk's B the whole of it (it has no input gradient to send) and its W nothing."""
     if action.kind == "F":
         return forward_cost
     if not split:
         return backward_cost
-    if action.chunk == 0:  # no input gradient to send: B is the whole backward, W nothing
+    if action.chunk == 0:
         return backward_cost if action.kind == "B" else 0.0
     return backward_cost / 2

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from sdtrain.parallel.schedules import Action, build_schedule
+from sdtrain.parallel.schedules import Action, action_cost, build_schedule, inputs, splits_backward
 
 FORWARD_SHARE = 1 / 3  # of a micro-batch's forward + backward; the rest is backward (split B/W under zero bubble)
 
@@ -29,14 +29,19 @@ def shared_pipeline_span(schedule: str, P: int, V: int, M: int, stage_weights: t
     backward) on a core of its own: stage_weights[p] is stage p's micro-batch in those units,
     width its ranks, cores what they all share."""
     actions = build_schedule(schedule, P, V, M)
-    split = any(a.kind == "W" for rank in actions for a in rank)
+    split = splits_backward(actions)
     chunks = P * V
     done: set[Action] = set()
-    position, left = [0] * P, [_cost(actions[p][0], split, stage_weights[p] / V) for p in range(P)]
+
+    def cost(action: Action, p: int) -> float:  # stage p's share of a micro-batch, over its V chunks
+        micro = stage_weights[p] / V
+        return action_cost(action, split, FORWARD_SHARE * micro, (1 - FORWARD_SHARE) * micro)
+
+    position, left = [0] * P, [cost(actions[p][0], p) for p in range(P)]
     now = 0.0
     while any(position[p] < len(actions[p]) for p in range(P)):
         ready = [p for p in range(P) if position[p] < len(actions[p])
-                 and _inputs_done(actions[p][position[p]], chunks, done)]
+                 and all(n in done for n in inputs(actions[p][position[p]], chunks))]
         if not ready:
             raise RuntimeError(f"{schedule} schedule for P={P}, M={M} deadlocks")
         rate = min(1.0, cores / (width * len(ready)))
@@ -49,27 +54,5 @@ def shared_pipeline_span(schedule: str, P: int, V: int, M: int, stage_weights: t
             done.add(actions[p][position[p]])
             position[p] += 1
             if position[p] < len(actions[p]):
-                left[p] = _cost(actions[p][position[p]], split, stage_weights[p] / V)
+                left[p] = cost(actions[p][position[p]], p)
     return now
-
-
-def _inputs_done(action: Action, chunks: int, done: set[Action]) -> bool:
-    """What the action waits for (as schedules.simulate): F the previous chunk's F, B its own F
-    and the next chunk's B, W its own B."""
-    c, m = action.chunk, action.micro_batch
-    if action.kind == "F":
-        return c == 0 or Action("F", c - 1, m) in done
-    if action.kind == "B":
-        return Action("F", c, m) in done and (c == chunks - 1 or Action("B", c + 1, m) in done)
-    return Action("B", c, m) in done
-
-
-def _cost(action: Action, split: bool, micro: float) -> float:
-    if action.kind == "F":
-        return FORWARD_SHARE * micro
-    backward = (1 - FORWARD_SHARE) * micro
-    if not split:
-        return backward
-    if action.chunk == 0:  # zero bubble's first chunk: B is the whole backward, W nothing
-        return backward if action.kind == "B" else 0.0
-    return backward / 2
